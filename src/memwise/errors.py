@@ -1,0 +1,21 @@
+"""Errors a user can cause. The CLI prints them as one line and exits non-zero."""
+
+
+class MemwiseError(Exception):
+    """Base class: a user's mistake or an environment problem, with a message that says what and where."""
+
+
+class ConfigError(MemwiseError):
+    """config.json is missing, malformed, or describes something memwise cannot run."""
+
+
+class CheckpointError(MemwiseError):
+    """A weights file is missing, truncated, corrupt, or holds a tensor of the wrong name or shape."""
+
+
+class SourceError(MemwiseError):
+    """A model source (directory, hub id, preset name) cannot be resolved."""
+
+
+class UnsupportedError(MemwiseError):
+    """A valid request memwise does not support (dtype, device, model family, option)."""

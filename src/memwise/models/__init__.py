@@ -1,0 +1,41 @@
+"""Model families. Each family is one module that turns a config into a ModelSpec and builds the model.
+
+A family module provides:
+
+    MODEL_TYPES: tuple[str, ...]                           config.json model_type values it handles
+    spec_from_config(config: dict, where: str) -> ModelSpec  errors name `where` (the config path)
+    load(spec, reader: CheckpointReader, dtype, device) -> CausalLM    real weights, streamed
+    synthetic(spec, dtype, device, seed: int) -> CausalLM              random weights, no download
+    weight_sizes(spec) -> dict[str, int]                   bytes the weights take, per storage kind
+
+and its CausalLM (a torch.nn.Module) provides:
+
+    spec: ModelSpec
+    new_cache(batch_size, max_length) -> cache       preallocated per-sequence state
+    forward(input_ids [B, T], cache, attention_mask [B, T] bool (True = real token, False = left
+            padding), last_only=False) -> float32 logits [B, T or 1, V]; advances the cache by T
+    weights_bytes() -> int                           what the model holds for weights, in bytes
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from memwise.errors import UnsupportedError
+
+# model_type -> module; imported on first use so that `memwise --help` stays fast.
+FAMILY_MODULES = {
+    "gpt2": "memwise.models.decoder",
+    "opt": "memwise.models.decoder",
+    "phi": "memwise.models.decoder",
+    "llama": "memwise.models.decoder",
+    "mistral": "memwise.models.decoder",
+    "hgrn_bit": "memwise.models.hgrn_bit",
+}
+
+
+def family_for(model_type: str | None, where: str) -> ModuleType:
+    if model_type not in FAMILY_MODULES:
+        supported = ", ".join(sorted(FAMILY_MODULES))
+        raise UnsupportedError(f"{where}: model_type {model_type!r} is not supported (supported: {supported})")
+    return importlib.import_module(FAMILY_MODULES[model_type])

@@ -1,0 +1,81 @@
+"""Named architectures with their exact Hugging Face configurations, for synthetic-weight models.
+
+Speed and memory do not depend on weight values, so `memwise.load("preset:gpt2-medium")` builds the
+real architecture with random weights and no download. Such models are marked synthetic everywhere.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from memwise.errors import SourceError
+
+PRESET_PREFIX = "preset:"
+
+_GPT2 = {"model_type": "gpt2", "activation_function": "gelu_new", "vocab_size": 50257, "n_positions": 1024,
+         "layer_norm_epsilon": 1e-5, "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True}
+_OPT = {"model_type": "opt", "activation_function": "relu", "vocab_size": 50272, "max_position_embeddings": 2048,
+        "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1, "enable_bias": True,
+        "_remove_final_layer_norm": False, "tie_word_embeddings": True}
+_PHI = {"model_type": "phi", "hidden_act": "gelu_new", "vocab_size": 51200, "max_position_embeddings": 2048,
+        "layer_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None, "qk_layernorm": False,
+        "num_key_value_heads": None, "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": False}
+_MMFREE = {"model_type": "hgrn_bit", "vocab_size": 32000, "num_heads": 1, "expand_ratio": 1, "hidden_ratio": 4,
+           "intermediate_size": None, "attn_mode": "fused_recurrent", "use_short_conv": False,
+           "use_lower_bound": True, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048,
+           "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+_LLAMA = {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+          "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The comparison models of the public MatMul-free side-by-side test.
+    "gpt2-medium": {**_GPT2, "n_embd": 1024, "n_layer": 24, "n_head": 16},
+    "gpt2-xl": {**_GPT2, "n_embd": 1600, "n_layer": 48, "n_head": 25},
+    "opt-350m": {**_OPT, "hidden_size": 1024, "ffn_dim": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                 "word_embed_proj_dim": 512, "do_layer_norm_before": False},
+    "opt-2.7b": {**_OPT, "hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "word_embed_proj_dim": 2560, "do_layer_norm_before": True},
+    "phi-1_5": {**_PHI, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                "num_attention_heads": 32, "partial_rotary_factor": 0.5},
+    "phi-2": {**_PHI, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "partial_rotary_factor": 0.4},
+    # The released MatMul-free sizes (ridger/MMfreeLM-*).
+    "mmfree-370m": {**_MMFREE, "hidden_size": 1024, "num_hidden_layers": 24},
+    "mmfree-1.3b": {**_MMFREE, "hidden_size": 2048, "num_hidden_layers": 24},
+    "mmfree-2.7b": {**_MMFREE, "hidden_size": 2560, "num_hidden_layers": 32},
+    # Tiny architectures for quick trials and tests.
+    "tiny-gpt2": {**_GPT2, "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 256,
+                  "bos_token_id": 0, "eos_token_id": 0},
+    "tiny-llama": {**_LLAMA, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512},
+    "tiny-mmfree": {**_MMFREE, "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 512},
+}
+
+# Where the real weights of a preset's architecture live, for engines that can use them when cached.
+HUB_IDS = {
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "opt-350m": "facebook/opt-350m",
+    "opt-2.7b": "facebook/opt-2.7b",
+    "phi-1_5": "microsoft/phi-1_5",
+    "phi-2": "microsoft/phi-2",
+    "mmfree-370m": "ridger/MMfreeLM-370M",
+    "mmfree-1.3b": "ridger/MMfreeLM-1.3B",
+    "mmfree-2.7b": "ridger/MMfreeLM-2.7B",
+}
+
+
+def is_preset(source: str) -> bool:
+    return source.startswith(PRESET_PREFIX)
+
+
+def preset_name(source: str) -> str:
+    return source[len(PRESET_PREFIX):] if is_preset(source) else source
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    """The Hugging Face config dict of a preset (a copy; accepts "NAME" or "preset:NAME")."""
+    name = preset_name(name)
+    if name not in PRESETS:
+        raise SourceError(f"unknown preset {name!r} (available: {', '.join(PRESETS)})")
+    return copy.deepcopy(PRESETS[name])
