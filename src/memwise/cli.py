@@ -1,0 +1,127 @@
+"""The `memwise` command: a thin layer over the library. User mistakes print one line and exit 1."""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+from memwise.errors import MemwiseError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MemwiseError as e:
+        print(f"memwise: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("memwise: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from memwise import __version__
+    parser = argparse.ArgumentParser(prog="memwise", description="Run LLMs in the memory you have, and measure what it costs.")
+    parser.add_argument("--version", action="version", version=f"memwise {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="stream a completion, then print speed and peak memory",
+                         description="Generate text from a prompt. SOURCE: a model directory, a hub id, or preset:NAME.")
+    gen.add_argument("source", metavar="SOURCE")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    _add_load_flags(gen)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    gen.add_argument("--min-new-tokens", type=int, default=0)
+    gen.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT is generated (repeatable)")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="show a model's spec, parameter count and weight sizes (no weights are loaded)")
+    info.add_argument("source", metavar="SOURCE")
+    info.add_argument("--revision")
+    info.set_defaults(func=cmd_info)
+
+    conv = sub.add_parser("convert", help="write a MatMul-free checkpoint packed at 2 bits per weight")
+    conv.add_argument("source", metavar="SOURCE")
+    conv.add_argument("out", metavar="OUT", help="output directory (must not exist yet)")
+    conv.set_defaults(func=cmd_convert)
+
+    from memwise.bench.cli import add_parser as add_bench_parser
+    add_bench_parser(sub)
+    return parser
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    import memwise
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = memwise.load(args.source, dtype=args.dtype, device=args.device, revision=args.revision)
+    if model.synthetic:
+        print(f"[{args.source}: synthetic random weights, the text is meaningless]", file=sys.stderr)
+    ids, mask = model.encode_batch([args.prompt])
+    steps = model.stream(ids, args.max_new_tokens, mask, do_sample=args.sample, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                         min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos, stop_strings=tuple(args.stop))
+    generated: list[int] = []
+    printed = ""
+    start = time.perf_counter()
+    ttft = None
+    for token in steps:
+        if ttft is None:
+            ttft = time.perf_counter() - start
+        generated.append(int(token[0]))
+        text = model.tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):     # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    total = time.perf_counter() - start
+    n = len(generated)
+    decode_s = total - (ttft or 0.0)
+    decode_rate = f"{(n - 1) / decode_s:.1f}" if n > 1 and decode_s > 0 else "n/a"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print()
+    print(f"[{n} tokens | TTFT {ttft or 0:.3f} s | prefill {ids.shape[1] / (ttft or 1):.1f} tok/s | "
+          f"decode {decode_rate} tok/s | peak RSS {peak / 2**30:.2f} GiB]")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from memwise.info import describe
+    from rich.console import Console
+    Console().print(describe(args.source, args.revision))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from memwise.convert import convert
+    out = convert(args.source, Path(args.out))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Token generation over a family's CausalLM: prefill, one-token decode steps, logits processing, stopping.
+
+Options follow Hugging Face `generate` where the two share a name. One deliberate difference: the
+repetition penalty and the no-repeat n-gram rule look only at real tokens, never at left padding, so a
+prompt gives the same tokens alone and in a padded batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from memwise.errors import MemwiseError
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    stop_strings: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise MemwiseError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0 and self.do_sample:
+            raise MemwiseError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise MemwiseError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise MemwiseError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise MemwiseError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0 or self.min_new_tokens < 0:
+            raise MemwiseError("no_repeat_ngram_size and min_new_tokens must be >= 0")
+
+
+def banned_ngram_tokens(tokens: list[int], n: int) -> set[int]:
+    """Tokens that would repeat an n-gram already in `tokens` (HF's no_repeat_ngram_size rule)."""
+    if n == 0 or len(tokens) + 1 < n:
+        return set()
+    prefix = tuple(tokens[len(tokens) - n + 1:]) if n > 1 else ()
+    banned = set()
+    for i in range(len(tokens) - n + 1):
+        if tuple(tokens[i:i + n - 1]) == prefix:
+            banned.add(tokens[i + n - 1])
+    return banned
+
+
+def sample_next(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> torch.Tensor:
+    if not options.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / options.temperature
+    if options.top_k is not None:
+        k = min(options.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if options.top_p is not None and options.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= 1 - options.top_p
+        remove[:, -1] = False   # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@dataclass
+class GenerationState:
+    """The growing token buffer of a batch: prompt (left-padded) + generated tokens."""
+
+    tokens: torch.Tensor            # [B, T + max_new] long
+    real: torch.Tensor              # [B, T + max_new] bool: not padding
+    length: int                     # tokens written so far
+    prompt_length: int
+    finished: torch.Tensor          # [B] bool
+    generated: int = 0
+    texts: list[str] = field(default_factory=list)
+
+
+def generate_steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: GenerationOptions,
+                   eos_token_ids: tuple[int, ...], pad_token_id: int,
+                   decode: Callable[[list[int]], str] | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence ([B] long) until max_new_tokens, EOS or a stop string.
+
+    Finished sequences keep receiving `pad_token_id`, like Hugging Face's generate.
+    """
+    options.check()
+    if options.stop_strings and decode is None:
+        raise MemwiseError("stop_strings need a tokenizer to decode the generated text")
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    total = prompt_len + options.max_new_tokens
+    state = GenerationState(
+        tokens=torch.full((batch, total), pad_token_id, dtype=torch.long, device=device),
+        real=torch.zeros((batch, total), dtype=torch.bool, device=device),
+        length=prompt_len, prompt_length=prompt_len,
+        finished=torch.zeros(batch, dtype=torch.bool, device=device))
+    state.tokens[:, :prompt_len] = input_ids
+    state.real[:, :prompt_len] = attention_mask
+    generator = None
+    if options.do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(options.seed if options.seed is not None else torch.seed())
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device) if eos_token_ids else None
+    stop_on_eos = eos is not None and not options.ignore_eos
+
+    cache = module.new_cache(batch, total)
+    ones = torch.ones((batch, 1), dtype=torch.bool, device=device)
+    with torch.inference_mode():
+        logits = module(input_ids, cache, attention_mask, last_only=True)[:, -1].float()
+        for step in range(options.max_new_tokens):
+            logits = _process(logits, state, options, eos, step)
+            next_tokens = sample_next(logits, options, generator)
+            next_tokens = torch.where(state.finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
+            state.tokens[:, state.length] = next_tokens
+            state.real[:, state.length] = ~state.finished
+            state.length += 1
+            if stop_on_eos:
+                state.finished |= torch.isin(next_tokens, eos)
+            if options.stop_strings:
+                _check_stop_strings(state, options.stop_strings, decode)
+            yield next_tokens
+            if bool(state.finished.all()) or step + 1 == options.max_new_tokens:
+                return
+            logits = module(next_tokens[:, None], cache, ones, last_only=True)[:, -1].float()
+
+
+def _process(logits: torch.Tensor, state: GenerationState, options: GenerationOptions,
+             eos: torch.Tensor | None, step: int) -> torch.Tensor:
+    tokens = state.tokens[:, :state.length]
+    real = state.real[:, :state.length]
+    if options.repetition_penalty != 1.0:
+        logits = logits.clone()
+        scores = logits.gather(1, tokens)
+        penalized = torch.where(scores < 0, scores * options.repetition_penalty, scores / options.repetition_penalty)
+        for b in range(logits.shape[0]):
+            idx = tokens[b][real[b]]
+            logits[b, idx] = penalized[b][real[b]]
+    if options.no_repeat_ngram_size > 0:
+        for b in range(logits.shape[0]):
+            banned = banned_ngram_tokens(tokens[b][real[b]].tolist(), options.no_repeat_ngram_size)
+            if banned:
+                logits[b, list(banned)] = float("-inf")
+    if eos is not None and step < options.min_new_tokens:
+        logits[:, eos] = float("-inf")
+    return logits
+
+
+def _check_stop_strings(state: GenerationState, stop_strings: tuple[str, ...], decode) -> None:
+    start = state.prompt_length
+    for b in range(state.tokens.shape[0]):
+        if state.finished[b]:
+            continue
+        new = state.tokens[b, start:state.length][state.real[b, start:state.length]].tolist()
+        text = decode(new)
+        if any(s in text for s in stop_strings):
+            state.finished[b] = True
