@@ -68,7 +68,7 @@ def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str |
         pad_token_id=spec.pad_token_id if spec.pad_token_id is not None else specials.get("pad_token"),
         eos_token_ids=spec.eos_token_ids or ((specials["eos_token"],) if "eos_token" in specials else ()))
     module = family.load(spec, CheckpointReader(directory), torch_dtype, torch_device)
-    return LanguageModel(spec, module, load_tokenizer(directory), torch_dtype, torch_device)
+    return LanguageModel(spec, module, load_tokenizer(directory, spec.bos_token_id), torch_dtype, torch_device)
 
 
 class LanguageModel:

@@ -44,10 +44,34 @@ class ByteTokenizer:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
-def load_tokenizer(directory: Path) -> Tokenizer | None:
-    """The directory's tokenizer.json, or None when it has none (generation from token ids still works)."""
-    path = Path(directory) / "tokenizer.json"
-    return HFTokenizer(path) if path.is_file() else None
+class SentencePieceTokenizer:
+    """A SentencePiece tokenizer.model (Llama/Mistral style: BOS prepended), for repos without tokenizer.json."""
+
+    def __init__(self, path: Path, bos_token_id: int | None):
+        try:
+            import sentencepiece
+        except ImportError:
+            raise CheckpointError(f"{path}: reading tokenizer.model needs the sentencepiece package "
+                                  "(pip install sentencepiece)") from None
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.bos_token_id = bos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._sp.encode(text)
+        return ids if self.bos_token_id is None else [self.bos_token_id, *ids]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode([i for i in ids if i != self.bos_token_id])
+
+
+def load_tokenizer(directory: Path, bos_token_id: int | None = None) -> Tokenizer | None:
+    """The directory's tokenizer.json (or tokenizer.model), or None: generation from token ids still works."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        return HFTokenizer(directory / "tokenizer.json")
+    if (directory / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(directory / "tokenizer.model", bos_token_id)
+    return None
 
 
 def special_token_ids(directory: Path) -> dict[str, int]:
