@@ -1,38 +1,373 @@
-"""Ternary kernels: BitLinear and the int8 x ternary product (preliminary: PyTorch reference only)."""
+"""Ternary kernels: BitLinear and the exact int8 x ternary product, in C on CPUs and Triton on GPUs.
+
+Backends:
+
+* ``"c"``: the optional extension ``memwise.kernels._ternary`` (built by setup.py). It has one
+  path per instruction set (``isa_paths()``: "amx", "avx512vnni", "avxvnni", "avx2", "scalar"),
+  chosen at run time, multi-threaded with OpenMP over output rows using
+  ``torch.get_num_threads()`` threads, and it releases the GIL. One activation row (decode) is a
+  GEMV that streams the packed weights once; several rows share each unpacked weight block
+  (4 x 4 register tiles with AVX-512, 16 x 16 tiles with AMX, which takes over from 12 rows).
+* ``"triton"``: ``memwise.kernels.triton_ternary``, for CUDA tensors when triton is installed.
+* ``"reference"``: the plain PyTorch code of ``memwise.ternary``; the fallback everywhere.
+
+Exactness. The integer product is exact on every path (int32 accumulators, identical to
+``ternary_matmul_reference``). The fused C BitLinear computes RMSNorm, the int8 quantization and
+the final rescale with the same float32 operations, in the same order, as the PyTorch reference,
+including the order in which torch's CPU kernel sums x^2 over a row (found at run time by
+``_sum_width``). Its int8 activations, accumulators and float outputs are therefore bit-identical
+to ``bitlinear_reference`` on CPU. What could still differ, and why:
+
+* If the installed torch sums rows in an order this module does not reproduce (a build whose sum
+  kernel is not the cascade sum, or, with more than one thread, a single row of K >= 32768, which
+  torch splits across threads), mean(x^2) can differ in its last bit. Then 1/sqrt differs by an
+  ulp, a few activations that sit within an ulp of a rounding boundary move by one step, and the
+  outputs differ by about one quantization step of those rows. ``rms_order_matches_torch()``
+  reports whether the order was reproduced.
+* On GPUs, RMSNorm and quantization run as the reference's torch ops on the device and only the
+  product runs in Triton, so the int8 activations are the reference's own; the product is exact.
+"""
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
-from memwise.errors import MemwiseError
-from memwise.ternary import (TernaryMatrix, bitlinear_reference, ternary_matmul_reference)
+from memwise.errors import MemwiseError, UnsupportedError
+from memwise.ternary import (BLOCK_BYTES, TernaryMatrix, bitlinear_reference, padded_cols,
+                             quantize_activations, rmsnorm, ternary_matmul_reference)
 
-HAVE_C = False
+try:
+    from memwise.kernels import _ternary as _c
+except ImportError:  # no compiler at install time: everything runs on the reference
+    _c = None
+
+HAVE_C: bool = _c is not None
+
+# Best first. Ids match the enum in ternary.c.
+_ISA_IDS = {"amx": 4, "avx512vnni": 3, "avxvnni": 2, "avx2": 1, "scalar": 0}
+BACKENDS = ("auto", "c", "triton", "reference")
+MAX_COLS = 1 << 22  # int32 lane accumulators of the AVX-512 path stay exact below this K
+
+__all__ = ["HAVE_C", "BACKENDS", "KernelInputError", "bitlinear", "ternary_matmul", "quantize_rows",
+           "isa_paths", "read_bandwidth_bytes_per_s", "rms_order_matches_torch", "have_triton"]
+
+
+class KernelInputError(MemwiseError, ValueError):
+    """A kernel got a tensor of the wrong dtype, shape, layout or device."""
+
+
+# --------------------------------------------------------------------------------------------
+# Instruction-set paths
+
+
+_machine_cache: list[str] | None = None
+
+
+def _machine_isas() -> list[str]:
+    global _machine_cache
+    if not HAVE_C:
+        return ["scalar"]
+    if _machine_cache is None:
+        _machine_cache = [name for name, ident in _ISA_IDS.items() if _c.isa_supported(ident)]
+    return list(_machine_cache)
 
 
 def isa_paths() -> list[str]:
-    forced = os.environ.get("MEMWISE_ISA")
-    if forced and forced != "scalar":
-        raise MemwiseError(f"MEMWISE_ISA={forced!r} is not available on this machine (available: scalar)")
-    return ["scalar"]
+    """Instruction-set paths this machine runs, best first, ending with "scalar".
+
+    MEMWISE_ISA=<name> restricts this to that path (and "scalar"). Without the C extension the
+    only path is "scalar", which then means the PyTorch reference.
+    """
+    available = _machine_isas()
+    forced = os.environ.get("MEMWISE_ISA", "").strip().lower()
+    if not forced:
+        return available
+    if forced not in available:
+        raise UnsupportedError(
+            f"MEMWISE_ISA={forced!r} is not available here (available: {', '.join(available)})"
+            + ("" if HAVE_C else "; the C extension is not built"))
+    return [forced] if forced == "scalar" else [forced, "scalar"]
 
 
-def ternary_matmul(q: torch.Tensor, weight: TernaryMatrix, isa: str | None = None) -> torch.Tensor:
-    return ternary_matmul_reference(q, weight.ternary())
+def _resolve_isa(isa: str | None) -> str:
+    paths = isa_paths()
+    if isa is None:
+        return paths[0]
+    name = isa.strip().lower()
+    if name not in _ISA_IDS:
+        raise KernelInputError(f"unknown isa {isa!r} (known: {', '.join(_ISA_IDS)})")
+    if name not in _machine_isas():
+        raise UnsupportedError(f"isa {name!r} is not available here "
+                               f"(available: {', '.join(_machine_isas())})")
+    return name
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+# --------------------------------------------------------------------------------------------
+# torch's summation order for mean(x^2)
+
+_sum_width_lock = threading.Lock()
+_sum_width: tuple[int, bool] | None = None
+
+
+def _find_sum_width() -> tuple[int, bool]:
+    """Which lane width makes our cascade sum equal torch's, on rows that expose any difference.
+
+    torch sums a contiguous float row with W-lane vectors (8 on x86 builds, whatever the AVX-512
+    dispatch of other kernels); rows of many magnitudes make every candidate but the right one
+    differ somewhere.
+    """
+    gen = torch.Generator().manual_seed(1234)
+    rows = []
+    for k in (3, 7, 8, 13, 31, 64, 100, 257, 1000, 2560, 4099, 6912):
+        x = torch.randn(4, k, generator=gen) * torch.logspace(-2, 2, 4).unsqueeze(1)
+        rows.append((x, x.pow(2).sum(-1)))
+    for width in (8, 16, 4, 1, 2):
+        if width > _c.MAX_SUM_WIDTH:
+            continue
+        if all(_c.sum_of_squares(x[i].data_ptr(), x.shape[1], width) == want[i].item()
+               for x, want in rows for i in range(x.shape[0])):
+            return width, True
+    return 8, False
+
+
+def _width() -> int:
+    global _sum_width
+    if _sum_width is None:
+        with _sum_width_lock:
+            if _sum_width is None:
+                _sum_width = _find_sum_width()
+    return _sum_width[0]
+
+
+def rms_order_matches_torch() -> bool:
+    """Whether the C kernels reproduce torch's float32 summation order for mean(x^2)."""
+    if not HAVE_C:
+        return True
+    _width()
+    return _sum_width[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_weight(weight: TernaryMatrix, device: torch.device) -> None:
+    if not isinstance(weight, TernaryMatrix):
+        raise KernelInputError(f"weight must be a TernaryMatrix, got {type(weight).__name__}")
+    p = weight.packed
+    want = (weight.rows, padded_cols(weight.cols) // 4)
+    if p.dtype != torch.uint8:
+        raise KernelInputError(f"packed ternary weights must be uint8, got {p.dtype}")
+    if tuple(p.shape) != want:
+        raise KernelInputError(f"packed ternary weights of a {weight.rows}x{weight.cols} matrix must "
+                               f"have shape {list(want)}, got {list(p.shape)}")
+    if not p.is_contiguous():
+        raise KernelInputError("packed ternary weights must be contiguous (row-major)")
+    if weight.cols < 1 or weight.rows < 1:
+        raise KernelInputError(f"ternary matrix must be non-empty, got {weight.rows}x{weight.cols}")
+    if p.device != device:
+        raise KernelInputError(f"packed ternary weights are on {p.device}, activations on {device}")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise KernelInputError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if backend == "c" and not HAVE_C:
+        raise UnsupportedError("backend 'c' requested but the C extension memwise.kernels._ternary "
+                               "is not built (pip install -e . or python setup.py build_ext --inplace)")
+
+
+def have_triton() -> bool:
+    """Whether the Triton kernels can run (triton importable)."""
+    from memwise.kernels import triton_ternary
+    return triton_ternary.AVAILABLE
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    if backend == "auto" and device.type != "cuda":
+        return False
+    if backend == "triton":
+        if not have_triton():
+            raise UnsupportedError("backend 'triton' requested but triton is not installed")
+        return True
+    return backend == "auto" and device.type == "cuda" and have_triton()
+
+
+def _use_c(backend: str, device: torch.device) -> bool:
+    if backend == "c" and device.type != "cpu":
+        raise KernelInputError(f"backend 'c' runs on CPU tensors, got a tensor on {device}")
+    return HAVE_C and device.type == "cpu" and backend in ("auto", "c")
+
+
+# --------------------------------------------------------------------------------------------
+# Public kernels
+
+
+def ternary_matmul(q: torch.Tensor, weight: TernaryMatrix, isa: str | None = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """Exact q [M, K] int8 x t [N, K] ternary -> int32 [M, N] (t = the weight's ternary values).
+
+    `isa` picks a C path (default: MEMWISE_ISA or the best one); "scalar" without the extension
+    means the reference.
+    """
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
+        raise KernelInputError(f"activations must be an int8 tensor, got "
+                               f"{getattr(q, 'dtype', type(q).__name__)}")
+    if q.dim() != 2:
+        raise KernelInputError(f"activations must be 2-d [M, K], got shape {list(q.shape)}")
+    _check_weight(weight, q.device)
+    _check_backend(backend)
+    if q.shape[1] != weight.cols:
+        raise KernelInputError(f"activations have K={q.shape[1]} columns, the ternary matrix "
+                               f"{weight.rows}x{weight.cols} expects {weight.cols}")
+    name = _resolve_isa(isa)
+    m, n = q.shape[0], weight.rows
+    if _use_triton(backend, q.device):
+        from memwise.kernels import triton_ternary
+        return triton_ternary.ternary_matmul(q.contiguous(), weight)
+    if not _use_c(backend, q.device):
+        return ternary_matmul_reference(q, weight.ternary())
+    if weight.cols >= MAX_COLS:
+        raise KernelInputError(f"K={weight.cols} is too large for the C kernels (limit {MAX_COLS})")
+    out = torch.empty((m, n), dtype=torch.int32)
+    if m == 0:
+        return out
+    q = q.contiguous()
+    _c.matmul(_ISA_IDS[name], weight.packed.data_ptr(), n, weight.packed.shape[1] // BLOCK_BYTES,
+              q.data_ptr(), m, weight.cols, out.data_ptr(), _threads())
+    return out
+
+
+def _check_bitlinear_inputs(x: torch.Tensor, norm_weight: torch.Tensor, cols: int) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise KernelInputError(f"BitLinear input must be a floating-point tensor, got "
+                               f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1 or x.shape[-1] != cols:
+        raise KernelInputError(f"BitLinear input has last dimension {x.shape[-1] if x.dim() else None},"
+                               f" the ternary matrix expects K={cols}")
+    if (not isinstance(norm_weight, torch.Tensor) or not norm_weight.is_floating_point()
+            or tuple(norm_weight.shape) != (cols,)):
+        raise KernelInputError(f"BitLinear norm weight must be a float tensor of shape [{cols}], got "
+                               f"{list(getattr(norm_weight, 'shape', []))}")
+    if norm_weight.device != x.device:
+        raise KernelInputError(f"norm weight is on {norm_weight.device}, input on {x.device}")
 
 
 def bitlinear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: TernaryMatrix,
               backend: str = "auto") -> torch.Tensor:
-    return bitlinear_reference(x, norm_weight, eps, weight)
+    """BitLinear: rmsnorm(x) * g -> per-row int8 -> exact ternary product -> acc * m / s.
+
+    x [..., K] (any float dtype; computed in float32 like the reference) -> float32 [..., N].
+    """
+    _check_bitlinear_inputs(x, norm_weight, weight.cols)
+    _check_weight(weight, x.device)
+    _check_backend(backend)
+    if _use_triton(backend, x.device):
+        from memwise.kernels import triton_ternary
+        return triton_ternary.bitlinear(x, norm_weight, eps, weight)
+    if not _use_c(backend, x.device):
+        return bitlinear_reference(x, norm_weight, eps, weight)
+    if weight.cols >= MAX_COLS:
+        raise KernelInputError(f"K={weight.cols} is too large for the C kernels (limit {MAX_COLS})")
+    rows = (x if x.dim() == 2 else x.reshape(-1, weight.cols)).float().contiguous()
+    g = norm_weight.float().contiguous()
+    out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
+    if rows.shape[0]:
+        _c.bitlinear(_ISA_IDS[isa_paths()[0]], weight.packed.data_ptr(), weight.rows,
+                     weight.packed.shape[1] // BLOCK_BYTES, float(weight.scale), rows.data_ptr(),
+                     rows.shape[0], weight.cols, g.data_ptr(), float(eps), _width(),
+                     out.data_ptr(), _threads())
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.rows)
 
 
-def read_bandwidth_bytes_per_s() -> float:
-    buf = torch.ones(1 << 28, dtype=torch.uint8)
+def quantize_rows(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation half of BitLinear: (q int8 [M, K], s float32 [M, 1]) for x [M, K].
+
+    The C kernels fuse this into bitlinear(); it is exposed to check that both give the same q.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise KernelInputError(f"quantize_rows expects a 2-d tensor [M, K], got "
+                               f"{list(getattr(x, 'shape', []))}")
+    _check_bitlinear_inputs(x, norm_weight, x.shape[1])
+    _check_backend(backend)
+    if not _use_c(backend, x.device) or backend == "triton":
+        return quantize_activations(rmsnorm(x, norm_weight, eps))
+    rows = x.float().contiguous()
+    g = norm_weight.float().contiguous()
+    q = torch.empty(rows.shape, dtype=torch.int8)
+    s = torch.empty((rows.shape[0], 1), dtype=torch.float32)
+    if rows.numel():
+        _c.quantize(rows.data_ptr(), rows.shape[0], rows.shape[1], g.data_ptr(), float(eps), _width(),
+                    q.data_ptr(), s.data_ptr())
+    return q, s
+
+
+# --------------------------------------------------------------------------------------------
+# Memory bandwidth
+
+_bandwidth: float | None = None
+_bandwidth_lock = threading.Lock()
+
+
+def _last_level_cache_bytes() -> int:
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            try:
+                with open(os.path.join(base, entry, "size")) as f:
+                    text = f.read().strip().upper()
+            except OSError:
+                continue
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+            value = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+            best = max(best, value)
+    except (OSError, ValueError):
+        pass
+    return best
+
+
+def _bandwidth_buffer_bytes() -> int:
+    """Twice the last-level cache (at least 256 MiB) so every pass streams from DRAM; capped by
+    the memory actually free."""
+    size = max(256 << 20, 2 * _last_level_cache_bytes())
+    try:
+        import psutil
+        size = min(size, psutil.virtual_memory().available // 4)
+    except Exception:  # noqa: BLE001 - psutil missing or unreadable: keep the cache-based size
+        pass
+    return max(size, 64 << 20)
+
+
+def read_bandwidth_bytes_per_s(refresh: bool = False) -> float:
+    """Measured memory read bandwidth of this machine in bytes/s (all threads, best of 5 passes).
+
+    Measured once per process (about a second) and then remembered; refresh=True measures again.
+    """
+    global _bandwidth
+    with _bandwidth_lock:
+        if _bandwidth is None or refresh:
+            nbytes = _bandwidth_buffer_bytes()
+            if HAVE_C:
+                _bandwidth = float(_c.read_bandwidth(nbytes, 5, _threads()))
+            else:
+                _bandwidth = _torch_read_bandwidth(nbytes)
+        return _bandwidth
+
+
+def _torch_read_bandwidth(nbytes: int) -> float:
     import time
+    buf = torch.ones(nbytes // 8, dtype=torch.int64)
     best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        buf.view(torch.int64).sum()
-        best = min(best, time.perf_counter() - t0)
-    return buf.numel() / best
+    for _ in range(5):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * 8 / best
