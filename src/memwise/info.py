@@ -33,9 +33,10 @@ def human_bytes(n: float) -> str:
 def describe(source: str, revision: str | None = None) -> Table:
     spec, family = spec_for(source, revision)
     sizes = family.weight_sizes(spec)
-    table = Table(title=f"{source}" + ("  (preset: synthetic weights)" if spec.synthetic else ""), show_header=False)
+    table = Table(title=source, show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
+    table.add_row("weights", "synthetic (preset: random values)" if spec.synthetic else "real (checkpoint)")
     table.add_row("parameters", f"{sizes['bfloat16'] // 2:,}")
     for kind, nbytes in sizes.items():
         table.add_row(f"weights, {kind}", human_bytes(nbytes))
