@@ -1,0 +1,231 @@
+"""One benchmark cell, run in a process of its own: `python -m memwise.bench.cell SPEC_JSON` (or "-" and
+the spec on stdin) prints one JSON record as the last line of stdout.
+
+A fresh process per cell means no cell's memory or caches depend on which cells ran before it. The
+timed load starts before the interpreter does (see MEMWISE_BENCH_SPAWN_TIME below) and so includes
+importing torch, the engine's libraries and the model code: what a user waits for too.
+
+Phases, as the design's "Measuring" section defines a cell: import and load (timed; resident set
+after load and the load peak recorded), reset of the high-water mark, warm-up generations at the
+same shapes, then the timed runs. Each run gives TTFT (prefill and the first token) and e2e; decode
+is e2e - TTFT over the remaining new_tokens - 1 tokens.
+"""
+from __future__ import annotations
+
+import time
+
+MODULE_START = time.time()  # the start of load_s when the launcher did not pass one
+
+import json
+import os
+import statistics
+import sys
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from memwise.bench import memory
+
+# The record's fields, in the order results.csv and the docs list them.
+TIMED_METRICS = ("ttft_s", "prefill_tok_s", "tpot_s", "decode_tok_s", "e2e_s")
+RECORD_FIELDS = (
+    "model", "engine", "weights", "dtype", "device", "batch_size", "prompt_tokens", "new_tokens",
+    "status", "reason", "load_s",
+    *[f"{m}{suffix}" for m in TIMED_METRICS for suffix in ("", "_min", "_max", "_samples")],
+    "peak_rss_bytes", "load_peak_rss_bytes", "rss_after_load_bytes", "weights_bytes",
+    "cuda_max_allocated_bytes", "decode_ceiling_tok_s",
+    # beside the required fields: where the numbers come from
+    "source", "model_type", "runs", "warmup", "threads", "import_s", "prompt_ids", "prompt_tokens_samples",
+    "new_tokens_samples", "peak_reset",
+    "estimated_bytes", "outside_max_rss_bytes", "outside_wait4_max_rss_bytes", "wall_s",
+)
+
+
+@dataclass
+class CellSpec:
+    """Everything a cell process needs; crosses the process boundary as JSON."""
+
+    model: str
+    source: dict[str, Any]              # sources.Source fields: source, kind, weights, config, name
+    engine: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    batch_size: int = 1
+    prompt_tokens: int = 128
+    new_tokens: int = 128
+    runs: int = 3
+    warmup: int = 1
+    threads: int | None = None
+    seed: int = 0
+    # Real prompts instead of synthetic ids: token ids per prompt, cycled over the runs (the warm-up
+    # uses the first), each generating max_length - len(prompt) new tokens.
+    prompts: list[list[int]] | None = None
+    prompt_ids_note: str | None = None
+    max_length: int | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    estimated_bytes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CellSpec":
+        return cls(**data)
+
+
+def blank_record(spec: CellSpec) -> dict[str, Any]:
+    """A record with every field present (None where not measured), filled from the spec."""
+    record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
+    record.update(
+        model=spec.model, engine=spec.engine, weights=spec.source.get("weights"), dtype=spec.dtype,
+        device=spec.device, batch_size=spec.batch_size, prompt_tokens=spec.prompt_tokens,
+        new_tokens=spec.new_tokens, status="error", reason=None, source=spec.source.get("source"),
+        model_type=(spec.source.get("config") or {}).get("model_type"), runs=spec.runs, warmup=spec.warmup,
+        threads=spec.threads, estimated_bytes=spec.estimated_bytes,
+        prompt_ids=spec.prompt_ids_note or "synthetic (seeded uniform ids)",
+    )
+    return record
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def summarize(record: dict[str, Any], name: str, samples: list[float | None]) -> None:
+    """Median into name, min/max and the raw samples beside it (None where a run has no value)."""
+    values = [s for s in samples if s is not None]
+    record[f"{name}_samples"] = samples
+    if values:
+        record[name] = statistics.median(values)
+        record[f"{name}_min"] = min(values)
+        record[f"{name}_max"] = max(values)
+
+
+def _plan(spec: CellSpec) -> list[tuple[int, int]]:
+    """(prompt index or -1 for synthetic ids, new tokens) for each warm-up and timed run."""
+    total = spec.warmup + spec.runs
+    if not spec.prompts:
+        return [(-1, spec.new_tokens)] * total
+    plan = []
+    for i in range(total):
+        index = 0 if i < spec.warmup else (i - spec.warmup) % len(spec.prompts)
+        length = len(spec.prompts[index])
+        new = spec.max_length - length if spec.max_length else spec.new_tokens
+        plan.append((index, max(new, 1)))
+    return plan
+
+
+def run_cell(spec: CellSpec) -> dict[str, Any]:
+    """Load, warm up and time one cell in this process; never raises (errors become the record's status)."""
+    record = blank_record(spec)
+    try:
+        _measure(spec, record)
+    except Exception as e:
+        record["status"] = "error"
+        record["reason"] = one_line(e)
+        print(traceback.format_exc(), file=sys.stderr)
+    return record
+
+
+def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
+    from memwise.bench.sources import Source
+
+    # The launcher notes the wall-clock time right before it starts this process, so load_s covers the
+    # interpreter's start and every import, whatever the memwise package imports eagerly.
+    spawned = os.environ.get("MEMWISE_BENCH_SPAWN_TIME")
+    start = float(spawned) if spawned else MODULE_START
+    import torch  # the import is part of what a user waits for, and part of the timed load
+
+    import memwise.bench.engines as engines
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    record["threads"] = torch.get_num_threads()
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {spec.device!r} requested but torch sees no CUDA device")
+
+    source = Source(**{k: v for k, v in spec.source.items() if k in Source.__dataclass_fields__})
+    engine = engines.engine_named(spec.engine)
+    record["import_s"] = time.time() - start
+    engine.load(source, spec.dtype, spec.device)
+    _wait(spec.device)
+    record["load_s"] = time.time() - start
+    record["rss_after_load_bytes"] = memory.current_rss_bytes()
+    record["load_peak_rss_bytes"] = memory.peak_rss_bytes()
+    record["weights_bytes"] = engine.weights_bytes()
+    record["peak_reset"] = memory.reset_peak_rss()
+    if spec.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    options = engines.GenerationOptions(spec.repetition_penalty, spec.no_repeat_ngram_size)
+    generator = torch.Generator().manual_seed(spec.seed)
+    vocab = engine.vocab_size()
+    synthetic_ids = torch.randint(0, vocab, (spec.batch_size, spec.prompt_tokens), generator=generator)
+    prompt_ids = [torch.tensor([p] * spec.batch_size, dtype=torch.long) for p in (spec.prompts or [])]
+
+    samples: dict[str, list[float | None]] = {m: [] for m in TIMED_METRICS}
+    prompt_lengths, new_lengths = [], []
+    plan = _plan(spec)
+    for i, (index, new_tokens) in enumerate(plan):
+        ids = synthetic_ids if index < 0 else prompt_ids[index]
+        timing = engine.generate(ids, new_tokens, options)
+        if timing.new_tokens != new_tokens:
+            raise RuntimeError(f"{spec.engine} generated {timing.new_tokens} tokens, expected {new_tokens} "
+                               f"(EOS should be ignored)")
+        if i < spec.warmup:
+            continue
+        batch, prompt = ids.shape
+        decode_s = timing.e2e_s - timing.ttft_s
+        samples["ttft_s"].append(timing.ttft_s)
+        samples["e2e_s"].append(timing.e2e_s)
+        samples["prefill_tok_s"].append(batch * prompt / timing.ttft_s if timing.ttft_s > 0 else None)
+        # With one new token there is no decode phase: TPOT and decode tok/s are undefined, not 0.
+        steps = new_tokens - 1
+        samples["tpot_s"].append(decode_s / steps if steps > 0 else None)
+        samples["decode_tok_s"].append(batch * steps / decode_s if steps > 0 and decode_s > 0 else None)
+        prompt_lengths.append(prompt)
+        new_lengths.append(new_tokens)
+
+    record["peak_rss_bytes"] = memory.peak_rss_bytes()
+    if spec.device.startswith("cuda"):
+        record["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+    for name, values in samples.items():
+        summarize(record, name, values)
+    if prompt_lengths:   # real prompts differ in length; synthetic ones all have the requested shape
+        record["prompt_tokens"] = int(statistics.median(prompt_lengths))
+        record["new_tokens"] = int(statistics.median(new_lengths))
+        record["prompt_tokens_samples"] = prompt_lengths
+        record["new_tokens_samples"] = new_lengths
+    record["status"] = "ok"
+
+
+def _wait(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    text = sys.stdin.read() if not argv or argv[0] == "-" else argv[0]
+    # Libraries may print to stdout; the record must be the last line there, so everything else
+    # goes to stderr while the cell runs.
+    record_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        spec = CellSpec.from_dict(json.loads(text))
+    except (json.JSONDecodeError, TypeError) as e:
+        print(json.dumps({"status": "error", "reason": f"bad cell spec: {one_line(e)}"}), file=record_out)
+        return 2
+    record = run_cell(spec)
+    print(json.dumps(record), file=record_out, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

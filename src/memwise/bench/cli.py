@@ -1,0 +1,264 @@
+"""The `memwise bench` command: flags, the live progress display, and `memwise bench report DIR`.
+
+memwise/cli.py calls add_parser(subparsers); `python -m memwise.bench` runs the same parser alone.
+Flag mistakes print one line and exit 2; a bad model source exits 1 (MemwiseError, like the other
+commands); a run in which some cell failed exits 1 after writing everything it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from memwise.errors import MemwiseError
+
+DTYPES = ("float32", "bfloat16", "float16")
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A flag combination argparse cannot check by itself; reported like argparse's own errors."""
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value:g}")
+    return value
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """argparse prints the whole usage before an error; the design wants one line (exit status 2 as usual)."""
+    def error(message: str) -> NoReturn:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `bench` (and `bench report DIR`) to a parent CLI's subparsers; sets args.func."""
+    parser = subparsers.add_parser(
+        "bench", help="measure speed and peak memory, one fresh process per cell",
+        description="Measure speed and peak memory of models x engines x dtypes x batch sizes x prompt lengths "
+                    "x new tokens, each cell in a fresh process. With no flags: the 370M class (mmfree-370m, "
+                    "gpt2-medium, opt-350m) on memwise and transformers, batch 1, 128 prompt + 128 new tokens.")
+    add_arguments(parser)
+    parser.set_defaults(func=run_command)
+    nested = parser.add_subparsers(dest="bench_command", title="re-rendering", metavar="report DIR")
+    report = nested.add_parser("report", help="re-render table, results.csv/.md and plots from DIR/results.json",
+                               description="Re-render the table, results.csv, results.md and the plots of a "
+                                           "bench output directory from its results.json.")
+    report.add_argument("directory", metavar="DIR", type=Path)
+    report.set_defaults(func=report_command)
+    one_line_errors(parser)
+    one_line_errors(report)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from memwise.bench.engines import ENGINES
+
+    what = parser.add_argument_group("what to measure (repeat a flag for several values)")
+    what.add_argument("--model", action="append", metavar="SOURCE",
+                      help="model directory, hub id, preset:NAME, or a preset name such as gpt2-medium "
+                           "(real weights if cached, else synthetic)")
+    what.add_argument("--engine", action="append", choices=sorted(ENGINES))
+    what.add_argument("--dtype", action="append", choices=DTYPES)
+    what.add_argument("--batch-size", action="append", type=_positive, metavar="N")
+    what.add_argument("--prompt-tokens", action="append", type=_positive, metavar="N")
+    what.add_argument("--new-tokens", action="append", type=_positive, metavar="N")
+    what.add_argument("--suite", choices=("default", "seed"), default="default",
+                      help="seed: the public comparison's three size classes, prompts and settings")
+    what.add_argument("--sweep", choices=("context", "batch"),
+                      help="speed and memory over prompt length (KV cache) or batch size")
+    what.add_argument("--kernels", action="store_true", help="run the ternary kernel micro-benchmark instead")
+    how = parser.add_argument_group("how")
+    how.add_argument("--runs", type=_positive, help="timed runs per cell (default 3; seed suite: one per prompt)")
+    how.add_argument("--warmup", type=_non_negative, help="untimed runs before them (default 1)")
+    how.add_argument("--threads", type=_positive, help="CPU threads per cell (default: torch's choice)")
+    how.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
+    how.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="give up on a cell after this long")
+    how.add_argument("--out", type=Path, metavar="DIR",
+                     help="write results.json, results.csv, results.md, plots and cell logs here")
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    argv = getattr(args, "bench_argv", None)
+    if argv is None:
+        argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
+    return shlex.join(["memwise", "bench", *argv])
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.sweep and args.suite != "default":
+        raise UsageError("--sweep and --suite seed are separate runs; give one of them")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: is a file; give a directory (created if missing)")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: torch sees no CUDA device on this machine")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    try:
+        _check(args)
+    except UsageError as e:
+        print(f"memwise bench: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.kernels:
+        return kernels_command(args)
+    from memwise.bench.machine import machine_metadata, read_bandwidth
+    from memwise.bench.report import print_table, write_outputs
+    from memwise.bench.runner import RunOptions, add_decode_ceilings
+    from memwise.bench.suites import PUBLISHED, PUBLISHED_LABEL, build_matrix
+
+    matrix = build_matrix(args.suite, args.sweep, models=args.model, engines=args.engine, dtypes=args.dtype,
+                          batch_sizes=args.batch_size, prompt_tokens=args.prompt_tokens,
+                          new_tokens=args.new_tokens, runs=args.runs, warmup=args.warmup)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    metadata = machine_metadata(_command_line(args))
+    metadata.update(suite=matrix.suite, sweep=matrix.sweep, threads=args.threads, device=args.device,
+                    runs=matrix.runs, warmup=matrix.warmup)
+    if matrix.suite == "seed":
+        metadata["published"] = {"label": PUBLISHED_LABEL, "numbers": PUBLISHED}
+        metadata["seed_settings"] = {"prompts": matrix.prompts, "max_length": matrix.max_length,
+                                     "repetition_penalty": matrix.repetition_penalty,
+                                     "no_repeat_ngram_size": matrix.no_repeat_ngram_size, "eos": "ignored"}
+    options = RunOptions(threads=args.threads, device=args.device, timeout_s=args.timeout,
+                         log_dir=args.out / "logs" if args.out is not None else None)
+    # Bandwidth is measured before and after the cells, never during one; other load on the machine
+    # can only lower a reading, so the larger one is the better estimate of what the memory can do.
+    with console.status("measuring memory bandwidth"):
+        before, method = read_bandwidth(args.device)
+    records = _run_with_progress(matrix, options, console)
+    with console.status("measuring memory bandwidth"):
+        after, _ = read_bandwidth(args.device)
+    metadata.update(memory_bandwidth_bytes_per_s=max(before, after), memory_bandwidth_method=method,
+                    memory_bandwidth_samples_bytes_per_s=[before, after])
+    add_decode_ceilings(records, metadata["memory_bandwidth_bytes_per_s"])
+    print_table(records, metadata)
+    if args.out is not None:
+        written = write_outputs(args.out, metadata, records)
+        console.print(f"wrote {', '.join(p.name for p in written)} to {args.out}")
+    return 1 if any(r.get("status") == "error" for r in records) else 0
+
+
+def _run_with_progress(matrix: Any, options: Any, console: Any) -> list[dict[str, Any]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from memwise.bench.runner import run_matrix
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True, refresh_per_second=2) as progress:
+        task = progress.add_task("resolving models", total=None)
+
+        def on_start(i: int, n: int, spec: Any) -> None:
+            progress.update(task, total=n, description=f"{spec.model} · {spec.engine} · {spec.dtype} · "
+                                                       f"batch {spec.batch_size} · {spec.prompt_tokens}+{spec.new_tokens} tokens")
+
+        def on_done(i: int, n: int, record: dict[str, Any]) -> None:
+            progress.advance(task)
+            progress.console.print(_summary(record), markup=False, highlight=False, soft_wrap=True)
+
+        return run_matrix(matrix, options, on_start, on_done)
+
+
+def _summary(record: dict[str, Any]) -> str:
+    head = f"{record['model']} · {record['engine']} · {record['dtype']} · b{record['batch_size']} " \
+           f"p{record['prompt_tokens']} n{record['new_tokens']}"
+    if record.get("status") != "ok":
+        return f"{head}: {record.get('status')}: {record.get('reason')}"
+    from memwise.bench.report import peak_bytes
+
+    decode = record.get("decode_tok_s")
+    decode_text = f"{decode:.1f} tok/s" if decode is not None else "n/a"
+    return (f"{head}: load {record['load_s']:.1f} s, TTFT {record['ttft_s']:.3f} s, decode {decode_text}, "
+            f"peak {(peak_bytes(record) or 0) / 2**20:,.0f} MiB")
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from memwise.bench.report import load_results, print_table, write_outputs
+
+    metadata, records = load_results(args.directory)
+    print_table(records, metadata)
+    written = write_outputs(args.directory, metadata, records, write_json=False)
+    print(f"wrote {', '.join(p.name for p in written)} to {args.directory}", file=sys.stderr)
+    return 0
+
+
+def kernels_command(args: argparse.Namespace) -> int:
+    try:
+        from memwise.kernels.bench import format_kernel_bench, run_kernel_bench
+    except ImportError as e:
+        print(f"memwise bench: kernel micro-benchmark unavailable, skipped ({e})", file=sys.stderr)
+        return 0
+    records = run_kernel_bench()
+    text = format_kernel_bench(records)
+    print(text)
+    if args.out is not None:
+        from memwise.bench.report import write_atomic
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.out / "kernels.txt", text + "\n")
+        try:
+            write_atomic(args.out / "kernels.json", json.dumps(records, indent=2, default=str) + "\n")
+        except (TypeError, ValueError):
+            pass  # records that are not JSON data: the text table is still there
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m memwise.bench`: the bench command on its own, same flags and exit codes."""
+    parser = argparse.ArgumentParser(prog="memwise")
+    one_line_errors(parser)
+    subparsers = parser.add_subparsers()
+    add_parser(subparsers)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(["bench", *argv])
+    args.bench_argv = argv
+    try:
+        return int(args.func(args) or 0)
+    except MemwiseError as e:
+        print(f"memwise: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("memwise: interrupted", file=sys.stderr)
+        return 130

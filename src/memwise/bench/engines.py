@@ -1,0 +1,197 @@
+"""Engines: the programs a cell measures, each behind the same small interface.
+
+An engine says whether it can run a source at all (can_run, answered in the parent before any process
+is started), loads it, generates a fixed number of tokens with EOS ignored while reporting when the
+first token appeared, and says how many bytes it holds for weights. Adding llama.cpp or vLLM means
+adding one class here and one line in ENGINES.
+
+Time to first token: memwise streams tokens, so TTFT is the time until its stream yields the first
+step. transformers hands every step to a streamer right after choosing the token (the prompt goes
+first, then one call per step), so TTFT is the time of its second call. Both mark the same moment:
+the prompt has been processed and the first new token exists on the host, within the one timed
+generation whose end gives e2e. No second run is needed to split prefill from decode.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from memwise.bench.sources import Source
+
+HGRN_BIT_REASON = "transformers cannot run hgrn_bit without its GPU-only package (mmfreelm + triton)"
+
+
+@dataclass
+class GenerationOptions:
+    """How a generation is asked for, beyond its shape. The defaults are the bench's: greedy, plain."""
+
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+
+
+@dataclass
+class GenerationTiming:
+    ttft_s: float           # call start to the first new token on the host
+    e2e_s: float            # call start to return
+    new_tokens: int         # tokens generated per sequence (checked against the request)
+
+
+class Engine(Protocol):
+    name: str
+
+    def can_run(self, source: Source, device: str) -> str | None:
+        """None if this engine can run the source, else the one-line reason it cannot."""
+
+    def load(self, source: Source, dtype: str, device: str) -> None: ...
+
+    def generate(self, input_ids: Any, new_tokens: int, options: GenerationOptions) -> GenerationTiming:
+        """Generate exactly new_tokens per sequence after input_ids [B, T], EOS ignored, timed."""
+
+    def weights_bytes(self) -> int: ...
+
+    def vocab_size(self) -> int: ...
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+class MemwiseEngine:
+    name = "memwise"
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.device = "cpu"
+
+    def can_run(self, source: Source, device: str) -> str | None:
+        from memwise.models import FAMILY_MODULES
+
+        if source.model_type not in FAMILY_MODULES:
+            return f"memwise does not support model_type {source.model_type!r}"
+        return None
+
+    def load(self, source: Source, dtype: str, device: str) -> None:
+        import memwise
+
+        self.device = device
+        self.model = memwise.load(source.source, dtype=dtype, device=device)
+
+    def generate(self, input_ids: Any, new_tokens: int, options: GenerationOptions) -> GenerationTiming:
+        kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+                                  "ignore_eos": True, "do_sample": False}
+        if options.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = options.repetition_penalty
+        if options.no_repeat_ngram_size is not None:
+            kwargs["no_repeat_ngram_size"] = options.no_repeat_ngram_size
+        _sync(self.device)
+        start = time.perf_counter()
+        first = None
+        steps = 0
+        for _ in self.model.stream(input_ids, **kwargs):
+            if first is None:
+                _sync(self.device)
+                first = time.perf_counter()
+            steps += 1
+        _sync(self.device)
+        end = time.perf_counter()
+        return GenerationTiming((first or end) - start, end - start, steps)
+
+    def weights_bytes(self) -> int:
+        return int(self.model.weights_bytes())
+
+    def vocab_size(self) -> int:
+        return int(self.model.spec.vocab_size)
+
+
+class _StepClock:
+    """A transformers streamer that only notes when each step's tokens arrive (the first call is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.device = "cpu"
+
+    def can_run(self, source: Source, device: str) -> str | None:
+        model_type = source.model_type
+        if model_type == "hgrn_bit":
+            return HGRN_BIT_REASON
+        try:
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        except ImportError:
+            return "transformers is not installed (pip install 'memwise[bench]')"
+        if model_type not in CONFIG_MAPPING:
+            return f"transformers has no architecture for model_type {model_type!r}"
+        return None
+
+    def load(self, source: Source, dtype: str, device: str) -> None:
+        import torch
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        transformers.logging.set_verbosity_error()
+        torch_dtype = getattr(torch, dtype)
+        self.device = device
+        if source.kind == "preset":
+            assert source.config is not None
+            fields = {k: v for k, v in source.config.items() if k not in ("model_type", "architectures")}
+            config = AutoConfig.for_model(source.config["model_type"], **fields)
+            torch.manual_seed(0)  # random weights, but the same ones every time
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.source, dtype=torch_dtype)
+        self.model = model.to(device).eval()
+
+    def generate(self, input_ids: Any, new_tokens: int, options: GenerationOptions) -> GenerationTiming:
+        import torch
+
+        clock = _StepClock()
+        config = self.model.config
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        kwargs: dict[str, Any] = {}
+        if options.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = options.repetition_penalty
+        if options.no_repeat_ngram_size is not None:
+            kwargs["no_repeat_ngram_size"] = options.no_repeat_ngram_size
+        input_ids = input_ids.to(self.device)
+        attention_mask = torch.ones_like(input_ids)
+        _sync(self.device)
+        start = time.perf_counter()
+        # min_new_tokens = max_new_tokens masks EOS until the end: every run has the requested length.
+        output = self.model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                                     streamer=clock, **kwargs)
+        _sync(self.device)
+        end = time.perf_counter()
+        produced = output.shape[1] - input_ids.shape[1]
+        first = clock.times[1] if len(clock.times) > 1 else end
+        return GenerationTiming(first - start, end - start, int(produced))
+
+    def weights_bytes(self) -> int:
+        # parameters() yields a tied embedding once, so this is what the process holds
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
+
+ENGINES: dict[str, type] = {"memwise": MemwiseEngine, "transformers": TransformersEngine}
+
+
+def engine_named(name: str) -> Engine:
+    return ENGINES[name]()

@@ -1,0 +1,208 @@
+"""Memory probes for one process, and the estimate a cell is checked against before it runs.
+
+On Linux the kernel keeps a resident-set high-water mark per process (VmHWM in /proc/self/status)
+and resets it to the current resident set when "5" is written to /proc/self/clear_refs. A cell reads
+it after loading (the load peak), resets it, generates, and reads it again (the generation peak).
+
+The reset also resets what a parent later sees as the child's ru_maxrss (wait4 and getrusage read the
+same high-water mark at exit), so that measurement from outside only covers the time since the last
+reset; launcher.py therefore also samples the cell's resident set while it runs.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# Resident set of a cell besides weights, cache and activations: the interpreter, torch, memwise or
+# transformers' modeling code, and allocator slack. Measured on Linux x86-64 with torch 2.13 and
+# transformers 5 at about 340 MiB and 400 MiB; rounded up because a skipped cell costs less than a
+# killed one.
+BASELINE_BYTES = {"memwise": 400 * 2**20, "transformers": 512 * 2**20}
+DEFAULT_BASELINE_BYTES = 512 * 2**20
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set now (VmRSS), in bytes."""
+    kib = _status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    import psutil  # non-Linux: no /proc; psutil knows the platform's call
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident high-water mark since start or the last reset (VmHWM), in bytes."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    import resource
+
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark to the current resident set; False where the kernel cannot."""
+    try:
+        CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class Architecture:
+    """What the estimate needs to know about a model, from its config.json alone."""
+
+    model_type: str
+    parameters: int
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    kv_width: int                 # key (= value) width per layer per token; 0 for a recurrent model
+    state_width: int              # recurrent state floats per layer per sequence; 0 for attention
+    max_positions: int | None     # a hard limit only for learned position tables
+    intermediate_size: int
+
+
+def _first(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    return default
+
+
+def hgrn_bit_parameters(config: dict[str, Any]) -> tuple[int, int]:
+    """(parameter count, intermediate size) of an hgrn_bit config, per the released checkpoints' tensors."""
+    hidden = int(_first(config, "hidden_size", default=2048))
+    layers = int(_first(config, "num_hidden_layers", default=24))
+    vocab = int(_first(config, "vocab_size", default=32000))
+    expand = int(_first(config, "expand_ratio", default=1))
+    inter = config.get("intermediate_size")
+    if inter is None:
+        ratio = int(_first(config, "hidden_ratio", default=4))
+        inter = 256 * -(-int(hidden * ratio * 2 / 3) // 256)
+    inter = int(inter)
+    width = hidden * expand
+    per_layer = (
+        hidden                                  # attn_norm
+        + 3 * width * hidden + hidden * width   # i, f, g, o projections
+        + 4 * hidden                            # their BitLinear norms (on the input)
+        + width                                 # g_norm
+        + hidden                                # mlp_norm
+        + 2 * inter * hidden + hidden           # gate_proj and its norm
+        + hidden * inter + inter                # down_proj and its norm
+    )
+    total = vocab * hidden + layers * hidden + hidden + vocab * hidden + hidden + layers * per_layer
+    return total, inter
+
+
+def _transformers_parameters(config: dict[str, Any]) -> int | None:
+    """Exact parameter count by building the architecture on the meta device (no memory, no weights)."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        return None
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
+    try:
+        hf_config = AutoConfig.for_model(config["model_type"], **fields)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except Exception:  # an architecture transformers does not know: the caller falls back to a formula
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def architecture(config: dict[str, Any]) -> Architecture:
+    """Summarize a Hugging Face config for memory estimates (counts exact where transformers knows the type)."""
+    model_type = str(config.get("model_type", ""))
+    hidden = int(_first(config, "hidden_size", "n_embd", "d_model", default=0))
+    layers = int(_first(config, "num_hidden_layers", "n_layer", "num_layers", default=0))
+    vocab = int(_first(config, "vocab_size", default=0))
+    heads = int(_first(config, "num_attention_heads", "n_head", default=1)) or 1
+    if model_type == "hgrn_bit":
+        parameters, inter = hgrn_bit_parameters(config)
+        width = hidden * int(_first(config, "expand_ratio", default=1))
+        return Architecture(model_type, parameters, layers, hidden, vocab, 0, width, None, inter)
+    kv_heads = int(_first(config, "num_key_value_heads", default=heads))
+    head_dim = int(_first(config, "head_dim", default=hidden // heads))
+    inter = int(_first(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden) or 4 * hidden)
+    parameters = _transformers_parameters(config)
+    if parameters is None:
+        # Rough decoder count: attention 4H^2, MLP 2 or 3 H*I, embeddings and an untied head.
+        mlp = (3 if model_type in ("llama", "mistral") else 2) * hidden * inter
+        tied = bool(config.get("tie_word_embeddings", True))
+        parameters = layers * (4 * hidden * hidden + mlp) + vocab * hidden * (1 if tied else 2)
+    max_positions = None
+    if model_type in ("gpt2", "opt"):   # learned position tables: longer inputs cannot run at all
+        max_positions = int(_first(config, "n_positions", "max_position_embeddings", default=0)) or None
+    return Architecture(model_type, parameters, layers, hidden, vocab, kv_heads * head_dim, 0,
+                        max_positions, inter)
+
+
+def memwise_weights_bytes(config: dict[str, Any], dtype: str) -> int | None:
+    """Bytes memwise's own family module says the weights take at `dtype`, or None if it cannot say.
+
+    weight_sizes() lists bytes per storage kind: dtype names for dense decoders, "packed 2-bit" for
+    the ternary family (what it holds whatever the dtype of its activations).
+    """
+    from memwise.errors import MemwiseError
+    from memwise.models import family_for
+
+    try:
+        family = family_for(config.get("model_type"), "config.json")
+        sizes = family.weight_sizes(family.spec_from_config(config, "config.json"))
+    except MemwiseError:
+        return None
+    if dtype in sizes:
+        return int(sizes[dtype])
+    packed = [v for k, v in sizes.items() if "packed" in k]
+    return int(packed[0]) if packed else None
+
+
+def estimate_cell_bytes(arch: Architecture, engine: str, dtype: str, batch_size: int, prompt_tokens: int,
+                        new_tokens: int, weights_bytes: int | None = None) -> int:
+    """Resident memory a cell needs at its peak: baseline + weights + KV cache or state + activations.
+
+    Deliberately a little generous: it only decides whether a cell is run at all.
+    """
+    width = DTYPE_BYTES.get(dtype, 4)
+    if weights_bytes is None:
+        weights_bytes = arch.parameters * width
+    length = prompt_tokens + new_tokens
+    cache = 2 * arch.layers * batch_size * length * arch.kv_width * width
+    state = arch.layers * batch_size * arch.state_width * 4
+    # Prefill: a few hidden-sized and one MLP-sized activation per token, float32 logits for the
+    # prompt (engines that keep only the last row use less), and one attention score matrix.
+    heads = max(arch.kv_width // 64, 1) if arch.kv_width else 0
+    activations = batch_size * prompt_tokens * (6 * arch.hidden_size + 2 * arch.intermediate_size) * width
+    activations += batch_size * prompt_tokens * arch.vocab_size * 4
+    activations += batch_size * heads * prompt_tokens * prompt_tokens * 4
+    baseline = BASELINE_BYTES.get(engine, DEFAULT_BASELINE_BYTES)
+    return int(baseline + weights_bytes + 1.1 * (cache + state) + activations)
+
+
+def available_memory_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)

@@ -1,0 +1,108 @@
+"""Which cells a bench run measures: the default suite, the seed suite, and the two sweeps.
+
+A Matrix is the cross product models x engines x dtypes x batch sizes x prompt lengths x new tokens.
+Suites only choose its defaults; every flag the user gives overrides the suite's choice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+ENGINES = ("memwise", "transformers")
+
+# The 370M class of the public MatMul-free comparison; the main job of `memwise bench`.
+DEFAULT_MODELS = ("mmfree-370m", "gpt2-medium", "opt-350m")
+
+SIZE_CLASSES = {
+    "370M": ("gpt2-medium", "opt-350m", "mmfree-370m"),
+    "1.3B": ("gpt2-xl", "phi-1_5", "mmfree-1.3b"),
+    "2.7B": ("opt-2.7b", "mmfree-2.7b"),
+}
+
+# What the public comparison published: seconds per answer and peak MB, on a T4 GPU, with all
+# models resident at once, one generation per prompt without warm-up, and EOS free to stop early.
+PUBLISHED_LABEL = "T4 GPU, public comparison"
+PUBLISHED = {
+    "gpt2-medium": {"seconds_per_answer": 3.0, "peak_mb": 2810},
+    "opt-350m": {"seconds_per_answer": 2.3, "peak_mb": 2815},
+    "mmfree-370m": {"seconds_per_answer": 16.0, "peak_mb": 2900},
+    "gpt2-xl": {"seconds_per_answer": 5.3, "peak_mb": 12435},
+    "phi-1_5": {"seconds_per_answer": 2.9, "peak_mb": 12033},
+    "mmfree-1.3b": {"seconds_per_answer": 37.0, "peak_mb": 5470},
+    "opt-2.7b": {"seconds_per_answer": 6.0, "peak_mb": 5200},
+    "mmfree-2.7b": {"seconds_per_answer": 55.6, "peak_mb": 5501},
+}
+
+# The comparison's first prompt, and others of the same kind: short open questions.
+SEED_PROMPTS = (
+    "What are the benefits of renewable energy?",
+    "How does regular exercise improve mental health?",
+    "Why is biodiversity important for ecosystems?",
+    "What are the main causes of air pollution in cities?",
+)
+SEED_MAX_LENGTH = 128
+SEED_REPETITION_PENALTY = 1.1
+SEED_NO_REPEAT_NGRAM_SIZE = 2
+
+# Sweeps: every length fits gpt2's 1024 learned positions with the new tokens added.
+CONTEXT_SWEEP = (128, 256, 512, 896)
+BATCH_SWEEP = (1, 2, 4, 8)
+SWEEP_NEW_TOKENS = 64
+
+
+@dataclass
+class Matrix:
+    models: list[str]
+    engines: list[str] = field(default_factory=lambda: list(ENGINES))
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    prompt_tokens: list[int] = field(default_factory=lambda: [128])
+    new_tokens: list[int] = field(default_factory=lambda: [128])
+    runs: int = 3
+    warmup: int = 1
+    suite: str = "default"
+    sweep: str | None = None
+    # The seed suite's real prompts and generation settings (None elsewhere).
+    prompts: list[str] | None = None
+    max_length: int | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+
+    def cells(self) -> list[tuple[str, str, str, int, int, int]]:
+        """(model, engine, dtype, batch, prompt, new) in run order: a model's cells together."""
+        if self.prompts:   # prompt lengths and new tokens come from the prompts and max_length
+            return [(m, e, d, b, 0, 0) for m in self.models for e in self.engines for d in self.dtypes
+                    for b in self.batch_sizes]
+        return [(m, e, d, b, p, n) for m in self.models for e in self.engines for d in self.dtypes
+                for b in self.batch_sizes for p in self.prompt_tokens for n in self.new_tokens]
+
+
+def default_suite() -> Matrix:
+    return Matrix(models=list(DEFAULT_MODELS))
+
+
+def seed_suite() -> Matrix:
+    models = [m for size in SIZE_CLASSES.values() for m in size]
+    return Matrix(models=models, suite="seed", prompts=list(SEED_PROMPTS), max_length=SEED_MAX_LENGTH,
+                  repetition_penalty=SEED_REPETITION_PENALTY, no_repeat_ngram_size=SEED_NO_REPEAT_NGRAM_SIZE,
+                  runs=len(SEED_PROMPTS))
+
+
+def context_sweep() -> Matrix:
+    return Matrix(models=list(DEFAULT_MODELS), prompt_tokens=list(CONTEXT_SWEEP), new_tokens=[SWEEP_NEW_TOKENS],
+                  suite="sweep", sweep="context")
+
+
+def batch_sweep() -> Matrix:
+    return Matrix(models=list(DEFAULT_MODELS), batch_sizes=list(BATCH_SWEEP), new_tokens=[SWEEP_NEW_TOKENS],
+                  suite="sweep", sweep="batch")
+
+
+SUITES = {"default": default_suite, "seed": seed_suite}
+SWEEPS = {"context": context_sweep, "batch": batch_sweep}
+
+
+def build_matrix(suite: str = "default", sweep: str | None = None, **overrides: object) -> Matrix:
+    """The suite's (or sweep's) matrix with the user's flags applied; None overrides are ignored."""
+    matrix = SWEEPS[sweep]() if sweep else SUITES[suite]()
+    given = {k: v for k, v in overrides.items() if v is not None and v != []}
+    return replace(matrix, **given)
