@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("out", metavar="OUT", help="output directory (must not exist yet)")
     conv.set_defaults(func=cmd_convert)
 
-    from memwise.bench.cli import add_parser as add_bench_parser
+    from memwise.bench.cli import add_parser as add_bench_parser, one_line_errors
     add_bench_parser(sub)
+    for p in (parser, gen, info, conv):
+        one_line_errors(p)
     return parser
 
 

@@ -110,6 +110,8 @@ def generate_steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if options.do_sample:
         generator = torch.Generator(device=device)
         generator.manual_seed(options.seed if options.seed is not None else torch.seed())
+    # An EOS id outside the vocabulary can never be generated (transformers only warns about it).
+    eos_token_ids = tuple(t for t in eos_token_ids if 0 <= t < module.spec.vocab_size)
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device) if eos_token_ids else None
     stop_on_eos = eos is not None and not options.ignore_eos
 

@@ -96,6 +96,11 @@ class LanguageModel:
     def weights_bytes(self) -> int:
         return self.module.weights_bytes()
 
+    def decode_bytes_per_token(self) -> int:
+        """Bytes of weights read to decode one step (the decode speed ceiling is bandwidth / this)."""
+        per_token = getattr(self.module, "decode_bytes_per_token", None)
+        return int(per_token()) if per_token else self.weights_bytes()
+
     def encode_batch(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [B, T] left-padded to the longest prompt, and the mask of real tokens."""
         encoded = [self.tokenizer.encode(p) for p in prompts]

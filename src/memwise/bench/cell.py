@@ -33,7 +33,7 @@ RECORD_FIELDS = (
     "status", "reason", "load_s",
     *[f"{m}{suffix}" for m in TIMED_METRICS for suffix in ("", "_min", "_max", "_samples")],
     "peak_rss_bytes", "load_peak_rss_bytes", "rss_after_load_bytes", "weights_bytes",
-    "cuda_max_allocated_bytes", "decode_ceiling_tok_s",
+    "cuda_max_allocated_bytes", "decode_ceiling_tok_s", "decode_bytes_per_token",
     # beside the required fields: where the numbers come from
     "source", "model_type", "runs", "warmup", "threads", "import_s", "prompt_ids", "prompt_tokens_samples",
     "new_tokens_samples", "peak_reset",
@@ -156,6 +156,7 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
     record["rss_after_load_bytes"] = memory.current_rss_bytes()
     record["load_peak_rss_bytes"] = memory.peak_rss_bytes()
     record["weights_bytes"] = engine.weights_bytes()
+    record["decode_bytes_per_token"] = engine.decode_bytes_per_token()
     record["peak_reset"] = memory.reset_peak_rss()
     if spec.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

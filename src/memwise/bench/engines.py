@@ -50,6 +50,9 @@ class Engine(Protocol):
 
     def weights_bytes(self) -> int: ...
 
+    def decode_bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads (embedding tables contribute one row, unless tied)."""
+
     def vocab_size(self) -> int: ...
 
 
@@ -102,6 +105,9 @@ class MemwiseEngine:
 
     def weights_bytes(self) -> int:
         return int(self.model.weights_bytes())
+
+    def decode_bytes_per_token(self) -> int:
+        return self.model.decode_bytes_per_token()
 
     def vocab_size(self) -> int:
         return int(self.model.spec.vocab_size)
@@ -185,6 +191,17 @@ class TransformersEngine:
     def weights_bytes(self) -> int:
         # parameters() yields a tied embedding once, so this is what the process holds
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def decode_bytes_per_token(self) -> int:
+        tables = [self.model.get_input_embeddings().weight]
+        output = self.model.get_output_embeddings()
+        if output is not None and output.weight is tables[0]:
+            tables = []     # tied: the lm_head reads the whole table every step
+        for name, module in self.model.named_modules():
+            # learned position tables (gpt2 wpe, opt embed_positions): one row per step
+            if name.endswith(("wpe", "embed_positions")) and hasattr(module, "weight"):
+                tables.append(module.weight)
+        return self.weights_bytes() - sum(t.numel() * t.element_size() for t in tables)
 
     def vocab_size(self) -> int:
         return int(self.model.get_input_embeddings().weight.shape[0])

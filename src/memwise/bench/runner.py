@@ -201,11 +201,12 @@ def _parse_record(stdout: str) -> dict[str, Any] | None:
 
 
 def add_decode_ceilings(records: list[dict[str, Any]], bandwidth: float | None) -> None:
-    """decode_ceiling_tok_s = batch * bandwidth / weight bytes: each decode step reads every weight
-    once for the whole batch, so no engine can decode faster than this from memory (caches aside)."""
+    """decode_ceiling_tok_s = batch * bandwidth / bytes read per step: each decode step reads its
+    weights once for the whole batch, so no engine can decode faster than this from memory (caches aside)."""
     for record in records:
-        if bandwidth and record.get("weights_bytes"):
-            record["decode_ceiling_tok_s"] = record["batch_size"] * bandwidth / record["weights_bytes"]
+        per_step = record.get("decode_bytes_per_token") or record.get("weights_bytes")
+        if bandwidth and per_step:
+            record["decode_ceiling_tok_s"] = record["batch_size"] * bandwidth / per_step
 
 
 def run_matrix(matrix: Matrix, options: RunOptions,

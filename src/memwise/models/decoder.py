@@ -387,6 +387,14 @@ class Decoder(nn.Module):
     def weights_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
+    def decode_bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads: all but the embedding tables, of which it reads one row
+        (an input embedding tied to the lm_head is read whole by the lm_head)."""
+        skipped = [] if self.spec.tie_word_embeddings else [self.embed.weight]
+        if self.positions is not None:
+            skipped.append(self.positions.weight)
+        return self.weights_bytes() - sum(p.numel() * p.element_size() for p in skipped)
+
     def forward(self, input_ids: torch.Tensor, cache: DecoderCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         batch, length = input_ids.shape
