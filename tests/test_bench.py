@@ -310,3 +310,22 @@ def test_sweeps_plot_lines_and_seed_tables_show_the_published_numbers(tmp_path):
     markdown = (tmp_path / "seed" / "results.md").read_text()
     row = next(line for line in markdown.splitlines() if line.startswith("| gpt2-medium"))
     assert f"s/answer ({PUBLISHED_LABEL})" in markdown and "| 3 | 2,810 |" in row and "synthetic\\*" in row
+
+
+def test_ternary_suite_runs_its_listed_cells_unless_the_user_picks():
+    from memwise.bench.suites import TERNARY_CELLS, build_matrix
+    cells = build_matrix("ternary").cells()
+    assert [(m, e, b) for m, e, _, b, _, _ in cells] == list(TERNARY_CELLS)
+    assert {(p, n) for *_, p, n in cells} == {(128, 128)}
+    picked = build_matrix("ternary", models=["tiny-mmfree"], engines=["memwise"]).cells()
+    assert [(m, e) for m, e, *_ in picked] == [("tiny-mmfree", "memwise")]
+
+
+def test_reference_engine_only_runs_matmul_free_models():
+    from memwise.bench.engines import engine_named
+    from memwise.bench.sources import resolve as resolve_source
+    engine = engine_named("memwise-reference")
+    assert engine.can_run(resolve_source("preset:tiny-mmfree"), "cpu") is None
+    assert "only MatMul-free" in engine.can_run(resolve_source("preset:tiny-gpt2"), "cpu")
+    engine.load(resolve_source("preset:tiny-mmfree"), "float32", "cpu")
+    assert engine.model.module.backend == "reference"

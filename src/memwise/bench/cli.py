@@ -101,8 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--batch-size", action="append", type=_positive, metavar="N")
     what.add_argument("--prompt-tokens", action="append", type=_positive, metavar="N")
     what.add_argument("--new-tokens", action="append", type=_positive, metavar="N")
-    what.add_argument("--suite", choices=("default", "seed"), default="default",
-                      help="seed: the public comparison's three size classes, prompts and settings")
+    what.add_argument("--suite", choices=("default", "seed", "ternary"), default="default",
+                      help="seed: the public comparison's three size classes, prompts and settings; "
+                           "ternary: MatMul-free models on the packed kernels vs transformers on opt-2.7b "
+                           "and gpt2-medium (batch 1 and 16)")
     what.add_argument("--sweep", choices=("context", "batch"),
                       help="speed and memory over prompt length (KV cache) or batch size")
     what.add_argument("--kernels", action="store_true", help="run the ternary kernel micro-benchmark instead")
@@ -125,7 +127,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def _check(args: argparse.Namespace) -> None:
     if args.sweep and args.suite != "default":
-        raise UsageError("--sweep and --suite seed are separate runs; give one of them")
+        raise UsageError(f"--sweep and --suite {args.suite} are separate runs; give one of them")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: is a file; give a directory (created if missing)")
     if args.device.startswith("cuda"):

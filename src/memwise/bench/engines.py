@@ -113,6 +113,22 @@ class MemwiseEngine:
         return int(self.model.spec.vocab_size)
 
 
+class MemwiseReferenceEngine(MemwiseEngine):
+    """memwise with MatMul-free models on the plain PyTorch path (ternary weights unpacked and
+    multiplied in floating point on every call): what fake quantization costs next to the kernels."""
+
+    name = "memwise-reference"
+
+    def can_run(self, source: Source, device: str) -> str | None:
+        if source.model_type != "hgrn_bit":
+            return "only MatMul-free (hgrn_bit) models have a reference ternary path"
+        return None
+
+    def load(self, source: Source, dtype: str, device: str) -> None:
+        super().load(source, dtype, device)
+        self.model.module.backend = "reference"
+
+
 class _StepClock:
     """A transformers streamer that only notes when each step's tokens arrive (the first call is the prompt)."""
 
@@ -207,7 +223,8 @@ class TransformersEngine:
         return int(self.model.get_input_embeddings().weight.shape[0])
 
 
-ENGINES: dict[str, type] = {"memwise": MemwiseEngine, "transformers": TransformersEngine}
+ENGINES: dict[str, type] = {"memwise": MemwiseEngine, "memwise-reference": MemwiseReferenceEngine,
+                            "transformers": TransformersEngine}
 
 
 def engine_named(name: str) -> Engine:

@@ -105,7 +105,7 @@ def plan_cells(matrix: Matrix, sources: dict[str, Source],
         if ids:
             prompt = max(len(p) for p in ids)
             new = max((matrix.max_length or 0) - min(len(p) for p in ids), 1)
-        weights = memory.memwise_weights_bytes(source.config or {}, dtype) if engine == "memwise" else None
+        weights = memory.memwise_weights_bytes(source.config or {}, dtype) if engine.startswith("memwise") else None
         spec = CellSpec(
             model=source.name, source=_source_fields(source), engine=engine, dtype=dtype,
             device=options.device, batch_size=batch, prompt_tokens=prompt, new_tokens=new, runs=matrix.runs,

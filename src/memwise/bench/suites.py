@@ -49,6 +49,14 @@ BATCH_SWEEP = (1, 2, 4, 8)
 SWEEP_NEW_TOKENS = 64
 
 
+# The ternary-kernel targets, side by side in one run: MatMul-free models on the packed kernels (and
+# the 370M one on the reference path) against transformers on the conventional model of their class.
+TERNARY_CELLS = (
+    ("mmfree-370m", "memwise", 1), ("mmfree-370m", "memwise-reference", 1), ("gpt2-medium", "transformers", 1),
+    ("mmfree-2.7b", "memwise", 1), ("mmfree-2.7b", "memwise", 16), ("opt-2.7b", "transformers", 1),
+)
+
+
 @dataclass
 class Matrix:
     models: list[str]
@@ -66,9 +74,14 @@ class Matrix:
     max_length: int | None = None
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
+    # (model, engine, batch) triples run instead of the cross product (the ternary suite).
+    explicit: list[tuple[str, str, int]] | None = None
 
     def cells(self) -> list[tuple[str, str, str, int, int, int]]:
         """(model, engine, dtype, batch, prompt, new) in run order: a model's cells together."""
+        if self.explicit:
+            return [(m, e, d, b, p, n) for m, e, b in self.explicit for d in self.dtypes
+                    for p in self.prompt_tokens for n in self.new_tokens]
         if self.prompts:   # prompt lengths and new tokens come from the prompts and max_length
             return [(m, e, d, b, 0, 0) for m in self.models for e in self.engines for d in self.dtypes
                     for b in self.batch_sizes]
@@ -97,7 +110,11 @@ def batch_sweep() -> Matrix:
                   suite="sweep", sweep="batch")
 
 
-SUITES = {"default": default_suite, "seed": seed_suite}
+def ternary_suite() -> Matrix:
+    return Matrix(models=sorted({m for m, _, _ in TERNARY_CELLS}), suite="ternary", explicit=list(TERNARY_CELLS))
+
+
+SUITES = {"default": default_suite, "seed": seed_suite, "ternary": ternary_suite}
 SWEEPS = {"context": context_sweep, "batch": batch_sweep}
 
 
@@ -105,4 +122,6 @@ def build_matrix(suite: str = "default", sweep: str | None = None, **overrides: 
     """The suite's (or sweep's) matrix with the user's flags applied; None overrides are ignored."""
     matrix = SWEEPS[sweep]() if sweep else SUITES[suite]()
     given = {k: v for k, v in overrides.items() if v is not None and v != []}
+    if given.keys() & {"models", "engines", "batch_sizes"}:
+        given["explicit"] = None    # the user chose the cells: back to the cross product
     return replace(matrix, **given)
