@@ -36,13 +36,21 @@
 #define MW_X86 0
 #endif
 
+/* Bodies inlined into per-instruction-set copies of their callers. */
+#if defined(__GNUC__) || defined(__clang__)
+#define MW_INLINE static inline __attribute__((always_inline))
+#else
+#define MW_INLINE static __forceinline
+#endif
+
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_AMX = 4 };
 #define N_ISAS 5
 
 /* Below this many activation rows the AMX path hands over to AVX-512 VNNI.  AMX must first
  * unpack each weight panel to one byte per code in memory, a fixed cost per panel that only
- * pays off when enough activation rows share it (measured crossover: 8 to 12 rows). */
-#define AMX_MIN_ROWS 12
+ * pays off when enough activation rows share it (measured crossover, weights streaming from
+ * memory as in decoding: 5 to 8 rows). */
+#define AMX_MIN_ROWS 6
 
 #define BLOCK 128
 #define BLOCK_BYTES 32
@@ -83,14 +91,14 @@ static inline size_t chunk_offset(int isa, int64_t chunk) {
  * run time by comparing with torch (memwise.kernels._sum_width) because it depends on the build. */
 typedef struct { float v[MAXW]; } lanes;
 
-static inline lanes sq_load(const float *x, int64_t idx, int W) {
+MW_INLINE lanes sq_load(const float *x, int64_t idx, int W) {
     lanes r;
     const float *p = x + idx * W;
     for (int l = 0; l < W; ++l) r.v[l] = p[l] * p[l];
     return r;
 }
 
-static inline void lanes_add(lanes *a, const lanes *b, int W) {
+MW_INLINE void lanes_add(lanes *a, const lanes *b, int W) {
     for (int l = 0; l < W; ++l) a->v[l] = a->v[l] + b->v[l];
 }
 
@@ -103,7 +111,7 @@ static int64_t ceil_log2(int64_t x) {
 }
 
 /* Sum of squares of the `size` W-lane elements x[0 .. size*W), lane by lane, in torch's order. */
-static lanes cascade_row_sum(const float *x, int64_t size, int W) {
+MW_INLINE lanes cascade_row_sum(const float *x, int64_t size, int W) {
     enum { LEVELS = 4, ILP = 4 };
     const int64_t n = size / ILP;   /* rows of ILP elements for multi_row_sum */
     const int64_t power = ceil_log2(n) / LEVELS > 4 ? ceil_log2(n) / LEVELS : 4;
@@ -140,7 +148,7 @@ static lanes cascade_row_sum(const float *x, int64_t size, int W) {
     return acc[0][0];
 }
 
-static float sum_of_squares(const float *x, int64_t K, int W) {
+MW_INLINE float sum_of_squares_w(const float *x, int64_t K, int W) {
     if (K >= W && W > 1) {
         int64_t nvec = K / W;
         lanes v = cascade_row_sum(x, nvec, W);
@@ -152,21 +160,44 @@ static float sum_of_squares(const float *x, int64_t K, int W) {
     return cascade_row_sum(x, K, 1).v[0];
 }
 
+/* The usual widths get their own copies, with the lane loops unrolled and vectorized. */
+MW_INLINE float sum_of_squares_body(const float *x, int64_t K, int W) {
+    if (W == 8) return sum_of_squares_w(x, K, 8);
+    if (W == 16) return sum_of_squares_w(x, K, 16);
+    return sum_of_squares_w(x, K, W);
+}
+
+static float sum_of_squares(const float *x, int64_t K, int W) { return sum_of_squares_body(x, K, W); }
+
+/* r = 1 / sqrt(mean(x^2) + eps), as torch's rmsnorm computes it. */
+MW_INLINE float rms_inverse_body(const float *x, int64_t K, float eps, int W) {
+    float mean = sum_of_squares_body(x, K, W) / (float)K;
+    return 1.0f / sqrtf(mean + eps);
+}
+
+static float rms_inverse(const float *x, int64_t K, float eps, int W) {
+    return rms_inverse_body(x, K, eps, W);
+}
+
 /* One row: y = (x * r) * g with r = 1 / sqrt(mean(x^2) + eps), s = (1 / max(max|y|, 1e-5)) * 127,
  * q = clamp(round_half_even(y * s), -128, 127).  Each operation is written as torch evaluates it
  * (torch computes `127 / t` as reciprocal(t) * 127, and rsqrt as 1 / sqrt, both in float32), and
  * the build uses -ffp-contract=off so that no multiply-add gets fused.  Writes q into `dst` in
- * the kernel's layout (dst must be zeroed beforehand), returns sum(q) and stores s. */
-static int32_t quantize_row(const float *x, const float *g, int64_t K, float eps, int W,
-                            int isa, int natural_unpadded, int8_t *dst, float *s_out) {
-    float mean = sum_of_squares(x, K, W) / (float)K;
-    float r = 1.0f / sqrtf(mean + eps);
+ * the kernel's layout (dst must be zeroed beforehand), returns sum(q) and stores s.
+ * quantize_row_r takes r given, so that a row normalized once can be quantized with several
+ * gains (the i, f and g projections of HGRN-Bit share their input). */
+/* max |(x * r) * g| over a row; NaN if any value is NaN, as torch's amax. */
+static inline float row_amax_scalar(const float *x, float r, const float *g, int64_t K) {
     float amax = 0.0f;
     for (int64_t k = 0; k < K; ++k) {
-        float y = (x[k] * r) * g[k];
-        float a = fabsf(y);
+        float a = fabsf((x[k] * r) * g[k]);
         if (a > amax || a != a) amax = a;
     }
+    return amax;
+}
+
+MW_INLINE int32_t quantize_row_body(const float *x, float r, const float *g, int64_t K, float amax, int isa,
+                                    int natural_unpadded, int8_t *dst, float *s_out) {
     if (!(amax >= 1e-5f) && amax == amax) amax = 1e-5f;
     float s = (1.0f / amax) * 127.0f;
     *s_out = s;
@@ -183,6 +214,16 @@ static int32_t quantize_row(const float *x, const float *g, int64_t K, float eps
         }
     }
     return sum;
+}
+
+/* Compiled once per instruction set below (the same IEEE operations in every copy; with SSE4.1 and
+ * up, nearbyintf becomes one instruction instead of a library call) and chosen at run time. */
+static int32_t quantize_row_r(const float *x, float r, const float *g, int64_t K, int isa,
+                              int natural_unpadded, int8_t *dst, float *s_out);
+
+static int32_t quantize_row(const float *x, const float *g, int64_t K, float eps, int W,
+                            int isa, int natural_unpadded, int8_t *dst, float *s_out) {
+    return quantize_row_r(x, rms_inverse(x, K, eps, W), g, K, isa, natural_unpadded, dst, s_out);
 }
 
 /* Copies a plain int8 row into the kernel's layout (dst zeroed beforehand); returns sum(q). */
@@ -273,7 +314,7 @@ static void run_scalar(const job_t *j, int64_t t0, int64_t t1, int tid) {
  * product is at most 2 * 128 in size, four groups of pairs sum to at most 2048. */
 #define DEFINE_TILE256(NAME, ATTR, ...)                                                              \
     static inline __attribute__((always_inline)) ATTR void NAME(                                \
-        const job_t *j, int64_t n, int64_t m, const int R, const int C) {                       \
+        const job_t *j, int64_t n, int64_t m, const int R, const int C, const char *pf) {       \
         const __m256i k3 = _mm256_set1_epi8(3);                                                  \
         const __m256i ones = _mm256_set1_epi16(1);                                               \
         (void)ones;                                                                              \
@@ -285,8 +326,10 @@ static void run_scalar(const job_t *j, int64_t t0, int64_t t1, int tid) {
         const int8_t *q = j->q + m * j->qs;                                                      \
         for (int64_t b = 0; b < j->nb; ++b) {                                                    \
             __m256i raw[4];                                                                      \
-            for (int c = 0; c < C; ++c)                                                          \
+            for (int c = 0; c < C; ++c) {                                                        \
+                if (pf && !(b & 1)) _mm_prefetch(pf + c * ws + b * BLOCK_BYTES, _MM_HINT_T0);    \
                 raw[c] = _mm256_loadu_si256((const __m256i *)(w + c * ws + b * BLOCK_BYTES));    \
+            }                                                                                    \
             __VA_ARGS__                                                                          \
         }                                                                                        \
         for (int r = 0; r < R; ++r)                                                              \
@@ -328,6 +371,20 @@ DEFINE_TILE256(tile_avxvnni, TVNNI, {
     }
 })
 
+/* Weights stream from memory once per product, a few hundred KB per thread in a decode step: too
+ * short for the hardware prefetchers, which restart at every 4 KB page, to reach full speed.  Each
+ * tile therefore prefetches the weight rows of the tile about PF_BYTES ahead in its thread's range,
+ * a line for each line it loads (a burst of prefetches would stall on the fill buffers). */
+#ifndef PF_BYTES
+#define PF_BYTES 8192
+#endif
+MW_INLINE const char *tile_ahead(const job_t *j, int64_t t, int64_t t1, int64_t tile_n) {
+    const size_t span = (size_t)j->nb * BLOCK_BYTES * (size_t)tile_n;
+    const int64_t ahead = (int64_t)(PF_BYTES / span) + 1;
+    if (PF_BYTES == 0 || t + ahead >= t1) return NULL;
+    return (const char *)j->w + (size_t)(t + ahead) * span;
+}
+
 #define DEFINE_RUN256(NAME, TILE, ATTR)                                                         \
     static ATTR void NAME(const job_t *j, int64_t t0, int64_t t1, int tid) {                   \
         (void)tid;                                                                              \
@@ -337,12 +394,14 @@ DEFINE_TILE256(tile_avxvnni, TVNNI, {
             for (int64_t t = t0; t < t1; ++t) {                                                 \
                 int64_t n = t * TILE_N;                                                         \
                 int64_t cn = j->N - n < TILE_N ? j->N - n : TILE_N;                             \
+                const char *ahead = m0 == 0 ? tile_ahead(j, t, t1, TILE_N) : NULL;              \
                 for (int64_t m = m0; m < m1; m += 2) {                                          \
                     int r2 = m + 1 < m1;                                                        \
-                    if (cn == 4) { if (r2) TILE(j, n, m, 2, 4); else TILE(j, n, m, 1, 4); }     \
-                    else if (cn == 3) { if (r2) TILE(j, n, m, 2, 3); else TILE(j, n, m, 1, 3); } \
-                    else if (cn == 2) { if (r2) TILE(j, n, m, 2, 2); else TILE(j, n, m, 1, 2); } \
-                    else { if (r2) TILE(j, n, m, 2, 1); else TILE(j, n, m, 1, 1); }             \
+                    const char *pf = m == 0 ? ahead : NULL;                                     \
+                    if (cn == 4) { if (r2) TILE(j, n, m, 2, 4, pf); else TILE(j, n, m, 1, 4, pf); } \
+                    else if (cn == 3) { if (r2) TILE(j, n, m, 2, 3, pf); else TILE(j, n, m, 1, 3, pf); } \
+                    else if (cn == 2) { if (r2) TILE(j, n, m, 2, 2, pf); else TILE(j, n, m, 1, 2, pf); } \
+                    else { if (r2) TILE(j, n, m, 2, 1, pf); else TILE(j, n, m, 1, 1, pf); }     \
                 }                                                                               \
             }                                                                                   \
         }                                                                                       \
@@ -365,7 +424,7 @@ static inline __attribute__((always_inline)) T512 __m512i load_w512(const uint8_
  * each lane of accumulator g is a multiple of 4^g, so an arithmetic shift at the end is exact.
  * That leaves one AND per group next to each VPDPBUSD. */
 static inline __attribute__((always_inline)) T512 void tile512_gemv(
-    const job_t *j, int64_t n, int64_t m, const int C) {
+    const job_t *j, int64_t n, int64_t m, const int C, const char *pf) {
     const __m512i k0 = _mm512_set1_epi8(0x03), k1 = _mm512_set1_epi8(0x0c);
     const __m512i k2 = _mm512_set1_epi8(0x30), k3 = _mm512_set1_epi8((char)0xc0);
     __m512i a0[4], a1[4], a2[4], a3[4];
@@ -383,6 +442,8 @@ static inline __attribute__((always_inline)) T512 void tile512_gemv(
         __m512i x2 = _mm512_loadu_si512((const void *)(qp + 128));
         __m512i x3 = _mm512_loadu_si512((const void *)(qp + 192));
         for (int c = 0; c < C; ++c) {
+            /* The same place in the tile ahead (see tile_ahead), a line per line consumed. */
+            if (pf) _mm_prefetch(pf + c * ws + p * 64, _MM_HINT_T0);
             __m512i v = load_w512(w + c * ws + p * 64, half);
             a0[c] = _mm512_dpbusd_epi32(a0[c], _mm512_and_si512(v, k0), x0);
             a1[c] = _mm512_dpbusd_epi32(a1[c], _mm512_and_si512(v, k1), x1);
@@ -401,7 +462,7 @@ static inline __attribute__((always_inline)) T512 void tile512_gemv(
 /* Several activation rows: codes are shifted down (0..2) so one accumulator per (row, weight
  * row) suffices; each weight block is unpacked once and used by all R activation rows. */
 static inline __attribute__((always_inline)) T512 void tile512_gemm(
-    const job_t *j, int64_t n, int64_t m, const int R, const int C) {
+    const job_t *j, int64_t n, int64_t m, const int R, const int C, const char *pf) {
     const __m512i k = _mm512_set1_epi8(3);
     __m512i acc[4][4];
     for (int r = 0; r < R; ++r)
@@ -413,7 +474,10 @@ static inline __attribute__((always_inline)) T512 void tile512_gemm(
     for (int64_t p = 0; p < pairs; ++p) {
         const int half = (p * 2 + 1 == j->nb);
         __m512i raw[4];
-        for (int c = 0; c < C; ++c) raw[c] = load_w512(w + c * ws + p * 64, half);
+        for (int c = 0; c < C; ++c) {
+            if (pf) _mm_prefetch(pf + c * ws + p * 64, _MM_HINT_T0);
+            raw[c] = load_w512(w + c * ws + p * 64, half);
+        }
         for (int g = 0; g < 4; ++g) {
             __m512i wc[4];
             for (int c = 0; c < C; ++c)
@@ -430,10 +494,11 @@ static inline __attribute__((always_inline)) T512 void tile512_gemm(
 
 #define GEMM512_C(R)                                                                            \
     do {                                                                                        \
-        if (cn == 4) tile512_gemm(j, n, m, R, 4);                                               \
-        else if (cn == 3) tile512_gemm(j, n, m, R, 3);                                          \
-        else if (cn == 2) tile512_gemm(j, n, m, R, 2);                                          \
-        else tile512_gemm(j, n, m, R, 1);                                                       \
+        const char *pfm = m == 0 ? pf : NULL;                                                   \
+        if (cn == 4) tile512_gemm(j, n, m, R, 4, pfm);                                          \
+        else if (cn == 3) tile512_gemm(j, n, m, R, 3, pfm);                                     \
+        else if (cn == 2) tile512_gemm(j, n, m, R, 2, pfm);                                     \
+        else tile512_gemm(j, n, m, R, 1, pfm);                                                  \
     } while (0)
 
 static T512 void run_avx512vnni(const job_t *j, int64_t t0, int64_t t1, int tid) {
@@ -445,15 +510,17 @@ static T512 void run_avx512vnni(const job_t *j, int64_t t0, int64_t t1, int tid)
             int64_t n = t * TILE_N;
             int64_t cn = j->N - n < TILE_N ? j->N - n : TILE_N;
             int64_t m = m0;
+            const char *pf = m0 == 0 ? tile_ahead(j, t, t1, TILE_N) : NULL;
             for (; m + 4 <= m1; m += 4) GEMM512_C(4);
             switch (m1 - m) {
             case 3: GEMM512_C(3); break;
             case 2: GEMM512_C(2); break;
             case 1:
-                if (cn == 4) tile512_gemv(j, n, m, 4);
-                else if (cn == 3) tile512_gemv(j, n, m, 3);
-                else if (cn == 2) tile512_gemv(j, n, m, 2);
-                else tile512_gemv(j, n, m, 1);
+                if (m != 0) pf = NULL;
+                if (cn == 4) tile512_gemv(j, n, m, 4, pf);
+                else if (cn == 3) tile512_gemv(j, n, m, 3, pf);
+                else if (cn == 2) tile512_gemv(j, n, m, 2, pf);
+                else tile512_gemv(j, n, m, 1, pf);
                 break;
             default: break;
             }
@@ -474,12 +541,13 @@ typedef struct __attribute__((packed)) {
     uint8_t rows[16];
 } tile_config;
 
-/* Codes of 16 weight rows, unpacked to one byte each in natural k order: [16][Kp].  Tile A of
+/* Codes of 16 weight rows, blocks [b0, b1) of each, unpacked to one byte each in natural k order
+ * into rows of kp bytes: [16][kp].  Tile A of
  * TDPBUSD is the unsigned operand, so codes go there unchanged; rows past N are zero and their
  * outputs are never stored. */
-static TAMX void amx_unpack_panel(const job_t *j, int64_t n0, int nr, uint8_t *abuf) {
+static TAMX void amx_unpack_panel(const job_t *j, int64_t n0, int nr, uint8_t *abuf, const char *pf,
+                                  int64_t b0, int64_t b1, size_t kp) {
     const size_t ws = (size_t)j->nb * BLOCK_BYTES;
-    const size_t kp = (size_t)j->nb * BLOCK;
     /* One 32-byte block broadcast to both halves; shifting only the high half (16-bit lanes
      * 16-31) by two more bits gives weights 0-63 of the block from shifts 0 and 2, and weights
      * 64-127 from shifts 4 and 6. */
@@ -487,8 +555,11 @@ static TAMX void amx_unpack_panel(const job_t *j, int64_t n0, int nr, uint8_t *a
     const __m512i k3 = _mm512_set1_epi8(3);
     for (int r = 0; r < nr; ++r) {
         const uint8_t *w = j->w + (size_t)(n0 + r) * ws;
-        uint8_t *dst = abuf + r * kp;
-        for (int64_t b = 0; b < j->nb; ++b) {
+        uint8_t *dst = abuf + r * kp - b0 * BLOCK;
+        for (int64_t b = b0; b < b1; ++b) {
+            /* The same row of the panel ahead, a line every other block, into L2 only: the
+             * unpacked panel passes through L1 and would evict lines prefetched there. */
+            if (pf && !(b & 1)) _mm_prefetch(pf + (size_t)r * ws + (size_t)b * 32, _MM_HINT_T1);
             __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + b * 32)));
             __m512i v4 = _mm512_srli_epi16(v, 4);
             _mm512_storeu_si512((void *)(dst + b * 128),
@@ -497,7 +568,6 @@ static TAMX void amx_unpack_panel(const job_t *j, int64_t n0, int nr, uint8_t *a
                                 _mm512_and_si512(_mm512_mask_srli_epi16(v4, high, v4, 2), k3));
         }
     }
-    if (nr < 16) memset(abuf + nr * kp, 0, (16 - nr) * kp);
 }
 
 /* Writes a 16 (weight rows) x 16 (activation rows) block of code sums to the output, which is
@@ -540,8 +610,9 @@ static inline __attribute__((always_inline)) TAMX void amx_store(const job_t *j,
     }
 }
 
-/* Weight codes of chunk C (64 values of k) of the panel into tile A. */
-#define AMX_CHUNK(A, C) _tile_loadd(A, abuf + (C) * AMX_K, kp)
+/* Weight codes of chunk C (64 values of k) of the panel into tile A; the unpacked codes start
+ * at chunk cbase and have rows of astride bytes. */
+#define AMX_CHUNK(A, C) _tile_loadd(A, abuf + ((C) - cbase) * AMX_K, astride)
 
 /* Activation tile t0 + T of chunk C into tile B, then sum tile S += A . B. */
 #define AMX_STEP(S, B, A, T, C)                                                                 \
@@ -556,11 +627,77 @@ static inline __attribute__((always_inline)) TAMX void amx_sum(int32_t *into, co
                                                                 _mm512_load_si512((const void *)(add + i))));
 }
 
+/* Sum tiles tmm0-3 += chunks [c0, c1) of the panel (whose codes are unpacked in abuf from chunk
+ * cbase on) times activation tiles t0 .. t0 + nt - 1.  tmm4/tmm7 hold weight codes, tmm5/tmm6
+ * activations; operands alternate between two tiles so a load can overlap the previous dot
+ * product.  With fewer than three activation tiles, consecutive chunks go to different sum tiles:
+ * one long chain of dependent TDPBUSDs would wait on the instruction's latency. */
+static inline __attribute__((always_inline)) TAMX void amx_chunks(const uint8_t *abuf, size_t astride,
+                                                                  int64_t cbase, int64_t c0, int64_t c1,
+                                                                  const uint8_t *bt, int64_t t0,
+                                                                  int64_t chunks, int nt) {
+    int64_t c = c0;
+    if (nt == 1) {
+        for (; c + 4 <= c1; c += 4) {
+            AMX_CHUNK(4, c);
+            AMX_STEP(0, 5, 4, 0, c);
+            AMX_CHUNK(7, c + 1);
+            AMX_STEP(1, 6, 7, 0, c + 1);
+            AMX_CHUNK(4, c + 2);
+            AMX_STEP(2, 5, 4, 0, c + 2);
+            AMX_CHUNK(7, c + 3);
+            AMX_STEP(3, 6, 7, 0, c + 3);
+        }
+        for (; c < c1; ++c) {
+            AMX_CHUNK(4, c);
+            AMX_STEP(0, 5, 4, 0, c);
+        }
+    } else if (nt == 2) {
+        for (; c + 2 <= c1; c += 2) {
+            AMX_CHUNK(4, c);
+            AMX_STEP(0, 5, 4, 0, c);
+            AMX_STEP(2, 6, 4, 1, c);
+            AMX_CHUNK(7, c + 1);
+            AMX_STEP(1, 5, 7, 0, c + 1);
+            AMX_STEP(3, 6, 7, 1, c + 1);
+        }
+        for (; c < c1; ++c) {
+            AMX_CHUNK(4, c);
+            AMX_STEP(0, 5, 4, 0, c);
+            AMX_STEP(2, 6, 4, 1, c);
+        }
+    } else {
+        for (; c < c1; ++c) {
+            if (c & 1) {
+                AMX_CHUNK(7, c);
+                AMX_STEP(0, 5, 7, 0, c);
+                AMX_STEP(1, 6, 7, 1, c);
+                AMX_STEP(2, 5, 7, 2, c);
+                if (nt > 3) AMX_STEP(3, 6, 7, 3, c);
+            } else {
+                AMX_CHUNK(4, c);
+                AMX_STEP(0, 5, 4, 0, c);
+                AMX_STEP(1, 6, 4, 1, c);
+                AMX_STEP(2, 5, 4, 2, c);
+                if (nt > 3) AMX_STEP(3, 6, 4, 3, c);
+            }
+        }
+    }
+}
+
+/* Blocks of 128 weights per unpacked piece of a panel when all activation tiles fit in the four
+ * sum tiles (up to 64 rows): the panel is unpacked and multiplied a piece at a time, so the
+ * unpacked codes (16 x 1 KB) stay in L1 next to the activation tiles whatever K is. */
+#define AMX_KBLOCKS 8
+
 static TAMX void run_amx(const job_t *j, int64_t p0, int64_t p1, int tid) {
     const size_t kp = (size_t)j->nb * BLOCK;
     const int64_t chunks = (int64_t)(kp / AMX_K);
     const uint8_t *bt = (const uint8_t *)j->amx_b;
     uint8_t *abuf = j->amx_a + (size_t)tid * 16 * kp;
+    const int pieces = j->mtiles <= 4;
+    const int64_t kblocks = pieces && j->nb > AMX_KBLOCKS ? AMX_KBLOCKS : j->nb;
+    const size_t astride = (size_t)kblocks * BLOCK;
     int32_t cbuf[4][16 * 16] __attribute__((aligned(64)));
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -573,63 +710,23 @@ static TAMX void run_amx(const job_t *j, int64_t p0, int64_t p1, int tid) {
     for (int64_t p = p0; p < p1; ++p) {
         int64_t n0 = p * 16;
         int nr = j->N - n0 < 16 ? (int)(j->N - n0) : 16;
-        amx_unpack_panel(j, n0, nr, abuf);
+        const char *pf = tile_ahead(j, p, p1, 16);
+        if (nr < 16) memset(abuf + nr * astride, 0, (16 - nr) * astride);
+        if (!pieces) amx_unpack_panel(j, n0, nr, abuf, pf, 0, j->nb, astride);
         for (int64_t t0 = 0; t0 < j->mtiles; t0 += 4) {
             int nt = j->mtiles - t0 < 4 ? (int)(j->mtiles - t0) : 4;
-            /* tmm0-3 hold int32 sums, tmm4/tmm7 weight codes, tmm5/tmm6 activations; operands
-             * alternate between two tiles so a load can overlap the previous dot product.  With
-             * fewer than three activation tiles, consecutive chunks go to different sum tiles:
-             * one long chain of dependent TDPBUSDs would wait on the instruction's latency. */
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
-            int64_t c = 0;
-            if (nt == 1) {
-                for (; c + 4 <= chunks; c += 4) {
-                    AMX_CHUNK(4, c);
-                    AMX_STEP(0, 5, 4, 0, c);
-                    AMX_CHUNK(7, c + 1);
-                    AMX_STEP(1, 6, 7, 0, c + 1);
-                    AMX_CHUNK(4, c + 2);
-                    AMX_STEP(2, 5, 4, 0, c + 2);
-                    AMX_CHUNK(7, c + 3);
-                    AMX_STEP(3, 6, 7, 0, c + 3);
-                }
-                for (; c < chunks; ++c) {
-                    AMX_CHUNK(4, c);
-                    AMX_STEP(0, 5, 4, 0, c);
-                }
-            } else if (nt == 2) {
-                for (; c + 2 <= chunks; c += 2) {
-                    AMX_CHUNK(4, c);
-                    AMX_STEP(0, 5, 4, 0, c);
-                    AMX_STEP(2, 6, 4, 1, c);
-                    AMX_CHUNK(7, c + 1);
-                    AMX_STEP(1, 5, 7, 0, c + 1);
-                    AMX_STEP(3, 6, 7, 1, c + 1);
-                }
-                for (; c < chunks; ++c) {
-                    AMX_CHUNK(4, c);
-                    AMX_STEP(0, 5, 4, 0, c);
-                    AMX_STEP(2, 6, 4, 1, c);
+            if (pieces) {
+                for (int64_t b0 = 0; b0 < j->nb; b0 += kblocks) {
+                    int64_t b1 = b0 + kblocks < j->nb ? b0 + kblocks : j->nb;
+                    amx_unpack_panel(j, n0, nr, abuf, pf, b0, b1, astride);
+                    amx_chunks(abuf, astride, 2 * b0, 2 * b0, 2 * b1, bt, t0, chunks, nt);
                 }
             } else {
-                for (; c < chunks; ++c) {
-                    if (c & 1) {
-                        AMX_CHUNK(7, c);
-                        AMX_STEP(0, 5, 7, 0, c);
-                        AMX_STEP(1, 6, 7, 1, c);
-                        AMX_STEP(2, 5, 7, 2, c);
-                        if (nt > 3) AMX_STEP(3, 6, 7, 3, c);
-                    } else {
-                        AMX_CHUNK(4, c);
-                        AMX_STEP(0, 5, 4, 0, c);
-                        AMX_STEP(1, 6, 4, 1, c);
-                        AMX_STEP(2, 5, 4, 2, c);
-                        if (nt > 3) AMX_STEP(3, 6, 4, 3, c);
-                    }
-                }
+                amx_chunks(abuf, astride, 0, 0, chunks, bt, t0, chunks, nt);
             }
             _tile_stored(0, cbuf[0], 64);
             _tile_stored(1, cbuf[1], 64);
@@ -718,6 +815,101 @@ static int isa_supported(int isa) {
     return known[isa];
 }
 
+static int32_t quantize_row_generic(const float *x, float r, const float *g, int64_t K, int isa,
+                                    int natural_unpadded, int8_t *dst, float *s_out) {
+    return quantize_row_body(x, r, g, K, row_amax_scalar(x, r, g, K), isa, natural_unpadded, dst, s_out);
+}
+
+#if MW_X86
+/* The maximum is exact in any order; NaNs are tracked apart because MAXPS drops them. */
+static T256 int32_t quantize_row_avx2(const float *x, float r, const float *g, int64_t K, int isa,
+                                      int natural_unpadded, int8_t *dst, float *s_out) {
+    const __m256 vr = _mm256_set1_ps(r), absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 acc = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 a = _mm256_and_ps(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), vr),
+                                               _mm256_loadu_ps(g + k)), absmask);
+        acc = _mm256_max_ps(a, acc);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    }
+    float lanes[8], amax = row_amax_scalar(x + k, r, g + k, K - k);
+    _mm256_storeu_ps(lanes, acc);
+    for (int l = 0; l < 8; ++l) amax = lanes[l] > amax ? lanes[l] : amax;
+    if (_mm256_movemask_ps(nan)) amax = NAN;
+    return quantize_row_body(x, r, g, K, amax, isa, natural_unpadded, dst, s_out);
+}
+
+static T512 int32_t quantize_row_avx512(const float *x, float r, const float *g, int64_t K, int isa,
+                                        int natural_unpadded, int8_t *dst, float *s_out) {
+    const __m512 vr = _mm512_set1_ps(r);
+    __m512 acc = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        __m512 a = _mm512_abs_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), vr),
+                                               _mm512_maskz_loadu_ps(m, g + k)));
+        acc = _mm512_max_ps(a, acc);
+        nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    }
+    if (nan) return quantize_row_body(x, r, g, K, NAN, isa, natural_unpadded, dst, s_out);
+    float amax = _mm512_reduce_max_ps(acc);
+    if (!(amax >= 1e-5f)) amax = 1e-5f;
+    const float s = (1.0f / amax) * 127.0f;
+    *s_out = s;
+    /* q = clamp(round_half_even(((x * r) * g) * s), -128, 127), 16 values at a time: the same
+     * roundings as quantize_row_body, stored at the 32-value chunk offsets of the layout. */
+    const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), vr),
+                                               _mm512_maskz_loadu_ps(m, g + k)), vs);
+        y = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(y, lo), hi));
+        q = _mm512_maskz_mov_epi32(m, q);
+        sum = _mm512_add_epi32(sum, q);
+        const int64_t c = k >> 5;
+        int8_t *out = dst + (natural_unpadded ? (size_t)c * 32 : chunk_offset(isa, c)) + (k & 31);
+        _mm_mask_storeu_epi8(out, m, _mm512_cvtepi32_epi8(q));
+    }
+    return _mm512_reduce_add_epi32(sum);
+}
+#endif
+
+/* Vector code for the float work around the products (quantization, elementwise operations):
+ * every level computes the same bits, higher ones faster.  The fused step uses the level of its
+ * product path (so forcing a path with MEMWISE_ISA also runs the matching vector code); other
+ * callers use the best level the CPU has. */
+enum { VEC_GENERIC = 0, VEC_AVX2 = 1, VEC_AVX512 = 2 };
+
+static int vec_level_of(int isa) {
+    if (isa == ISA_AMX || isa == ISA_AVX512VNNI) return VEC_AVX512;
+    if (isa == ISA_AVXVNNI || isa == ISA_AVX2) return VEC_AVX2;
+    return VEC_GENERIC;
+}
+
+static int vec_level_best(void) {
+    if (isa_supported(ISA_AVX512VNNI)) return VEC_AVX512;
+    if (isa_supported(ISA_AVX2)) return VEC_AVX2;
+    return VEC_GENERIC;
+}
+
+static int32_t quantize_row_lv(int level, const float *x, float r, const float *g, int64_t K, int isa,
+                               int natural_unpadded, int8_t *dst, float *s_out) {
+#if MW_X86
+    if (level >= VEC_AVX512) return quantize_row_avx512(x, r, g, K, isa, natural_unpadded, dst, s_out);
+    if (level >= VEC_AVX2) return quantize_row_avx2(x, r, g, K, isa, natural_unpadded, dst, s_out);
+#endif
+    (void)level;
+    return quantize_row_generic(x, r, g, K, isa, natural_unpadded, dst, s_out);
+}
+
+static int32_t quantize_row_r(const float *x, float r, const float *g, int64_t K, int isa,
+                              int natural_unpadded, int8_t *dst, float *s_out) {
+    return quantize_row_lv(vec_level_best(), x, r, g, K, isa, natural_unpadded, dst, s_out);
+}
+
 /* Splits the weight tiles (TILE_N rows; 16 for AMX) evenly over the threads: each thread streams
  * one contiguous stretch of the packed matrix, which is what the hardware prefetchers handle
  * best. */
@@ -751,6 +943,665 @@ static void *alloc64(size_t n) {
     void *p = NULL;
     if (posix_memalign(&p, 64, rounded ? rounded : 64) != 0) return NULL;
     return p;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Fused HGRN-Bit decode step                                                                 */
+/* ------------------------------------------------------------------------------------------ */
+
+/* One call computes a whole decode step of an HGRN-Bit model (memwise/models/hgrn_bit.py): every
+ * layer's MLGRU and GLU, the final norm and the lm_head, for B sequences of one token each, in one
+ * OpenMP parallel region.  Products are split over output rows with barriers between dependent
+ * steps, and use the same tiles, activation layouts and rescale (`put`) as bitlinear(); RMSNorm and
+ * quantization use the same functions.  The elementwise float operations are written in the order
+ * and with the roundings of the PyTorch code of the model, and exp is computed the way torch's CPU
+ * kernels compute it (next section), so that the step can reproduce the unfused path bit for bit. */
+
+/* ---- exp as torch's CPU kernels compute it ---- */
+
+/* torch's sigmoid and silu kernels compute exp two ways in one call: the vectorized loop runs on
+ * 2 * (vector width) elements at a time with Sleef's expf_u10 algorithm, and the elements left
+ * over go through std::exp (glibc's expf).  Both are reproduced here; which elements take which
+ * path follows torch's loop structure (see ew_geom_t).  The Sleef algorithm: q = rint(d / ln 2),
+ * a two-part reduction s = d - q ln 2 with fused multiply-adds, a degree-6 polynomial, and a
+ * scaling by 2^q done as two multiplications. */
+#define EXP_R_LN2 1.442695040888963407359924681001892137426645954152985934135449406931f
+#define EXP_L2U 0.693145751953125f
+#define EXP_L2L 1.428606765330187045e-06f
+#define EXP_C6 0.000198527617612853646278381f
+#define EXP_C5 0.00139304355252534151077271f
+#define EXP_C4 0.00833336077630519866943359f
+#define EXP_C3 0.0416664853692054748535156f
+#define EXP_C2 0.166666671633720397949219f
+
+static inline float pow2i_scalar(int32_t q) {
+    uint32_t bits = (uint32_t)(q + 0x7f) << 23;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static float vexpf_lane(float d) {
+    if (d != d) return d;
+    if (d < -104.0f) return 0.0f;
+    if (100.0f < d) return INFINITY;
+    int32_t q = (int32_t)rintf(d * EXP_R_LN2);
+    float qf = (float)q;
+    float s = fmaf(qf, -EXP_L2U, d);
+    s = fmaf(qf, -EXP_L2L, s);
+    float u = EXP_C6;
+    u = fmaf(u, s, EXP_C5);
+    u = fmaf(u, s, EXP_C4);
+    u = fmaf(u, s, EXP_C3);
+    u = fmaf(u, s, EXP_C2);
+    u = fmaf(u, s, 0.5f);
+    u = 1.0f + fmaf(s * s, u, s);
+    int32_t h = q >> 1;
+    return (u * pow2i_scalar(h)) * pow2i_scalar(q - h);
+}
+
+#if MW_X86
+static inline __attribute__((always_inline)) T512 __m512 vexp512(__m512 d) {
+    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(d, _mm512_set1_ps(EXP_R_LN2)));
+    __m512 qf = _mm512_cvtepi32_ps(q);
+    __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-EXP_L2U), d);
+    s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-EXP_L2L), s);
+    __m512 u = _mm512_set1_ps(EXP_C6);
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(EXP_C5));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(EXP_C4));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(EXP_C3));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(EXP_C2));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+    u = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+    __m512i h = _mm512_srai_epi32(q, 1);
+    const __m512i bias = _mm512_set1_epi32(0x7f);
+    __m512 p1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h, bias), 23));
+    __m512 p2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(q, h), bias), 23));
+    u = _mm512_mul_ps(_mm512_mul_ps(u, p1), p2);
+    u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.0f), _CMP_LT_OQ), u,
+                             _mm512_setzero_ps());
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_set1_ps(100.0f), d, _CMP_LT_OQ), u,
+                                _mm512_set1_ps(INFINITY));
+}
+
+static T512 void vexp_neg_512(const float *x, float *e, int64_t n) {
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+#define NEG512(v) _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign))
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) _mm512_storeu_ps(e + k, vexp512(NEG512(_mm512_loadu_ps(x + k))));
+    if (k < n) {
+        __mmask16 m = (__mmask16)((1u << (n - k)) - 1u);
+        _mm512_mask_storeu_ps(e + k, m, vexp512(NEG512(_mm512_maskz_loadu_ps(m, x + k))));
+    }
+#undef NEG512
+}
+
+static inline __attribute__((always_inline)) T256 __m256 vexp256(__m256 d) {
+    __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(d, _mm256_set1_ps(EXP_R_LN2)));
+    __m256 qf = _mm256_cvtepi32_ps(q);
+    __m256 s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-EXP_L2U), d);
+    s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-EXP_L2L), s);
+    __m256 u = _mm256_set1_ps(EXP_C6);
+    u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(EXP_C5));
+    u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(EXP_C4));
+    u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(EXP_C3));
+    u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(EXP_C2));
+    u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.5f));
+    u = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_mul_ps(s, s), u, s));
+    __m256i h = _mm256_srai_epi32(q, 1);
+    const __m256i bias = _mm256_set1_epi32(0x7f);
+    __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
+    __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(q, h), bias), 23));
+    u = _mm256_mul_ps(_mm256_mul_ps(u, p1), p2);
+    u = _mm256_blendv_ps(u, _mm256_setzero_ps(), _mm256_cmp_ps(d, _mm256_set1_ps(-104.0f), _CMP_LT_OQ));
+    return _mm256_blendv_ps(u, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(_mm256_set1_ps(100.0f), d, _CMP_LT_OQ));
+}
+
+static T256 void vexp_neg_256(const float *x, float *e, int64_t n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        _mm256_storeu_ps(e + k, vexp256(_mm256_xor_ps(_mm256_loadu_ps(x + k), sign)));
+    for (; k < n; ++k) e[k] = vexpf_lane(-x[k]);
+}
+#endif
+
+/* e[k] = Sleef-algorithm exp(-x[k]); every path gives the same bits (IEEE operations and fused
+ * multiply-adds only), the vector ones are just faster. */
+static void vexp_neg(int level, const float *x, float *e, int64_t n) {
+#if MW_X86
+    if (level >= VEC_AVX512) {
+        vexp_neg_512(x, e, n);
+        return;
+    }
+    if (level >= VEC_AVX2) {
+        vexp_neg_256(x, e, n);
+        return;
+    }
+#endif
+    (void)level;
+    for (int64_t k = 0; k < n; ++k) e[k] = vexpf_lane(-x[k]);
+}
+
+/* Which elements of an elementwise op torch computes in its vector loop.  The op runs over a
+ * [rows, cols] tensor of N elements.  TensorIterator splits N into `chunk`-sized pieces when it
+ * parallelizes (N > 32768 with more than one thread: ceil(N / threads) elements each, fewer
+ * threads when the grain allows fewer), and a strided input (`rowsplit`, like the gate half of
+ * the GLU projection) is walked one row at a time; each resulting segment runs the vector loop on
+ * its first floor(len / step) * step elements and std::exp on the rest.  step = 0: all std::exp. */
+typedef struct {
+    int64_t N, chunk, cols;
+    int rowsplit, step, level;
+} ew_geom_t;
+
+#define TORCH_GRAIN 32768
+
+static ew_geom_t ew_geom(int64_t rows, int64_t cols, int rowsplit, int step, int torch_threads, int level) {
+    ew_geom_t g = {rows * cols, rows * cols, cols, rowsplit, step, level};
+    if (g.N > TORCH_GRAIN && torch_threads > 1) {
+        int64_t nt = (g.N + TORCH_GRAIN - 1) / TORCH_GRAIN;
+        if (nt > torch_threads) nt = torch_threads;
+        g.chunk = (g.N + nt - 1) / nt;
+    }
+    if (g.chunk < 1) g.chunk = 1;
+    return g;
+}
+
+/* e[k] = exp(-x[k]) for the n elements whose flat index in the op is base + k (all in one row),
+ * each computed the way torch computes that element. */
+static void neg_exp_like_torch(const float *x, float *e, int64_t n, int64_t base, const ew_geom_t *g) {
+    if (g->step > 0) vexp_neg(g->level, x, e, n);
+    int64_t pos = base, end = base + n;
+    while (pos < end) {
+        int64_t ss = pos / g->chunk * g->chunk;
+        int64_t se = ss + g->chunk < g->N ? ss + g->chunk : g->N;
+        if (g->rowsplit) {
+            int64_t rs = pos / g->cols * g->cols;
+            if (rs > ss) ss = rs;
+            if (rs + g->cols < se) se = rs + g->cols;
+        }
+        int64_t vend = g->step > 0 ? ss + (se - ss) / g->step * g->step : ss;
+        int64_t a = vend > pos ? vend : pos, b = se < end ? se : end;
+        for (int64_t k = a; k < b; ++k) e[k - base] = expf(-x[k - base]);
+        pos = b;
+    }
+}
+
+/* ---- the step ---- */
+
+/* Activation slots of a step: three with K = H (i, f, g; gate_proj and lm_head reuse the first),
+ * one with K = D (o_proj), one with K = I (down_proj).  A slot always holds rows of one K, so the
+ * padding of its rows stays zero from allocation on. */
+enum { SLOT_I = 0, SLOT_F = 1, SLOT_G = 2, SLOT_O = 3, SLOT_DOWN = 4, N_SLOTS = 5 };
+
+typedef struct {
+    int isa, layout, level, nthreads;
+    int64_t B, H, D, I, mtiles;
+    int64_t nb[N_SLOTS];
+    size_t qs[N_SLOTS];
+    int8_t *q[N_SLOTS];
+    int32_t *sumq[N_SLOTS];
+    float *rs[N_SLOTS];
+    int8_t *amx_b[N_SLOTS];
+    uint8_t *amx_a;
+    float *h, *fi, *ff, *fg, *o, *attn, *y, *u, *down, *e1, *e2;
+    float *hs;  /* per thread, H floats: normalized rows when threads share a row's work */
+    int64_t ew; /* floats per row of e1 / e2 */
+    void *mem;
+} hgrn_ws_t;
+
+static void hgrn_ws_free(hgrn_ws_t *w) {
+    if (w) free(w->mem);
+    free(w);
+}
+
+static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t I, int nthreads) {
+    hgrn_ws_t *w = calloc(1, sizeof *w);
+    if (!w) return NULL;
+    w->isa = (isa == ISA_AMX && B < AMX_MIN_ROWS) ? ISA_AVX512VNNI : isa;
+    w->layout = w->isa == ISA_AMX ? ISA_AVX2 : w->isa;
+    w->level = vec_level_of(isa);
+    w->nthreads = nthreads < 1 ? 1 : nthreads;
+    w->B = B, w->H = H, w->D = D, w->I = I;
+    w->mtiles = (B + 15) / 16;
+    const int64_t ks[N_SLOTS] = {H, H, H, D, I};
+    int64_t kp_max = 0;
+    for (int s = 0; s < N_SLOTS; ++s) {
+        w->nb[s] = (ks[s] + BLOCK - 1) / BLOCK;
+        w->qs[s] = qrow_bytes(w->layout, w->nb[s]);
+        if (w->nb[s] * BLOCK > kp_max) kp_max = w->nb[s] * BLOCK;
+    }
+    w->ew = D > I ? D : I;
+    /* One allocation, every piece 64-byte aligned. */
+    size_t sizes[N_SLOTS * 4 + 14], total = 0;
+    int n = 0;
+    for (int s = 0; s < N_SLOTS; ++s) {
+        sizes[n++] = w->qs[s] * (size_t)B;
+        sizes[n++] = sizeof(int32_t) * (size_t)B;
+        sizes[n++] = sizeof(float) * (size_t)B;
+        sizes[n++] = w->isa == ISA_AMX ? (size_t)w->mtiles * (size_t)w->nb[s] * BLOCK * 16 : 0;
+    }
+    sizes[n++] = w->isa == ISA_AMX ? (size_t)w->nthreads * 16 * (size_t)kp_max : 0;
+    const int64_t widths[] = {H, D, D, D, D, H, 2 * I, I, H, w->ew, w->ew};
+    for (int k = 0; k < 11; ++k) sizes[n++] = sizeof(float) * (size_t)(B * widths[k]);
+    sizes[n++] = sizeof(float) * (size_t)(w->nthreads * H);
+    for (int k = 0; k < n; ++k) total += (sizes[k] + 63) & ~(size_t)63;
+    w->mem = alloc64(total);
+    if (!w->mem) {
+        free(w);
+        return NULL;
+    }
+    memset(w->mem, 0, total);
+    char *p = w->mem;
+    n = 0;
+#define TAKE(dst, type)                                                                         \
+    do {                                                                                        \
+        dst = (type)(void *)p;                                                                  \
+        p += (sizes[n++] + 63) & ~(size_t)63;                                                   \
+    } while (0)
+    for (int s = 0; s < N_SLOTS; ++s) {
+        TAKE(w->q[s], int8_t *);
+        TAKE(w->sumq[s], int32_t *);
+        TAKE(w->rs[s], float *);
+        TAKE(w->amx_b[s], int8_t *);
+    }
+    TAKE(w->amx_a, uint8_t *);
+    TAKE(w->h, float *);
+    TAKE(w->fi, float *);
+    TAKE(w->ff, float *);
+    TAKE(w->fg, float *);
+    TAKE(w->o, float *);
+    TAKE(w->attn, float *);
+    TAKE(w->y, float *);
+    TAKE(w->u, float *);
+    TAKE(w->down, float *);
+    TAKE(w->e1, float *);
+    TAKE(w->e2, float *);
+    TAKE(w->hs, float *);
+#undef TAKE
+    return w;
+}
+
+/* The plan: int64 words written by memwise/kernels/fused.py.
+ * Header (PLAN_HEADER words): L, H, D, I, V, heads, final norm gain, lm_head codes, lm_head gain.
+ * Then per layer (PLAN_LAYER words): the pointers listed in the enum below.
+ * Scales (float32): lm_head's m, then per layer (SCALES_LAYER floats) i, f, g, o, gate, down. */
+#define PLAN_HEADER 16
+#define PLAN_LAYER 16
+#define SCALES_HEADER 8
+#define SCALES_LAYER 8
+enum {
+    PL_ATTN_NORM, PL_I_W, PL_I_G, PL_F_W, PL_F_G, PL_G_W, PL_G_G, PL_G_NORM, PL_O_W, PL_O_G,
+    PL_MLP_NORM, PL_GATE_W, PL_GATE_G, PL_DOWN_W, PL_DOWN_G, PL_LOWER
+};
+enum { SC_I, SC_F, SC_G, SC_O, SC_GATE, SC_DOWN };
+
+#define PTR(type, word) ((type)(uintptr_t)(word))
+
+/* Rows of the batch handled by thread id of nt. */
+static inline void my_rows(int64_t B, int id, int nt, int64_t *b0, int64_t *b1) {
+    *b0 = B * id / nt;
+    *b1 = B * (id + 1) / nt;
+}
+
+/* ---- row operations, compiled once per instruction set (the same IEEE operations in each) ---- */
+
+/* h = rmsnorm(x) * gain, as torch computes x * rsqrt(mean(x^2) + eps) * gain. */
+MW_INLINE void norm_body(const float *x, const float *gain, int64_t K, float eps, int W, float *h) {
+    const float r = rms_inverse_body(x, K, eps, W);
+    for (int64_t k = 0; k < K; ++k) h[k] = (x[k] * r) * gain[k];
+}
+
+/* The MLGRU's gates and recurrence over n channels, e_f = exp(-f) and e_i = exp(-i) given:
+ * f = sigmoid(f), f = lower + (1 - lower) * f, c = silu(i) * (1 - f) (* mask),
+ * state = state * f, state = state + c; each operation rounded as torch rounds it. */
+MW_INLINE void gates_body(const float *iv, const float *e_f, const float *e_i, const float *lower,
+                          const float *mask, float *st, int64_t n) {
+    const float mk = mask ? *mask : 1.0f;
+    for (int64_t k = 0; k < n; ++k) {
+        float f = 1.0f / (e_f[k] + 1.0f);
+        if (lower) f = lower[k] + (1.0f - lower[k]) * f;
+        float c = (iv[k] / (1.0f + e_i[k])) * (1.0f - f);
+        if (mask) c = c * mk;
+        float s = st[k] * f;
+        st[k] = s + c;
+    }
+}
+
+/* o = (rmsnorm(g) * g_norm) * silu(state), r of g's head given, e = exp(-state). */
+MW_INLINE void gate_out_body(const float *g, float r, const float *gnorm, const float *st, const float *e,
+                             float *o, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) o[k] = ((g[k] * r) * gnorm[k]) * (st[k] / (1.0f + e[k]));
+}
+
+/* u = silu(gate) * up, e = exp(-gate). */
+MW_INLINE void glu_body(const float *gate, const float *up, const float *e, float *u, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) u[k] = (gate[k] / (1.0f + e[k])) * up[k];
+}
+
+MW_INLINE void add_body(float *x, const float *y, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) x[k] = x[k] + y[k];
+}
+
+typedef struct {
+    float (*rms)(const float *, int64_t, float, int);
+    void (*norm)(const float *, const float *, int64_t, float, int, float *);
+    void (*gates)(const float *, const float *, const float *, const float *, const float *, float *, int64_t);
+    void (*gate_out)(const float *, float, const float *, const float *, const float *, float *, int64_t);
+    void (*glu)(const float *, const float *, const float *, float *, int64_t);
+    void (*add)(float *, const float *, int64_t);
+} row_ops_t;
+
+#define DEFINE_ROW_OPS(NAME, ATTR)                                                              \
+    static ATTR float NAME##_rms(const float *x, int64_t K, float eps, int W) {                 \
+        return rms_inverse_body(x, K, eps, W);                                                  \
+    }                                                                                           \
+    static ATTR void NAME##_norm(const float *x, const float *gain, int64_t K, float eps, int W, \
+                                 float *h) {                                                    \
+        norm_body(x, gain, K, eps, W, h);                                                       \
+    }                                                                                           \
+    static ATTR void NAME##_gates(const float *iv, const float *e_f, const float *e_i,          \
+                                  const float *lower, const float *mask, float *st, int64_t n) { \
+        gates_body(iv, e_f, e_i, lower, mask, st, n);                                           \
+    }                                                                                           \
+    static ATTR void NAME##_gate_out(const float *g, float r, const float *gnorm, const float *st, \
+                                     const float *e, float *o, int64_t n) {                     \
+        gate_out_body(g, r, gnorm, st, e, o, n);                                                \
+    }                                                                                           \
+    static ATTR void NAME##_glu(const float *gate, const float *up, const float *e, float *u,   \
+                                int64_t n) {                                                    \
+        glu_body(gate, up, e, u, n);                                                            \
+    }                                                                                           \
+    static ATTR void NAME##_add(float *x, const float *y, int64_t n) { add_body(x, y, n); }    \
+    static const row_ops_t NAME = {NAME##_rms, NAME##_norm, NAME##_gates, NAME##_gate_out,      \
+                                   NAME##_glu, NAME##_add};
+
+DEFINE_ROW_OPS(row_ops_generic, )
+#if MW_X86
+DEFINE_ROW_OPS(row_ops_avx2, T256)
+DEFINE_ROW_OPS(row_ops_avx512, T512)
+#endif
+
+static const row_ops_t *row_ops(int level) {
+#if MW_X86
+    if (level >= VEC_AVX512) return &row_ops_avx512;
+    if (level >= VEC_AVX2) return &row_ops_avx2;
+#endif
+    (void)level;
+    return &row_ops_generic;
+}
+
+/* ---- products ---- */
+
+/* Quantizes one row x (r given) into slot s at row b, with rescale m. */
+static inline void put_row(const hgrn_ws_t *w, int s, int64_t b, const float *x, float r,
+                           const float *gain, int64_t K, float m) {
+    float sc;
+    int8_t *dst = w->q[s] + (size_t)b * w->qs[s];
+    w->sumq[s][b] = quantize_row_lv(w->level, x, r, gain, K, w->layout, 0, dst, &sc);
+    /* torch evaluates `acc.float() * (m / s)` as acc * (reciprocal(s) * m) in float32. */
+    w->rs[s][b] = (1.0f / sc) * m;
+}
+
+/* AMX: the quantized rows of slot s, in natural order, into the B tiles (the layout of
+ * amx_pack_activations).  Threads split the tiles by chunk of K: a 64-byte line of a tile holds
+ * bytes of 16 rows, so splitting by row would have threads write into the same lines. */
+static void amx_pack_share(const hgrn_ws_t *w, int s, int id, int nt) {
+    const int64_t chunks = w->nb[s] * BLOCK / 64;
+    const int64_t c0 = chunks * id / nt, c1 = chunks * (id + 1) / nt;
+    for (int64_t b = 0; b < w->B; ++b) {
+        const int8_t *src = w->q[s] + (size_t)b * w->qs[s];
+        int8_t *base = w->amx_b[s] + (size_t)(b / 16) * chunks * 1024 + (b % 16) * 4;
+        for (int64_t c = c0; c < c1; ++c)
+            for (int rr = 0; rr < 16; ++rr) memcpy(base + c * 1024 + rr * 64, src + c * 64 + rr * 4, 4);
+    }
+}
+
+static inline job_t slot_job(const hgrn_ws_t *w, int s, const uint8_t *codes, int64_t N, float *out) {
+    job_t j = {codes, N, w->nb[s], w->q[s], w->qs[s], w->B, w->sumq[s], NULL, out, w->rs[s],
+               w->amx_b[s], w->mtiles, w->amx_a};
+    return j;
+}
+
+/* Thread id's share of the output tiles of up to three products that run together.  Returns the
+ * output rows [*n0, *n1) it computed of the last product, whose outputs it may then use. */
+static void run_jobs(const hgrn_ws_t *w, const job_t *jobs, int njobs, int id, int nt, int64_t *n0,
+                     int64_t *n1) {
+    const int64_t tr = tile_rows(w->isa);
+    int64_t tiles[3], total = 0;
+    for (int k = 0; k < njobs; ++k) {
+        tiles[k] = (jobs[k].N + tr - 1) / tr;
+        total += tiles[k];
+    }
+    const int64_t a = total * id / nt, b = total * (id + 1) / nt;
+    run_fn fn = runner(w->isa);
+    int64_t off = 0, lo = 0, hi = 0;
+    for (int k = 0; k < njobs; ++k) {
+        lo = a > off ? a : off;
+        hi = b < off + tiles[k] ? b : off + tiles[k];
+        if (lo < hi) fn(&jobs[k], lo - off, hi - off, id);
+        lo -= off;
+        hi -= off;
+        off += tiles[k];
+    }
+    const int64_t N = jobs[njobs - 1].N;
+    *n0 = lo * tr < N ? lo * tr : N;
+    *n1 = hi * tr < N ? hi * tr : N;
+    if (*n1 < *n0) *n1 = *n0;
+}
+
+typedef struct {
+    const int64_t *plan;
+    const float *scales;
+    float eps;
+    int W, exp_step, torch_threads;
+    float *x, *state, *logits;
+    const float *mask;
+} hgrn_args_t;
+
+/* ---- the step ---- */
+
+/* Elements [k0, k1) of a row of n, thread id's share when nt threads split one row (multiples of
+ * 16, so vector loops stay whole). */
+static inline void my_span(int64_t n, int id, int nt, int64_t *k0, int64_t *k1) {
+    const int64_t units = (n + 15) / 16;
+    *k0 = units * id / nt * 16;
+    *k1 = units * (id + 1) / nt * 16;
+    if (*k0 > n) *k0 = n;
+    if (*k1 > n) *k1 = n;
+}
+
+/* MLGRU gates, recurrence and output o for elements [k0, k1) of row b of layer l. */
+static void mlgru_span(const hgrn_ws_t *w, const hgrn_args_t *a, const row_ops_t *ops, const int64_t *lp,
+                       int64_t l, int64_t b, int64_t heads, const ew_geom_t *gflat, int64_t k0, int64_t k1) {
+    const int64_t D = w->D, hd = D / heads, n = k1 - k0;
+    if (n <= 0) return;
+    const float *iv = w->fi + b * D, *fv = w->ff + b * D, *gv = w->fg + b * D;
+    const float *lower = PTR(const float *, lp[PL_LOWER]);
+    const float *gnorm = PTR(const float *, lp[PL_G_NORM]);
+    float *st = a->state + (l * w->B + b) * D;
+    float *e1 = w->e1 + b * w->ew, *e2 = w->e2 + b * w->ew, *o = w->o + b * D;
+    neg_exp_like_torch(fv + k0, e1 + k0, n, b * D + k0, gflat);
+    neg_exp_like_torch(iv + k0, e2 + k0, n, b * D + k0, gflat);
+    ops->gates(iv + k0, e1 + k0, e2 + k0, lower ? lower + k0 : NULL, a->mask ? a->mask + b : NULL,
+               st + k0, n);
+    neg_exp_like_torch(st + k0, e1 + k0, n, b * D + k0, gflat);
+    for (int64_t h0 = k0 / hd * hd; h0 < k1; h0 += hd) {
+        const int64_t s0 = h0 > k0 ? h0 : k0, s1 = h0 + hd < k1 ? h0 + hd : k1;
+        const float r = ops->rms(gv + h0, hd, a->eps, a->W);
+        ops->gate_out(gv + s0, r, gnorm + (s0 - h0), st + s0, e1 + s0, o + s0, s1 - s0);
+    }
+}
+
+static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
+    const int64_t *plan = a->plan;
+    const int64_t L = plan[0], H = plan[1], D = plan[2], I = plan[3], V = plan[4], heads = plan[5];
+    const int64_t B = w->B;
+    const ew_geom_t gflat = ew_geom(B, D, 0, a->exp_step, a->torch_threads, w->level);
+    const ew_geom_t ggate = ew_geom(B, I, 1, a->exp_step, a->torch_threads, w->level);
+    const float eps = a->eps;
+    const int W = a->W, amx = w->isa == ISA_AMX;
+    const row_ops_t *ops = row_ops(w->level);
+    float *x = a->x;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(w->nthreads)
+#endif
+    {
+#ifdef _OPENMP
+        const int id = omp_get_thread_num(), nt = omp_get_num_threads();
+#ifdef _MSC_VER
+#define SYNC __pragma(omp barrier)
+#else
+#define SYNC _Pragma("omp barrier")
+#endif
+#else
+        const int id = 0, nt = 1;
+#define SYNC
+#endif
+        /* With at least as many rows as threads, each thread takes whole rows.  With fewer (decode
+         * of one sequence), threads share rows: the elementwise work is split by element, and
+         * the quantization of a row, which must see the whole row, follows a barrier. */
+        const int split = B < nt;
+        int64_t b0, b1, n0, n1;
+        my_rows(B, id, nt, &b0, &b1);
+        for (int64_t l = 0; l < L; ++l) {
+            const int64_t *lp = plan + PLAN_HEADER + l * PLAN_LAYER;
+            const float *scl = a->scales + SCALES_HEADER + l * SCALES_LAYER;
+            /* h = attn_norm(x), quantized three times for i, f and g; when threads share rows,
+             * the (row, projection) pairs are spread over them and each computes its own h. */
+            const int slots[3] = {SLOT_I, SLOT_F, SLOT_G}, sc[3] = {SC_I, SC_F, SC_G};
+            const int64_t gains[3] = {lp[PL_I_G], lp[PL_F_G], lp[PL_G_G]};
+            if (!split) {
+                for (int64_t b = b0; b < b1; ++b) {
+                    float *hb = w->h + b * H;
+                    ops->norm(x + b * H, PTR(const float *, lp[PL_ATTN_NORM]), H, eps, W, hb);
+                    const float r = ops->rms(hb, H, eps, W);
+                    for (int k = 0; k < 3; ++k)
+                        put_row(w, slots[k], b, hb, r, PTR(const float *, gains[k]), H, scl[sc[k]]);
+                }
+            } else {
+                for (int64_t t = id; t < 3 * B; t += nt) {
+                    const int64_t b = t / 3;
+                    const int k = (int)(t % 3);
+                    float *hb = w->hs + (int64_t)id * H;
+                    ops->norm(x + b * H, PTR(const float *, lp[PL_ATTN_NORM]), H, eps, W, hb);
+                    put_row(w, slots[k], b, hb, ops->rms(hb, H, eps, W), PTR(const float *, gains[k]), H,
+                            scl[sc[k]]);
+                }
+            }
+            SYNC
+            if (amx) {
+                for (int k = 0; k < 3; ++k) amx_pack_share(w, slots[k], id, nt);
+                SYNC
+            }
+            {
+                job_t jobs[3] = {slot_job(w, SLOT_I, PTR(const uint8_t *, lp[PL_I_W]), D, w->fi),
+                                 slot_job(w, SLOT_F, PTR(const uint8_t *, lp[PL_F_W]), D, w->ff),
+                                 slot_job(w, SLOT_G, PTR(const uint8_t *, lp[PL_G_W]), D, w->fg)};
+                run_jobs(w, jobs, 3, id, nt, &n0, &n1);
+            }
+            SYNC
+            /* MLGRU: gates, recurrence, o; then o quantized for o_proj. */
+            if (!split) {
+                for (int64_t b = b0; b < b1; ++b) {
+                    mlgru_span(w, a, ops, lp, l, b, heads, &gflat, 0, D);
+                    const float *o = w->o + b * D;
+                    put_row(w, SLOT_O, b, o, ops->rms(o, D, eps, W), PTR(const float *, lp[PL_O_G]), D,
+                            scl[SC_O]);
+                }
+            } else {
+                int64_t k0, k1;
+                my_span(D, id, nt, &k0, &k1);
+                for (int64_t b = 0; b < B; ++b) mlgru_span(w, a, ops, lp, l, b, heads, &gflat, k0, k1);
+                SYNC
+                for (int64_t b = b0; b < b1; ++b) {
+                    const float *o = w->o + b * D;
+                    put_row(w, SLOT_O, b, o, ops->rms(o, D, eps, W), PTR(const float *, lp[PL_O_G]), D,
+                            scl[SC_O]);
+                }
+            }
+            SYNC
+            if (amx) {
+                amx_pack_share(w, SLOT_O, id, nt);
+                SYNC
+            }
+            {
+                job_t j = slot_job(w, SLOT_O, PTR(const uint8_t *, lp[PL_O_W]), H, w->attn);
+                run_jobs(w, &j, 1, id, nt, &n0, &n1);
+                for (int64_t b = 0; b < B; ++b) /* x = x + attn(...), over this thread's outputs */
+                    ops->add(x + b * H + n0, w->attn + b * H + n0, n1 - n0);
+            }
+            SYNC
+            /* h = mlp_norm(x), quantized for gate_proj. */
+            for (int64_t b = b0; b < b1; ++b) {
+                float *hb = w->h + b * H;
+                ops->norm(x + b * H, PTR(const float *, lp[PL_MLP_NORM]), H, eps, W, hb);
+                put_row(w, SLOT_I, b, hb, ops->rms(hb, H, eps, W), PTR(const float *, lp[PL_GATE_G]), H,
+                        scl[SC_GATE]);
+            }
+            SYNC
+            if (amx) {
+                amx_pack_share(w, SLOT_I, id, nt);
+                SYNC
+            }
+            {
+                job_t j = slot_job(w, SLOT_I, PTR(const uint8_t *, lp[PL_GATE_W]), 2 * I, w->y);
+                run_jobs(w, &j, 1, id, nt, &n0, &n1);
+            }
+            SYNC
+            /* silu(gate) * up, quantized for down_proj. */
+            {
+                int64_t k0 = 0, k1 = I, r0 = b0, r1 = b1;
+                if (split) {
+                    my_span(I, id, nt, &k0, &k1);
+                    r0 = 0;
+                    r1 = B;
+                }
+                for (int64_t b = r0; b < r1 && k0 < k1; ++b) {
+                    const float *gate = w->y + b * 2 * I + k0;
+                    float *e = w->e1 + b * w->ew + k0;
+                    neg_exp_like_torch(gate, e, k1 - k0, b * I + k0, &ggate);
+                    ops->glu(gate, gate + I, e, w->u + b * I + k0, k1 - k0);
+                }
+                if (split) {
+                    SYNC
+                }
+                for (int64_t b = b0; b < b1; ++b) {
+                    const float *u = w->u + b * I;
+                    put_row(w, SLOT_DOWN, b, u, ops->rms(u, I, eps, W), PTR(const float *, lp[PL_DOWN_G]), I,
+                            scl[SC_DOWN]);
+                }
+            }
+            SYNC
+            if (amx) {
+                amx_pack_share(w, SLOT_DOWN, id, nt);
+                SYNC
+            }
+            {
+                job_t j = slot_job(w, SLOT_DOWN, PTR(const uint8_t *, lp[PL_DOWN_W]), H, w->down);
+                run_jobs(w, &j, 1, id, nt, &n0, &n1);
+                for (int64_t b = 0; b < B; ++b) /* x = x + mlp(...) */
+                    ops->add(x + b * H + n0, w->down + b * H + n0, n1 - n0);
+            }
+            SYNC
+        }
+        /* The final norm and the lm_head. */
+        for (int64_t b = b0; b < b1; ++b) {
+            float *hb = w->h + b * H;
+            ops->norm(x + b * H, PTR(const float *, plan[6]), H, eps, W, hb);
+            put_row(w, SLOT_I, b, hb, ops->rms(hb, H, eps, W), PTR(const float *, plan[8]), H, a->scales[0]);
+        }
+        SYNC
+        if (amx) {
+            amx_pack_share(w, SLOT_I, id, nt);
+            SYNC
+        }
+        {
+            job_t j = slot_job(w, SLOT_I, PTR(const uint8_t *, plan[7]), V, a->logits);
+            run_jobs(w, &j, 1, id, nt, &n0, &n1);
+        }
+#undef SYNC
+    }
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -998,6 +1849,85 @@ static PyObject *py_have_openmp(PyObject *self, PyObject *noargs) {
 #endif
 }
 
+/* ---- fused HGRN-Bit step ---- */
+
+#define WS_CAPSULE "memwise.kernels._ternary.hgrn_workspace"
+
+static void py_ws_free(PyObject *capsule) {
+    hgrn_ws_free(PyCapsule_GetPointer(capsule, WS_CAPSULE));
+}
+
+/* hgrn_workspace(isa, B, H, D, I, nthreads) -> capsule: the buffers of fused steps of B rows. */
+static PyObject *py_hgrn_workspace(PyObject *self, PyObject *args) {
+    int isa, nthreads;
+    long long B, H, D, I;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iLLLLi", &isa, &B, &H, &D, &I, &nthreads)) return NULL;
+    if (!isa_supported(isa)) return PyErr_Format(PyExc_ValueError, "isa %d not supported", isa);
+    if (B < 1 || H < 1 || D < 1 || I < 1)
+        return PyErr_Format(PyExc_ValueError, "hgrn_workspace: sizes must be >= 1");
+    hgrn_ws_t *w = hgrn_ws_make(isa, B, H, D, I, nthreads);
+    if (!w) return PyErr_NoMemory();
+    PyObject *capsule = PyCapsule_New(w, WS_CAPSULE, py_ws_free);
+    if (!capsule) hgrn_ws_free(w);
+    return capsule;
+}
+
+/* hgrn_step(ws, plan_ptr, scales_ptr, eps, sum_width, exp_step, torch_threads, x_ptr, state_ptr,
+ *           mask_ptr, logits_ptr): one decode step; x [B, H] holds the embedded tokens and is
+ *           overwritten, state [L, B, D] is advanced in place, mask [B] float32 or 0 for none,
+ *           logits [B, V] are written. */
+static PyObject *py_hgrn_step(PyObject *self, PyObject *args) {
+    PyObject *capsule;
+    unsigned long long pp, sp, xp, stp, mp, lp;
+    double eps;
+    int W, step, tthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OKKdiiiKKKK", &capsule, &pp, &sp, &eps, &W, &step, &tthreads, &xp,
+                          &stp, &mp, &lp))
+        return NULL;
+    hgrn_ws_t *w = PyCapsule_GetPointer(capsule, WS_CAPSULE);
+    if (!w) return NULL;
+    if (W < 1 || W > MAXW) return PyErr_Format(PyExc_ValueError, "sum width %d out of range", W);
+    const int64_t *plan = (const int64_t *)(uintptr_t)pp;
+    if (plan[1] != w->H || plan[2] != w->D || plan[3] != w->I || plan[5] < 1 || w->D % plan[5])
+        return PyErr_Format(PyExc_ValueError, "hgrn_step: the plan does not fit the workspace");
+    hgrn_args_t a = {plan, (const float *)(uintptr_t)sp, (float)eps, W, step, tthreads,
+                     (float *)(uintptr_t)xp, (float *)(uintptr_t)stp, (float *)(uintptr_t)lp,
+                     (const float *)(uintptr_t)mp};
+    Py_BEGIN_ALLOW_THREADS
+    hgrn_step_run(w, &a);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* activation(kind, x_ptr, out_ptr, rows, cols, row_stride, rowsplit, exp_step, torch_threads):
+ * sigmoid (kind 0) or silu (kind 1) of a [rows, cols] float32 input with the given row stride
+ * into a contiguous output, computed like the fused step computes it (to compare with torch). */
+static PyObject *py_activation(PyObject *self, PyObject *args) {
+    int kind, rowsplit, step, tthreads;
+    unsigned long long xp, op;
+    long long rows, cols, stride;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKKLLLiii", &kind, &xp, &op, &rows, &cols, &stride, &rowsplit,
+                          &step, &tthreads))
+        return NULL;
+    float *e = alloc64(sizeof(float) * (size_t)(cols > 0 ? cols : 1));
+    if (!e) return PyErr_NoMemory();
+    const ew_geom_t g = ew_geom(rows, cols, rowsplit, step, tthreads, vec_level_best());
+    Py_BEGIN_ALLOW_THREADS
+    for (long long r = 0; r < rows; ++r) {
+        const float *x = (const float *)(uintptr_t)xp + r * stride;
+        float *out = (float *)(uintptr_t)op + r * cols;
+        neg_exp_like_torch(x, e, cols, r * cols, &g);
+        for (long long k = 0; k < cols; ++k)
+            out[k] = kind == 0 ? 1.0f / (e[k] + 1.0f) : x[k] / (1.0f + e[k]);
+    }
+    Py_END_ALLOW_THREADS
+    free(e);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"isa_supported", py_isa_supported, METH_VARARGS, "isa_supported(isa_id) -> bool"},
     {"matmul", py_matmul, METH_VARARGS, "int8 x packed ternary -> int32 (raw pointers)"},
@@ -1006,6 +1936,9 @@ static PyMethodDef methods[] = {
     {"sum_of_squares", py_sum_of_squares, METH_VARARGS, "row sum of squares in torch's order"},
     {"read_bandwidth", py_read_bandwidth, METH_VARARGS, "measured memory read bandwidth"},
     {"have_openmp", py_have_openmp, METH_NOARGS, "whether the build uses OpenMP"},
+    {"hgrn_workspace", py_hgrn_workspace, METH_VARARGS, "buffers of fused HGRN-Bit decode steps"},
+    {"hgrn_step", py_hgrn_step, METH_VARARGS, "one fused HGRN-Bit decode step (all layers)"},
+    {"activation", py_activation, METH_VARARGS, "sigmoid or silu computed like torch's CPU kernels"},
     {NULL, NULL, 0, NULL},
 };
 

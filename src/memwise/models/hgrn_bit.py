@@ -34,11 +34,17 @@ from memwise.ternary import (BLOCK, BLOCK_BYTES, SCALE_FLOOR, TernaryMatrix, bit
                              padded_cols, rmsnorm)
 
 try:
-    from memwise.kernels import BACKENDS
+    from memwise.kernels import BACKENDS as _KERNEL_BACKENDS
     from memwise.kernels import bitlinear as _kernel_bitlinear
+    from memwise.kernels import fused as _fused
 except ImportError:     # the package still works, slower, on the PyTorch reference alone
-    BACKENDS = ("auto", "reference")
+    _KERNEL_BACKENDS = ("auto", "reference")
     _kernel_bitlinear = None
+    _fused = None
+
+# The kernel backends, plus "c-unfused": the C kernels one BitLinear at a time even for decode
+# steps, which "auto" and "c" run as one fused C call per token (memwise.kernels.fused).
+BACKENDS = tuple(_KERNEL_BACKENDS) + ("c-unfused",)
 
 MODEL_TYPES = ("hgrn_bit",)
 
@@ -380,8 +386,10 @@ class RecurrentCache:
 
 
 class HGRNBitForCausalLM(nn.Module):
-    """The model; `backend` (one of memwise.kernels.BACKENDS, e.g. "auto", "c", "reference") picks
-    the BitLinear implementation."""
+    """The model; `backend` (one of BACKENDS: "auto", "c", "c-unfused", "triton", "reference") picks
+    the BitLinear implementation. On CPU with the C extension, "auto" and "c" run each decode step
+    (one token per sequence) as one fused C call (memwise.kernels.fused); "c-unfused" keeps the
+    per-BitLinear path for every step."""
 
     def __init__(self, spec: ModelSpec, embeddings: torch.Tensor, lower_bounds: torch.Tensor | None,
                  layers: list[HGRNBitBlock], norm: Gain, lm_head: BitLinear):
@@ -395,6 +403,27 @@ class HGRNBitForCausalLM(nn.Module):
         self.norm = norm
         self.lm_head = lm_head
         self.backend = "auto"
+        self._fused_decoder = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .float() and friends may replace the buffers the fused plan points into.
+        self._fused_decoder = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The fused decoder holds raw pointers into this instance's buffers: copies build their own.
+        return {**super().__getstate__(), "_fused_decoder": None}
+
+    def _fused_step(self, input_ids: torch.Tensor, cache: "RecurrentCache") -> Any:
+        """The fused decoder when this step can use it (one token, CPU, backend auto or c), else None."""
+        if (input_ids.shape[1] != 1 or self.backend not in ("auto", "c") or _fused is None
+                or not _fused.available() or input_ids.device.type != "cpu"
+                or self.embeddings.device.type != "cpu" or not cache.state.is_contiguous()
+                or cache.state.dtype != torch.float32):
+            return None
+        if self._fused_decoder is None:
+            self._fused_decoder = _fused.FusedDecoder(self)
+        return self._fused_decoder
 
     def new_cache(self, batch_size: int, max_length: int = 0) -> RecurrentCache:
         """Zero state for `batch_size` sequences; `max_length` is not needed (memory is constant)."""
@@ -417,14 +446,20 @@ class HGRNBitForCausalLM(nn.Module):
             # Only the mask of the positions being fed matters to a recurrence. It is applied even
             # when all True: testing that would cost a device synchronization per step on CUDA.
             mask = attention_mask[:, -length:].to(torch.float32)
+        decoder = self._fused_step(input_ids, cache)
+        if decoder is not None:
+            logits = decoder.step(input_ids, cache.state, None if mask is None else mask[:, 0])
+            cache.length += length
+            return logits
+        backend = "c" if self.backend == "c-unfused" else self.backend
         x = self.embeddings[input_ids].float()
         for n, layer in enumerate(self.layers):
             bound = self.lower_bounds[n] if self.lower_bounds is not None and n > 0 else None
-            x = layer(x, cache.state[n], bound, mask, self.backend)
+            x = layer(x, cache.state[n], bound, mask, backend)
         cache.length += length
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(rmsnorm(x, self.norm.weight, self.spec.norm_eps), self.backend)
+        return self.lm_head(rmsnorm(x, self.norm.weight, self.spec.norm_eps), backend)
 
     def ternary_layers(self) -> Iterator[tuple[str, BitLinear]]:
         """(released name of the matrix, e.g. 'model.layers.0.attn.i_proj.weight', module)."""
@@ -435,6 +470,10 @@ class HGRNBitForCausalLM(nn.Module):
     def weights_bytes(self) -> int:
         held = sum(b.numel() * b.element_size() for b in self.buffers())
         return held + 4 * sum(1 for _ in self.ternary_layers())
+
+    def decode_bytes_per_token(self) -> int:
+        """What one decode step reads: everything but the embedding table, of which it reads one row."""
+        return self.weights_bytes() - self.embeddings.numel() * self.embeddings.element_size()
 
 
 # ----------------------------------------------------------------------------------------------
