@@ -15,6 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command; a user's mistake becomes one line on stderr and exit status 1."""
     try:
         return int(args.func(args) or 0)
     except MemwiseError as e:

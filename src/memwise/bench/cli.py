@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from memwise.errors import MemwiseError
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXIT_USAGE = 2
@@ -249,18 +248,9 @@ def kernels_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m memwise.bench`: the bench command on its own, same flags and exit codes."""
-    parser = argparse.ArgumentParser(prog="memwise")
-    one_line_errors(parser)
-    subparsers = parser.add_subparsers()
-    add_parser(subparsers)
+    from memwise.cli import build_parser, run_command
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(["bench", *argv])
+    args = build_parser().parse_args(["bench", *argv])
     args.bench_argv = argv
-    try:
-        return int(args.func(args) or 0)
-    except MemwiseError as e:
-        print(f"memwise: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("memwise: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args)
