@@ -152,7 +152,7 @@ def hf_generate(hf, ids, mask, new_tokens=32):
                            do_sample=False, eos_token_id=None, pad_token_id=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt", "opt-post", "phi", "llama", "llama3", "mistral"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_generation_matches_hf(saved, name):
     hf, directory = saved(name)
     model = memwise.load(directory)
