@@ -197,7 +197,8 @@ def test_hub_id_offline_from_cache(gpt2_dir, tmp_path):
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    copy_dir(gpt2_dir, repo / "snapshots" / commit) if (repo / "snapshots").mkdir() is None else None
+    (repo / "snapshots").mkdir()
+    copy_dir(gpt2_dir, repo / "snapshots" / commit)
     run = subprocess.run([sys.executable, "-c", HUB_SCRIPT, "someorg/tiny-gpt2"],
                          capture_output=True, text=True, env=hub_env(tmp_path))
     assert run.returncode == 0, run.stdout + run.stderr

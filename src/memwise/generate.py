@@ -6,7 +6,7 @@ prompt gives the same tokens alone and in a padded batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -82,8 +82,6 @@ class GenerationState:
     length: int                     # tokens written so far
     prompt_length: int
     finished: torch.Tensor          # [B] bool
-    generated: int = 0
-    texts: list[str] = field(default_factory=list)
 
 
 def generate_steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: GenerationOptions,
