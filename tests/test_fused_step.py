@@ -254,9 +254,9 @@ def _randomize_gains(module, seed: int) -> None:
 
 @pytest.mark.parametrize("isa", PATHS)
 def test_long_rows_exact(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # K of several 1024-weight pieces (the AMX path unpacks and multiplies a panel a piece at a
-    # time when all activation rows fit in its sum tiles, up to 64 rows), with a partial last
-    # piece and block; products exact and BitLinear equal to the plain PyTorch reference.
+    # K of many blocks (up to 64 rows the AMX path unpacks a pair of blocks at a time into a ring
+    # and multiplies the pairs behind it), with a partial last pair and block; products exact and
+    # BitLinear equal to the plain PyTorch reference.
     gen = torch.Generator().manual_seed(17)
     for m, n, k in ((1, 37, 2900), (5, 9, 1100), (12, 37, 1100), (16, 33, 2816), (33, 20, 1030),
                     (64, 17, 2000), (65, 18, 1500)):

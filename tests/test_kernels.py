@@ -50,6 +50,18 @@ def test_matmul_exact_on_every_isa(isa: str, m: int, n: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("isa", PATHS)
+def test_matmul_exact_past_scaled_code_limit(isa: str) -> None:
+    # AMX keeps codes of one activation tile multiplied by 4^g only while K < 2^19 (int32 room);
+    # a longer row takes the shifted-code path.  Both sides of the limit must stay exact.
+    for k in (4095 * 128, 4096 * 128 + 100):  # 4095 and 4097 blocks
+        q, t = random_case(6, 3, k, seed=k)
+        out = kernels.ternary_matmul(q, TernaryMatrix.from_ternary(t, 1.0), isa=isa)
+        # The float32 reference stops at K = 2^17; int64 sums are exact at any length.
+        want = (q.to(torch.int64)[:, None, :] * t.to(torch.int64)[None, :, :]).sum(-1)
+        assert torch.equal(out.to(torch.int64), want)
+
+
+@pytest.mark.parametrize("isa", PATHS)
 def test_matmul_extreme_accumulators(isa: str) -> None:
     # Rows of all -1 / all +1 against rows of all -128 / all 127 give the largest sums; a K this
     # long also runs many iterations through the int32 lane accumulators.

@@ -52,6 +52,17 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_AM
  * memory as in decoding: 5 to 8 rows). */
 #define AMX_MIN_ROWS 6
 
+/* Bytes of one pair of blocks of K in AMX buffers: 4 units of 64 bytes for 16 rows (run_amx). */
+#define AMX_PAIR_BYTES (4 * 16 * 64)
+
+/* AMX buffers: B tiles of M activation rows, [mtiles][units][16][64], and one thread's unpacked
+ * weight codes for K of nb blocks, [pairs][4 units][16][64]. */
+static size_t amx_b_bytes(int64_t M, int64_t nb) {
+    return (size_t)((M + 15) / 16) * (size_t)((nb + 1) / 2) * AMX_PAIR_BYTES;
+}
+
+static size_t amx_a_bytes(int64_t nb) { return (size_t)((nb + 1) / 2) * AMX_PAIR_BYTES; }
+
 #define BLOCK 128
 #define BLOCK_BYTES 32
 
@@ -541,43 +552,22 @@ typedef struct __attribute__((packed)) {
     uint8_t rows[16];
 } tile_config;
 
-/* Codes of 16 weight rows, blocks [b0, b1) of each, unpacked to one byte each in natural k order
- * into rows of kp bytes: [16][kp].  Tile A of
- * TDPBUSD is the unsigned operand, so codes go there unchanged; rows past N are zero and their
- * outputs are never stored. */
-static TAMX void amx_unpack_panel(const job_t *j, int64_t n0, int nr, uint8_t *abuf, const char *pf,
-                                  int64_t b0, int64_t b1, size_t kp) {
-    const size_t ws = (size_t)j->nb * BLOCK_BYTES;
-    /* One 32-byte block broadcast to both halves; shifting only the high half (16-bit lanes
-     * 16-31) by two more bits gives weights 0-63 of the block from shifts 0 and 2, and weights
-     * 64-127 from shifts 4 and 6. */
-    const __mmask32 high = 0xffff0000u;
-    const __m512i k3 = _mm512_set1_epi8(3);
-    for (int r = 0; r < nr; ++r) {
-        const uint8_t *w = j->w + (size_t)(n0 + r) * ws;
-        uint8_t *dst = abuf + r * kp - b0 * BLOCK;
-        for (int64_t b = b0; b < b1; ++b) {
-            /* The same row of the panel ahead, a line every other block, into L2 only: the
-             * unpacked panel passes through L1 and would evict lines prefetched there. */
-            if (pf && !(b & 1)) _mm_prefetch(pf + (size_t)r * ws + (size_t)b * 32, _MM_HINT_T1);
-            __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + b * 32)));
-            __m512i v4 = _mm512_srli_epi16(v, 4);
-            _mm512_storeu_si512((void *)(dst + b * 128),
-                                _mm512_and_si512(_mm512_mask_srli_epi16(v, high, v, 2), k3));
-            _mm512_storeu_si512((void *)(dst + b * 128 + 64),
-                                _mm512_and_si512(_mm512_mask_srli_epi16(v4, high, v4, 2), k3));
-        }
-    }
-}
+/* AMX products take K in the AVX-512 path's order: activation rows are in its layout, whose
+ * 64-byte unit u = 4 * pair + g holds group g (k = 32g .. 32g + 31) of the first block of the pair
+ * of blocks, then of the second; the 64 packed bytes of a pair of blocks of a weight row hold the
+ * codes of group g in bits 2g and 2g + 1 of every byte.  So the 64 codes of a weight unit come
+ * from one 64-byte load by a shift and an AND, or by an AND alone, which leaves them multiplied
+ * by 4^g ("scaled" codes, at most 2 * 64 as an unsigned byte).  Products of scaled codes are
+ * summed per group and the sums shifted back at the end: each is a multiple of 4^g, so the
+ * arithmetic shift is exact. */
 
-/* Writes a 16 (weight rows) x 16 (activation rows) block of code sums to the output, which is
- * [M][N]: transposed in registers so each activation row is one 16-wide vector. */
-static inline __attribute__((always_inline)) TAMX void amx_store(const job_t *j, int64_t m0,
-                                                                 int64_t n0, int nr,
-                                                                 const int32_t *cbuf) {
-    __m512i r[16], t[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512((const void *)(cbuf + 16 * i));
-    /* 16x16 transpose of 32-bit elements: 2x2 blocks of 1, 2, 4 then 8 elements. */
+/* Row m of a 16 x 16 matrix of 32-bit elements after amx_transpose is r[amx_where[m]]: the 64-bit
+ * stage leaves columns 1 and 2 of each group of four swapped. */
+static const int amx_where[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+
+/* 16x16 transpose of 32-bit elements: 2x2 blocks of 1, 2, 4 then 8 elements. */
+static inline __attribute__((always_inline)) TAMX void amx_transpose(__m512i r[16]) {
+    __m512i t[16];
     for (int i = 0; i < 16; i += 2) {
         t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
         t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
@@ -596,12 +586,56 @@ static inline __attribute__((always_inline)) TAMX void amx_store(const job_t *j,
         r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
         r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xdd);
     }
-    /* The 64-bit stage leaves columns 1 and 2 of each group of four swapped. */
-    static const int where[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+}
+
+/* The four units of pair p of up to 16 weight rows (w: the panel's first row, rows ws bytes
+ * apart) into dst, [4 units][16 rows][64]: scaled or shifted codes.  Rows past nr are left alone
+ * (the caller zeroes them once per panel). */
+static inline __attribute__((always_inline)) TAMX void amx_unpack_pair(const uint8_t *w, size_t ws, int64_t nb,
+                                                                       int nr, int64_t p, uint8_t *dst,
+                                                                       const char *pf, int scaled) {
+    /* An odd last block is loaded alone; the bytes past it are never touched. */
+    const __mmask64 part = p * 2 + 1 == nb ? 0xffffffffULL : ~0ULL;
+    const __m512i k3 = _mm512_set1_epi8(3);
+    for (int r = 0; r < nr; ++r) {
+        /* The same row of the panel ahead, a line per line loaded, into L2 only: the unpacked
+         * codes pass through L1 and would evict lines prefetched there. */
+        if (pf) _mm_prefetch(pf + (size_t)r * ws + (size_t)p * 64, _MM_HINT_T1);
+        const __m512i v = _mm512_maskz_loadu_epi8(part, w + (size_t)r * ws + (size_t)p * 64);
+        uint8_t *d = dst + r * AMX_K;
+        if (scaled) {
+            _mm512_store_si512((void *)d, _mm512_and_si512(v, k3));
+            _mm512_store_si512((void *)(d + 1024), _mm512_and_si512(v, _mm512_set1_epi8(0x0c)));
+            _mm512_store_si512((void *)(d + 2048), _mm512_and_si512(v, _mm512_set1_epi8(0x30)));
+            _mm512_store_si512((void *)(d + 3072), _mm512_and_si512(v, _mm512_set1_epi8((char)0xc0)));
+        } else {
+            _mm512_store_si512((void *)d, _mm512_and_si512(v, k3));
+            _mm512_store_si512((void *)(d + 1024), _mm512_and_si512(_mm512_srli_epi16(v, 2), k3));
+            _mm512_store_si512((void *)(d + 2048), _mm512_and_si512(_mm512_srli_epi16(v, 4), k3));
+            _mm512_store_si512((void *)(d + 3072), _mm512_and_si512(_mm512_srli_epi16(v, 6), k3));
+        }
+    }
+}
+
+/* Writes a 16 (weight rows) x 16 (activation rows) block of code sums to the output, which is
+ * [M][N]: transposed in registers so each activation row is one 16-wide vector.  The block is the
+ * sum of nbuf tiles in cbuf (256 values each), shifted back by 2g for tile g when scaled. */
+static inline __attribute__((always_inline)) TAMX void amx_store(const job_t *j, int64_t m0, int64_t n0,
+                                                                 int nr, const int32_t *cbuf, int nbuf,
+                                                                 int scaled) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+        r[i] = _mm512_load_si512((const void *)(cbuf + 16 * i));
+        for (int g = 1; g < nbuf; ++g) {
+            __m512i v = _mm512_load_si512((const void *)(cbuf + 256 * g + 16 * i));
+            r[i] = _mm512_add_epi32(r[i], scaled ? _mm512_srai_epi32(v, 2 * g) : v);
+        }
+    }
+    amx_transpose(r);
     const __mmask16 keep = (__mmask16)((1u << nr) - 1u);
     int mr = j->M - m0 < 16 ? (int)(j->M - m0) : 16;
     for (int m = 0; m < mr; ++m) {
-        __m512i v = _mm512_sub_epi32(r[where[m]], _mm512_set1_epi32(j->sumq[m0 + m]));
+        __m512i v = _mm512_sub_epi32(r[amx_where[m]], _mm512_set1_epi32(j->sumq[m0 + m]));
         if (j->out_f32)
             _mm512_mask_storeu_ps(j->out_f32 + (m0 + m) * j->N + n0, keep,
                                   _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(j->rs[m0 + m])));
@@ -610,94 +644,107 @@ static inline __attribute__((always_inline)) TAMX void amx_store(const job_t *j,
     }
 }
 
-/* Weight codes of chunk C (64 values of k) of the panel into tile A; the unpacked codes start
- * at chunk cbase and have rows of astride bytes. */
-#define AMX_CHUNK(A, C) _tile_loadd(A, abuf + ((C) - cbase) * AMX_K, astride)
-
-/* Activation tile t0 + T of chunk C into tile B, then sum tile S += A . B. */
-#define AMX_STEP(S, B, A, T, C)                                                                 \
-    do {                                                                                        \
-        _tile_loadd(B, bt + (size_t)((t0 + (T)) * chunks + (C)) * 1024, 64);                    \
-        _tile_dpbusd(S, A, B);                                                                  \
-    } while (0)
-
-static inline __attribute__((always_inline)) TAMX void amx_sum(int32_t *into, const int32_t *add) {
-    for (int i = 0; i < 256; i += 16)
-        _mm512_store_si512((void *)(into + i), _mm512_add_epi32(_mm512_load_si512((const void *)(into + i)),
-                                                                _mm512_load_si512((const void *)(add + i))));
-}
-
-/* Sum tiles tmm0-3 += chunks [c0, c1) of the panel (whose codes are unpacked in abuf from chunk
- * cbase on) times activation tiles t0 .. t0 + nt - 1.  tmm4/tmm7 hold weight codes, tmm5/tmm6
+/* Sum tiles tmm0-3 += the four unpacked units of one pair (slot: [4][16][64]) times activation
+ * tiles t0 .. t0 + nt - 1 of units u0 .. u0 + 3.  tmm4/tmm7 hold weight codes, tmm5/tmm6
  * activations; operands alternate between two tiles so a load can overlap the previous dot
- * product.  With fewer than three activation tiles, consecutive chunks go to different sum tiles:
- * one long chain of dependent TDPBUSDs would wait on the instruction's latency. */
-static inline __attribute__((always_inline)) TAMX void amx_chunks(const uint8_t *abuf, size_t astride,
-                                                                  int64_t cbase, int64_t c0, int64_t c1,
-                                                                  const uint8_t *bt, int64_t t0,
-                                                                  int64_t chunks, int nt) {
-    int64_t c = c0;
+ * product.  With one activation tile each unit has its own sum tile (scaled codes need it, and
+ * one chain of dependent TDPBUSDs would wait on the instruction's latency); with two, even and
+ * odd units alternate. */
+static inline __attribute__((always_inline)) TAMX void amx_pair(const uint8_t *slot, const uint8_t *bt,
+                                                                int64_t t0, int64_t u0, int64_t units,
+                                                                int nt) {
+#define AMX_A(T, G) _tile_loadd(T, slot + (G) * 1024, AMX_K)
+#define AMX_B(T, MT, G) _tile_loadd(T, bt + (size_t)((t0 + (MT)) * units + u0 + (G)) * 1024, 64)
     if (nt == 1) {
-        for (; c + 4 <= c1; c += 4) {
-            AMX_CHUNK(4, c);
-            AMX_STEP(0, 5, 4, 0, c);
-            AMX_CHUNK(7, c + 1);
-            AMX_STEP(1, 6, 7, 0, c + 1);
-            AMX_CHUNK(4, c + 2);
-            AMX_STEP(2, 5, 4, 0, c + 2);
-            AMX_CHUNK(7, c + 3);
-            AMX_STEP(3, 6, 7, 0, c + 3);
-        }
-        for (; c < c1; ++c) {
-            AMX_CHUNK(4, c);
-            AMX_STEP(0, 5, 4, 0, c);
-        }
+        AMX_A(4, 0);
+        AMX_B(5, 0, 0);
+        _tile_dpbusd(0, 4, 5);
+        AMX_A(7, 1);
+        AMX_B(6, 0, 1);
+        _tile_dpbusd(1, 7, 6);
+        AMX_A(4, 2);
+        AMX_B(5, 0, 2);
+        _tile_dpbusd(2, 4, 5);
+        AMX_A(7, 3);
+        AMX_B(6, 0, 3);
+        _tile_dpbusd(3, 7, 6);
     } else if (nt == 2) {
-        for (; c + 2 <= c1; c += 2) {
-            AMX_CHUNK(4, c);
-            AMX_STEP(0, 5, 4, 0, c);
-            AMX_STEP(2, 6, 4, 1, c);
-            AMX_CHUNK(7, c + 1);
-            AMX_STEP(1, 5, 7, 0, c + 1);
-            AMX_STEP(3, 6, 7, 1, c + 1);
-        }
-        for (; c < c1; ++c) {
-            AMX_CHUNK(4, c);
-            AMX_STEP(0, 5, 4, 0, c);
-            AMX_STEP(2, 6, 4, 1, c);
-        }
+        AMX_A(4, 0);
+        AMX_B(5, 0, 0);
+        AMX_B(6, 1, 0);
+        _tile_dpbusd(0, 4, 5);
+        _tile_dpbusd(2, 4, 6);
+        AMX_A(7, 1);
+        AMX_B(5, 0, 1);
+        AMX_B(6, 1, 1);
+        _tile_dpbusd(1, 7, 5);
+        _tile_dpbusd(3, 7, 6);
+        AMX_A(4, 2);
+        AMX_B(5, 0, 2);
+        AMX_B(6, 1, 2);
+        _tile_dpbusd(0, 4, 5);
+        _tile_dpbusd(2, 4, 6);
+        AMX_A(7, 3);
+        AMX_B(5, 0, 3);
+        AMX_B(6, 1, 3);
+        _tile_dpbusd(1, 7, 5);
+        _tile_dpbusd(3, 7, 6);
     } else {
-        for (; c < c1; ++c) {
-            if (c & 1) {
-                AMX_CHUNK(7, c);
-                AMX_STEP(0, 5, 7, 0, c);
-                AMX_STEP(1, 6, 7, 1, c);
-                AMX_STEP(2, 5, 7, 2, c);
-                if (nt > 3) AMX_STEP(3, 6, 7, 3, c);
-            } else {
-                AMX_CHUNK(4, c);
-                AMX_STEP(0, 5, 4, 0, c);
-                AMX_STEP(1, 6, 4, 1, c);
-                AMX_STEP(2, 5, 4, 2, c);
-                if (nt > 3) AMX_STEP(3, 6, 4, 3, c);
+        for (int g = 0; g < 4; g += 2) {
+            AMX_A(4, g);
+            AMX_B(5, 0, g);
+            _tile_dpbusd(0, 4, 5);
+            AMX_B(6, 1, g);
+            _tile_dpbusd(1, 4, 6);
+            AMX_B(5, 2, g);
+            _tile_dpbusd(2, 4, 5);
+            if (nt > 3) {
+                AMX_B(6, 3, g);
+                _tile_dpbusd(3, 4, 6);
+            }
+            AMX_A(7, g + 1);
+            AMX_B(5, 0, g + 1);
+            _tile_dpbusd(0, 7, 5);
+            AMX_B(6, 1, g + 1);
+            _tile_dpbusd(1, 7, 6);
+            AMX_B(5, 2, g + 1);
+            _tile_dpbusd(2, 7, 5);
+            if (nt > 3) {
+                AMX_B(6, 3, g + 1);
+                _tile_dpbusd(3, 7, 6);
             }
         }
     }
+#undef AMX_A
+#undef AMX_B
 }
 
-/* Blocks of 128 weights per unpacked piece of a panel when all activation tiles fit in the four
- * sum tiles (up to 64 rows): the panel is unpacked and multiplied a piece at a time, so the
- * unpacked codes (16 x 1 KB) stay in L1 next to the activation tiles whatever K is. */
-#define AMX_KBLOCKS 8
+/* Up to 64 activation rows (all activation tiles fit in the four sum tiles), a panel is unpacked
+ * a pair of blocks at a time into a ring of AMX_RING pairs, so the unpacked codes stay in L1
+ * whatever K is, and each pair is multiplied AMX_LAG pairs after it was unpacked, so the tile
+ * loads do not wait on stores still in flight.  (The vector and the AMX work hardly overlap on
+ * the machines measured, with this lag or a longer one, or interleaved finer: a 16-row product
+ * costs about their sum.)  With more rows the panel is unpacked once and every group of four
+ * activation tiles reads it. */
+#define AMX_RING 4
+#define AMX_LAG 2
 
 static TAMX void run_amx(const job_t *j, int64_t p0, int64_t p1, int tid) {
-    const size_t kp = (size_t)j->nb * BLOCK;
-    const int64_t chunks = (int64_t)(kp / AMX_K);
+    const int64_t pairs = (j->nb + 1) / 2, units = 4 * pairs;
+    const size_t ws = (size_t)j->nb * BLOCK_BYTES;
     const uint8_t *bt = (const uint8_t *)j->amx_b;
-    uint8_t *abuf = j->amx_a + (size_t)tid * 16 * kp;
-    const int pieces = j->mtiles <= 4;
-    const int64_t kblocks = pieces && j->nb > AMX_KBLOCKS ? AMX_KBLOCKS : j->nb;
-    const size_t astride = (size_t)kblocks * BLOCK;
+    /* Scaled codes need a sum tile per group, so one activation tile; and a group's sum, up to
+     * 128 * 128 per k of a quarter of K, must stay within int32: K below 2^19. */
+    const int ringed = j->mtiles <= 4, scaled = j->mtiles == 1 && j->nb < 4096;
+    /* The ring is on the thread's stack: placed in the shared workspace, it made one of the two
+     * threads of the fused step 1.6 times slower in every product (which one followed the
+     * address, not the core); on the stack it is private to the thread and stays in its cache. */
+    uint8_t ring[AMX_RING * AMX_PAIR_BYTES] __attribute__((aligned(64)));
+    uint8_t *abuf = ringed ? ring : j->amx_a + (size_t)tid * amx_a_bytes(j->nb);
+    const int64_t slots = ringed ? (pairs < AMX_RING ? pairs : AMX_RING) : pairs;
+    /* Each pass multiplies before it unpacks, so a slot is free again once its pair has been
+     * multiplied in the same pass: 1 <= lag <= slots. */
+    const int64_t lag = slots < AMX_LAG ? slots : AMX_LAG;
     int32_t cbuf[4][16 * 16] __attribute__((aligned(64)));
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -708,60 +755,77 @@ static TAMX void run_amx(const job_t *j, int64_t p0, int64_t p1, int tid) {
     }
     _tile_loadconfig(&cfg);
     for (int64_t p = p0; p < p1; ++p) {
-        int64_t n0 = p * 16;
-        int nr = j->N - n0 < 16 ? (int)(j->N - n0) : 16;
+        const int64_t n0 = p * 16;
+        const int nr = j->N - n0 < 16 ? (int)(j->N - n0) : 16;
+        const uint8_t *w = j->w + (size_t)n0 * ws;
         const char *pf = tile_ahead(j, p, p1, 16);
-        if (nr < 16) memset(abuf + nr * astride, 0, (16 - nr) * astride);
-        if (!pieces) amx_unpack_panel(j, n0, nr, abuf, pf, 0, j->nb, astride);
+        /* Rows past N multiply as zeros (their outputs are never stored). */
+        if (nr < 16) memset(abuf, 0, (size_t)slots * AMX_PAIR_BYTES);
+        if (!ringed)
+            for (int64_t q = 0; q < pairs; ++q)
+                amx_unpack_pair(w, ws, j->nb, nr, q, abuf + q * AMX_PAIR_BYTES, pf, 0);
         for (int64_t t0 = 0; t0 < j->mtiles; t0 += 4) {
-            int nt = j->mtiles - t0 < 4 ? (int)(j->mtiles - t0) : 4;
+            const int nt = j->mtiles - t0 < 4 ? (int)(j->mtiles - t0) : 4;
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
-            if (pieces) {
-                for (int64_t b0 = 0; b0 < j->nb; b0 += kblocks) {
-                    int64_t b1 = b0 + kblocks < j->nb ? b0 + kblocks : j->nb;
-                    amx_unpack_panel(j, n0, nr, abuf, pf, b0, b1, astride);
-                    amx_chunks(abuf, astride, 2 * b0, 2 * b0, 2 * b1, bt, t0, chunks, nt);
+            if (ringed) {
+                int64_t put_slot = 0, get_slot = 0;
+                for (int64_t q = 0; q < pairs + lag; ++q) {
+                    if (q >= lag) {
+                        amx_pair(abuf + get_slot * AMX_PAIR_BYTES, bt, t0, 4 * (q - lag), units, nt);
+                        get_slot = get_slot + 1 == slots ? 0 : get_slot + 1;
+                    }
+                    if (q < pairs) {
+                        amx_unpack_pair(w, ws, j->nb, nr, q, abuf + put_slot * AMX_PAIR_BYTES, pf, scaled);
+                        put_slot = put_slot + 1 == slots ? 0 : put_slot + 1;
+                    }
                 }
             } else {
-                amx_chunks(abuf, astride, 0, 0, chunks, bt, t0, chunks, nt);
+                for (int64_t q = 0; q < pairs; ++q)
+                    amx_pair(abuf + q * AMX_PAIR_BYTES, bt, t0, 4 * q, units, nt);
             }
             _tile_stored(0, cbuf[0], 64);
             _tile_stored(1, cbuf[1], 64);
             _tile_stored(2, cbuf[2], 64);
             _tile_stored(3, cbuf[3], 64);
             if (nt == 1) {
-                amx_sum(cbuf[0], cbuf[1]);
-                amx_sum(cbuf[2], cbuf[3]);
-                amx_sum(cbuf[0], cbuf[2]);
-                amx_store(j, t0 * 16, n0, nr, cbuf[0]);
+                amx_store(j, t0 * 16, n0, nr, cbuf[0], 4, scaled);
             } else if (nt == 2) {
-                amx_sum(cbuf[0], cbuf[1]);
-                amx_sum(cbuf[2], cbuf[3]);
-                amx_store(j, t0 * 16, n0, nr, cbuf[0]);
-                amx_store(j, (t0 + 1) * 16, n0, nr, cbuf[2]);
+                amx_store(j, t0 * 16, n0, nr, cbuf[0], 2, 0);
+                amx_store(j, (t0 + 1) * 16, n0, nr, cbuf[2], 2, 0);
             } else {
-                for (int t = 0; t < nt; ++t) amx_store(j, (t0 + t) * 16, n0, nr, cbuf[t]);
+                for (int t = 0; t < nt; ++t) amx_store(j, (t0 + t) * 16, n0, nr, cbuf[t], 1, 0);
             }
         }
     }
     _tile_release();
 }
 
-/* Activation rows (natural order, [M][Kp]) to TDPBUSD B tiles: tile (t, c) row r holds, for each
- * of its 16 activation rows m, the four bytes k = 64c + 4r .. 64c + 4r + 3. */
-static void amx_pack_activations(const int8_t *qnat, int64_t M, size_t kp, int8_t *bt) {
-    const int64_t chunks = (int64_t)(kp / AMX_K), mtiles = (M + 15) / 16;
-    memset(bt, 0, (size_t)mtiles * chunks * 1024);
-    for (int64_t m = 0; m < M; ++m) {
-        const int8_t *src = qnat + m * kp;
-        int8_t *tile_base = bt + (size_t)(m / 16) * chunks * 1024 + (m % 16) * 4;
-        for (int64_t c = 0; c < chunks; ++c)
-            for (int r = 0; r < 16; ++r)
-                memcpy(tile_base + c * 1024 + r * 64, src + c * AMX_K + r * 4, 4);
+/* Activation rows [m0, m1) of one tile (m1 - m0 <= 16, rows of qs bytes in the AVX-512 layout,
+ * from q) to TDPBUSD B tiles for units [u0, u1): row r of tile (t, u) holds, for each of the
+ * tile's 16 activation rows, bytes 4r .. 4r + 3 of unit u: a 16 x 16 transpose of 32-bit
+ * elements.  Rows past m1 are zeros. */
+static TAMX void amx_pack_tile(const int8_t *q, size_t qs, int64_t m0, int64_t m1, int64_t u0, int64_t u1,
+                               int64_t units, int8_t *bt) {
+    const int64_t t = m0 / 16;
+    for (int64_t u = u0; u < u1; ++u) {
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i)
+            r[i] = m0 + i < m1 ? _mm512_loadu_si512((const void *)(q + (size_t)(m0 + i) * qs + u * 64))
+                               : _mm512_setzero_si512();
+        amx_transpose(r);
+        int8_t *dst = bt + (size_t)(t * units + u) * 1024;
+        for (int i = 0; i < 16; ++i) _mm512_store_si512((void *)(dst + i * 64), r[amx_where[i]]);
     }
+}
+
+/* All M activation rows to B tiles. */
+static void amx_pack_activations(const int8_t *q, size_t qs, int64_t M, int64_t nb, int8_t *bt) {
+    const int64_t units = 4 * ((nb + 1) / 2);
+    for (int64_t m0 = 0; m0 < M; m0 += 16)
+        amx_pack_tile(q, qs, m0, m0 + 16 < M ? m0 + 16 : M, 0, units, units, bt);
 }
 
 static int amx_permitted(void) {
@@ -1159,17 +1223,18 @@ static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t
     hgrn_ws_t *w = calloc(1, sizeof *w);
     if (!w) return NULL;
     w->isa = (isa == ISA_AMX && B < AMX_MIN_ROWS) ? ISA_AVX512VNNI : isa;
-    w->layout = w->isa == ISA_AMX ? ISA_AVX2 : w->isa;
+    /* AMX products take K in the AVX-512 path's order (see run_amx). */
+    w->layout = w->isa == ISA_AMX ? ISA_AVX512VNNI : w->isa;
     w->level = vec_level_of(isa);
     w->nthreads = nthreads < 1 ? 1 : nthreads;
     w->B = B, w->H = H, w->D = D, w->I = I;
     w->mtiles = (B + 15) / 16;
     const int64_t ks[N_SLOTS] = {H, H, H, D, I};
-    int64_t kp_max = 0;
+    int64_t nb_max = 0;
     for (int s = 0; s < N_SLOTS; ++s) {
         w->nb[s] = (ks[s] + BLOCK - 1) / BLOCK;
         w->qs[s] = qrow_bytes(w->layout, w->nb[s]);
-        if (w->nb[s] * BLOCK > kp_max) kp_max = w->nb[s] * BLOCK;
+        if (w->nb[s] > nb_max) nb_max = w->nb[s];
     }
     w->ew = D > I ? D : I;
     /* One allocation, every piece 64-byte aligned. */
@@ -1179,9 +1244,9 @@ static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t
         sizes[n++] = w->qs[s] * (size_t)B;
         sizes[n++] = sizeof(int32_t) * (size_t)B;
         sizes[n++] = sizeof(float) * (size_t)B;
-        sizes[n++] = w->isa == ISA_AMX ? (size_t)w->mtiles * (size_t)w->nb[s] * BLOCK * 16 : 0;
+        sizes[n++] = w->isa == ISA_AMX ? amx_b_bytes(B, w->nb[s]) : 0;
     }
-    sizes[n++] = w->isa == ISA_AMX ? (size_t)w->nthreads * 16 * (size_t)kp_max : 0;
+    sizes[n++] = w->isa == ISA_AMX ? (size_t)w->nthreads * amx_a_bytes(nb_max) : 0;
     const int64_t widths[] = {H, D, D, D, D, H, 2 * I, I, H, w->ew, w->ew};
     for (int k = 0; k < 11; ++k) sizes[n++] = sizeof(float) * (size_t)(B * widths[k]);
     sizes[n++] = sizeof(float) * (size_t)(w->nthreads * H);
@@ -1343,18 +1408,18 @@ static inline void put_row(const hgrn_ws_t *w, int s, int64_t b, const float *x,
     w->rs[s][b] = (1.0f / sc) * m;
 }
 
-/* AMX: the quantized rows of slot s, in natural order, into the B tiles (the layout of
- * amx_pack_activations).  Threads split the tiles by chunk of K: a 64-byte line of a tile holds
- * bytes of 16 rows, so splitting by row would have threads write into the same lines. */
+/* AMX: the quantized rows of slot s into the B tiles (amx_pack_tile).  Threads split the tiles
+ * by unit of K: a 64-byte line of a tile holds bytes of 16 rows, so splitting by row would have
+ * threads write into the same lines. */
 static void amx_pack_share(const hgrn_ws_t *w, int s, int id, int nt) {
-    const int64_t chunks = w->nb[s] * BLOCK / 64;
-    const int64_t c0 = chunks * id / nt, c1 = chunks * (id + 1) / nt;
-    for (int64_t b = 0; b < w->B; ++b) {
-        const int8_t *src = w->q[s] + (size_t)b * w->qs[s];
-        int8_t *base = w->amx_b[s] + (size_t)(b / 16) * chunks * 1024 + (b % 16) * 4;
-        for (int64_t c = c0; c < c1; ++c)
-            for (int rr = 0; rr < 16; ++rr) memcpy(base + c * 1024 + rr * 64, src + c * 64 + rr * 4, 4);
-    }
+#if MW_X86
+    const int64_t units = 4 * ((w->nb[s] + 1) / 2);
+    const int64_t u0 = units * id / nt, u1 = units * (id + 1) / nt;
+    for (int64_t m0 = 0; m0 < w->B; m0 += 16)
+        amx_pack_tile(w->q[s], w->qs[s], m0, m0 + 16 < w->B ? m0 + 16 : w->B, u0, u1, units, w->amx_b[s]);
+#else
+    (void)w, (void)s, (void)id, (void)nt;
+#endif
 }
 
 static inline job_t slot_job(const hgrn_ws_t *w, int s, const uint8_t *codes, int64_t N, float *out) {
@@ -1616,7 +1681,7 @@ static PyObject *py_isa_supported(PyObject *self, PyObject *args) {
 }
 
 /* Buffers of one product call.  `layout` is the ISA whose activation layout the rows are
- * written in; AMX rows are written in natural order and then rearranged into B tiles. */
+ * written in; AMX rows are written in the AVX-512 layout and then rearranged into B tiles. */
 typedef struct {
     int isa, layout;
     size_t qs;
@@ -1638,16 +1703,15 @@ static void plan_free(plan_t *p) {
 static int plan_make(plan_t *p, int isa, long long N, long long nb, long long M, int nthreads) {
     memset(p, 0, sizeof *p);
     p->isa = (isa == ISA_AMX && M < AMX_MIN_ROWS) ? ISA_AVX512VNNI : isa;
-    p->layout = p->isa == ISA_AMX ? ISA_AVX2 : p->isa;
+    p->layout = p->isa == ISA_AMX ? ISA_AVX512VNNI : p->isa;
     p->qs = qrow_bytes(p->layout, nb);
     p->qbuf = alloc64(p->qs * (size_t)M);
     p->sumq = alloc64(sizeof(int32_t) * (size_t)M);
     p->rs = alloc64(sizeof(float) * (size_t)M);
     int ok = p->qbuf && p->sumq && p->rs;
     if (ok && p->isa == ISA_AMX) {
-        size_t kp = (size_t)nb * BLOCK;
-        p->amx_b = alloc64((size_t)((M + 15) / 16) * kp * 16);
-        p->amx_a = alloc64((size_t)job_threads(ISA_AMX, N, nthreads) * 16 * kp);
+        p->amx_b = alloc64(amx_b_bytes(M, nb));
+        p->amx_a = alloc64((size_t)job_threads(ISA_AMX, N, nthreads) * amx_a_bytes(nb));
         ok = p->amx_b && p->amx_a;
     }
     if (!ok) plan_free(p);
@@ -1657,7 +1721,7 @@ static int plan_make(plan_t *p, int isa, long long N, long long nb, long long M,
 static void plan_run(plan_t *p, const uint8_t *w, long long N, long long nb, long long M,
                      int32_t *out_i32, float *out_f32, int nthreads) {
 #if MW_X86
-    if (p->isa == ISA_AMX) amx_pack_activations(p->qbuf, M, (size_t)nb * BLOCK, p->amx_b);
+    if (p->isa == ISA_AMX) amx_pack_activations(p->qbuf, p->qs, M, nb, p->amx_b);
 #endif
     job_t j = {w, N, nb, p->qbuf, p->qs, M, p->sumq, out_i32, out_f32, p->rs,
                p->amx_b, (M + 15) / 16, p->amx_a};
