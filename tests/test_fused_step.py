@@ -293,6 +293,30 @@ def test_backends_that_use_the_fused_step(model) -> None:
     module.backend = "auto"
 
 
+def test_far_prefetches_follow_the_cache_and_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The plan turns far prefetches on when the weights outgrow the last-level cache.  Forced on,
+    # with matrices long enough (hundreds of KB per thread) that the far prefetches land inside
+    # them, the step must give the same bits.
+    config = {**preset_config("tiny-mmfree"), "hidden_size": 512, "intermediate_size": 1408,
+              "num_hidden_layers": 1, "vocab_size": 4000}
+    module = hgrn_bit.synthetic(hgrn_bit.spec_from_config(config, "test"), seed=4)
+    _randomize_gains(module, seed=4)
+    monkeypatch.setattr(kernels, "_last_level_cache_bytes", lambda: 1 << 40)
+    cached = fused.FusedDecoder(module)
+    monkeypatch.setattr(kernels, "_last_level_cache_bytes", lambda: 1 << 20)
+    streaming = fused.FusedDecoder(module)
+    assert not cached.streams_from_dram and streaming.streams_from_dram
+    assert int(cached.plan[9]) == 0 and int(streaming.plan[9]) == 1
+    width = module.spec.hidden_size * module.spec.expand_ratio
+    for batch in (1, 2):
+        a = torch.zeros((1, batch, width))
+        b = torch.zeros((1, batch, width))
+        for token in (5, 9, 3):
+            ids = torch.full((batch, 1), token)
+            assert torch.equal(cached.step(ids, a), streaming.step(ids, b))
+            assert torch.equal(a, b)
+
+
 def test_plan_dropped_when_buffers_move(model) -> None:
     module = model.module
     module.backend = "auto"

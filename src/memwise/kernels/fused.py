@@ -172,6 +172,10 @@ class FusedDecoder:
         scales = [0.0] * (_SCALES_HEADER + n_layers * _SCALES_LAYER)
         plan[:9] = [n_layers, h, d, i, v, heads, _gain(model.norm.weight, h, "model.norm"),
                     _codes(model.lm_head, v, h, "lm_head"), _gain(model.lm_head.norm_weight, h, "lm_head.norm")]
+        # Far prefetches speed up weights streaming from DRAM and slow down ones the last-level
+        # cache keeps between steps (see PF_FAR_BYTES in ternary.c).
+        self.streams_from_dram = model.decode_bytes_per_token() > _kernels._last_level_cache_bytes()
+        plan[9] = int(self.streams_from_dram)
         scales[0] = model.lm_head.scale
         lower = model.lower_bounds
         if lower is not None and (lower.dtype != torch.float32 or not lower.is_contiguous()
