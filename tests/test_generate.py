@@ -142,3 +142,12 @@ def test_bad_inputs(pair):
         model.logits(torch.tensor([[1, 2]]), attention_mask=torch.tensor([[1, 0]]))
     with pytest.raises(MemwiseError, match="exceed this model's 128 positions"):
         model.generate(PROMPT, max_new_tokens=125)
+
+
+def test_greedy_picks_the_first_of_equal_maxima() -> None:
+    # Hugging Face's greedy search uses argmax, which returns the first maximal index; ties are
+    # common once logits are masked with -inf or are equal in float32.
+    from memwise.generate import GenerationOptions, sample_next
+    logits = torch.tensor([[1.0, 5.0, 5.0, 2.0], [7.0, 7.0, 0.0, 7.0], [-float("inf"), -1.0, -1.0, -2.0]])
+    got = sample_next(logits, GenerationOptions(), None)
+    assert got.tolist() == [1, 0, 1] == logits.argmax(dim=-1).tolist()
