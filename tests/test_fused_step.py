@@ -152,7 +152,7 @@ def shared(tmp_path_factory):
 
 @pytest.mark.parametrize("batch", range(1, 18))
 def test_every_batch_size(batch: int, shared) -> None:
-    # 1 (GEMV), 2-5 (4 x 4 and smaller tiles), 6-17 (AMX where the CPU has it, from
+    # 1 (GEMV), 2-4 (4 x 4 and smaller tiles), 5-17 (AMX where the CPU has it, from
     # memwise.kernels._c.AMX_MIN_ROWS rows on, with a partial second tile of 16 rows at 17).
     ids, mask = random_prompts(batch, 4, shared.spec.vocab_size, seed=batch)
     decode_side_by_side(shared.module, ids, mask, steps=2)

@@ -300,7 +300,7 @@ def test_read_bandwidth_measures_something() -> None:
 
 def test_kernel_bench_records(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "_bandwidth", 10e9)  # skip the 1-second DRAM measurement
-    isa = [p for p in kernels.isa_paths() if p != "amx"][0]  # AMX sits out M < 12
+    isa = [p for p in kernels.isa_paths() if p != "amx"][0]  # AMX sits out M below AMX_MIN_ROWS
     records = bench.run_kernel_bench(sizes=("370m",), batch_sizes=(1, 3), repeats=2, isas=[isa],
                                      arena_bytes=1 << 20)
     assert [(r["matrix"], r["rows"], r["cols"]) for r in records[::2]] == [

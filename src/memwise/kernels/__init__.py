@@ -7,7 +7,7 @@ Backends:
   chosen at run time, multi-threaded with OpenMP over output rows using
   ``torch.get_num_threads()`` threads, and it releases the GIL. One activation row (decode) is a
   GEMV that streams the packed weights once; several rows share each unpacked weight block
-  (4 x 4 register tiles with AVX-512, 16 x 16 tiles with AMX, which takes over from 6 rows).
+  (4 x 4 register tiles with AVX-512, 16 x 16 tiles with AMX, which takes over from 5 rows).
 * ``"triton"``: ``memwise.kernels.triton_ternary``, for CUDA tensors when triton is installed.
 * ``"reference"``: the plain PyTorch code of ``memwise.ternary``; the fallback everywhere.
 

@@ -48,9 +48,11 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_AM
 
 /* Below this many activation rows the AMX path hands over to AVX-512 VNNI.  AMX must first
  * unpack each weight panel to one byte per code in memory, a fixed cost per panel that only
- * pays off when enough activation rows share it (measured crossover, weights streaming from
- * memory as in decoding: 5 to 8 rows). */
-#define AMX_MIN_ROWS 6
+ * pays off when enough activation rows share it.  Fused decode steps on this project's VM
+ * (medians of 55, three alternating rounds): at 4 rows AVX-512 wins for mmfree-2.7b (48 vs 58 ms)
+ * and ties for mmfree-370m; at 5 rows, where AVX-512 runs a 4-row tile and then a GEMV over the
+ * same weights, AMX wins (2.7b 58 vs 62 ms, 370m 7.0 vs 9.4 ms). */
+#define AMX_MIN_ROWS 5
 
 /* Bytes of one pair of blocks of K in AMX buffers: 4 units of 64 bytes for 16 rows (run_amx). */
 #define AMX_PAIR_BYTES (4 * 16 * 64)
