@@ -35,6 +35,9 @@
 #else
 #define MW_X86 0
 #endif
+#if defined(__GNUC__) || defined(__clang__)
+#include <sched.h>
+#endif
 
 /* Bodies inlined into per-instruction-set copies of their callers. */
 #if defined(__GNUC__) || defined(__clang__)
@@ -209,22 +212,23 @@ static inline float row_amax_scalar(const float *x, float r, const float *g, int
     return amax;
 }
 
-MW_INLINE int32_t quantize_row_body(const float *x, float r, const float *g, int64_t K, float amax, int isa,
-                                    int natural_unpadded, int8_t *dst, float *s_out) {
+/* Elements [k0, k1) of the row, amax given: the part of the row a thread quantizes when threads
+ * share one row (every thread computes the row's amax, so none waits for another's).  Returns
+ * the sum of those q and stores s. */
+MW_INLINE int32_t quantize_span_body(const float *x, float r, const float *g, float amax, int isa,
+                                     int natural_unpadded, int8_t *dst, float *s_out, int64_t k0, int64_t k1) {
     if (!(amax >= 1e-5f) && amax == amax) amax = 1e-5f;
     float s = (1.0f / amax) * 127.0f;
     *s_out = s;
     int32_t sum = 0;
-    for (int64_t c = 0; c * 32 < K; ++c) {
+    for (int64_t k = k0; k < k1; ++k) {
+        const int64_t c = k >> 5;
         int8_t *out = dst + (natural_unpadded ? (size_t)c * 32 : chunk_offset(isa, c));
-        int64_t end = (c + 1) * 32 < K ? (c + 1) * 32 : K;
-        for (int64_t k = c * 32; k < end; ++k) {
-            float v = nearbyintf(((x[k] * r) * g[k]) * s);
-            v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
-            int8_t qv = (int8_t)v;
-            out[k - c * 32] = qv;
-            sum += qv;
-        }
+        float v = nearbyintf(((x[k] * r) * g[k]) * s);
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        int8_t qv = (int8_t)v;
+        out[k & 31] = qv;
+        sum += qv;
     }
     return sum;
 }
@@ -268,14 +272,16 @@ typedef struct {
     int64_t mtiles;
     uint8_t *amx_a;        /* AMX only: per-thread unpacked codes, [threads][16][Kp] */
     size_t pf_far;         /* GEMV: bytes ahead of the far prefetches (tile_ahead_by), 0 for none */
+    int64_t ldo;           /* elements from one output row to the next (N unless a job writes
+                              part of a wider output) */
 } job_t;
 
 static inline void put(const job_t *j, int64_t m, int64_t n, int32_t codesum) {
     int32_t acc = codesum - j->sumq[m];
     if (j->out_f32)
-        j->out_f32[m * j->N + n] = (float)acc * j->rs[m];
+        j->out_f32[m * j->ldo + n] = (float)acc * j->rs[m];
     else
-        j->out_i32[m * j->N + n] = acc;
+        j->out_i32[m * j->ldo + n] = acc;
 }
 
 /* Activation rows per chunk in the GEMM: a chunk of activations should stay in L2 while every
@@ -659,10 +665,10 @@ static inline __attribute__((always_inline)) TAMX void amx_store(const job_t *j,
     for (int m = 0; m < mr; ++m) {
         __m512i v = _mm512_sub_epi32(r[amx_where[m]], _mm512_set1_epi32(j->sumq[m0 + m]));
         if (j->out_f32)
-            _mm512_mask_storeu_ps(j->out_f32 + (m0 + m) * j->N + n0, keep,
+            _mm512_mask_storeu_ps(j->out_f32 + (m0 + m) * j->ldo + n0, keep,
                                   _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(j->rs[m0 + m])));
         else
-            _mm512_mask_storeu_epi32(j->out_i32 + (m0 + m) * j->N + n0, keep, v);
+            _mm512_mask_storeu_epi32(j->out_i32 + (m0 + m) * j->ldo + n0, keep, v);
     }
 }
 
@@ -901,15 +907,18 @@ static int isa_supported(int isa) {
     return known[isa];
 }
 
-static int32_t quantize_row_generic(const float *x, float r, const float *g, int64_t K, int isa,
-                                    int natural_unpadded, int8_t *dst, float *s_out) {
-    return quantize_row_body(x, r, g, K, row_amax_scalar(x, r, g, K), isa, natural_unpadded, dst, s_out);
+static float row_amax_generic(const float *x, float r, const float *g, int64_t K) {
+    return row_amax_scalar(x, r, g, K);
+}
+
+static int32_t quantize_span_generic(const float *x, float r, const float *g, float amax, int isa,
+                                     int natural_unpadded, int8_t *dst, float *s_out, int64_t k0, int64_t k1) {
+    return quantize_span_body(x, r, g, amax, isa, natural_unpadded, dst, s_out, k0, k1);
 }
 
 #if MW_X86
 /* The maximum is exact in any order; NaNs are tracked apart because MAXPS drops them. */
-static T256 int32_t quantize_row_avx2(const float *x, float r, const float *g, int64_t K, int isa,
-                                      int natural_unpadded, int8_t *dst, float *s_out) {
+static T256 float row_amax_avx2(const float *x, float r, const float *g, int64_t K) {
     const __m256 vr = _mm256_set1_ps(r), absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 acc = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
     int64_t k = 0;
@@ -922,36 +931,52 @@ static T256 int32_t quantize_row_avx2(const float *x, float r, const float *g, i
     float lanes[8], amax = row_amax_scalar(x + k, r, g + k, K - k);
     _mm256_storeu_ps(lanes, acc);
     for (int l = 0; l < 8; ++l) amax = lanes[l] > amax ? lanes[l] : amax;
-    if (_mm256_movemask_ps(nan)) amax = NAN;
-    return quantize_row_body(x, r, g, K, amax, isa, natural_unpadded, dst, s_out);
+    return _mm256_movemask_ps(nan) ? NAN : amax;
 }
 
-static T512 int32_t quantize_row_avx512(const float *x, float r, const float *g, int64_t K, int isa,
-                                        int natural_unpadded, int8_t *dst, float *s_out) {
+static T256 int32_t quantize_span_avx2(const float *x, float r, const float *g, float amax, int isa,
+                                       int natural_unpadded, int8_t *dst, float *s_out, int64_t k0, int64_t k1) {
+    return quantize_span_body(x, r, g, amax, isa, natural_unpadded, dst, s_out, k0, k1);
+}
+
+static T512 float row_amax_avx512(const float *x, float r, const float *g, int64_t K) {
     const __m512 vr = _mm512_set1_ps(r);
     __m512 acc = _mm512_setzero_ps();
     __mmask16 nan = 0;
-    for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 a = _mm512_abs_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), vr), _mm512_loadu_ps(g + k)));
+        acc = _mm512_max_ps(a, acc);
+        nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    }
+    if (k < K) {
+        const __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);
         __m512 a = _mm512_abs_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), vr),
                                                _mm512_maskz_loadu_ps(m, g + k)));
         acc = _mm512_max_ps(a, acc);
         nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
     }
-    if (nan) return quantize_row_body(x, r, g, K, NAN, isa, natural_unpadded, dst, s_out);
-    float amax = _mm512_reduce_max_ps(acc);
+    return nan ? NAN : _mm512_reduce_max_ps(acc);
+}
+
+/* q = clamp(round_half_even(((x * r) * g) * s), -128, 127), 16 values at a time: the same
+ * roundings as quantize_span_body, stored at the 32-value chunk offsets of the layout.  k0 is a
+ * multiple of 16. */
+static T512 int32_t quantize_span_avx512(const float *x, float r, const float *g, float amax, int isa,
+                                         int natural_unpadded, int8_t *dst, float *s_out, int64_t k0, int64_t k1) {
+    if (amax != amax) return quantize_span_body(x, r, g, amax, isa, natural_unpadded, dst, s_out, k0, k1);
     if (!(amax >= 1e-5f)) amax = 1e-5f;
     const float s = (1.0f / amax) * 127.0f;
     *s_out = s;
-    /* q = clamp(round_half_even(((x * r) * g) * s), -128, 127), 16 values at a time: the same
-     * roundings as quantize_row_body, stored at the 32-value chunk offsets of the layout. */
-    const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+    const __m512 vr = _mm512_set1_ps(r), vs = _mm512_set1_ps(s);
+    const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
     __m512i sum = _mm512_setzero_si512();
-    for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+    for (int64_t k = k0; k < k1; k += 16) {
+        const __mmask16 m = k1 - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k1 - k)) - 1u);
         __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), vr),
                                                _mm512_maskz_loadu_ps(m, g + k)), vs);
-        y = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        /* Clamping first and converting with the default rounding (to nearest even) gives the
+         * same integer as rounding first: the bounds are integers. */
         __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(y, lo), hi));
         q = _mm512_maskz_mov_epi32(m, q);
         sum = _mm512_add_epi32(sum, q);
@@ -981,14 +1006,30 @@ static int vec_level_best(void) {
     return VEC_GENERIC;
 }
 
-static int32_t quantize_row_lv(int level, const float *x, float r, const float *g, int64_t K, int isa,
-                               int natural_unpadded, int8_t *dst, float *s_out) {
+/* max |(x * r) * g| over the row of K; NaN if any value is NaN, as torch's amax. */
+static float row_amax_lv(int level, const float *x, float r, const float *g, int64_t K) {
 #if MW_X86
-    if (level >= VEC_AVX512) return quantize_row_avx512(x, r, g, K, isa, natural_unpadded, dst, s_out);
-    if (level >= VEC_AVX2) return quantize_row_avx2(x, r, g, K, isa, natural_unpadded, dst, s_out);
+    if (level >= VEC_AVX512) return row_amax_avx512(x, r, g, K);
+    if (level >= VEC_AVX2) return row_amax_avx2(x, r, g, K);
 #endif
     (void)level;
-    return quantize_row_generic(x, r, g, K, isa, natural_unpadded, dst, s_out);
+    return row_amax_generic(x, r, g, K);
+}
+
+static int32_t quantize_span_lv(int level, const float *x, float r, const float *g, float amax, int isa,
+                                int natural_unpadded, int8_t *dst, float *s_out, int64_t k0, int64_t k1) {
+#if MW_X86
+    if (level >= VEC_AVX512) return quantize_span_avx512(x, r, g, amax, isa, natural_unpadded, dst, s_out, k0, k1);
+    if (level >= VEC_AVX2) return quantize_span_avx2(x, r, g, amax, isa, natural_unpadded, dst, s_out, k0, k1);
+#endif
+    (void)level;
+    return quantize_span_generic(x, r, g, amax, isa, natural_unpadded, dst, s_out, k0, k1);
+}
+
+static int32_t quantize_row_lv(int level, const float *x, float r, const float *g, int64_t K, int isa,
+                               int natural_unpadded, int8_t *dst, float *s_out) {
+    return quantize_span_lv(level, x, r, g, row_amax_lv(level, x, r, g, K), isa, natural_unpadded, dst,
+                            s_out, 0, K);
 }
 
 static int32_t quantize_row_r(const float *x, float r, const float *g, int64_t K, int isa,
@@ -1232,6 +1273,11 @@ typedef struct {
     uint8_t *amx_a;
     float *h, *fi, *ff, *fg, *o, *attn, *y, *u, *down, *e1, *e2;
     float *hs;  /* per thread, H floats: normalized rows when threads share a row's work */
+    /* When threads share rows: per thread, [N_SLOTS][B] sums of the q it quantized (sum_part)
+     * and the whole rows' sums it gathered for its products (sum_mine), sum_stride apart. */
+    int32_t *sum_part, *sum_mine;
+    int64_t sum_stride;
+    int *barrier; /* spin_barrier's count, and its generation a line further */
     int64_t ew; /* floats per row of e1 / e2 */
     void *mem;
 } hgrn_ws_t;
@@ -1260,7 +1306,7 @@ static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t
     }
     w->ew = D > I ? D : I;
     /* One allocation, every piece 64-byte aligned. */
-    size_t sizes[N_SLOTS * 4 + 14], total = 0;
+    size_t sizes[N_SLOTS * 4 + 16], total = 0;
     int n = 0;
     for (int s = 0; s < N_SLOTS; ++s) {
         sizes[n++] = w->qs[s] * (size_t)B;
@@ -1272,6 +1318,10 @@ static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t
     const int64_t widths[] = {H, D, D, D, D, H, 2 * I, I, H, w->ew, w->ew};
     for (int k = 0; k < 11; ++k) sizes[n++] = sizeof(float) * (size_t)(B * widths[k]);
     sizes[n++] = sizeof(float) * (size_t)(w->nthreads * H);
+    w->sum_stride = (N_SLOTS * B + 15) / 16 * 16; /* a thread's sums on lines of their own */
+    sizes[n++] = sizeof(int32_t) * (size_t)(w->nthreads * w->sum_stride);
+    sizes[n++] = sizeof(int32_t) * (size_t)(w->nthreads * w->sum_stride);
+    sizes[n++] = 128;
     for (int k = 0; k < n; ++k) total += (sizes[k] + 63) & ~(size_t)63;
     w->mem = alloc64(total);
     if (!w->mem) {
@@ -1305,6 +1355,9 @@ static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t
     TAKE(w->e1, float *);
     TAKE(w->e2, float *);
     TAKE(w->hs, float *);
+    TAKE(w->sum_part, int32_t *);
+    TAKE(w->sum_mine, int32_t *);
+    TAKE(w->barrier, int *);
 #undef TAKE
     return w;
 }
@@ -1325,6 +1378,19 @@ enum {
 enum { SC_I, SC_F, SC_G, SC_O, SC_GATE, SC_DOWN };
 
 #define PTR(type, word) ((type)(uintptr_t)(word))
+
+/* Asks for the floats [p, p + n) in L2, a request per line.  Between two products the step's
+ * float work reads gains and states that the streaming weights have pushed out of every cache;
+ * each thread asks for the next phase's vectors as soon as its share of a product is done, so
+ * they arrive while it waits for the other threads. */
+static inline void prefetch_floats(const float *p, int64_t n) {
+#if MW_X86
+    const char *c = (const char *)p;
+    for (int64_t o = 0; o < n * (int64_t)sizeof(float); o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+#else
+    (void)p, (void)n;
+#endif
+}
 
 /* Rows of the batch handled by thread id of nt. */
 static inline void my_rows(int64_t B, int id, int nt, int64_t *b0, int64_t *b1) {
@@ -1431,6 +1497,47 @@ static inline void put_row(const hgrn_ws_t *w, int s, int64_t b, const float *x,
     w->rs[s][b] = (1.0f / sc) * m;
 }
 
+/* Elements [k0, k1) of a row of n, thread id's share when nt threads split one row (multiples of
+ * 16, so vector loops stay whole). */
+static inline void my_span(int64_t n, int id, int nt, int64_t *k0, int64_t *k1) {
+    const int64_t units = (n + 15) / 16;
+    *k0 = units * id / nt * 16;
+    *k1 = units * (id + 1) / nt * 16;
+    if (*k0 > n) *k0 = n;
+    if (*k1 > n) *k1 = n;
+}
+
+/* Threads sharing rows: thread id quantizes its part [k0, k1) of row b (r given) into slot s.
+ * Each thread computes the whole row's amax itself, so the only wait is the barrier before the
+ * product, after which gather_sums adds up the parts' sums. */
+static inline void put_row_part(const hgrn_ws_t *w, int s, int64_t b, const float *x, float r,
+                                const float *gain, int64_t K, float m, int id, int nt) {
+    int64_t k0, k1;
+    my_span(K, id, nt, &k0, &k1);
+    const float amax = row_amax_lv(w->level, x, r, gain, K);
+    float sc;
+    int8_t *dst = w->q[s] + (size_t)b * w->qs[s];
+    w->sum_part[id * w->sum_stride + s * w->B + b] =
+        k0 < k1 ? quantize_span_lv(w->level, x, r, gain, amax, w->layout, 0, dst, &sc, k0, k1) : 0;
+    /* Every thread computes the same s; one stores the rescale. */
+    if (id == 0) {
+        if (k0 >= k1) quantize_span_lv(w->level, x, r, gain, amax, w->layout, 0, dst, &sc, 0, 0);
+        w->rs[s][b] = (1.0f / sc) * m;
+    }
+}
+
+/* The sums of slot s's rows for thread id's products: its own copy, so no thread writes what
+ * another reads. */
+static const int32_t *gather_sums(const hgrn_ws_t *w, int s, int id, int nt) {
+    int32_t *mine = w->sum_mine + id * w->sum_stride + s * w->B;
+    for (int64_t b = 0; b < w->B; ++b) {
+        int32_t total = 0;
+        for (int t = 0; t < nt; ++t) total += w->sum_part[t * w->sum_stride + s * w->B + b];
+        mine[b] = total;
+    }
+    return mine;
+}
+
 /* AMX: the quantized rows of slot s into the B tiles (amx_pack_tile).  Threads split the tiles
  * by unit of K: a 64-byte line of a tile holds bytes of 16 rows, so splitting by row would have
  * threads write into the same lines. */
@@ -1445,25 +1552,35 @@ static void amx_pack_share(const hgrn_ws_t *w, int s, int id, int nt) {
 #endif
 }
 
-static inline job_t slot_job(const hgrn_ws_t *w, int s, const uint8_t *codes, int64_t N, float *out,
-                             size_t pf_far) {
-    job_t j = {codes, N, w->nb[s], w->q[s], w->qs[s], w->B, w->sumq[s], NULL, out, w->rs[s],
-               w->amx_b[s], w->mtiles, w->amx_a, pf_far};
+static inline job_t slot_job(const hgrn_ws_t *w, int s, const int32_t *sumq, const uint8_t *codes,
+                             int64_t N, float *out, size_t pf_far) {
+    job_t j = {codes, N, w->nb[s], w->q[s], w->qs[s], w->B, sumq, NULL, out, w->rs[s],
+               w->amx_b[s], w->mtiles, w->amx_a, pf_far, N};
     return j;
 }
 
-/* Thread id's share of the output tiles of up to three products that run together.  Returns the
- * output rows [*n0, *n1) it computed of the last product, whose outputs it may then use. */
-static void run_jobs(const hgrn_ws_t *w, const job_t *jobs, int njobs, int id, int nt, int64_t *n0,
-                     int64_t *n1) {
+/* Thread id's share of the output tiles of up to three products that run together: an even share
+ * of all their tiles, or with `each`, the rows my_span gives it of every product, so that
+ * elementwise work split by my_span afterwards finds its inputs in the thread's own cache.
+ * Returns the output rows [*n0, *n1) it computed of the last product, whose outputs it may then
+ * use. */
+static void run_jobs(const hgrn_ws_t *w, const job_t *jobs, int njobs, int each, int id, int nt,
+                     int64_t *n0, int64_t *n1) {
     const int64_t tr = tile_rows(w->isa);
+    run_fn fn = runner(w->isa);
+    if (each) { /* my_span's rows are multiples of 16, so whole tiles */
+        for (int k = 0; k < njobs; ++k) {
+            my_span(jobs[k].N, id, nt, n0, n1);
+            if (*n0 < *n1) fn(&jobs[k], *n0 / tr, (*n1 + tr - 1) / tr, id);
+        }
+        return;
+    }
     int64_t tiles[3], total = 0;
     for (int k = 0; k < njobs; ++k) {
         tiles[k] = (jobs[k].N + tr - 1) / tr;
         total += tiles[k];
     }
     const int64_t a = total * id / nt, b = total * (id + 1) / nt;
-    run_fn fn = runner(w->isa);
     int64_t off = 0, lo = 0, hi = 0;
     for (int k = 0; k < njobs; ++k) {
         lo = a > off ? a : off;
@@ -1490,16 +1607,6 @@ typedef struct {
 
 /* ---- the step ---- */
 
-/* Elements [k0, k1) of a row of n, thread id's share when nt threads split one row (multiples of
- * 16, so vector loops stay whole). */
-static inline void my_span(int64_t n, int id, int nt, int64_t *k0, int64_t *k1) {
-    const int64_t units = (n + 15) / 16;
-    *k0 = units * id / nt * 16;
-    *k1 = units * (id + 1) / nt * 16;
-    if (*k0 > n) *k0 = n;
-    if (*k1 > n) *k1 = n;
-}
-
 /* MLGRU gates, recurrence and output o for elements [k0, k1) of row b of layer l. */
 static void mlgru_span(const hgrn_ws_t *w, const hgrn_args_t *a, const row_ops_t *ops, const int64_t *lp,
                        int64_t l, int64_t b, int64_t heads, const ew_geom_t *gflat, int64_t k0, int64_t k1) {
@@ -1522,6 +1629,38 @@ static void mlgru_span(const hgrn_ws_t *w, const hgrn_args_t *a, const row_ops_t
     }
 }
 
+/* The step's barrier.  A decode step of mmfree-2.7b passes about 320 of them; OpenMP's costs
+ * 0.35-0.4 us on this project's VM when both threads arrive together, this one 0.08 us.  It spins,
+ * then yields the CPU, so that more threads than cores still make progress. */
+#if defined(_OPENMP) && (defined(__GNUC__) || defined(__clang__))
+#define MW_SPIN_BARRIER 1
+#define SPIN_BEFORE_YIELD 20000
+
+static inline void cpu_relax(void) {
+#if MW_X86
+    _mm_pause();
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+static void spin_barrier(int *count, int *gen, int nt, int *my_gen) {
+    const int g = *my_gen;
+    *my_gen = g + 1;
+    if (__atomic_add_fetch(count, 1, __ATOMIC_ACQ_REL) == nt) {
+        __atomic_store_n(count, 0, __ATOMIC_RELAXED); /* ordered before the release below */
+        __atomic_store_n(gen, g + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    for (long spins = 0; __atomic_load_n(gen, __ATOMIC_ACQUIRE) == g; ++spins) {
+        if (spins < SPIN_BEFORE_YIELD)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+}
+#endif
+
 static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
     const int64_t *plan = a->plan;
     const int64_t L = plan[0], H = plan[1], D = plan[2], I = plan[3], V = plan[4], heads = plan[5];
@@ -1539,7 +1678,11 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
     {
 #ifdef _OPENMP
         const int id = omp_get_thread_num(), nt = omp_get_num_threads();
-#ifdef _MSC_VER
+#if MW_SPIN_BARRIER
+        /* Every thread reads the generation before its first arrival, so all start equal. */
+        int my_gen = __atomic_load_n(w->barrier + 16, __ATOMIC_ACQUIRE);
+#define SYNC spin_barrier(w->barrier, w->barrier + 16, nt, &my_gen);
+#elif defined(_MSC_VER)
 #define SYNC __pragma(omp barrier)
 #else
 #define SYNC _Pragma("omp barrier")
@@ -1553,6 +1696,8 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
          * the quantization of a row, which must see the whole row, follows a barrier. */
         const int split = B < nt;
         int64_t b0, b1, n0, n1;
+        /* The row sums a product reads: gathered from the threads' parts when they share rows. */
+#define sums(s) (split ? gather_sums(w, s, id, nt) : w->sumq[s])
         my_rows(B, id, nt, &b0, &b1);
         for (int64_t l = 0; l < L; ++l) {
             const int64_t *lp = plan + PLAN_HEADER + l * PLAN_LAYER;
@@ -1570,13 +1715,12 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                         put_row(w, slots[k], b, hb, r, PTR(const float *, gains[k]), H, scl[sc[k]]);
                 }
             } else {
-                for (int64_t t = id; t < 3 * B; t += nt) {
-                    const int64_t b = t / 3;
-                    const int k = (int)(t % 3);
+                for (int64_t b = 0; b < B; ++b) {
                     float *hb = w->hs + (int64_t)id * H;
                     ops->norm(x + b * H, PTR(const float *, lp[PL_ATTN_NORM]), H, eps, W, hb);
-                    put_row(w, slots[k], b, hb, ops->rms(hb, H, eps, W), PTR(const float *, gains[k]), H,
-                            scl[sc[k]]);
+                    const float r = ops->rms(hb, H, eps, W);
+                    for (int k = 0; k < 3; ++k)
+                        put_row_part(w, slots[k], b, hb, r, PTR(const float *, gains[k]), H, scl[sc[k]], id, nt);
                 }
             }
             SYNC
@@ -1585,10 +1729,20 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 SYNC
             }
             {
-                job_t jobs[3] = {slot_job(w, SLOT_I, PTR(const uint8_t *, lp[PL_I_W]), D, w->fi, far),
-                                 slot_job(w, SLOT_F, PTR(const uint8_t *, lp[PL_F_W]), D, w->ff, far),
-                                 slot_job(w, SLOT_G, PTR(const uint8_t *, lp[PL_G_W]), D, w->fg, far)};
-                run_jobs(w, jobs, 3, id, nt, &n0, &n1);
+                job_t jobs[3] = {slot_job(w, SLOT_I, sums(SLOT_I), PTR(const uint8_t *, lp[PL_I_W]), D, w->fi, far),
+                                 slot_job(w, SLOT_F, sums(SLOT_F), PTR(const uint8_t *, lp[PL_F_W]), D, w->ff, far),
+                                 slot_job(w, SLOT_G, sums(SLOT_G), PTR(const uint8_t *, lp[PL_G_W]), D, w->fg, far)};
+                run_jobs(w, jobs, 3, split, id, nt, &n0, &n1);
+                prefetch_floats(PTR(const float *, lp[PL_LOWER]), lp[PL_LOWER] ? D : 0);
+                prefetch_floats(PTR(const float *, lp[PL_G_NORM]), D / heads);
+                prefetch_floats(PTR(const float *, lp[PL_O_G]), D);
+                if (split) {
+                    int64_t k0, k1;
+                    my_span(D, id, nt, &k0, &k1);
+                    for (int64_t b = 0; b < B; ++b) prefetch_floats(a->state + (l * B + b) * D + k0, k1 - k0);
+                } else {
+                    prefetch_floats(a->state + (l * B + b0) * D, (b1 - b0) * D);
+                }
             }
             SYNC
             /* MLGRU: gates, recurrence, o; then o quantized for o_proj. */
@@ -1604,10 +1758,10 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 my_span(D, id, nt, &k0, &k1);
                 for (int64_t b = 0; b < B; ++b) mlgru_span(w, a, ops, lp, l, b, heads, &gflat, k0, k1);
                 SYNC
-                for (int64_t b = b0; b < b1; ++b) {
+                for (int64_t b = 0; b < B; ++b) {
                     const float *o = w->o + b * D;
-                    put_row(w, SLOT_O, b, o, ops->rms(o, D, eps, W), PTR(const float *, lp[PL_O_G]), D,
-                            scl[SC_O]);
+                    put_row_part(w, SLOT_O, b, o, ops->rms(o, D, eps, W), PTR(const float *, lp[PL_O_G]), D,
+                                 scl[SC_O], id, nt);
                 }
             }
             SYNC
@@ -1616,18 +1770,29 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 SYNC
             }
             {
-                job_t j = slot_job(w, SLOT_O, PTR(const uint8_t *, lp[PL_O_W]), H, w->attn, far);
-                run_jobs(w, &j, 1, id, nt, &n0, &n1);
+                job_t j = slot_job(w, SLOT_O, sums(SLOT_O), PTR(const uint8_t *, lp[PL_O_W]), H, w->attn, far);
+                run_jobs(w, &j, 1, 0, id, nt, &n0, &n1);
                 for (int64_t b = 0; b < B; ++b) /* x = x + attn(...), over this thread's outputs */
                     ops->add(x + b * H + n0, w->attn + b * H + n0, n1 - n0);
+                prefetch_floats(PTR(const float *, lp[PL_MLP_NORM]), H);
+                prefetch_floats(PTR(const float *, lp[PL_GATE_G]), H);
             }
             SYNC
             /* h = mlp_norm(x), quantized for gate_proj. */
-            for (int64_t b = b0; b < b1; ++b) {
-                float *hb = w->h + b * H;
-                ops->norm(x + b * H, PTR(const float *, lp[PL_MLP_NORM]), H, eps, W, hb);
-                put_row(w, SLOT_I, b, hb, ops->rms(hb, H, eps, W), PTR(const float *, lp[PL_GATE_G]), H,
-                        scl[SC_GATE]);
+            if (!split) {
+                for (int64_t b = b0; b < b1; ++b) {
+                    float *hb = w->h + b * H;
+                    ops->norm(x + b * H, PTR(const float *, lp[PL_MLP_NORM]), H, eps, W, hb);
+                    put_row(w, SLOT_I, b, hb, ops->rms(hb, H, eps, W), PTR(const float *, lp[PL_GATE_G]), H,
+                            scl[SC_GATE]);
+                }
+            } else {
+                for (int64_t b = 0; b < B; ++b) {
+                    float *hb = w->hs + (int64_t)id * H;
+                    ops->norm(x + b * H, PTR(const float *, lp[PL_MLP_NORM]), H, eps, W, hb);
+                    put_row_part(w, SLOT_I, b, hb, ops->rms(hb, H, eps, W), PTR(const float *, lp[PL_GATE_G]), H,
+                                 scl[SC_GATE], id, nt);
+                }
             }
             SYNC
             if (amx) {
@@ -1635,8 +1800,19 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 SYNC
             }
             {
-                job_t j = slot_job(w, SLOT_I, PTR(const uint8_t *, lp[PL_GATE_W]), 2 * I, w->y, far);
-                run_jobs(w, &j, 1, id, nt, &n0, &n1);
+                const uint8_t *codes = PTR(const uint8_t *, lp[PL_GATE_W]);
+                job_t j = slot_job(w, SLOT_I, sums(SLOT_I), codes, 2 * I, w->y, far);
+                if (split) { /* the gate and up halves apart, so that each thread multiplies
+                              * the rows of both that its part of the GLU needs */
+                    job_t halves[2] = {j, j};
+                    halves[0].N = halves[1].N = I;
+                    halves[1].w = codes + (size_t)I * (size_t)w->nb[SLOT_I] * BLOCK_BYTES;
+                    halves[1].out_f32 = w->y + I;
+                    run_jobs(w, halves, 2, 1, id, nt, &n0, &n1);
+                } else {
+                    run_jobs(w, &j, 1, 0, id, nt, &n0, &n1);
+                }
+                prefetch_floats(PTR(const float *, lp[PL_DOWN_G]), I);
             }
             SYNC
             /* silu(gate) * up, quantized for down_proj. */
@@ -1655,8 +1831,13 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 }
                 if (split) {
                     SYNC
+                    for (int64_t b = 0; b < B; ++b) {
+                        const float *u = w->u + b * I;
+                        put_row_part(w, SLOT_DOWN, b, u, ops->rms(u, I, eps, W), PTR(const float *, lp[PL_DOWN_G]),
+                                     I, scl[SC_DOWN], id, nt);
+                    }
                 }
-                for (int64_t b = b0; b < b1; ++b) {
+                for (int64_t b = b0; b < b1 && !split; ++b) {
                     const float *u = w->u + b * I;
                     put_row(w, SLOT_DOWN, b, u, ops->rms(u, I, eps, W), PTR(const float *, lp[PL_DOWN_G]), I,
                             scl[SC_DOWN]);
@@ -1668,18 +1849,30 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 SYNC
             }
             {
-                job_t j = slot_job(w, SLOT_DOWN, PTR(const uint8_t *, lp[PL_DOWN_W]), H, w->down, far);
-                run_jobs(w, &j, 1, id, nt, &n0, &n1);
+                job_t j = slot_job(w, SLOT_DOWN, sums(SLOT_DOWN), PTR(const uint8_t *, lp[PL_DOWN_W]), H, w->down, far);
+                run_jobs(w, &j, 1, 0, id, nt, &n0, &n1);
                 for (int64_t b = 0; b < B; ++b) /* x = x + mlp(...) */
                     ops->add(x + b * H + n0, w->down + b * H + n0, n1 - n0);
+                if (l + 1 < L) {
+                    const int64_t *next = lp + PLAN_LAYER;
+                    const int64_t vecs[4] = {next[PL_ATTN_NORM], next[PL_I_G], next[PL_F_G], next[PL_G_G]};
+                    for (int k = 0; k < 4; ++k) prefetch_floats(PTR(const float *, vecs[k]), H);
+                } else {
+                    prefetch_floats(PTR(const float *, plan[6]), H);
+                    prefetch_floats(PTR(const float *, plan[8]), H);
+                }
             }
             SYNC
         }
         /* The final norm and the lm_head. */
-        for (int64_t b = b0; b < b1; ++b) {
-            float *hb = w->h + b * H;
+        for (int64_t b = split ? 0 : b0; b < (split ? B : b1); ++b) {
+            float *hb = split ? w->hs + (int64_t)id * H : w->h + b * H;
             ops->norm(x + b * H, PTR(const float *, plan[6]), H, eps, W, hb);
-            put_row(w, SLOT_I, b, hb, ops->rms(hb, H, eps, W), PTR(const float *, plan[8]), H, a->scales[0]);
+            const float r = ops->rms(hb, H, eps, W);
+            if (split)
+                put_row_part(w, SLOT_I, b, hb, r, PTR(const float *, plan[8]), H, a->scales[0], id, nt);
+            else
+                put_row(w, SLOT_I, b, hb, r, PTR(const float *, plan[8]), H, a->scales[0]);
         }
         SYNC
         if (amx) {
@@ -1687,9 +1880,10 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
             SYNC
         }
         {
-            job_t j = slot_job(w, SLOT_I, PTR(const uint8_t *, plan[7]), V, a->logits, far);
-            run_jobs(w, &j, 1, id, nt, &n0, &n1);
+            job_t j = slot_job(w, SLOT_I, sums(SLOT_I), PTR(const uint8_t *, plan[7]), V, a->logits, far);
+            run_jobs(w, &j, 1, 0, id, nt, &n0, &n1);
         }
+#undef sums
 #undef SYNC
     }
 }
@@ -1749,7 +1943,7 @@ static void plan_run(plan_t *p, const uint8_t *w, long long N, long long nb, lon
     if (p->isa == ISA_AMX) amx_pack_activations(p->qbuf, p->qs, M, nb, p->amx_b);
 #endif
     job_t j = {w, N, nb, p->qbuf, p->qs, M, p->sumq, out_i32, out_f32, p->rs,
-               p->amx_b, (M + 15) / 16, p->amx_a, PF_FAR_BYTES};
+               p->amx_b, (M + 15) / 16, p->amx_a, PF_FAR_BYTES, N};
     run_job(p->isa, &j, nthreads);
 }
 
