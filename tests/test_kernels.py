@@ -347,3 +347,43 @@ def test_triton_kernel_in_interpreter() -> None:
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def _greedy_cases() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(41)
+    cases = [torch.randn(shape, generator=g) for shape in [(1, 32000), (16, 32000), (3, 7), (5, 4097),
+                                                           (2, 50001), (4, 1), (0, 10)]]
+    x = torch.randn(9, 40000, generator=g)
+    x[0, 30000] = x[0, 35000] = float("nan")       # first NaN wins, in the second half
+    x[1, 100] = float("nan")                       # NaN in the first half
+    x[2] = float("-inf")                           # all equal: index 0
+    x[3, 5] = x[3, 39999] = 1e9                    # a tie across the threads' halves: the first
+    x[4, 39999] = float("nan")                     # NaN in the scalar tail
+    x[5] = 1.0
+    x[6, 20000] = x[6, 19999] = 50.0               # a tie at the halves' boundary
+    x[7, 17] = float("inf")
+    x[8, :16] = float("nan")                       # NaN in the very first lanes
+    cases.append(x)
+    return cases
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_greedy_tokens_match_torch_max(threads: int) -> None:
+    # Greedy decoding's choice: the first largest logit of each row, or the first NaN, exactly as
+    # torch's max(dim=-1).indices, whatever the threads and where they split the row.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for x in _greedy_cases():
+            got = kernels.greedy_tokens(x)
+            assert got.dtype == torch.long
+            assert torch.equal(got, x.max(dim=-1).indices), list(x.shape)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_greedy_tokens_other_inputs_use_torch() -> None:
+    # Not a contiguous float32 CPU matrix: torch's own reduction, same answer.
+    x = torch.randn(8, 300)
+    for y in (x.t(), x.double(), x[:, ::2]):
+        assert torch.equal(kernels.greedy_tokens(y), y.max(dim=-1).indices)

@@ -309,6 +309,23 @@ def quantize_rows(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     return q, s
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits.max(dim=-1).indices (first largest, or first NaN) of float32 [B, V] logits, int64 [B].
+
+    In C when the extension is built and the logits are a contiguous CPU float32 matrix: threads
+    scan the columns that the fused decode step's lm_head gave them, so each reads logits still in
+    its own cache; torch's reduction reads half of them from the other core (at batch 16 on this
+    project's VM: about 0.4 ms per token in generation, against 0.05 ms).
+    """
+    if (_c is None or logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu"
+            or not logits.is_contiguous() or logits.shape[1] == 0):
+        return logits.max(dim=-1).indices
+    out = torch.empty(logits.shape[0], dtype=torch.long)
+    if logits.shape[0]:
+        _c.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), _threads())
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Memory bandwidth
 

@@ -2211,8 +2211,145 @@ static PyObject *py_activation(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- greedy decoding's choice ---- */
+
+/* The first largest of x[k0, k1), or the first NaN (torch.max's answer): *best and its index. */
+static void argmax_scalar(const float *x, int64_t k0, int64_t k1, float *best, int64_t *at) {
+    float m = x[k0];
+    int64_t i = k0;
+    if (m == m)
+        for (int64_t k = k0 + 1; k < k1; ++k) {
+            if (x[k] != x[k]) {
+                m = x[k], i = k;
+                break;
+            }
+            if (x[k] > m) m = x[k], i = k;
+        }
+    *best = m, *at = i;
+}
+
+#if MW_X86
+static T512 void argmax_avx512(const float *x, int64_t k0, int64_t k1, float *best, int64_t *at) {
+    if (k1 - k0 < 32) {
+        argmax_scalar(x, k0, k1, best, at);
+        return;
+    }
+    /* Per lane the first largest (strictly greater replaces); NaNs are looked up apart. */
+    __m512 vmax = _mm512_loadu_ps(x + k0);
+    __m512i vidx = _mm512_add_epi32(_mm512_set1_epi32((int)k0), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8,
+                                                                                    9, 10, 11, 12, 13, 14, 15));
+    __m512i cur = vidx;
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    __mmask16 nan = _mm512_cmp_ps_mask(vmax, vmax, _CMP_UNORD_Q);
+    int64_t k = k0 + 16;
+    for (; k + 16 <= k1; k += 16) {
+        const __m512 v = _mm512_loadu_ps(x + k);
+        cur = _mm512_add_epi32(cur, sixteen);
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);
+        vmax = _mm512_mask_mov_ps(vmax, gt, v);
+        vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    if (nan) { /* rare: the plain scan finds the first NaN */
+        argmax_scalar(x, k0, k1, best, at);
+        return;
+    }
+    float lanes[16];
+    int32_t idx[16];
+    _mm512_storeu_ps(lanes, vmax);
+    _mm512_storeu_si512((void *)idx, vidx);
+    float m = lanes[0];
+    int64_t i = idx[0];
+    for (int l = 1; l < 16; ++l)
+        if (lanes[l] > m || (lanes[l] == m && idx[l] < i)) m = lanes[l], i = idx[l];
+    for (; k < k1; ++k) {
+        if (x[k] != x[k]) {
+            argmax_scalar(x, k0, k1, best, at);
+            return;
+        }
+        if (x[k] > m) m = x[k], i = k;
+    }
+    *best = m, *at = i;
+}
+#endif
+
+/* argmax_rows(x_ptr, rows, cols, out_ptr, nthreads): out int64 [rows] = x.max(dim=-1).indices for
+ * a contiguous float32 [rows, cols].  Threads split each row's columns as the fused step's
+ * lm_head splits its outputs (my_span), so each reads logits it has just written. */
+static PyObject *py_argmax_rows(PyObject *self, PyObject *args) {
+    unsigned long long xp, op;
+    long long rows, cols;
+    int nthreads;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KLLKi", &xp, &rows, &cols, &op, &nthreads)) return NULL;
+    if (rows < 0 || cols < 1) return PyErr_Format(PyExc_ValueError, "argmax_rows: bad shape [%lld, %lld]", rows, cols);
+    if (nthreads < 1) nthreads = 1;
+    if ((long long)nthreads * 4096 > cols) nthreads = (int)(cols / 4096) > 0 ? (int)(cols / 4096) : 1;
+    const float *x = (const float *)(uintptr_t)xp;
+    int64_t *out = (int64_t *)(uintptr_t)op;
+    float *best = malloc(sizeof(float) * (size_t)(rows * nthreads + 1));
+    int64_t *at = malloc(sizeof(int64_t) * (size_t)(rows * nthreads + 1));
+    if (!best || !at) {
+        free(best);
+        free(at);
+        return PyErr_NoMemory();
+    }
+    for (int64_t k = 0; k < rows * nthreads; ++k) at[k] = -1; /* parts no thread took */
+    const int avx512 = vec_level_best() >= VEC_AVX512;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+#endif
+    {
+#ifdef _OPENMP
+        const int id = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int id = 0, nt = 1;
+#endif
+        int64_t k0, k1;
+        my_span(cols, id, nt, &k0, &k1);
+        for (int64_t r = 0; r < rows; ++r) {
+            float *b = best + r * nthreads + id;
+            int64_t *a = at + r * nthreads + id;
+            if (k0 >= k1) {
+                *a = -1;
+                continue;
+            }
+#if MW_X86
+            if (avx512) {
+                argmax_avx512(x + r * cols, k0, k1, b, a);
+                continue;
+            }
+#endif
+            argmax_scalar(x + r * cols, k0, k1, b, a);
+        }
+    }
+    /* Parts in column order: the first NaN, else the largest, the earlier part on a tie. */
+    for (int64_t r = 0; r < rows; ++r) {
+        float m = 0.0f;
+        int64_t i = -1;
+        for (int t = 0; t < nthreads; ++t) {
+            const float v = best[r * nthreads + t];
+            const int64_t k = at[r * nthreads + t];
+            if (k < 0) continue;
+            if (v != v) {
+                i = k;
+                break;
+            }
+            if (i < 0 || v > m) m = v, i = k;
+        }
+        out[r] = i;
+    }
+    Py_END_ALLOW_THREADS
+    (void)avx512;
+    free(best);
+    free(at);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"isa_supported", py_isa_supported, METH_VARARGS, "isa_supported(isa_id) -> bool"},
+    {"argmax_rows", py_argmax_rows, METH_VARARGS, "argmax_rows(x_ptr, rows, cols, out_ptr, nthreads)"},
     {"matmul", py_matmul, METH_VARARGS, "int8 x packed ternary -> int32 (raw pointers)"},
     {"bitlinear", py_bitlinear, METH_VARARGS, "fused rmsnorm, int8 quantization, product"},
     {"quantize", py_quantize, METH_VARARGS, "rmsnorm and int8 quantization of rows"},
