@@ -331,3 +331,55 @@ def test_reference_engine_only_runs_matmul_free_models():
     assert "only MatMul-free" in engine.can_run(resolve_source("preset:tiny-gpt2"), "cpu")
     engine.load(resolve_source("preset:tiny-mmfree"), "float32", "cpu")
     assert engine.model.module.backend == "reference"
+
+
+def _ternary_records(**decode_overrides):
+    """One record per ternary-suite cell, with decode speeds that meet every target unless overridden."""
+    from memwise.bench.suites import TERNARY_CELLS
+
+    decode = {("mmfree-370m", "memwise", 1): 250.0, ("mmfree-370m", "memwise", 16): 1600.0,
+              ("mmfree-370m", "memwise-reference", 1): 2.5, ("gpt2-medium", "transformers", 1): 12.0,
+              ("mmfree-2.7b", "memwise", 1): 36.0, ("mmfree-2.7b", "memwise", 16): 260.0,
+              ("opt-2.7b", "transformers", 1): 2.2}
+    decode.update({tuple(k.split("|")[:2]) + (int(k.split("|")[2]),): v for k, v in decode_overrides.items()})
+    records = []
+    for model, engine, batch in TERNARY_CELLS:
+        r = dict.fromkeys(RECORD_FIELDS)
+        r.update(model=model, engine=engine, weights="synthetic", dtype="float32", device="cpu", batch_size=batch,
+                 prompt_tokens=128, new_tokens=128, status="ok", decode_tok_s=decode[(model, engine, batch)],
+                 prefill_tok_s=300.0 if model == "mmfree-2.7b" else 50.0,
+                 peak_rss_bytes=(1100 if model == "mmfree-2.7b" else 11000) * 2**20, load_peak_rss_bytes=2**20)
+        records.append(r)
+    return records
+
+
+def test_ternary_targets_are_checked_on_the_cells_of_one_run(tmp_path, capsys):
+    from memwise.bench import targets
+    from memwise.bench.report import print_table, write_outputs
+
+    verdicts = targets.evaluate(_ternary_records())
+    assert [v.met for v in verdicts] == [True] * 6 + [None]
+    assert [round(v.value, 2) for v in verdicts] == [20.83, 16.36, 1100.0, 6.0, 6.4, 7.22, 100.0]
+
+    # 370M at batch 16 only 5.2x its batch 1; 2.7B at 14.5x opt-2.7b; the 2.7B cell above 1.5 GB.
+    records = _ternary_records(**{"mmfree-370m|memwise|16": 1300.0, "mmfree-2.7b|memwise|1": 31.9})
+    records[4]["peak_rss_bytes"] = 1500 * 2**20
+    verdicts = targets.evaluate(records)
+    assert [v.met for v in verdicts] == [True, False, False, True, False, True, None]
+    assert verdicts[1].measured() == "14.5x" and verdicts[2].target.goal() == "<= 1.5 GB (1,431 MiB)"
+
+    # A cell that failed or is absent leaves its targets unmeasured, never met.
+    records[0]["status"] = "error"
+    verdicts = targets.evaluate(records[:-1])
+    assert verdicts[0].value is None and verdicts[0].met is None and verdicts[0].measured() == "not measured"
+    assert verdicts[1].met is None and verdicts[3].met is None
+
+    # results.md and the terminal carry them for the ternary suite, and only there.
+    write_outputs(tmp_path / "ternary", {"suite": "ternary"}, _ternary_records(**{"mmfree-370m|memwise|16": 1300.0}))
+    md = (tmp_path / "ternary" / "results.md").read_text()
+    assert "| decode, batch 16 / batch 1: mmfree-370m on memwise | 5.2x | >= 6x | missed |" in md
+    write_outputs(tmp_path / "default", {"suite": "default"}, _ternary_records())
+    assert "Targets" not in (tmp_path / "default" / "results.md").read_text()
+    print_table(_ternary_records(), {"suite": "ternary"})
+    out = capsys.readouterr().out
+    assert "Targets (cells of this run):" in out and "16.4x  (goal >= 15x)" in out

@@ -144,6 +144,11 @@ def print_table(records: list[dict[str, Any]], metadata: dict[str, Any], console
     console.print(table)
     for line in notes:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
+    from memwise.bench import targets  # here: targets builds on this module
+
+    if targets.applies(metadata):
+        for line in targets.text_lines(targets.evaluate(records)):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def markdown(records: list[dict[str, Any]], metadata: dict[str, Any]) -> str:
@@ -166,6 +171,10 @@ def markdown(records: list[dict[str, Any]], metadata: dict[str, Any]) -> str:
         out.write("| " + " | ".join(_md_escape(cell) for cell in row) + " |\n")
     out.write(f"\n{caption}\n\n")
     out.write("".join(f"- {_md_escape(line)}\n" for line in notes))
+    from memwise.bench import targets  # here: targets builds on this module
+
+    if targets.applies(metadata):
+        out.write("\n" + targets.markdown(targets.evaluate(records)))
     return out.getvalue()
 
 

@@ -1,0 +1,118 @@
+"""The ternary suite's targets, checked on the records of one run.
+
+Each target compares cells of the same run (a ratio of decode or prefill speeds, or one cell's
+peak memory), so the verdict does not depend on how fast the machine happened to be that day.
+`memwise bench --suite ternary` prints them under its table and writes them into results.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from memwise.bench.report import peak_bytes
+
+Cell = tuple[str, str, int]  # (model, engine, batch size)
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    cells: tuple[Cell, ...]
+    value: Callable[..., float]   # of the cells' records, in order
+    unit: str                     # "x" for ratios, "MiB" for memory
+    at_least: float | None = None
+    at_most: float | None = None
+
+    def goal(self) -> str:
+        if self.at_least is not None:
+            return f">= {self.at_least:g}{self.unit}"
+        if self.at_most is not None:
+            return f"<= {self.at_most * 2**20 / 1e9:g} GB ({self.at_most:,.0f} {self.unit})"
+        return "-"
+
+
+def _speed_ratio(key: str) -> Callable[[dict[str, Any], dict[str, Any]], float]:
+    return lambda a, b: a[key] / b[key]
+
+
+TERNARY_TARGETS = (
+    Target("decode, batch 1: mmfree-370m on memwise / gpt2-medium on transformers",
+           (("mmfree-370m", "memwise", 1), ("gpt2-medium", "transformers", 1)),
+           _speed_ratio("decode_tok_s"), "x", at_least=10),
+    Target("decode, batch 1: mmfree-2.7b on memwise / opt-2.7b on transformers",
+           (("mmfree-2.7b", "memwise", 1), ("opt-2.7b", "transformers", 1)),
+           _speed_ratio("decode_tok_s"), "x", at_least=15),
+    Target("peak resident set of the mmfree-2.7b cell (load and generate)",
+           (("mmfree-2.7b", "memwise", 1),),
+           lambda a: peak_bytes(a) / 2**20, "MiB", at_most=1.5e9 / 2**20),
+    Target("prefill: mmfree-2.7b on memwise / opt-2.7b on transformers",
+           (("mmfree-2.7b", "memwise", 1), ("opt-2.7b", "transformers", 1)),
+           _speed_ratio("prefill_tok_s"), "x", at_least=1),
+    Target("decode, batch 16 / batch 1: mmfree-370m on memwise",
+           (("mmfree-370m", "memwise", 16), ("mmfree-370m", "memwise", 1)),
+           _speed_ratio("decode_tok_s"), "x", at_least=6),
+    Target("decode, batch 16 / batch 1: mmfree-2.7b on memwise",
+           (("mmfree-2.7b", "memwise", 16), ("mmfree-2.7b", "memwise", 1)),
+           _speed_ratio("decode_tok_s"), "x", at_least=6),
+    Target("decode, batch 1: packed kernels / reference path (fake quantization), mmfree-370m",
+           (("mmfree-370m", "memwise", 1), ("mmfree-370m", "memwise-reference", 1)),
+           _speed_ratio("decode_tok_s"), "x"),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: Target
+    value: float | None   # None: a cell is missing or did not run
+    met: bool | None      # None: no value, or nothing to meet
+
+    def measured(self) -> str:
+        if self.value is None:
+            return "not measured"
+        if self.target.unit == "x":
+            return f"{self.value:.1f}x"
+        return f"{self.value:,.0f} {self.target.unit}"
+
+    def status(self) -> str:
+        return {True: "met", False: "missed", None: "-"}[self.met]
+
+
+def _find(records: list[dict[str, Any]], cell: Cell) -> dict[str, Any] | None:
+    for record in records:
+        if (record.get("model"), record.get("engine"), record.get("batch_size")) == cell:
+            return record if record.get("status") == "ok" else None
+    return None
+
+
+def evaluate(records: list[dict[str, Any]], targets: tuple[Target, ...] = TERNARY_TARGETS) -> list[Verdict]:
+    verdicts = []
+    for target in targets:
+        found = [_find(records, cell) for cell in target.cells]
+        value = None
+        if all(r is not None for r in found):
+            try:
+                value = float(target.value(*found))
+            except (TypeError, KeyError, ZeroDivisionError):
+                value = None   # a metric the cell did not produce
+        met = None
+        if value is not None and target.at_least is not None:
+            met = value >= target.at_least
+        elif value is not None and target.at_most is not None:
+            met = value <= target.at_most
+        verdicts.append(Verdict(target, value, met))
+    return verdicts
+
+
+def applies(metadata: dict[str, Any]) -> bool:
+    return metadata.get("suite") == "ternary"
+
+
+def markdown(verdicts: list[Verdict]) -> str:
+    lines = ["## Targets (cells of this run)", "", "| Target | Measured | Goal | |", "|---|---:|---:|---|"]
+    lines += [f"| {v.target.what} | {v.measured()} | {v.target.goal()} | {v.status()} |" for v in verdicts]
+    return "\n".join(lines) + "\n"
+
+
+def text_lines(verdicts: list[Verdict]) -> list[str]:
+    return ["Targets (cells of this run):"] + [
+        f"  {v.status():>6}  {v.measured():>12}  (goal {v.target.goal()})  {v.target.what}" for v in verdicts]
