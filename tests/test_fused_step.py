@@ -10,6 +10,7 @@ now and then, so logits may differ by a few quantization steps of a row (TOLERAN
 from __future__ import annotations
 
 import copy
+import re
 import os
 
 import pytest
@@ -374,3 +375,26 @@ def test_without_the_extension_decode_uses_the_reference(model, monkeypatch: pyt
         got = module(torch.tensor([[3]]), module.new_cache(1))
     assert module._fused_decoder is None
     assert_same(got, want)
+
+
+def test_step_phases_instruments_every_barrier_of_the_step() -> None:
+    # benchmarks/step_phases.py times the step by rewriting its barriers; it must keep finding all
+    # of them (and only them) as the step's source changes.
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("step_phases", root / "benchmarks" / "step_phases.py")
+    step_phases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_phases)
+    source = (root / "src" / "memwise" / "kernels" / "ternary.c").read_text()
+    lines = source.splitlines()
+    first = next(n for n, line in enumerate(lines, 1) if line.startswith("static void hgrn_step_run("))
+    last = next(n for n, line in enumerate(lines, 1) if n > first and line.startswith("#undef SYNC"))
+    barriers = [n for n in range(first, last) if lines[n - 1].strip() == "SYNC"]
+    assert len(barriers) >= 10
+    out = step_phases.instrumented(source)
+    timed = [int(n) for n in re.findall(r"PROF_LEAVE\(\d+, (\d+)\)", out)]
+    assert timed[:-1] == barriers and lines[timed[-1] - 1] == "#undef sums"   # the lm_head, last
+    assert len(re.findall(r"PROF_ARRIVE\(\d+\)", out)) == len(barriers) + 1
+    assert out.count("SYNC PROF_LEAVE") == len(barriers) and "atexit(prof_dump)" in out
