@@ -104,6 +104,8 @@ def main() -> int:
     parser.add_argument("model", nargs="?", default="mmfree-2.7b", help="a MatMul-free preset name")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--source", type=Path, default=ROOT / SOURCE,
+                        help="a variant of ternary.c to time instead of the repository's (for experiments)")
     args = parser.parse_args()
     if args.batch < 1 or args.steps < 1:
         parser.error("--batch and --steps must be at least 1")
@@ -113,7 +115,11 @@ def main() -> int:
                         ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         for name in ("setup.py", "pyproject.toml", "README.md"):
             shutil.copy(ROOT / name, copy / name)
-        (copy / SOURCE).write_text(instrumented((ROOT / SOURCE).read_text()))
+        try:
+            text = args.source.read_text()
+        except OSError as error:
+            parser.error(f"--source {args.source}: {error.strerror}")
+        (copy / SOURCE).write_text(instrumented(text))
         build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=copy,
                                capture_output=True, text=True)
         if build.returncode != 0 or not list((copy / SOURCE.parent).glob("_ternary*.so")):
