@@ -51,9 +51,9 @@ def test_matmul_exact_on_every_isa(isa: str, m: int, n: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("isa", PATHS)
-def test_matmul_exact_past_scaled_code_limit(isa: str) -> None:
-    # AMX keeps codes of one activation tile multiplied by 4^g only while K < 2^19 (int32 room);
-    # a longer row takes the shifted-code path.  Both sides of the limit must stay exact.
+def test_matmul_exact_on_long_rows(isa: str) -> None:
+    # Rows of about 2^19 weights: sums far past the int16 range, an odd number of blocks on
+    # either side (the AMX path's last pair of blocks is then a half), exact on every path.
     for k in (4095 * 128, 4096 * 128 + 100):  # 4095 and 4097 blocks
         q, t = random_case(6, 3, k, seed=k)
         out = kernels.ternary_matmul(q, TernaryMatrix.from_ternary(t, 1.0), isa=isa)
