@@ -682,39 +682,27 @@ static inline __attribute__((always_inline)) TAMX void amx_pair(const uint8_t *s
 #define AMX_A(T, G) _tile_loadd(T, slot + (G) * 1024, AMX_K)
 #define AMX_B(T, MT, G) _tile_loadd(T, bt + (size_t)((t0 + (MT)) * units + u0 + (G)) * 1024, 64)
     if (nt == 1) {
-        AMX_A(4, 0);
-        AMX_B(5, 0, 0);
-        _tile_dpbusd(0, 4, 5);
-        AMX_A(7, 1);
-        AMX_B(6, 0, 1);
-        _tile_dpbusd(1, 7, 6);
-        AMX_A(4, 2);
-        AMX_B(5, 0, 2);
-        _tile_dpbusd(0, 4, 5);
-        AMX_A(7, 3);
-        AMX_B(6, 0, 3);
-        _tile_dpbusd(1, 7, 6);
+        for (int g = 0; g < 4; g += 2) {
+            AMX_A(4, g);
+            AMX_B(5, 0, g);
+            _tile_dpbusd(0, 4, 5);
+            AMX_A(7, g + 1);
+            AMX_B(6, 0, g + 1);
+            _tile_dpbusd(1, 7, 6);
+        }
     } else if (nt == 2) {
-        AMX_A(4, 0);
-        AMX_B(5, 0, 0);
-        AMX_B(6, 1, 0);
-        _tile_dpbusd(0, 4, 5);
-        _tile_dpbusd(2, 4, 6);
-        AMX_A(7, 1);
-        AMX_B(5, 0, 1);
-        AMX_B(6, 1, 1);
-        _tile_dpbusd(1, 7, 5);
-        _tile_dpbusd(3, 7, 6);
-        AMX_A(4, 2);
-        AMX_B(5, 0, 2);
-        AMX_B(6, 1, 2);
-        _tile_dpbusd(0, 4, 5);
-        _tile_dpbusd(2, 4, 6);
-        AMX_A(7, 3);
-        AMX_B(5, 0, 3);
-        AMX_B(6, 1, 3);
-        _tile_dpbusd(1, 7, 5);
-        _tile_dpbusd(3, 7, 6);
+        for (int g = 0; g < 4; g += 2) {
+            AMX_A(4, g);
+            AMX_B(5, 0, g);
+            AMX_B(6, 1, g);
+            _tile_dpbusd(0, 4, 5);
+            _tile_dpbusd(2, 4, 6);
+            AMX_A(7, g + 1);
+            AMX_B(5, 0, g + 1);
+            AMX_B(6, 1, g + 1);
+            _tile_dpbusd(1, 7, 5);
+            _tile_dpbusd(3, 7, 6);
+        }
     } else {
         for (int g = 0; g < 4; g += 2) {
             AMX_A(4, g);
