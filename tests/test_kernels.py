@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -165,6 +166,70 @@ def test_bitlinear_matches_reference(isa: str, shape: tuple[int, ...], n: int,
         assert torch.equal(got, want)
     else:  # see the module docstring: a last-bit difference in mean(x^2) can move a q by one
         torch.testing.assert_close(got, want, rtol=0, atol=2 * want.abs().max().item() / 127)
+
+
+def cascade_sum_of_squares(x: list[float], width: int) -> float:
+    """torch's order for a row sum of squares (W-lane vectors, 4 interleaved sums, 4 cascade
+    levels, then the tail and the lanes), one float32 rounding per addition, in plain Python."""
+    f32 = lambda v: struct.unpack("f", struct.pack("f", v))[0]  # noqa: E731
+    sq = [f32(v * v) for v in x]
+    levels, ilp = 4, 4
+    if len(x) < width or width == 1:
+        width, nvec = 1, len(x)
+    else:
+        nvec = len(x) // width
+    n = nvec // ilp
+    power = max(((n - 1).bit_length() if n > 2 else 1) // levels, 4)
+    step, mask = 1 << power, (1 << power) - 1
+    acc = [[[0.0] * width for _ in range(ilp)] for _ in range(levels)]
+
+    def add(dst: list[float], src: list[float]) -> None:
+        for lane in range(width):
+            dst[lane] = f32(dst[lane] + src[lane])
+
+    vec = lambda e: sq[e * width:(e + 1) * width]  # noqa: E731
+    i = 0
+    while i + step <= n:
+        for _ in range(step):
+            for k in range(ilp):
+                add(acc[0][k], vec(i * ilp + k))
+            i += 1
+        for j in range(1, levels):
+            for k in range(ilp):
+                add(acc[j][k], acc[j - 1][k])
+                acc[j - 1][k] = [0.0] * width
+            if i & (mask << (j * power)):
+                break
+    for i in range(i, n):
+        for k in range(ilp):
+            add(acc[0][k], vec(i * ilp + k))
+    for j in range(1, levels):
+        for k in range(ilp):
+            add(acc[0][k], acc[j][k])
+    for e in range(n * ilp, nvec):
+        add(acc[0][0], vec(e))
+    for k in range(1, ilp):
+        add(acc[0][0], acc[0][k])
+    if width == 1:
+        return acc[0][0][0]
+    total = 0.0
+    for e in range(nvec * width, len(x)):
+        total = f32(total + sq[e])
+    for lane in range(width):
+        total = f32(total + acc[0][0][lane])
+    return total
+
+
+@pytest.mark.skipif(not kernels.HAVE_C, reason="the C extension is not built")
+@pytest.mark.parametrize("width", [1, 2, 4, 8, 16])
+def test_sum_of_squares_follows_the_cascade_order(width: int) -> None:
+    # Each width has its own code (8 and 16 in vector registers); all must add in the same order,
+    # which rows of similar magnitudes expose (one rounding in a few hundred sums differs).
+    gen = torch.Generator().manual_seed(width)
+    for k in (3, 8, 17, 100, 257, 1024, 2816, 4099):
+        rows = torch.randn(24, k, generator=gen) * torch.logspace(-2, 2, 24).unsqueeze(1)
+        got = [kernels._c.sum_of_squares(x.data_ptr(), k, width) for x in rows]
+        assert got == [cascade_sum_of_squares(x.tolist(), width) for x in rows], f"K={k}"
 
 
 def test_quantized_activations_identical_to_reference() -> None:
