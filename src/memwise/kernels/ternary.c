@@ -332,13 +332,17 @@ typedef struct {
     size_t pf_far;         /* GEMV: bytes ahead of the far prefetches (tile_ahead_by), 0 for none */
     int64_t ldo;           /* elements from one output row to the next (N unless a job writes
                               part of a wider output) */
+    int residual;          /* float outputs: out = out + float(acc) * rs[m], the residual add
+                              x = x + f(x) done as the product stores f(x) */
 } job_t;
 
 static inline void put(const job_t *j, int64_t m, int64_t n, int32_t codesum) {
     int32_t acc = codesum - j->sumq[m];
-    if (j->out_f32)
-        j->out_f32[m * j->ldo + n] = (float)acc * j->rs[m];
-    else
+    if (j->out_f32) {
+        float *o = j->out_f32 + m * j->ldo + n;
+        const float v = (float)acc * j->rs[m];
+        *o = j->residual ? *o + v : v;
+    } else
         j->out_i32[m * j->ldo + n] = acc;
 }
 
@@ -719,10 +723,12 @@ static inline __attribute__((always_inline)) TAMX void amx_store(const job_t *j,
     int mr = j->M - m0 < 16 ? (int)(j->M - m0) : 16;
     for (int m = 0; m < mr; ++m) {
         __m512i v = _mm512_sub_epi32(r[amx_where[m]], _mm512_set1_epi32(j->sumq[m0 + m]));
-        if (j->out_f32)
-            _mm512_mask_storeu_ps(j->out_f32 + (m0 + m) * j->ldo + n0, keep,
-                                  _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(j->rs[m0 + m])));
-        else
+        if (j->out_f32) {
+            float *o = j->out_f32 + (m0 + m) * j->ldo + n0;
+            __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(j->rs[m0 + m]));
+            if (j->residual) f = _mm512_add_ps(_mm512_maskz_loadu_ps(keep, o), f);
+            _mm512_mask_storeu_ps(o, keep, f);
+        } else
             _mm512_mask_storeu_epi32(j->out_i32 + (m0 + m) * j->ldo + n0, keep, v);
     }
 }
@@ -1313,7 +1319,7 @@ typedef struct {
     float *rs[N_SLOTS];
     int8_t *amx_b[N_SLOTS];
     uint8_t *amx_a;
-    float *h, *fi, *ff, *fg, *o, *attn, *y, *u, *down, *e1, *e2;
+    float *h, *fi, *ff, *fg, *o, *y, *u, *e1, *e2;
     float *hs;  /* per thread, H floats: normalized rows when threads share a row's work */
     /* When threads share rows: per thread, [N_SLOTS][B] sums of the q it quantized (sum_part)
      * and the whole rows' sums it gathered for its products (sum_mine), sum_stride apart. */
@@ -1357,8 +1363,8 @@ static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t
         sizes[n++] = w->isa == ISA_AMX ? amx_b_bytes(B, w->nb[s]) : 0;
     }
     sizes[n++] = w->isa == ISA_AMX ? (size_t)w->nthreads * amx_a_bytes(nb_max) : 0;
-    const int64_t widths[] = {H, D, D, D, D, H, 2 * I, I, H, w->ew, w->ew};
-    for (int k = 0; k < 11; ++k) sizes[n++] = sizeof(float) * (size_t)(B * widths[k]);
+    const int64_t widths[] = {H, D, D, D, D, 2 * I, I, w->ew, w->ew};
+    for (int k = 0; k < 9; ++k) sizes[n++] = sizeof(float) * (size_t)(B * widths[k]);
     sizes[n++] = sizeof(float) * (size_t)(w->nthreads * H);
     w->sum_stride = (N_SLOTS * B + 15) / 16 * 16; /* a thread's sums on lines of their own */
     sizes[n++] = sizeof(int32_t) * (size_t)(w->nthreads * w->sum_stride);
@@ -1390,10 +1396,8 @@ static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t
     TAKE(w->ff, float *);
     TAKE(w->fg, float *);
     TAKE(w->o, float *);
-    TAKE(w->attn, float *);
     TAKE(w->y, float *);
     TAKE(w->u, float *);
-    TAKE(w->down, float *);
     TAKE(w->e1, float *);
     TAKE(w->e2, float *);
     TAKE(w->hs, float *);
@@ -1475,17 +1479,12 @@ MW_INLINE void glu_body(const float *gate, const float *up, const float *e, floa
     for (int64_t k = 0; k < n; ++k) u[k] = (gate[k] / (1.0f + e[k])) * up[k];
 }
 
-MW_INLINE void add_body(float *x, const float *y, int64_t n) {
-    for (int64_t k = 0; k < n; ++k) x[k] = x[k] + y[k];
-}
-
 typedef struct {
     float (*rms)(const float *, int64_t, float, int);
     void (*norm)(const float *, const float *, int64_t, float, int, float *);
     void (*gates)(const float *, const float *, const float *, const float *, const float *, float *, int64_t);
     void (*gate_out)(const float *, float, const float *, const float *, const float *, float *, int64_t);
     void (*glu)(const float *, const float *, const float *, float *, int64_t);
-    void (*add)(float *, const float *, int64_t);
 } row_ops_t;
 
 #define DEFINE_ROW_OPS(NAME, ATTR)                                                              \
@@ -1508,9 +1507,8 @@ typedef struct {
                                 int64_t n) {                                                    \
         glu_body(gate, up, e, u, n);                                                            \
     }                                                                                           \
-    static ATTR void NAME##_add(float *x, const float *y, int64_t n) { add_body(x, y, n); }    \
     static const row_ops_t NAME = {NAME##_rms, NAME##_norm, NAME##_gates, NAME##_gate_out,      \
-                                   NAME##_glu, NAME##_add};
+                                   NAME##_glu};
 
 DEFINE_ROW_OPS(row_ops_generic, )
 #if MW_X86
@@ -1812,10 +1810,10 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 SYNC
             }
             {
-                job_t j = slot_job(w, SLOT_O, sums(SLOT_O), PTR(const uint8_t *, lp[PL_O_W]), H, w->attn, far);
+                /* x = x + attn(...), added as the product stores attn */
+                job_t j = slot_job(w, SLOT_O, sums(SLOT_O), PTR(const uint8_t *, lp[PL_O_W]), H, x, far);
+                j.residual = 1;
                 run_jobs(w, &j, 1, 0, id, nt, &n0, &n1);
-                for (int64_t b = 0; b < B; ++b) /* x = x + attn(...), over this thread's outputs */
-                    ops->add(x + b * H + n0, w->attn + b * H + n0, n1 - n0);
                 prefetch_floats(PTR(const float *, lp[PL_MLP_NORM]), H);
                 prefetch_floats(PTR(const float *, lp[PL_GATE_G]), H);
             }
@@ -1891,10 +1889,10 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 SYNC
             }
             {
-                job_t j = slot_job(w, SLOT_DOWN, sums(SLOT_DOWN), PTR(const uint8_t *, lp[PL_DOWN_W]), H, w->down, far);
+                /* x = x + mlp(...) */
+                job_t j = slot_job(w, SLOT_DOWN, sums(SLOT_DOWN), PTR(const uint8_t *, lp[PL_DOWN_W]), H, x, far);
+                j.residual = 1;
                 run_jobs(w, &j, 1, 0, id, nt, &n0, &n1);
-                for (int64_t b = 0; b < B; ++b) /* x = x + mlp(...) */
-                    ops->add(x + b * H + n0, w->down + b * H + n0, n1 - n0);
                 if (l + 1 < L) {
                     const int64_t *next = lp + PLAN_LAYER;
                     const int64_t vecs[4] = {next[PL_ATTN_NORM], next[PL_I_G], next[PL_F_G], next[PL_G_G]};
