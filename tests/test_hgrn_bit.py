@@ -2,6 +2,8 @@
 here from the latent weights, caches and padding, backends, synthetic presets, and loading errors."""
 import json
 import math
+import re
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from memwise.checkpoint import CheckpointReader
 from memwise.errors import CheckpointError, ConfigError, UnsupportedError
 from memwise.models import hgrn_bit
 from memwise.presets import preset_config
-from memwise.ternary import pack_ternary, quantize_latent
+from memwise.ternary import HUGE_PAGE, codes_buffer, pack_ternary, quantize_latent
 
 from hgrn_checkpoints import hgrn_config, write_hgrn_checkpoint
 
@@ -91,6 +93,9 @@ CONFIGS = {
     "h96-odd": hgrn_config(96, 4, 257, intermediate_size=200),
     "heads2": hgrn_config(64, 2, 128, num_heads=2),
     "expand2": hgrn_config(64, 2, 128, expand_ratio=2, use_lower_bound=False),
+    # Codes over 2 MB (the lm_head alone takes 2.56 MB): on Linux they live in memory advised for
+    # huge pages (memwise.ternary.codes_buffer), not in a torch allocation.
+    "huge-pages": hgrn_config(256, 1, 40000),
 }
 
 
@@ -254,6 +259,46 @@ def test_model_holds_packed_codes_and_bf16_embedding_only(small):
             assert buf.dtype == torch.uint8, name
     spec = module.spec
     assert module.weights_bytes() == hgrn_bit.weight_sizes(spec)["packed 2-bit"]
+
+
+def thp_mapping(address: int) -> bool:
+    """Whether the mapping of this process that holds `address` is advised for transparent huge
+    pages (VmFlags hg) and, unless THP is off on this system, eligible for them (a shared
+    mapping is advised but not eligible)."""
+    with open("/proc/self/smaps") as f:
+        text = f.read()
+    for entry in re.finditer(r"^([0-9a-f]+)-([0-9a-f]+) [^\n]*\n((?:[A-Za-z_]+:[^\n]*\n)+)", text, re.M):
+        if int(entry.group(1), 16) <= address < int(entry.group(2), 16):
+            fields = entry.group(3)
+            flags = re.search(r"^VmFlags:(.*)$", fields, re.M)
+            advised = flags is not None and "hg" in flags.group(1).split()
+            try:
+                with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+                    thp_off = "[never]" in f.read()
+            except OSError:
+                thp_off = True
+            eligible = thp_off or re.search(r"^THPeligible:\s*1", fields, re.M) is not None
+            return advised and eligible
+    raise AssertionError(f"no mapping holds address {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge-page advice is Linux only")
+def test_codes_buffer_is_aligned_and_advised_for_huge_pages():
+    n = 3 * HUGE_PAGE + 5
+    buf = codes_buffer(n)
+    assert buf.dtype == torch.uint8 and buf.numel() == n and buf.data_ptr() % HUGE_PAGE == 0
+    buf.fill_(3)
+    assert int(buf.sum()) == 3 * n
+    assert thp_mapping(buf.data_ptr())
+    assert codes_buffer(1000).numel() == 1000  # small buffers: a plain tensor
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge-page advice is Linux only")
+def test_large_models_keep_codes_in_huge_page_memory(tmp_path):
+    write_hgrn_checkpoint(tmp_path, CONFIGS["huge-pages"], seed=3)
+    module = load_dir(tmp_path).module
+    first = min(layer.packed.data_ptr() for _, layer in module.ternary_layers())
+    assert first % HUGE_PAGE == 0 and thp_mapping(first)
 
 
 def test_released_sizes_from_config_rules():

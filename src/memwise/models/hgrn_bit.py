@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from memwise.checkpoint import CheckpointReader
 from memwise.errors import CheckpointError, ConfigError, UnsupportedError
 from memwise.spec import ModelSpec, eos_ids, require
-from memwise.ternary import (BLOCK, BLOCK_BYTES, SCALE_FLOOR, TernaryMatrix, bitlinear_reference, pack_ternary,
-                             padded_cols, rmsnorm)
+from memwise.ternary import (BLOCK, BLOCK_BYTES, SCALE_FLOOR, TernaryMatrix, bitlinear_reference, codes_buffer,
+                             pack_ternary, padded_cols, rmsnorm)
 
 try:
     from memwise.kernels import BACKENDS as _KERNEL_BACKENDS
@@ -623,8 +623,9 @@ def _build(spec: ModelSpec, source: _WeightSource, device: torch.device) -> HGRN
     # All packed codes live in one buffer, allocated before anything else: one large allocation
     # stays out of the C heap, so the many short-lived chunks of quantization cannot fragment
     # memory around long-lived matrices (measured: +0.4 GB of resident set for a 1.3B model).
+    # On Linux CPUs the buffer is backed by huge pages (codes_buffer).
     matrices = [s for s in checkpoint_layout(spec) if s.ternary]
-    codes = torch.empty(sum(packed_bytes(*s.shape) for s in matrices), dtype=torch.uint8, device=device)
+    codes = codes_buffer(sum(packed_bytes(*s.shape) for s in matrices), device)
     offsets = {}
     at = 0
     for s in matrices:
