@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from memwise import kernels
-from memwise.ternary import BLOCK_BYTES, padded_cols
+from memwise.ternary import BLOCK_BYTES, codes_buffer, padded_cols
 
 VOCAB = 32000
 
@@ -50,7 +50,8 @@ class _Arena:
         valid = torch.tensor([a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3)
                               for c in range(3) for d in range(3)], dtype=torch.uint8)
         tile = valid[torch.randint(0, 81, (1 << 20,), generator=gen)]
-        data = torch.empty(-(-nbytes // tile.numel()) * tile.numel(), dtype=torch.uint8)
+        # The model's kind of memory (huge pages on Linux), so the figures are those a decode step sees.
+        data = codes_buffer(-(-nbytes // tile.numel()) * tile.numel())
         data.view(-1, tile.numel()).copy_(tile.expand(data.numel() // tile.numel(), -1))
         return cls(data)
 
@@ -62,7 +63,7 @@ class _Arena:
         if self.cursor + size > self.data.numel():
             self.cursor = 0
         view = self.data[self.cursor:self.cursor + size].view(rows, row_bytes)
-        # Start the next matrix on a fresh 4 KiB page, like separately allocated tensors would.
+        # Start the next matrix on a fresh 4 KiB boundary.
         self.cursor += -(-size // 4096) * 4096
         return view
 
