@@ -108,19 +108,6 @@ static inline size_t chunk_offset(int isa, int64_t chunk) {
  * and the lanes.  Float addition is not associative, so reproducing that order is what makes our
  * mean(x^2), and therefore every int8 activation, equal to the PyTorch reference.  W is found at
  * run time by comparing with torch (memwise.kernels._sum_width) because it depends on the build. */
-typedef struct { float v[MAXW]; } lanes;
-
-MW_INLINE lanes sq_load(const float *x, int64_t idx, int W) {
-    lanes r;
-    const float *p = x + idx * W;
-    for (int l = 0; l < W; ++l) r.v[l] = p[l] * p[l];
-    return r;
-}
-
-MW_INLINE void lanes_add(lanes *a, const lanes *b, int W) {
-    for (int l = 0; l < W; ++l) a->v[l] = a->v[l] + b->v[l];
-}
-
 static int64_t ceil_log2(int64_t x) {
     if (x <= 2) return 1;
     int64_t r = 0;
@@ -129,119 +116,87 @@ static int64_t ceil_log2(int64_t x) {
     return r;
 }
 
-/* Sum of squares of the `size` W-lane elements x[0 .. size*W), lane by lane, in torch's order. */
-MW_INLINE lanes cascade_row_sum(const float *x, int64_t size, int W) {
-    enum { LEVELS = 4, ILP = 4 };
-    const int64_t n = size / ILP;   /* rows of ILP elements for multi_row_sum */
-    const int64_t power = ceil_log2(n) / LEVELS > 4 ? ceil_log2(n) / LEVELS : 4;
-    const int64_t step = (int64_t)1 << power, mask = step - 1;
-    lanes acc[LEVELS][ILP];
-    memset(acc, 0, sizeof acc);
-    int64_t i = 0;
-    while (i + step <= n) {
-        for (int64_t j = 0; j < step; ++j, ++i)
-            for (int k = 0; k < ILP; ++k) {
-                lanes v = sq_load(x, i * ILP + k, W);
-                lanes_add(&acc[0][k], &v, W);
-            }
-        for (int j = 1; j < LEVELS; ++j) {
-            for (int k = 0; k < ILP; ++k) {
-                lanes_add(&acc[j][k], &acc[j - 1][k], W);
-                memset(&acc[j - 1][k], 0, sizeof(lanes));
-            }
-            if (i & (mask << (j * power))) break;
-        }
+/* Sum of squares of x[0 .. K) in torch's order, written once for two kinds of lanes: T holds W
+ * floats, SQ(d, p) sets d to the squares of the W floats at p, ADD(a, b) adds b to a lane by lane,
+ * ZERO(a) clears a and LANE(a, l) reads lane l.  The row splits into `size` W-float vectors, summed
+ * in ILP interleaved accumulators with a cascade of LEVELS levels; then the K - size * W tail
+ * elements one by one, and last the lanes. */
+#define DEFINE_SUM_OF_SQUARES(NAME, T, W, SQ, ADD, ZERO, LANE)                                   \
+    MW_INLINE float NAME(const float *x, int64_t K, int width) {                                \
+        enum { LEVELS = 4, ILP = 4 };                                                            \
+        (void)width;                                                                             \
+        const int64_t size = K / (W), n = size / ILP;                                            \
+        const int64_t power = ceil_log2(n) / LEVELS > 4 ? ceil_log2(n) / LEVELS : 4;              \
+        const int64_t step = (int64_t)1 << power, mask = step - 1;                               \
+        T acc[LEVELS][ILP], v;                                                                   \
+        for (int j = 0; j < LEVELS; ++j)                                                         \
+            for (int k = 0; k < ILP; ++k) ZERO(acc[j][k]);                                       \
+        int64_t i = 0;                                                                           \
+        while (i + step <= n) {                                                                  \
+            for (int64_t s = 0; s < step; ++s, ++i)                                              \
+                for (int k = 0; k < ILP; ++k) {                                                  \
+                    SQ(v, x + (i * ILP + k) * (W));                                              \
+                    ADD(acc[0][k], v);                                                           \
+                }                                                                                \
+            for (int j = 1; j < LEVELS; ++j) {                                                   \
+                for (int k = 0; k < ILP; ++k) {                                                  \
+                    ADD(acc[j][k], acc[j - 1][k]);                                               \
+                    ZERO(acc[j - 1][k]);                                                         \
+                }                                                                                \
+                if (i & (mask << (j * power))) break;                                            \
+            }                                                                                    \
+        }                                                                                        \
+        for (; i < n; ++i)                                                                       \
+            for (int k = 0; k < ILP; ++k) {                                                      \
+                SQ(v, x + (i * ILP + k) * (W));                                                  \
+                ADD(acc[0][k], v);                                                               \
+            }                                                                                    \
+        for (int j = 1; j < LEVELS; ++j)                                                         \
+            for (int k = 0; k < ILP; ++k) ADD(acc[0][k], acc[j][k]);                             \
+        for (int64_t e = n * ILP; e < size; ++e) {                                               \
+            SQ(v, x + e * (W));                                                                  \
+            ADD(acc[0][0], v);                                                                   \
+        }                                                                                        \
+        for (int k = 1; k < ILP; ++k) ADD(acc[0][0], acc[0][k]);                                 \
+        float total = 0.0f;                                                                      \
+        for (int64_t k = size * (W); k < K; ++k) total = total + x[k] * x[k];                    \
+        for (int l = 0; l < (W); ++l) total = total + LANE(acc[0][0], l);                        \
+        return total;                                                                            \
     }
-    for (; i < n; ++i)
-        for (int k = 0; k < ILP; ++k) {
-            lanes v = sq_load(x, i * ILP + k, W);
-            lanes_add(&acc[0][k], &v, W);
-        }
-    for (int j = 1; j < LEVELS; ++j)
-        for (int k = 0; k < ILP; ++k) lanes_add(&acc[0][k], &acc[j][k], W);
-    for (int64_t e = n * ILP; e < size; ++e) {
-        lanes v = sq_load(x, e, W);
-        lanes_add(&acc[0][0], &v, W);
-    }
-    for (int k = 1; k < ILP; ++k) lanes_add(&acc[0][0], &acc[0][k], W);
-    return acc[0][0];
-}
 
-MW_INLINE float sum_of_squares_w(const float *x, int64_t K, int W) {
-    if (K >= W && W > 1) {
-        int64_t nvec = K / W;
-        lanes v = cascade_row_sum(x, nvec, W);
-        float total = 0.0f;
-        for (int64_t k = nvec * W; k < K; ++k) total = total + x[k] * x[k];
-        for (int l = 0; l < W; ++l) total = total + v.v[l];
-        return total;
-    }
-    return cascade_row_sum(x, K, 1).v[0];
-}
+/* Any width up to MAXW: the lanes in a struct, a loop per operation. */
+typedef struct { float v[MAXW]; } lanes;
+#define LANES_SQ(d, p) for (int l_ = 0; l_ < width; ++l_) (d).v[l_] = (p)[l_] * (p)[l_]
+#define LANES_ADD(a, b) for (int l_ = 0; l_ < width; ++l_) (a).v[l_] = (a).v[l_] + (b).v[l_]
+#define LANES_ZERO(a) memset(&(a), 0, sizeof(a))
+#define LANES_LANE(a, l) ((a).v[l])
+DEFINE_SUM_OF_SQUARES(sum_of_squares_lanes, lanes, width, LANES_SQ, LANES_ADD, LANES_ZERO, LANES_LANE)
 
 #if defined(__GNUC__) || defined(__clang__)
-/* sum_of_squares_w for the usual widths, with the W lanes in one vector: the struct version keeps
- * copying lanes through memory, which made the sum about 4x slower.  The order of every addition
- * is the same.  Each vector is built by memcpy (one unaligned load), and only a float leaves the
- * function, so no vector crosses a call (its ABI would depend on the target). */
+/* The usual widths with the lanes in one vector register, about 4x faster than the struct, which
+ * GCC keeps copying through memory.  Each vector comes from memcpy (one unaligned load), and only
+ * a float leaves the function, so no vector crosses a call (its ABI would depend on the target). */
 typedef float mw_vf8 __attribute__((vector_size(32)));
 typedef float mw_vf16 __attribute__((vector_size(64)));
-#define DEFINE_SUM_OF_SQUARES_VEC(NAME, VT, W)                                                  \
-    MW_INLINE float NAME(const float *x, int64_t K) {                                          \
-        enum { LEVELS = 4, ILP = 4 };                                                           \
-        const int64_t size = K / W, n = size / ILP;                                             \
-        const int64_t power = ceil_log2(n) / LEVELS > 4 ? ceil_log2(n) / LEVELS : 4;             \
-        const int64_t step = (int64_t)1 << power, mask = step - 1;                              \
-        const VT zero = {0};                                                                    \
-        VT acc[LEVELS][ILP], v;                                                                 \
-        for (int j = 0; j < LEVELS; ++j)                                                        \
-            for (int k = 0; k < ILP; ++k) acc[j][k] = zero;                                     \
-        int64_t i = 0;                                                                          \
-        while (i + step <= n) {                                                                 \
-            for (int64_t s = 0; s < step; ++s, ++i)                                             \
-                for (int k = 0; k < ILP; ++k) {                                                 \
-                    memcpy(&v, x + (i * ILP + k) * W, sizeof v);                                \
-                    acc[0][k] = acc[0][k] + v * v;                                              \
-                }                                                                               \
-            for (int j = 1; j < LEVELS; ++j) {                                                  \
-                for (int k = 0; k < ILP; ++k) {                                                 \
-                    acc[j][k] = acc[j][k] + acc[j - 1][k];                                      \
-                    acc[j - 1][k] = zero;                                                       \
-                }                                                                               \
-                if (i & (mask << (j * power))) break;                                           \
-            }                                                                                   \
-        }                                                                                       \
-        for (; i < n; ++i)                                                                      \
-            for (int k = 0; k < ILP; ++k) {                                                     \
-                memcpy(&v, x + (i * ILP + k) * W, sizeof v);                                    \
-                acc[0][k] = acc[0][k] + v * v;                                                  \
-            }                                                                                   \
-        for (int j = 1; j < LEVELS; ++j)                                                        \
-            for (int k = 0; k < ILP; ++k) acc[0][k] = acc[0][k] + acc[j][k];                    \
-        for (int64_t e = n * ILP; e < size; ++e) {                                              \
-            memcpy(&v, x + e * W, sizeof v);                                                    \
-            acc[0][0] = acc[0][0] + v * v;                                                      \
-        }                                                                                       \
-        for (int k = 1; k < ILP; ++k) acc[0][0] = acc[0][0] + acc[0][k];                        \
-        float total = 0.0f;                                                                     \
-        for (int64_t k = size * W; k < K; ++k) total = total + x[k] * x[k];                     \
-        for (int l = 0; l < W; ++l) total = total + acc[0][0][l];                               \
-        return total;                                                                           \
-    }
-DEFINE_SUM_OF_SQUARES_VEC(sum_of_squares_v8, mw_vf8, 8)
-DEFINE_SUM_OF_SQUARES_VEC(sum_of_squares_v16, mw_vf16, 16)
+#define VEC_SQ(d, p) (memcpy(&(d), (p), sizeof(d)), (d) = (d) * (d))
+#define VEC_ADD(a, b) ((a) = (a) + (b))
+#define VEC_ZERO(a) memset(&(a), 0, sizeof(a))
+#define VEC_LANE(a, l) ((a)[l])
+DEFINE_SUM_OF_SQUARES(sum_of_squares_v8, mw_vf8, 8, VEC_SQ, VEC_ADD, VEC_ZERO, VEC_LANE)
+DEFINE_SUM_OF_SQUARES(sum_of_squares_v16, mw_vf16, 16, VEC_SQ, VEC_ADD, VEC_ZERO, VEC_LANE)
 #define MW_VEC_SUMS 1
 #else
 #define MW_VEC_SUMS 0
 #endif
 
-/* The usual widths get their own copies, vectorized. */
+/* A row shorter than W is summed as one lane. */
 MW_INLINE float sum_of_squares_body(const float *x, int64_t K, int W) {
+    if (K < W) W = 1;
 #if MW_VEC_SUMS
-    if (W == 8 && K >= 8) return sum_of_squares_v8(x, K);
-    if (W == 16 && K >= 16) return sum_of_squares_v16(x, K);
+    if (W == 8) return sum_of_squares_v8(x, K, W);
+    if (W == 16) return sum_of_squares_v16(x, K, W);
 #endif
-    return sum_of_squares_w(x, K, W);
+    return sum_of_squares_lanes(x, K, W);
 }
 
 static float sum_of_squares(const float *x, int64_t K, int W) { return sum_of_squares_body(x, K, W); }
