@@ -294,6 +294,13 @@ def test_codes_buffer_is_aligned_and_advised_for_huge_pages():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge-page advice is Linux only")
+def test_codes_buffer_without_huge_pages_on_request(monkeypatch):
+    monkeypatch.setenv("MEMWISE_HUGE_PAGES", "0")
+    buf = codes_buffer(3 * HUGE_PAGE + 5)
+    assert buf.numel() == 3 * HUGE_PAGE + 5 and not thp_mapping(buf.data_ptr())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge-page advice is Linux only")
 def test_large_models_keep_codes_in_huge_page_memory(tmp_path):
     write_hgrn_checkpoint(tmp_path, CONFIGS["huge-pages"], seed=3)
     module = load_dir(tmp_path).module

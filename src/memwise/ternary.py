@@ -17,6 +17,7 @@ the sum of the activations once per row: sum(c * q) - sum(q) = sum(t * q).
 from __future__ import annotations
 
 import mmap
+import os
 import sys
 from dataclasses import dataclass
 
@@ -39,14 +40,15 @@ def codes_buffer(nbytes: int, device: torch.device | str = "cpu") -> torch.Tenso
     """An uninitialized uint8 buffer of nbytes for a model's packed codes.
 
     On Linux CPUs it is anonymous memory advised for transparent huge pages (2 MB) and aligned to
-    them, because every decode step streams all codes: with 4 KB pages the walk of a page table
-    for each 4 KB made the fused step slower, measured on this project's VM (2026-11-22, alternating
-    runs): mmfree-370m batch 1 3.1-3.5 -> 2.6-3.0 ms, batch 16 8.2-9.1 -> 7.7-8.1 ms; mmfree-2.7b
-    batch 1 26.6-28.7 -> 24.8-25.6 ms.  Where the kernel refuses the advice (THP disabled), the
-    buffer is the same memory with small pages.
+    them, because every decode step streams all codes, and with 4 KB pages each 4 KB costs a page
+    walk: the fused steps of mmfree-370m and mmfree-2.7b ran up to 10-30% slower (README, "MatMul-free
+    models").  Where the kernel refuses the advice (THP disabled), the buffer is the same memory
+    with small pages.  MEMWISE_HUGE_PAGES=0 asks for a plain allocation
+    (to compare, or where huge pages are unwelcome).
     """
     device = torch.device(device)
-    if device.type != "cpu" or nbytes < HUGE_PAGE or not sys.platform.startswith("linux"):
+    if (device.type != "cpu" or nbytes < HUGE_PAGE or not sys.platform.startswith("linux")
+            or os.environ.get("MEMWISE_HUGE_PAGES", "1") == "0"):
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # shared memory gets no THP
     try:
