@@ -40,11 +40,10 @@ def codes_buffer(nbytes: int, device: torch.device | str = "cpu") -> torch.Tenso
     """An uninitialized uint8 buffer of nbytes for a model's packed codes.
 
     On Linux CPUs it is anonymous memory advised for transparent huge pages (2 MB) and aligned to
-    them, because every decode step streams all codes, and with 4 KB pages each 4 KB costs a page
-    walk: the fused steps of mmfree-370m and mmfree-2.7b ran up to 10-30% slower (README, "MatMul-free
-    models").  Where the kernel refuses the advice (THP disabled), the buffer is the same memory
-    with small pages.  MEMWISE_HUGE_PAGES=0 asks for a plain allocation
-    (to compare, or where huge pages are unwelcome).
+    them: every decode step streams all codes, and with 4 KB pages each 4 KB costs a page walk (the
+    fused steps ran slower that way; figures in the README, "MatMul-free models").  Where the kernel
+    refuses the advice (THP disabled) the buffer has small pages.  MEMWISE_HUGE_PAGES=0 asks for a
+    plain allocation (to compare, or where huge pages are unwelcome).
     """
     device = torch.device(device)
     if (device.type != "cpu" or nbytes < HUGE_PAGE or not sys.platform.startswith("linux")
