@@ -176,6 +176,43 @@ def test_prefill_then_decode_equals_full_forward(small):
     assert torch.allclose(torch.cat(steps, 1), full[:, 5:], rtol=0, atol=1e-5 * float(full.abs().max()))
 
 
+@pytest.mark.parametrize("backend", ["reference", "c"])
+def test_long_forward_in_slices_equals_one_pass(checkpoint, backend, monkeypatch):
+    """A CPU forward over more tokens than `slice_tokens` runs in slices (prefill memory churn,
+    HGRNBitForCausalLM._forward_slices): same logits, same state, with a left-padded mask."""
+    from memwise import kernels
+    if backend == "c" and not getattr(kernels, "HAVE_C", False):
+        pytest.skip("the C kernels are not built")
+    path, config, _ = checkpoint
+    module = load_dir(path, backend).module
+    ids = torch.randint(0, config["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, :4] = False
+    passes = []   # positions per call of the layer stack
+    real_layers = type(module)._layers
+
+    def counted_layers(self, input_ids, *rest):
+        passes.append(input_ids.shape[1])
+        return real_layers(self, input_ids, *rest)
+
+    monkeypatch.setattr(type(module), "_layers", counted_layers)
+    results = {}
+    for slice_tokens in (10**9, 6):   # 6 tokens over a batch of 2: slices of 3 positions
+        module.slice_tokens = slice_tokens
+        passes.clear()
+        with torch.inference_mode():
+            cache = module.new_cache(2)
+            full = module(ids, cache, mask)
+            last_cache = module.new_cache(2)
+            last = module(ids, last_cache, mask, last_only=True)
+        results[slice_tokens] = (full, cache.state.clone(), cache.length, last, last_cache.state.clone(), list(passes))
+    (full1, state1, len1, last1, lstate1, passes1), (full3, state3, len3, last3, lstate3, passes3) = results.values()
+    assert passes1 == [11, 11] and passes3 == [3, 3, 3, 2] * 2
+    assert len1 == len3 == 11
+    assert torch.equal(full3, full1) and torch.equal(state3, state1)
+    assert torch.equal(last3, last1) and torch.equal(lstate3, lstate1) and torch.equal(last1, full1[:, -1:])
+
+
 def test_state_is_constant_in_sequence_length(small):
     path, config, _ = small
     module = load_dir(path).module
