@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from memwise.checkpoint import CheckpointReader
 from memwise.errors import CheckpointError, ConfigError, UnsupportedError
+from memwise.heap import keep_freed_memory
 from memwise.spec import ModelSpec, eos_ids, require
 from memwise.ternary import (BLOCK, BLOCK_BYTES, SCALE_FLOOR, TernaryMatrix, bitlinear_reference, codes_buffer,
                              pack_ternary, padded_cols, rmsnorm)
@@ -410,6 +411,8 @@ class HGRNBitForCausalLM(nn.Module):
         self._fused_decoder = None
         # Tokens (batch x positions) per slice of a long CPU forward.
         self.slice_tokens = max(1, PREFILL_SLICE_BYTES // (8 * spec.intermediate_size))
+        if embeddings.device.type == "cpu":
+            keep_freed_memory()   # the slices' activations then stay in reused heap memory
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .float() and friends may replace the buffers the fused plan points into.
@@ -452,7 +455,8 @@ class HGRNBitForCausalLM(nn.Module):
             attention_mask = attention_mask[:, -length:]
         per_slice = max(1, self.slice_tokens // max(batch, 1))
         if length > per_slice and input_ids.device.type == "cpu":
-            return self._forward_slices(input_ids, cache, attention_mask, last_only, per_slice)
+            slices = -(-length // per_slice)
+            return self._forward_slices(input_ids, cache, attention_mask, last_only, -(-length // slices))
         # The mask is applied even when all True: testing that would cost a device
         # synchronization per step on CUDA.
         mask = None if attention_mask is None else attention_mask.to(torch.float32)
@@ -486,9 +490,9 @@ class HGRNBitForCausalLM(nn.Module):
         A whole prompt at once takes tens of MB per activation (16 x 128 tokens of mmfree-370m: 92 MB
         for the gate/up output). glibc hands blocks that large back to the kernel when they are
         freed, so every layer faulted its pages in afresh: about a million page faults and half the
-        time of that prefill. Slices small enough to come from reused heap memory avoid it. The
-        recurrence carries its state from one slice to the next and every other operation works
-        token by token, so the logits are those of one pass."""
+        time of that prefill. Slices small enough to stay in reused heap memory (memwise.heap) and in
+        cache avoid it. The recurrence carries its state from one slice to the next and every other
+        operation works token by token, so the logits are those of one pass."""
         length = input_ids.shape[1]
         outputs = []
         for start in range(0, length, per_slice):
