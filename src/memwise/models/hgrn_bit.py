@@ -453,10 +453,9 @@ class HGRNBitForCausalLM(nn.Module):
         if attention_mask is not None:
             # Only the mask of the positions being fed matters to a recurrence.
             attention_mask = attention_mask[:, -length:]
-        per_slice = max(1, self.slice_tokens // max(batch, 1))
-        if length > per_slice and input_ids.device.type == "cpu":
-            slices = -(-length // per_slice)
-            return self._forward_slices(input_ids, cache, attention_mask, last_only, -(-length // slices))
+        most = max(1, self.slice_tokens // max(batch, 1))   # positions per slice
+        if length > most and input_ids.device.type == "cpu":
+            return self._forward_slices(input_ids, cache, attention_mask, last_only, most)
         # The mask is applied even when all True: testing that would cost a device
         # synchronization per step on CUDA.
         mask = None if attention_mask is None else attention_mask.to(torch.float32)
@@ -484,8 +483,8 @@ class HGRNBitForCausalLM(nn.Module):
         return x
 
     def _forward_slices(self, input_ids: torch.Tensor, cache: RecurrentCache,
-                        attention_mask: torch.Tensor | None, last_only: bool, per_slice: int) -> torch.Tensor:
-        """The forward of many tokens on CPU, `per_slice` positions at a time.
+                        attention_mask: torch.Tensor | None, last_only: bool, most: int) -> torch.Tensor:
+        """The forward of many tokens on CPU, in equal slices of at most `most` positions.
 
         A whole prompt at once takes tens of MB per activation (16 x 128 tokens of mmfree-370m: 92 MB
         for the gate/up output). glibc hands blocks that large back to the kernel when they are
@@ -494,9 +493,11 @@ class HGRNBitForCausalLM(nn.Module):
         cache avoid it. The recurrence carries its state from one slice to the next and every other
         operation works token by token, so the logits are those of one pass."""
         length = input_ids.shape[1]
+        count = -(-length // most)
+        size = -(-length // count)
         outputs = []
-        for start in range(0, length, per_slice):
-            end = min(start + per_slice, length)
+        for start in range(0, length, size):
+            end = min(start + size, length)
             ids = input_ids[:, start:end]
             mask = None if attention_mask is None else attention_mask[:, start:end]
             if last_only and end < length:
