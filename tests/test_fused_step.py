@@ -258,11 +258,12 @@ def _randomize_gains(module, seed: int) -> None:
 @pytest.mark.parametrize("isa", PATHS)
 def test_long_rows_exact(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # K of many blocks (up to 64 rows the AMX path unpacks a pair of blocks at a time into a ring
-    # and multiplies the pairs behind it), with a partial last pair and block; products exact and
-    # BitLinear equal to the plain PyTorch reference.
+    # and multiplies the pairs behind it, and takes a K whose activation tiles overflow L1 in
+    # chunks over groups of 8 panels), with a partial last pair and block, and panel counts that
+    # leave a partial group; products exact and BitLinear equal to the plain PyTorch reference.
     gen = torch.Generator().manual_seed(17)
-    for m, n, k in ((1, 37, 2900), (5, 9, 1100), (12, 37, 1100), (16, 33, 2816), (33, 20, 1030),
-                    (64, 17, 2000), (65, 18, 1500)):
+    for m, n, k in ((1, 37, 2900), (5, 9, 1100), (12, 37, 1100), (16, 33, 2816), (16, 300, 2816),
+                    (20, 150, 1500), (33, 20, 1030), (48, 140, 700), (64, 17, 2000), (65, 18, 1500)):
         t = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=gen)
         q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
         weight = TernaryMatrix.from_ternary(t, 0.03)
