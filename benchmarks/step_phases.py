@@ -99,6 +99,21 @@ print(f"{name} batch {batch}: step min {times[0]*1e3:.2f} ms, median {times[len(
 """
 
 
+def build_copy(dest: Path, source_text: str) -> str | None:
+    """A copy of memwise under dest with source_text as its ternary.c, built in place; the build's
+    output when it fails, else None.  The repository's own build is left alone."""
+    shutil.copytree(ROOT / "src" / "memwise", dest / "src" / "memwise",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, dest / name)
+    (dest / SOURCE).write_text(source_text)
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=dest,
+                           capture_output=True, text=True)
+    if build.returncode != 0 or not list((dest / SOURCE.parent).glob("_ternary*.so")):
+        return build.stdout + build.stderr
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default="mmfree-2.7b", help="a MatMul-free preset name")
@@ -109,21 +124,15 @@ def main() -> int:
     args = parser.parse_args()
     if args.batch < 1 or args.steps < 1:
         parser.error("--batch and --steps must be at least 1")
+    try:
+        text = args.source.read_text()
+    except OSError as error:
+        parser.error(f"--source {args.source}: {error.strerror}")
     with tempfile.TemporaryDirectory(prefix="memwise-phases-") as tmp:
         copy = Path(tmp)
-        shutil.copytree(ROOT / "src" / "memwise", copy / "src" / "memwise",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-        for name in ("setup.py", "pyproject.toml", "README.md"):
-            shutil.copy(ROOT / name, copy / name)
-        try:
-            text = args.source.read_text()
-        except OSError as error:
-            parser.error(f"--source {args.source}: {error.strerror}")
-        (copy / SOURCE).write_text(instrumented(text))
-        build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=copy,
-                               capture_output=True, text=True)
-        if build.returncode != 0 or not list((copy / SOURCE.parent).glob("_ternary*.so")):
-            sys.stderr.write(build.stdout + build.stderr)
+        failure = build_copy(copy, instrumented(text))
+        if failure is not None:
+            sys.stderr.write(failure)
             print("step_phases: building the instrumented extension failed", file=sys.stderr)
             return 1
         env = {**os.environ, "PYTHONPATH": str(copy / "src")}
