@@ -24,18 +24,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_phases import build_copy  # noqa: E402
+from step_phases import SETUP, build_copy  # noqa: E402
 
-WORKER = r"""
-import sys, time, torch, memwise
-from memwise.kernels import fused
-name, batch = sys.argv[1], int(sys.argv[2])
-module = memwise.load(f"preset:{name}").module
-decoder = fused.FusedDecoder(module)
-state = torch.zeros((len(module.layers), batch, module.spec.hidden_size * module.spec.expand_ratio))
-ids = torch.ones((batch, 1), dtype=torch.long)
-for _ in range(5):
-    decoder.step(ids, state)
+# Loads the preset once, then answers each line (a number of steps) with their median in ms.
+WORKER = SETUP + r"""
 print("ready", flush=True)
 for line in sys.stdin:
     times = []

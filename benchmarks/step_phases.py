@@ -80,16 +80,22 @@ def instrumented(text: str) -> str:
     return head + TIMERS + body + text[end:]
 
 
-STEPS = r"""
+# A fused decoder of preset argv[1] at batch argv[2], after 5 warm-up steps (step_ab.py's workers
+# start the same way).
+SETUP = r"""
 import sys, time, torch, memwise
 from memwise.kernels import fused
-name, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+name, batch = sys.argv[1], int(sys.argv[2])
 module = memwise.load(f"preset:{name}").module
 decoder = fused.FusedDecoder(module)
 state = torch.zeros((len(module.layers), batch, module.spec.hidden_size * module.spec.expand_ratio))
 ids = torch.ones((batch, 1), dtype=torch.long)
 for _ in range(5):
     decoder.step(ids, state)
+"""
+
+STEPS = SETUP + r"""
+steps = int(sys.argv[3])
 times = []
 for _ in range(steps):
     t0 = time.perf_counter(); decoder.step(ids, state); times.append(time.perf_counter() - t0)
