@@ -6,9 +6,10 @@ top of the heap back to the kernel once more than twice that threshold lies free
 allocates and frees activations of a few MB per layer, so it kept faulting the same memory back in,
 more so the longer the process ran: with mmfree-2.7b, batch 16 x 128 tokens, the third prefill in
 one process took 0.7-1.8 M page faults and ran at 220-250 tok/s instead of 330 (a scratch loop of
-prefills, 2026-11-22, this project's 2-core VM; the README has the ternary suite's figures). `keep_freed_memory` fixes both thresholds, so blocks up to MMAP_THRESHOLD
-come from the heap and up to TRIM_THRESHOLD of freed heap stays mapped for the next layer. The
-cost is resident memory: a process may keep up to TRIM_THRESHOLD more than it uses at the moment.
+prefills, 2026-11-22, this project's 2-core VM; the README has the ternary suite's figures).
+`keep_freed_memory` fixes both thresholds, so blocks up to MMAP_THRESHOLD come from the heap and
+up to TRIM_THRESHOLD of freed heap stays mapped for the next layer. The cost is resident memory: a
+process may keep up to TRIM_THRESHOLD more than it uses at the moment.
 
 The settings are process-wide. memwise applies them when it builds a model for the CPU;
 MEMWISE_MALLOC_TUNING=0 leaves glibc's defaults alone.
