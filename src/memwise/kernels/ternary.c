@@ -65,11 +65,19 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_AM
 
 /* AMX buffers: B tiles of M activation rows, [mtiles][units][16][64], and one thread's unpacked
  * weight codes for K of nb blocks, [pairs][4 units][16][64]. */
-static size_t amx_b_bytes(int64_t M, int64_t nb) {
+static size_t act_tiles_bytes(int64_t M, int64_t nb) {
     return (size_t)((M + 15) / 16) * (size_t)((nb + 1) / 2) * AMX_PAIR_BYTES;
 }
 
-static size_t amx_a_bytes(int64_t nb) { return (size_t)((nb + 1) / 2) * AMX_PAIR_BYTES; }
+static size_t unpacked_bytes(int64_t nb) { return (size_t)((nb + 1) / 2) * AMX_PAIR_BYTES; }
+
+/* From this many activation rows the AVX-512 path multiplies unpacked panels (run_panels). */
+#define PANEL_MIN_ROWS 4
+
+/* Whether products of M activation rows on this path need the per-thread unpacked panels. */
+static int uses_panels(int isa, int64_t M) {
+    return isa == ISA_AMX || (isa == ISA_AVX512VNNI && M >= PANEL_MIN_ROWS);
+}
 
 #define BLOCK 128
 #define BLOCK_BYTES 32
@@ -284,9 +292,11 @@ typedef struct {
     int32_t *out_i32;      /* [M, N] or NULL */
     float *out_f32;        /* [M, N] or NULL: then out = float(acc) * rs[m] */
     const float *rs;
-    const int8_t *amx_b;   /* AMX only: activations as VNNI B tiles [mtiles][Kp / 64][16][64] */
+    const int8_t *act_tiles; /* AMX and AVX-512 panels: activations in tiles of 16 rows,
+                                [mtiles][Kp / 64][16][64] (pack_act_tile) */
     int64_t mtiles;
-    uint8_t *amx_a;        /* AMX only: per-thread unpacked codes, [threads][16][Kp] */
+    uint8_t *unpacked;     /* AMX, and AVX-512 from PANEL_MIN_ROWS rows: per-thread unpacked
+                              codes of a panel of 16 weight rows, unpacked_bytes(nb) each */
     size_t pf_far;         /* GEMV: bytes ahead of the far prefetches (tile_ahead_by), 0 for none */
     int64_t ldo;           /* elements from one output row to the next (N unless a job writes
                               part of a wider output) */
@@ -470,6 +480,33 @@ DEFINE_RUN256(run_avxvnni, tile_avxvnni, TVNNI)
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
+/* Row m of a 16 x 16 matrix of 32-bit elements after transpose16 is r[transposed_row[m]]: the 64-bit
+ * stage leaves columns 1 and 2 of each group of four swapped. */
+static const int transposed_row[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+
+/* 16x16 transpose of 32-bit elements: 2x2 blocks of 1, 2, 4 then 8 elements. */
+static inline __attribute__((always_inline)) T512 void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4)
+        for (int k = 0; k < 2; ++k) {
+            r[i + k] = _mm512_unpacklo_epi64(t[i + k], t[i + k + 2]);
+            r[i + k + 2] = _mm512_unpackhi_epi64(t[i + k], t[i + k + 2]);
+        }
+    for (int i = 0; i < 16; i += 8)
+        for (int k = 0; k < 4; ++k) {
+            t[i + k] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0x88);
+            t[i + k + 4] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0xdd);
+        }
+    for (int k = 0; k < 8; ++k) {
+        r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
+        r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xdd);
+    }
+}
+
 static inline __attribute__((always_inline)) T512 __m512i load_w512(const uint8_t *p, int half) {
     /* The odd last block of a row is loaded alone; masked-out bytes are never touched. */
     return half ? _mm512_maskz_loadu_epi8(0xffffffffULL, p) : _mm512_loadu_si512((const void *)p);
@@ -549,6 +586,133 @@ static inline __attribute__((always_inline)) T512 void tile512_gemm(
         for (int c = 0; c < C; ++c) put(j, m + r, n + c, _mm512_reduce_add_epi32(acc[r][c]));
 }
 
+/* From PANEL_MIN_ROWS activation rows on, the AVX-512 path multiplies panels of 16 weight rows
+ * with each output lane its own weight row, so no sum is ever reduced across lanes.  The 4x4
+ * tiles above end every (activation row, weight row) with a horizontal sum, and at K = 1024 (most
+ * 370M products) those sums cost about as much as the VPDPBUSDs themselves.
+ *
+ * A panel's 64-byte loads of pair p are transposed as 16 x 16 dwords, so vector d holds bytes
+ * 4d .. 4d + 3 of every row; group g of those bytes (a shift and an AND) is then, lane by lane,
+ * the four codes that meet the activation dword at byte 64g + 4d of the pair in the AVX-512
+ * layout.  Unit u = 64p + 16g + d of the unpacked panel therefore pairs with dword u of an
+ * activation row, and the activation tiles (pack_act_tile) hold dword u of 16 rows in one line. */
+#define PANEL_ROWS 16
+
+/* Pairs of blocks unpacked at a time when all activation rows fit one tile: the unpacked chunk
+ * (16 KB) and the activations it meets stay in L1 together. */
+#define PANEL_CHUNK_PAIRS 4
+
+/* Pairs [p0, p1) of weight rows n0 .. n0 + nr - 1 (nr <= 16) to codes, [units][16 rows][4]:
+ * rows past nr are zeros.  pf: the same rows of the panel ahead, or NULL. */
+static inline __attribute__((always_inline)) T512 void panel_unpack(const job_t *j, int64_t n0, int nr,
+                                                                    int64_t p0, int64_t p1, uint8_t *dst,
+                                                                    const char *pf) {
+    const size_t ws = (size_t)j->nb * BLOCK_BYTES;
+    const uint8_t *w = j->w + (size_t)n0 * ws;
+    const __m512i k3 = _mm512_set1_epi8(3);
+    for (int64_t p = p0; p < p1; ++p) {
+        /* An odd last block is loaded alone; the bytes past it are never touched. */
+        const __mmask64 part = p * 2 + 1 == j->nb ? 0xffffffffULL : ~0ULL;
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) {
+            if (i < nr) {
+                if (pf) _mm_prefetch(pf + (size_t)i * ws + (size_t)p * 64, _MM_HINT_T0);
+                r[i] = _mm512_maskz_loadu_epi8(part, w + (size_t)i * ws + (size_t)p * 64);
+            } else
+                r[i] = _mm512_setzero_si512();
+        }
+        transpose16(r);
+        uint8_t *d = dst + (size_t)(p - p0) * 64 * 64;
+        for (int k = 0; k < 16; ++k) {
+            const __m512i v = r[transposed_row[k]];
+            _mm512_store_si512((void *)(d + k * 64), _mm512_and_si512(v, k3));
+            _mm512_store_si512((void *)(d + (16 + k) * 64), _mm512_and_si512(_mm512_srli_epi16(v, 2), k3));
+            _mm512_store_si512((void *)(d + (32 + k) * 64), _mm512_and_si512(_mm512_srli_epi16(v, 4), k3));
+            _mm512_store_si512((void *)(d + (48 + k) * 64), _mm512_and_si512(_mm512_srli_epi16(v, 6), k3));
+        }
+    }
+}
+
+typedef int32_t mw_i32_alias __attribute__((may_alias, aligned(1)));
+
+/* acc + VPDPBUSD(c, b) in asm: written with the intrinsic, GCC 12 copies every accumulator to
+ * another register around each VPDPBUSD, two moves per product (about 35% slower on the AMD
+ * EPYC VM).  b stays a broadcast load of its own: VPDPBUSD with a {1to16} memory operand ran at
+ * a third of the speed there. */
+static inline __attribute__((always_inline)) T512 __m512i dpbusd_reg(__m512i acc, __m512i c, __m512i b) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(c), "v"(b));
+    return acc;
+}
+
+/* acc[r] += units unpacked code vectors times dword u of activation row r, for R rows of a tile
+ * (a: the tile's dwords from the first unit on). */
+static inline __attribute__((always_inline)) T512 void panel_accumulate(__m512i *acc, const uint8_t *codes,
+                                                                        const mw_i32_alias *a, int64_t units,
+                                                                        const int R) {
+    for (int64_t u = 0; u < units; ++u, a += 16) {
+        const __m512i c = _mm512_load_si512((const void *)(codes + u * 64));
+        for (int r = 0; r < R; ++r) acc[r] = dpbusd_reg(acc[r], c, _mm512_set1_epi32(a[r]));
+    }
+}
+
+/* Code sums of activation rows m .. m + R - 1 and weight rows n0 .. n0 + nr - 1 to the output. */
+static inline __attribute__((always_inline)) T512 void panel_store(const job_t *j, const __m512i *acc,
+                                                                   int64_t n0, int nr, int64_t m, const int R) {
+    const __mmask16 lanes = (__mmask16)((1u << nr) - 1);
+    for (int r = 0; r < R; ++r) {
+        const __m512i v = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(j->sumq[m + r]));
+        if (j->out_f32) {
+            float *o = j->out_f32 + (m + r) * j->ldo + n0;
+            /* float(acc) * rs, as put() rounds it; then the residual, whose add commutes */
+            __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(j->rs[m + r]));
+            if (j->residual) f = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, o), f);
+            _mm512_mask_storeu_ps(o, lanes, f);
+        } else
+            _mm512_mask_storeu_epi32(j->out_i32 + (m + r) * j->ldo + n0, lanes, v);
+    }
+}
+
+/* One panel, all activation rows.  Up to 16 rows (decode) keep their sums in registers while K
+ * is unpacked a chunk at a time; more rows unpack all of K once and take it 16 rows at a time. */
+static inline __attribute__((always_inline)) T512 void panel_run(const job_t *j, uint8_t *codes, int64_t n0,
+                                                                 int nr, const char *pf, int64_t m, const int R) {
+    const int64_t pairs = (j->nb + 1) / 2, tile_units = 64 * pairs;
+    const mw_i32_alias *a = (const mw_i32_alias *)j->act_tiles + (size_t)(m / 16) * (size_t)tile_units * 16;
+    __m512i acc[PANEL_ROWS];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+    if (j->M <= PANEL_ROWS) {
+        for (int64_t p0 = 0; p0 < pairs; p0 += PANEL_CHUNK_PAIRS) {
+            const int64_t p1 = p0 + PANEL_CHUNK_PAIRS < pairs ? p0 + PANEL_CHUNK_PAIRS : pairs;
+            panel_unpack(j, n0, nr, p0, p1, codes, pf);
+            panel_accumulate(acc, codes, a + p0 * 64 * 16, 64 * (p1 - p0), R);
+        }
+    } else {
+        if (m == 0) panel_unpack(j, n0, nr, 0, pairs, codes, pf);
+        panel_accumulate(acc, codes, a, tile_units, R);
+    }
+    panel_store(j, acc, n0, nr, m, R);
+}
+
+/* Weight rows [n0, n1) of the job, all its activation rows, through unpacked panels in codes
+ * (unpacked_bytes(nb) bytes, this thread's). */
+static T512 void run_panels(const job_t *j, int64_t n0, int64_t n1, uint8_t *codes) {
+    for (int64_t n = n0; n < n1; n += PANEL_ROWS) {
+        const int nr = n1 - n < PANEL_ROWS ? (int)(n1 - n) : PANEL_ROWS;
+        const char *pf = n + PANEL_ROWS < n1 ? (const char *)j->w + (size_t)(n + PANEL_ROWS) * j->nb * BLOCK_BYTES
+                                             : NULL;
+        for (int64_t m = 0; m < j->M; m += PANEL_ROWS) {
+            switch (j->M - m < PANEL_ROWS ? (int)(j->M - m) : PANEL_ROWS) {
+#define PANEL_CASE(R) case R: panel_run(j, codes, n, nr, pf, m, R); break;
+            PANEL_CASE(1) PANEL_CASE(2) PANEL_CASE(3) PANEL_CASE(4) PANEL_CASE(5) PANEL_CASE(6)
+            PANEL_CASE(7) PANEL_CASE(8) PANEL_CASE(9) PANEL_CASE(10) PANEL_CASE(11) PANEL_CASE(12)
+            PANEL_CASE(13) PANEL_CASE(14) PANEL_CASE(15) PANEL_CASE(16)
+#undef PANEL_CASE
+            default: break;
+            }
+        }
+    }
+}
+
 #define GEMM512_C(R)                                                                            \
     do {                                                                                        \
         const char *pfm = m == 0 ? pf : NULL;                                                   \
@@ -559,7 +723,11 @@ static inline __attribute__((always_inline)) T512 void tile512_gemm(
     } while (0)
 
 static T512 void run_avx512vnni(const job_t *j, int64_t t0, int64_t t1, int tid) {
-    (void)tid;
+    if (j->M >= PANEL_MIN_ROWS && j->unpacked) {
+        const int64_t n1 = t1 * TILE_N < j->N ? t1 * TILE_N : j->N;
+        run_panels(j, t0 * TILE_N, n1, j->unpacked + (size_t)tid * unpacked_bytes(j->nb));
+        return;
+    }
     int64_t rows = gemm_row_chunk(j->qs);
     for (int64_t m0 = 0; m0 < j->M; m0 += rows) {
         int64_t m1 = m0 + rows < j->M ? m0 + rows : j->M;
@@ -607,33 +775,6 @@ typedef struct __attribute__((packed)) {
  * from one 64-byte load and one GF2P8AFFINEQB, whose bit matrix moves bits 2g and 2g + 1 of every
  * byte to bits 0 and 1 and clears the rest (a shift and an AND would be two instructions). */
 
-/* Row m of a 16 x 16 matrix of 32-bit elements after amx_transpose is r[amx_where[m]]: the 64-bit
- * stage leaves columns 1 and 2 of each group of four swapped. */
-static const int amx_where[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
-
-/* 16x16 transpose of 32-bit elements: 2x2 blocks of 1, 2, 4 then 8 elements. */
-static inline __attribute__((always_inline)) TAMX void amx_transpose(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4)
-        for (int k = 0; k < 2; ++k) {
-            r[i + k] = _mm512_unpacklo_epi64(t[i + k], t[i + k + 2]);
-            r[i + k + 2] = _mm512_unpackhi_epi64(t[i + k], t[i + k + 2]);
-        }
-    for (int i = 0; i < 16; i += 8)
-        for (int k = 0; k < 4; ++k) {
-            t[i + k] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0x88);
-            t[i + k + 4] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0xdd);
-        }
-    for (int k = 0; k < 8; ++k) {
-        r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
-        r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xdd);
-    }
-}
-
 /* Row i of the GF2P8AFFINEQB matrix (byte 7 - i of the qword) selects the input bits that make
  * output bit i: bits 2g and 2g + 1 to bits 0 and 1. */
 #define AMX_GROUP_BITS(g) ((((uint64_t)1 << (2 * (g))) << 56) | (((uint64_t)2 << (2 * (g))) << 48))
@@ -676,11 +817,11 @@ static inline __attribute__((always_inline)) TAMX void amx_store(const job_t *j,
             r[i] = _mm512_add_epi32(r[i], v);
         }
     }
-    amx_transpose(r);
+    transpose16(r);
     const __mmask16 keep = (__mmask16)((1u << nr) - 1u);
     int mr = j->M - m0 < 16 ? (int)(j->M - m0) : 16;
     for (int m = 0; m < mr; ++m) {
-        __m512i v = _mm512_sub_epi32(r[amx_where[m]], _mm512_set1_epi32(j->sumq[m0 + m]));
+        __m512i v = _mm512_sub_epi32(r[transposed_row[m]], _mm512_set1_epi32(j->sumq[m0 + m]));
         if (j->out_f32) {
             float *o = j->out_f32 + (m0 + m) * j->ldo + n0;
             __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(j->rs[m0 + m]));
@@ -782,7 +923,7 @@ static inline __attribute__((always_inline)) TAMX void amx_ring_pairs(const job_
                                                                       int nr, int64_t q0, int64_t q1,
                                                                       uint8_t *ring, int64_t slots, int64_t lag,
                                                                       int64_t units, int nt, const char *pf) {
-    const uint8_t *bt = (const uint8_t *)j->amx_b;
+    const uint8_t *bt = (const uint8_t *)j->act_tiles;
     int64_t put_slot = 0, get_slot = 0;
     /* Each pass multiplies before it unpacks, so a slot is free again once its pair has been
      * multiplied in the same pass: 1 <= lag <= slots. */
@@ -890,8 +1031,8 @@ static TAMX void run_amx(const job_t *j, int64_t p0, int64_t p1, int tid) {
     }
     const int64_t pairs = (j->nb + 1) / 2, units = 4 * pairs;
     const size_t ws = (size_t)j->nb * BLOCK_BYTES;
-    const uint8_t *bt = (const uint8_t *)j->amx_b;
-    uint8_t *abuf = j->amx_a + (size_t)tid * amx_a_bytes(j->nb);
+    const uint8_t *bt = (const uint8_t *)j->act_tiles;
+    uint8_t *abuf = j->unpacked + (size_t)tid * unpacked_bytes(j->nb);
     int32_t cbuf[4][16 * 16] __attribute__((aligned(64)));
     for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = p * 16;
@@ -917,7 +1058,7 @@ static TAMX void run_amx(const job_t *j, int64_t p0, int64_t p1, int tid) {
  * from q) to TDPBUSD B tiles for units [u0, u1): row r of tile (t, u) holds, for each of the
  * tile's 16 activation rows, bytes 4r .. 4r + 3 of unit u: a 16 x 16 transpose of 32-bit
  * elements.  Rows past m1 are zeros. */
-static TAMX void amx_pack_tile(const int8_t *q, size_t qs, int64_t m0, int64_t m1, int64_t u0, int64_t u1,
+static T512 void pack_act_tile(const int8_t *q, size_t qs, int64_t m0, int64_t m1, int64_t u0, int64_t u1,
                                int64_t units, int8_t *bt) {
     const int64_t t = m0 / 16;
     for (int64_t u = u0; u < u1; ++u) {
@@ -925,17 +1066,17 @@ static TAMX void amx_pack_tile(const int8_t *q, size_t qs, int64_t m0, int64_t m
         for (int i = 0; i < 16; ++i)
             r[i] = m0 + i < m1 ? _mm512_loadu_si512((const void *)(q + (size_t)(m0 + i) * qs + u * 64))
                                : _mm512_setzero_si512();
-        amx_transpose(r);
+        transpose16(r);
         int8_t *dst = bt + (size_t)(t * units + u) * 1024;
-        for (int i = 0; i < 16; ++i) _mm512_store_si512((void *)(dst + i * 64), r[amx_where[i]]);
+        for (int i = 0; i < 16; ++i) _mm512_store_si512((void *)(dst + i * 64), r[transposed_row[i]]);
     }
 }
 
 /* All M activation rows to B tiles. */
-static void amx_pack_activations(const int8_t *q, size_t qs, int64_t M, int64_t nb, int8_t *bt) {
+static void pack_act_tiles(const int8_t *q, size_t qs, int64_t M, int64_t nb, int8_t *bt) {
     const int64_t units = 4 * ((nb + 1) / 2);
     for (int64_t m0 = 0; m0 < M; m0 += 16)
-        amx_pack_tile(q, qs, m0, m0 + 16 < M ? m0 + 16 : M, 0, units, units, bt);
+        pack_act_tile(q, qs, m0, m0 + 16 < M ? m0 + 16 : M, 0, units, units, bt);
 }
 
 static int amx_permitted(void) {
@@ -1366,8 +1507,8 @@ typedef struct {
     int8_t *q[N_SLOTS];
     int32_t *sumq[N_SLOTS];
     float *rs[N_SLOTS];
-    int8_t *amx_b[N_SLOTS];
-    uint8_t *amx_a;
+    int8_t *act_tiles[N_SLOTS];
+    uint8_t *unpacked;
     float *h, *fi, *ff, *fg, *o, *y, *u, *e1, *e2;
     float *hs;  /* per thread, H floats: normalized rows when threads share a row's work */
     /* When threads share rows: per thread, [N_SLOTS][B] sums of the q it quantized (sum_part)
@@ -1409,9 +1550,9 @@ static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t
         sizes[n++] = w->qs[s] * (size_t)B;
         sizes[n++] = sizeof(int32_t) * (size_t)B;
         sizes[n++] = sizeof(float) * (size_t)B;
-        sizes[n++] = w->isa == ISA_AMX ? amx_b_bytes(B, w->nb[s]) : 0;
+        sizes[n++] = uses_panels(w->isa, B) ? act_tiles_bytes(B, w->nb[s]) : 0;
     }
-    sizes[n++] = w->isa == ISA_AMX ? (size_t)w->nthreads * amx_a_bytes(nb_max) : 0;
+    sizes[n++] = uses_panels(w->isa, B) ? (size_t)w->nthreads * unpacked_bytes(nb_max) : 0;
     const int64_t widths[] = {H, D, D, D, D, 2 * I, I, w->ew, w->ew};
     for (int k = 0; k < 9; ++k) sizes[n++] = sizeof(float) * (size_t)(B * widths[k]);
     sizes[n++] = sizeof(float) * (size_t)(w->nthreads * H);
@@ -1437,9 +1578,9 @@ static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t
         TAKE(w->q[s], int8_t *);
         TAKE(w->sumq[s], int32_t *);
         TAKE(w->rs[s], float *);
-        TAKE(w->amx_b[s], int8_t *);
+        TAKE(w->act_tiles[s], int8_t *);
     }
-    TAKE(w->amx_a, uint8_t *);
+    TAKE(w->unpacked, uint8_t *);
     TAKE(w->h, float *);
     TAKE(w->fi, float *);
     TAKE(w->ff, float *);
@@ -1627,15 +1768,15 @@ static const int32_t *gather_sums(const hgrn_ws_t *w, int s, int id, int nt) {
     return mine;
 }
 
-/* AMX: the quantized rows of slot s into the B tiles (amx_pack_tile).  Threads split the tiles
+/* AMX and AVX-512 panels: the quantized rows of slot s into tiles (pack_act_tile).  Threads split the tiles
  * by unit of K: a 64-byte line of a tile holds bytes of 16 rows, so splitting by row would have
  * threads write into the same lines. */
-static void amx_pack_share(const hgrn_ws_t *w, int s, int id, int nt) {
+static void pack_act_tiles_share(const hgrn_ws_t *w, int s, int id, int nt) {
 #if MW_X86
     const int64_t units = 4 * ((w->nb[s] + 1) / 2);
     const int64_t u0 = units * id / nt, u1 = units * (id + 1) / nt;
     for (int64_t m0 = 0; m0 < w->B; m0 += 16)
-        amx_pack_tile(w->q[s], w->qs[s], m0, m0 + 16 < w->B ? m0 + 16 : w->B, u0, u1, units, w->amx_b[s]);
+        pack_act_tile(w->q[s], w->qs[s], m0, m0 + 16 < w->B ? m0 + 16 : w->B, u0, u1, units, w->act_tiles[s]);
 #else
     (void)w, (void)s, (void)id, (void)nt;
 #endif
@@ -1644,7 +1785,7 @@ static void amx_pack_share(const hgrn_ws_t *w, int s, int id, int nt) {
 static inline job_t slot_job(const hgrn_ws_t *w, int s, const int32_t *sumq, const uint8_t *codes,
                              int64_t N, float *out, size_t pf_far) {
     job_t j = {codes, N, w->nb[s], w->q[s], w->qs[s], w->B, sumq, NULL, out, w->rs[s],
-               w->amx_b[s], w->mtiles, w->amx_a, pf_far, N};
+               w->act_tiles[s], w->mtiles, w->unpacked, pf_far, N};
     return j;
 }
 
@@ -1751,7 +1892,7 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
     const ew_geom_t gflat = ew_geom(B, D, 0, a->exp_step, a->torch_threads, w->level);
     const ew_geom_t ggate = ew_geom(B, I, 1, a->exp_step, a->torch_threads, w->level);
     const float eps = a->eps;
-    const int W = a->W, amx = w->isa == ISA_AMX;
+    const int W = a->W, tiled = uses_panels(w->isa, B);
     const row_ops_t *ops = row_ops(w->level);
     float *x = a->x;
 #ifdef _OPENMP
@@ -1806,8 +1947,8 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 }
             }
             SYNC
-            if (amx) {
-                for (int k = 0; k < 3; ++k) amx_pack_share(w, slots[k], id, nt);
+            if (tiled) {
+                for (int k = 0; k < 3; ++k) pack_act_tiles_share(w, slots[k], id, nt);
                 SYNC
             }
             {
@@ -1847,8 +1988,8 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 }
             }
             SYNC
-            if (amx) {
-                amx_pack_share(w, SLOT_O, id, nt);
+            if (tiled) {
+                pack_act_tiles_share(w, SLOT_O, id, nt);
                 SYNC
             }
             {
@@ -1877,8 +2018,8 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 }
             }
             SYNC
-            if (amx) {
-                amx_pack_share(w, SLOT_I, id, nt);
+            if (tiled) {
+                pack_act_tiles_share(w, SLOT_I, id, nt);
                 SYNC
             }
             {
@@ -1926,8 +2067,8 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 }
             }
             SYNC
-            if (amx) {
-                amx_pack_share(w, SLOT_DOWN, id, nt);
+            if (tiled) {
+                pack_act_tiles_share(w, SLOT_DOWN, id, nt);
                 SYNC
             }
             {
@@ -1957,8 +2098,8 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_args_t *a) {
                 put_row(w, SLOT_I, b, hb, r, PTR(const float *, plan[8]), H, a->scales[0]);
         }
         SYNC
-        if (amx) {
-            amx_pack_share(w, SLOT_I, id, nt);
+        if (tiled) {
+            pack_act_tiles_share(w, SLOT_I, id, nt);
             SYNC
         }
         {
@@ -1989,16 +2130,16 @@ typedef struct {
     int8_t *qbuf;
     int32_t *sumq;
     float *rs;
-    int8_t *amx_b;
-    uint8_t *amx_a;
+    int8_t *act_tiles;
+    uint8_t *unpacked;
 } plan_t;
 
 static void plan_free(plan_t *p) {
     free(p->qbuf);
     free(p->sumq);
     free(p->rs);
-    free(p->amx_b);
-    free(p->amx_a);
+    free(p->act_tiles);
+    free(p->unpacked);
 }
 
 static int plan_make(plan_t *p, int isa, long long N, long long nb, long long M, int nthreads) {
@@ -2010,10 +2151,10 @@ static int plan_make(plan_t *p, int isa, long long N, long long nb, long long M,
     p->sumq = alloc64(sizeof(int32_t) * (size_t)M);
     p->rs = alloc64(sizeof(float) * (size_t)M);
     int ok = p->qbuf && p->sumq && p->rs;
-    if (ok && p->isa == ISA_AMX) {
-        p->amx_b = alloc64(amx_b_bytes(M, nb));
-        p->amx_a = alloc64((size_t)job_threads(ISA_AMX, N, nthreads) * amx_a_bytes(nb));
-        ok = p->amx_b && p->amx_a;
+    if (ok && uses_panels(p->isa, M)) {
+        p->act_tiles = alloc64(act_tiles_bytes(M, nb));
+        p->unpacked = alloc64((size_t)job_threads(p->isa, N, nthreads) * unpacked_bytes(nb));
+        ok = p->act_tiles && p->unpacked;
     }
     if (!ok) plan_free(p);
     return ok;
@@ -2022,10 +2163,10 @@ static int plan_make(plan_t *p, int isa, long long N, long long nb, long long M,
 static void plan_run(plan_t *p, const uint8_t *w, long long N, long long nb, long long M,
                      int32_t *out_i32, float *out_f32, int nthreads) {
 #if MW_X86
-    if (p->isa == ISA_AMX) amx_pack_activations(p->qbuf, p->qs, M, nb, p->amx_b);
+    if (uses_panels(p->isa, M)) pack_act_tiles(p->qbuf, p->qs, M, nb, p->act_tiles);
 #endif
     job_t j = {w, N, nb, p->qbuf, p->qs, M, p->sumq, out_i32, out_f32, p->rs,
-               p->amx_b, (M + 15) / 16, p->amx_a, PF_FAR_BYTES, N};
+               p->act_tiles, (M + 15) / 16, p->unpacked, PF_FAR_BYTES, N};
     run_job(p->isa, &j, nthreads);
 }
 
