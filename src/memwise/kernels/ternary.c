@@ -54,7 +54,7 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_AM
 
 /* Below this many activation rows the AMX path hands over to AVX-512 VNNI.  AMX must first
  * unpack each weight panel to one byte per code in memory, a fixed cost per panel that only
- * pays off when enough activation rows share it.  Fused decode steps on this project's VM
+ * pays off when enough activation rows share it.  Fused decode steps on the Intel Xeon VM
  * (medians of 55, three alternating rounds): at 4 rows AVX-512 wins for mmfree-2.7b (48 vs 58 ms)
  * and ties for mmfree-370m; at 5 rows, where AVX-512 runs a 4-row tile and then a GEMV over the
  * same weights, AMX wins (2.7b 58 vs 62 ms, 370m 7.0 vs 9.4 ms). */
@@ -443,7 +443,7 @@ MW_INLINE const char *tile_ahead(const job_t *j, int64_t t, int64_t t1, int64_t 
 
 /* When weights stream from DRAM the decode GEMV also asks for the tile PF_FAR_BYTES ahead, into
  * L2 only: as other tenants load the memory system and latency grows, the near prefetches alone
- * leave too few lines in flight.  On this project's VM the far ones made the 2.7B decode step 5-16%
+ * leave too few lines in flight.  On the Intel Xeon VM the far ones made the 2.7B decode step 5-16%
  * faster (avx512vnni and avx2 alike); for weights that stay in the last-level cache (370M) they cost about 5%, so callers
  * whose weights fit there leave them off (job_t.pf_far). */
 #ifndef PF_FAR_BYTES
@@ -910,7 +910,7 @@ static inline __attribute__((always_inline)) TAMX void amx_pair(const uint8_t *s
  * tile of 16 rows, 44 KB for K = 2816 (mmfree-370m's down_proj), more than L1 holds next to the
  * ring.  So when the tiles of all of K pass AMX_CHUNK_BYTES, K is taken in chunks of at most that
  * many bytes of tiles, over AMX_GROUP panels at a time, the partial sums waiting in memory between
- * chunks; each chunk's tiles stay in L1 for the whole group.  On this project's VM that made the
+ * chunks; each chunk's tiles stay in L1 for the whole group.  On the Intel Xeon VM that made the
  * 16-row product with K = 2816 20-35% faster, from L2 and streaming from memory alike
  * (benchmarks/amx_product.c); products with K = 1024, whose tiles fit, gained nothing from
  * smaller chunks. */
@@ -1793,7 +1793,7 @@ static inline job_t slot_job(const hgrn_ws_t *w, int s, const int32_t *sumq, con
  * of all their tiles, or with `each`, the rows my_span gives it of every product, so that
  * elementwise work split by my_span afterwards finds its inputs in the thread's own cache.
  * (Splitting the last tiles dynamically, by a shared counter, made the 370M batch-16 step about
- * 10% slower on this project's VM: each extra range restarts the weight prefetches.) */
+ * 10% slower on the Intel Xeon VM: each extra range restarts the weight prefetches.) */
 static void run_jobs(const hgrn_ws_t *w, const job_t *jobs, int njobs, int each, int id, int nt) {
     const int64_t tr = tile_rows(w->isa);
     run_fn fn = runner(w->isa);
@@ -1853,7 +1853,7 @@ static void mlgru_span(const hgrn_ws_t *w, const hgrn_args_t *a, const row_ops_t
 }
 
 /* The step's barrier.  A decode step of mmfree-2.7b passes about 320 of them; OpenMP's costs
- * 0.35-0.4 us on this project's VM when both threads arrive together, this one 0.08 us.  It spins,
+ * 0.35-0.4 us on the Intel Xeon VM when both threads arrive together, this one 0.08 us.  It spins,
  * then yields the CPU, so that more threads than cores still make progress. */
 #if defined(_OPENMP) && (defined(__GNUC__) || defined(__clang__))
 #define MW_SPIN_BARRIER 1
