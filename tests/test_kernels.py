@@ -24,11 +24,13 @@ PATHS = kernels.isa_paths() if not os.environ.get("MEMWISE_ISA") else kernels._m
 
 # (M, N, K): K below one block, odd block counts (the AVX-512 path loads blocks in pairs), K and N
 # off every tile size, M from 1 to 17 (4-row GEMM tiles plus each remainder), and M of 3 and 5
-# AMX tiles (the AMX path splits its sums differently for 1, 2 and 3-4 tiles of 16 rows); one GEMV
-# long enough per thread for its far prefetches.
+# AMX tiles (the AMX path splits its sums differently for 1, 2 and 3-4 tiles of 16 rows); panels of
+# 16 weight rows with a partial last one and K over several unpacked chunks with a partial last one
+# (the AVX-512 path from 4 rows); one GEMV long enough per thread for its far prefetches.
 SHAPES = [(1, 1, 1), (1, 5, 7), (2, 3, 127), (1, 4, 128), (3, 9, 129), (4, 8, 256), (5, 7, 300),
           (6, 13, 383), (7, 4, 640), (8, 17, 1000), (9, 6, 130), (11, 5, 64), (13, 33, 515),
-          (16, 12, 257), (17, 19, 700), (1, 67, 2560), (1, 515, 2560), (40, 20, 300), (70, 18, 260)]
+          (16, 12, 257), (17, 19, 700), (1, 67, 2560), (1, 515, 2560), (12, 40, 2817), (40, 20, 300),
+          (70, 18, 260)]
 
 
 def random_case(m: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
