@@ -6,13 +6,17 @@ PyTorch reference kernels. Instruction sets are chosen per function at run time,
 """
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SOURCE = os.path.join("src", "memwise", "kernels", "ternary.c")
+KERNELS = os.path.join("src", "memwise", "kernels")
+SOURCE = os.path.join(KERNELS, "ternary.c")
+# ternary.c includes these parts (one translation unit); a change in any of them rebuilds it.
+PARTS = sorted(glob.glob(os.path.join(KERNELS, "*.h")))
 
 # -ffp-contract=off: the activation quantization must round exactly like PyTorch, so no
 # multiply-add may be fused.  -fno-math-errno lets sqrtf compile to one instruction.
@@ -39,6 +43,6 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("memwise.kernels._ternary", sources=[SOURCE], optional=True)],
+    ext_modules=[Extension("memwise.kernels._ternary", sources=[SOURCE], depends=PARTS, optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

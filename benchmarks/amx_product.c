@@ -1,15 +1,17 @@
 /* One thread's AMX product of 16 activation rows, timed apart from the fused step.
  *
  * The fused decode step at batch 16 spends most of its time in AMX products (run_amx in
- * src/memwise/kernels/ternary.c).  This program includes that file and times run_amx on one
- * thread for an N x K ternary matrix, cycling through COPIES distinct copies of it: one copy stays
- * in L2, enough copies to fill ~85 MB stream the codes from memory as a 370M decode step does.
+ * src/memwise/kernels/amx.h).  This program includes the extension's ternary.c, which includes
+ * amx.h and the other parts beside it, and times run_amx on one thread for an N x K ternary
+ * matrix, cycling through COPIES distinct copies of it: one copy stays in L2, enough copies to
+ * fill ~85 MB stream the codes from memory as a 370M decode step does.
  * The copies are allocated like the model's codes (alloc_streamed: 2 MB pages on Linux); with 4 KB
  * pages the streaming case measured about a fifth slower.
  * It prints the best of 7 passes in G weights/s and a checksum of the outputs, which must not
- * change between variants of ternary.c that are meant to give the same results.
+ * change between variants of amx.h that are meant to give the same results.
  *
- * Build and run (x86-64 with AMX; SRC picks the ternary.c to time):
+ * Build and run (x86-64 with AMX; SRC picks the ternary.c to time: for a variant of amx.h, a
+ * ternary.c in a copy of src/memwise/kernels that holds it):
  *   gcc -O3 -fopenmp -march=native -I. -DSRC='"src/memwise/kernels/ternary.c"' benchmarks/amx_product.c \
  *       $(python3-config --includes) $(python3-config --ldflags --embed) -lm -o /tmp/amx_product
  *   /tmp/amx_product N K [M] [COPIES] [REPS]      e.g. 5632 1024 16 60 2 (mmfree-370m gate/up)

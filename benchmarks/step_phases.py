@@ -1,6 +1,6 @@
 """Where the fused decode step's time goes, phase by phase.
 
-Builds a copy of memwise whose hgrn_step_run (memwise/kernels/ternary.c) reads the clock at every
+Builds a copy of memwise whose hgrn_step_run (memwise/kernels/hgrn_step.h) reads the clock at every
 barrier, runs the fused step of a preset, and prints per phase (the code between two barriers,
 named by the source line of its closing barrier; the lm_head, by the end of the step): the wall
 time per step as thread 0 sees it,
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = Path("src/memwise/kernels/ternary.c")
+SOURCE = Path("src/memwise/kernels/hgrn_step.h")
 
 TIMERS = r"""
 #define PROF_SITES 64
@@ -105,14 +105,15 @@ print(f"{name} batch {batch}: step min {times[0]*1e3:.2f} ms, median {times[len(
 """
 
 
-def build_copy(dest: Path, source_text: str) -> str | None:
-    """A copy of memwise under dest with source_text as its ternary.c, built in place; the build's
-    output when it fails, else None.  The repository's own build is left alone."""
+def build_copy(dest: Path, source_text: str, part: Path = SOURCE) -> str | None:
+    """A copy of memwise under dest with source_text as its part (a file of the kernels' source),
+    built in place; the build's output when it fails, else None.  The repository's own build is
+    left alone."""
     shutil.copytree(ROOT / "src" / "memwise", dest / "src" / "memwise",
                     ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, dest / name)
-    (dest / SOURCE).write_text(source_text)
+    (dest / part).write_text(source_text)
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=dest,
                            capture_output=True, text=True)
     if build.returncode != 0 or not list((dest / SOURCE.parent).glob("_ternary*.so")):
@@ -126,7 +127,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--source", type=Path, default=ROOT / SOURCE,
-                        help="a variant of ternary.c to time instead of the repository's (for experiments)")
+                        help="a variant of hgrn_step.h to time instead of the repository's (for experiments)")
     args = parser.parse_args()
     if args.batch < 1 or args.steps < 1:
         parser.error("--batch and --steps must be at least 1")
@@ -149,7 +150,7 @@ def main() -> int:
         if run.returncode != 0 or not lines:
             sys.stderr.write(run.stderr)
             return 1
-        print("phase (closing barrier's line in ternary.c): wall ms per step on thread 0; per thread, "
+        print("phase (closing barrier's line in hgrn_step.h): wall ms per step on thread 0; per thread, "
               "ms from leaving the previous barrier to arriving at this one")
         print("\n".join(lines))
     return 0

@@ -388,7 +388,7 @@ def test_step_phases_instruments_every_barrier_of_the_step() -> None:
     spec = importlib.util.spec_from_file_location("step_phases", root / "benchmarks" / "step_phases.py")
     step_phases = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step_phases)
-    source = (root / "src" / "memwise" / "kernels" / "ternary.c").read_text()
+    source = (root / "src" / "memwise" / "kernels" / "hgrn_step.h").read_text()
     lines = source.splitlines()
     first = next(n for n, line in enumerate(lines, 1) if line.startswith("static void hgrn_step_run("))
     last = next(n for n, line in enumerate(lines, 1) if n > first and line.startswith("#undef SYNC"))

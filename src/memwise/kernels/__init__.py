@@ -45,7 +45,7 @@ except ImportError:  # no compiler at install time: everything runs on the refer
 
 HAVE_C: bool = _c is not None
 
-# Best first. Ids match the enum in ternary.c.
+# Best first. Ids match the enum in common.h.
 _ISA_IDS = {"amx": 4, "avx512vnni": 3, "avxvnni": 2, "avx2": 1, "scalar": 0}
 BACKENDS = ("auto", "c", "triton", "reference")
 MAX_COLS = 1 << 22  # int32 lane accumulators of the AVX-512 path stay exact below this K

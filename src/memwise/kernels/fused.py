@@ -38,7 +38,7 @@ from memwise.ternary import padded_cols
 
 __all__ = ["available", "exp_step", "elementwise_matches_torch", "activation", "FusedDecoder"]
 
-# Layout of the plan; must match ternary.c (PLAN_HEADER, PLAN_LAYER, SCALES_*, the PL_* and SC_*
+# Layout of the plan; must match hgrn_step.h (PLAN_HEADER, PLAN_LAYER, SCALES_*, the PL_* and SC_*
 # enums).
 _PLAN_HEADER = 16
 _PLAN_LAYER = 16
@@ -173,7 +173,7 @@ class FusedDecoder:
         plan[:9] = [n_layers, h, d, i, v, heads, _gain(model.norm.weight, h, "model.norm"),
                     _codes(model.lm_head, v, h, "lm_head"), _gain(model.lm_head.norm_weight, h, "lm_head.norm")]
         # Far prefetches speed up weights streaming from DRAM and slow down ones the last-level
-        # cache keeps between steps (see PF_FAR_BYTES in ternary.c).
+        # cache keeps between steps (see PF_FAR_BYTES in products.h).
         self.streams_from_dram = model.decode_bytes_per_token() > _kernels._last_level_cache_bytes()
         plan[9] = int(self.streams_from_dram)
         scales[0] = model.lm_head.scale
