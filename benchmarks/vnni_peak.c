@@ -17,7 +17,7 @@
 #include <time.h>
 
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-#define ACCUMULATORS 16
+#define ACCUMULATORS 16 /* the named c0 .. c15 in run() */
 #define ROUNDS 200000000L
 
 static double now(void) {
@@ -29,17 +29,23 @@ static double now(void) {
 /* The register form, written in asm: GCC 12 copies the accumulator around the intrinsic. */
 #define DPBUSD(acc, a, b) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
 
-/* ROUNDS x 16 VPDPBUSD; returns a value that depends on every result, so none is dropped. */
+/* ROUNDS x 16 VPDPBUSD; returns a value that depends on every result, so none is dropped.  The
+ * accumulators are 16 named variables: kept in an array, GCC 12 left them on the stack, and the
+ * loop then timed store-to-load forwarding instead of the instruction. */
 static T512 int32_t run(int seed) {
-    __m512i acc[ACCUMULATORS];
-    for (int r = 0; r < ACCUMULATORS; ++r) acc[r] = _mm512_set1_epi32(seed + r);
+    __m512i c0 = _mm512_set1_epi32(seed), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+    __m512i c8 = c0, c9 = c0, c10 = c0, c11 = c0, c12 = c0, c13 = c0, c14 = c0, c15 = c0;
     const __m512i a = _mm512_set1_epi8(1), b = _mm512_set1_epi8(-1);
     for (long k = 0; k < ROUNDS; ++k) {
-#pragma GCC unroll 16
-        for (int r = 0; r < ACCUMULATORS; ++r) DPBUSD(acc[r], a, b);
+        DPBUSD(c0, a, b); DPBUSD(c1, a, b); DPBUSD(c2, a, b); DPBUSD(c3, a, b);
+        DPBUSD(c4, a, b); DPBUSD(c5, a, b); DPBUSD(c6, a, b); DPBUSD(c7, a, b);
+        DPBUSD(c8, a, b); DPBUSD(c9, a, b); DPBUSD(c10, a, b); DPBUSD(c11, a, b);
+        DPBUSD(c12, a, b); DPBUSD(c13, a, b); DPBUSD(c14, a, b); DPBUSD(c15, a, b);
     }
-    __m512i s = acc[0];
-    for (int r = 1; r < ACCUMULATORS; ++r) s = _mm512_add_epi32(s, acc[r]);
+    __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
+                                 _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7)));
+    s = _mm512_add_epi32(s, _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11)),
+                                             _mm512_add_epi32(_mm512_add_epi32(c12, c13), _mm512_add_epi32(c14, c15))));
     return _mm512_reduce_add_epi32(s);
 }
 
