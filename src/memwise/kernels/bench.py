@@ -68,14 +68,20 @@ class _Arena:
         return view
 
 
-def _time_calls(fn, arena: _Arena, rows: int, row_bytes: int, calls: int) -> list[float]:
-    times = []
-    fn(arena.next_matrix(rows, row_bytes))  # page-in and thread start-up, not timed
-    for _ in range(calls):
-        packed = arena.next_matrix(rows, row_bytes)
-        start = time.perf_counter()
-        fn(packed)
-        times.append(time.perf_counter() - start)
+def _time_calls(fns: list, arena: _Arena, rows: int, row_bytes: int, calls: int) -> list[list[float]]:
+    """Times per call of each fn, the fns called in turn (each round starting one further on), so
+    that a machine that speeds up or slows down during the measurement moves every path alike;
+    timed one path after the other, the later one often measured faster on the project's VM."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        fn(arena.next_matrix(rows, row_bytes))  # page-in and thread start-up, not timed
+    for r in range(calls):
+        for i in range(len(fns)):
+            k = (r + i) % len(fns)
+            packed = arena.next_matrix(rows, row_bytes)
+            start = time.perf_counter()
+            fns[k](packed)
+            times[k].append(time.perf_counter() - start)
     return times
 
 
@@ -111,11 +117,12 @@ def run_kernel_bench(sizes: tuple[str, ...] = ("370m", "1.3b", "2.7b"),
         for m in batch_sizes:
             q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
             out = torch.empty((m, n), dtype=torch.int32)
-            for isa in isas:
-                if isa == "amx" and kernels.HAVE_C and m < kernels._c.AMX_MIN_ROWS:
-                    continue  # the AMX path runs the AVX-512 VNNI kernel for so few rows
-                fn = _product(isa, q, n, k, out)
-                times = _time_calls(fn, arena, n, row_bytes, repeats)
+            # The AMX path runs the AVX-512 VNNI kernel for so few rows.
+            paths = [isa for isa in isas
+                     if not (isa == "amx" and kernels.HAVE_C and m < kernels._c.AMX_MIN_ROWS)]
+            timings = _time_calls([_product(isa, q, n, k, out) for isa in paths], arena, n, row_bytes,
+                                  repeats)
+            for isa, times in zip(paths, timings):
                 median, best = statistics.median(times), min(times)
                 records.append({
                     "size": size, "matrix": name, "rows": n, "cols": k, "batch": m, "isa": isa,
