@@ -3,9 +3,9 @@
 Timings on a shared VM drift by 20-40% from minute to minute, so two variants timed one after the
 other can differ by more than the change being measured.  This script builds one copy of memwise
 per variant of one file of the kernels' C source (--part, by default hgrn_step.h, the step; the
-first variant is usually the repository's own), starts a
-worker process per copy that loads the preset once, and then asks the workers in turn, round after
-round (the order reversed every other round), for the median of a number of steps.  It prints, per
+first variant is usually the repository's own), starts a worker process per copy that loads the
+preset once, and then asks the workers in turn, round after round (the order reversed every other
+round), for the median of a number of steps.  It prints, per
 variant, the median of its round medians and the median of its per-round ratio to the first
 variant: a ratio below 1 is faster.
 
