@@ -1,8 +1,13 @@
-"""Builds memwise's optional C extension (memwise.kernels._ternary); metadata lives in pyproject.toml.
+"""Builds memwise's optional C extensions; metadata lives in pyproject.toml.
 
-The extension is optional: without a C compiler the install still succeeds and memwise runs its
-PyTorch reference kernels. Instruction sets are chosen per function at run time, so there is no
--march=native here; OpenMP is used when the compiler has it and dropped when it does not.
+* memwise.kernels._ternary: the model-free kernel library (memwise/kernels/csrc).
+* memwise.models.hgrn_bit._step: the fused HGRN-Bit decode step, which compiles the library's
+  headers into its own translation unit so that its per-instruction-set code inlines them.
+
+Both are optional: without a C compiler the install still succeeds and memwise runs its PyTorch
+reference kernels. Instruction sets are chosen per function at run time, so there is no
+-march=native here; OpenMP is used when the compiler has it and dropped when it does not. No
+PyTorch headers are needed.
 """
 from __future__ import annotations
 
@@ -13,21 +18,20 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNELS = os.path.join("src", "memwise", "kernels")
-SOURCE = os.path.join(KERNELS, "ternary.c")
-# ternary.c includes these parts (one translation unit); a change in any of them rebuilds it.
-PARTS = sorted(glob.glob(os.path.join(KERNELS, "*.h")))
+KERNELS_C = os.path.join("src", "memwise", "kernels", "csrc")
+HGRN_C = os.path.join("src", "memwise", "models", "hgrn_bit", "csrc")
+LIBRARY_HEADERS = sorted(glob.glob(os.path.join(KERNELS_C, "*.h")))
 
-# -ffp-contract=off: the activation quantization must round exactly like PyTorch, so no
-# multiply-add may be fused.  -fno-math-errno lets sqrtf compile to one instruction.
-UNIX_FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-Wall"]
+# -fno-math-errno lets sqrtf compile to one instruction.  -Wno-unused-function: each extension
+# compiles the whole header library and uses part of it.
+UNIX_FLAGS = ["-O3", "-std=c11", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
 OPENMP_FLAGS = ["-fopenmp"]
 
 
 class BuildExt(build_ext):
     def build_extension(self, ext: Extension) -> None:
         if self.compiler.compiler_type == "msvc":
-            ext.extra_compile_args = ["/O2", "/fp:precise", "/openmp"]
+            ext.extra_compile_args = ["/O2", "/openmp"]
             super().build_extension(ext)
             return
         ext.extra_compile_args = UNIX_FLAGS + OPENMP_FLAGS
@@ -43,6 +47,12 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("memwise.kernels._ternary", sources=[SOURCE], depends=PARTS, optional=True)],
+    ext_modules=[
+        Extension("memwise.kernels._ternary", sources=[os.path.join(KERNELS_C, "ternary_module.c")],
+                  include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
+        Extension("memwise.models.hgrn_bit._step", sources=[os.path.join(HGRN_C, "step_module.c")],
+                  include_dirs=[KERNELS_C, HGRN_C],
+                  depends=LIBRARY_HEADERS + sorted(glob.glob(os.path.join(HGRN_C, "*.h"))), optional=True),
+    ],
     cmdclass={"build_ext": BuildExt},
 )

@@ -6,7 +6,7 @@
  * step does, in three ways, and reports the best pass of each:
  *
  *   read  - only loads the packed 2-bit bytes: the memory limit.
- *   2bit  - memwise's layout (memwise/ternary.py): one AND per 64 weights, then VPDPBUSD.
+ *   2bit  - memwise's layout (memwise/kernels/packed.py): one AND per 64 weights, then VPDPBUSD.
  *   base3 - 5 trits per byte; digit i comes out of the byte b as floor(3 t / 256) with
  *           t = b * 3^i mod 256, when b = ceil(v * 256 / 243) for the base-3 number v.  Each digit
  *           costs two byte additions (t = 3t) and two compares, then VPDPBUSD.

@@ -2,15 +2,16 @@
 
 Timings on a shared VM drift by 20-40% from minute to minute, so two variants timed one after the
 other can differ by more than the change being measured.  This script builds one copy of memwise
-per variant of one file of the kernels' C source (--part, by default hgrn_step.h, the step; the
-first variant is usually the repository's own), starts a worker process per copy that loads the
+per variant of one file of the C source (--part, a path in the repository, by default the step's
+hgrn_step.h; the first variant is usually the repository's own), starts a worker process per copy that loads the
 preset once, and then asks the workers in turn, round after round (the order reversed every other
 round), for the median of a number of steps.  It prints, per
 variant, the median of its round medians and the median of its per-round ratio to the first
 variant: a ratio below 1 is faster.
 
-    python benchmarks/step_ab.py mmfree-370m --batch 16 src/memwise/kernels/hgrn_step.h /tmp/variant.h
-    python benchmarks/step_ab.py mmfree-370m --batch 16 --part products.h src/memwise/kernels/products.h /tmp/p.h
+    python benchmarks/step_ab.py mmfree-370m --batch 16 src/memwise/models/hgrn_bit/csrc/hgrn_step.h /tmp/variant.h
+    python benchmarks/step_ab.py mmfree-370m --batch 16 --part src/memwise/kernels/csrc/products.h \
+        src/memwise/kernels/csrc/products.h /tmp/p.h
 
 Needs a C compiler with OpenMP, like the package build.  Nothing else should run on the machine
 meanwhile.
@@ -44,8 +45,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a MatMul-free preset name, e.g. mmfree-370m")
     parser.add_argument("sources", nargs="+", type=Path, help="variants of the part (the first is the baseline)")
-    parser.add_argument("--part", default=SOURCE.name,
-                        help=f"the file of {SOURCE.parent} that each variant replaces (default {SOURCE.name})")
+    parser.add_argument("--part", type=Path, default=SOURCE,
+                        help=f"the source file (a path in the repository) that each variant replaces (default {SOURCE})")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=40, help="steps per round and variant")
@@ -54,8 +55,8 @@ def main() -> int:
         parser.error("--batch, --rounds and --steps must be at least 1")
     if len(args.sources) < 2:
         parser.error("give at least two sources to compare")
-    if not (ROOT / SOURCE.parent / args.part).is_file():
-        parser.error(f"--part {args.part}: no such file in {SOURCE.parent}")
+    if not (ROOT / args.part).is_file():
+        parser.error(f"--part {args.part}: no such file in the repository")
     texts = []
     for source in args.sources:
         try:
@@ -67,7 +68,7 @@ def main() -> int:
         try:
             for k, text in enumerate(texts):
                 copy = Path(tmp) / str(k)
-                failure = build_copy(copy, text, SOURCE.parent / args.part)
+                failure = build_copy(copy, {args.part: text})
                 if failure is not None:
                     sys.stderr.write(failure)
                     print(f"step_ab: building {args.sources[k]} failed", file=sys.stderr)

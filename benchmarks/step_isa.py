@@ -18,7 +18,7 @@ import torch
 
 import memwise
 from memwise import kernels
-from memwise.kernels import fused
+from memwise.models.hgrn_bit import fused_step as fused
 
 
 def main() -> int:

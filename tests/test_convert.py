@@ -11,7 +11,7 @@ import memwise
 from memwise.checkpoint import CheckpointReader
 from memwise.convert import convert
 from memwise.errors import CheckpointError, MemwiseError, SourceError, UnsupportedError
-from memwise.ternary import pack_ternary, padded_cols, quantize_latent
+from memwise.kernels.packed import pack_ternary, padded_cols, quantize_latent
 
 from hgrn_checkpoints import hgrn_config, write_hgrn_checkpoint
 

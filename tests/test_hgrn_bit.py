@@ -13,8 +13,9 @@ import memwise
 from memwise.checkpoint import CheckpointReader
 from memwise.errors import CheckpointError, ConfigError, UnsupportedError
 from memwise.models import hgrn_bit
+from memwise.models.hgrn_bit import weights as hgrn_weights
 from memwise.presets import preset_config
-from memwise.ternary import HUGE_PAGE, codes_buffer, pack_ternary, quantize_latent
+from memwise.kernels.packed import HUGE_PAGE, codes_buffer, pack_ternary, quantize_latent
 
 from hgrn_checkpoints import hgrn_config, write_hgrn_checkpoint
 
@@ -94,7 +95,7 @@ CONFIGS = {
     "heads2": hgrn_config(64, 2, 128, num_heads=2),
     "expand2": hgrn_config(64, 2, 128, expand_ratio=2, use_lower_bound=False),
     # Codes over 2 MB (the lm_head alone takes 2.56 MB): on Linux they live in memory advised for
-    # huge pages (memwise.ternary.codes_buffer), not in a torch allocation.
+    # huge pages (memwise.kernels.packed.codes_buffer), not in a torch allocation.
     "huge-pages": hgrn_config(256, 1, 40000),
 }
 
@@ -153,7 +154,7 @@ def test_loaded_codes_are_the_latent_quantized_once(small):
 @pytest.mark.parametrize("shape", [(3, 5), (7, 128), (5, 200), (1, 1), (600, 300)])
 @pytest.mark.parametrize("chunk", [1000, 1 << 20])
 def test_ternarize_matches_whole_matrix_quantization(shape, chunk, monkeypatch):
-    monkeypatch.setattr(hgrn_bit, "_CHUNK_ELEMENTS", chunk)    # many row chunks, or one
+    monkeypatch.setattr(hgrn_weights, "CHUNK_ELEMENTS", chunk)    # many row chunks, or one
     w = (torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 0.02).bfloat16()
     t, m = quantize_latent(w)
     got = hgrn_bit.ternarize(w)
@@ -218,10 +219,10 @@ def test_state_is_constant_in_sequence_length(small):
     module = load_dir(path).module
     cache = module.new_cache(3, 100000)
     assert cache.state.shape == (config["num_hidden_layers"], 3, config["hidden_size"])
-    before = cache.nbytes
+    before = cache.state.nbytes
     with torch.inference_mode():
         module(torch.ones(3, 20, dtype=torch.long), cache)
-    assert cache.nbytes == before == config["num_hidden_layers"] * 3 * config["hidden_size"] * 4
+    assert cache.state.nbytes == before == config["num_hidden_layers"] * 3 * config["hidden_size"] * 4
 
 
 def test_left_padded_batch_equals_prompts_alone(small):

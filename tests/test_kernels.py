@@ -1,10 +1,9 @@
-"""memwise.kernels: exact int8 x ternary products on every ISA path, BitLinear equal to the reference."""
+"""memwise.kernels: exact int8 x ternary products on every ISA path, BitLinear close to the reference."""
 from __future__ import annotations
 
 import importlib.util
 import math
 import os
-import struct
 import subprocess
 import sys
 import textwrap
@@ -15,9 +14,11 @@ import torch
 
 from memwise import kernels
 from memwise.errors import MemwiseError, UnsupportedError
-from memwise.kernels import bench
-from memwise.ternary import (TernaryMatrix, bitlinear_reference, pack_ternary, quantize_activations,
-                             rmsnorm, ternary_matmul_reference)
+from memwise.bench import kernels as bench
+from memwise.kernels.packed import (TernaryMatrix, bitlinear_reference, pack_ternary, quantize_activations,
+                                    rmsnorm, ternary_matmul_reference)
+
+from reference_checks import BITLINEAR_REL, assert_close
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PATHS = kernels.isa_paths() if not os.environ.get("MEMWISE_ISA") else kernels._machine_isas()
@@ -98,7 +99,7 @@ def test_env_forces_isa(isa: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(kernels.ternary_matmul(q, weight), ternary_matmul_reference(q, t))
     x = torch.randn(3, 300)
     g = torch.rand(300) + 0.5
-    assert torch.equal(kernels.bitlinear(x, g, 1e-6, weight), bitlinear_reference(x, g, 1e-6, weight))
+    assert_close(kernels.bitlinear(x, g, 1e-6, weight), bitlinear_reference(x, g, 1e-6, weight), BITLINEAR_REL)
 
 
 def test_env_rejects_unknown_isa(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,77 +165,12 @@ def test_bitlinear_matches_reference(isa: str, shape: tuple[int, ...], n: int,
     got = kernels.bitlinear(x, g, 1e-6, weight)
     want = bitlinear_reference(x, g, 1e-6, weight)
     assert got.dtype == torch.float32 and got.shape == (*shape[:-1], n)
-    if kernels.rms_order_matches_torch():
-        assert torch.equal(got, want)
-    else:  # see the module docstring: a last-bit difference in mean(x^2) can move a q by one
-        torch.testing.assert_close(got, want, rtol=0, atol=2 * want.abs().max().item() / 127)
+    assert_close(got, want, BITLINEAR_REL)
 
 
-def cascade_sum_of_squares(x: list[float], width: int) -> float:
-    """torch's order for a row sum of squares (W-lane vectors, 4 interleaved sums, 4 cascade
-    levels, then the tail and the lanes), one float32 rounding per addition, in plain Python."""
-    f32 = lambda v: struct.unpack("f", struct.pack("f", v))[0]  # noqa: E731
-    sq = [f32(v * v) for v in x]
-    levels, ilp = 4, 4
-    if len(x) < width or width == 1:
-        width, nvec = 1, len(x)
-    else:
-        nvec = len(x) // width
-    n = nvec // ilp
-    power = max(((n - 1).bit_length() if n > 2 else 1) // levels, 4)
-    step, mask = 1 << power, (1 << power) - 1
-    acc = [[[0.0] * width for _ in range(ilp)] for _ in range(levels)]
-
-    def add(dst: list[float], src: list[float]) -> None:
-        for lane in range(width):
-            dst[lane] = f32(dst[lane] + src[lane])
-
-    vec = lambda e: sq[e * width:(e + 1) * width]  # noqa: E731
-    i = 0
-    while i + step <= n:
-        for _ in range(step):
-            for k in range(ilp):
-                add(acc[0][k], vec(i * ilp + k))
-            i += 1
-        for j in range(1, levels):
-            for k in range(ilp):
-                add(acc[j][k], acc[j - 1][k])
-                acc[j - 1][k] = [0.0] * width
-            if i & (mask << (j * power)):
-                break
-    for i in range(i, n):
-        for k in range(ilp):
-            add(acc[0][k], vec(i * ilp + k))
-    for j in range(1, levels):
-        for k in range(ilp):
-            add(acc[0][k], acc[j][k])
-    for e in range(n * ilp, nvec):
-        add(acc[0][0], vec(e))
-    for k in range(1, ilp):
-        add(acc[0][0], acc[0][k])
-    if width == 1:
-        return acc[0][0][0]
-    total = 0.0
-    for e in range(nvec * width, len(x)):
-        total = f32(total + sq[e])
-    for lane in range(width):
-        total = f32(total + acc[0][0][lane])
-    return total
-
-
-@pytest.mark.skipif(not kernels.HAVE_C, reason="the C extension is not built")
-@pytest.mark.parametrize("width", [1, 2, 4, 8, 16])
-def test_sum_of_squares_follows_the_cascade_order(width: int) -> None:
-    # Each width has its own code (8 and 16 in vector registers); all must add in the same order,
-    # which rows of similar magnitudes expose (one rounding in a few hundred sums differs).
-    gen = torch.Generator().manual_seed(width)
-    for k in (3, 8, 17, 100, 257, 1024, 2816, 4099):
-        rows = torch.randn(24, k, generator=gen) * torch.logspace(-2, 2, 24).unsqueeze(1)
-        got = [kernels._c.sum_of_squares(x.data_ptr(), k, width) for x in rows]
-        assert got == [cascade_sum_of_squares(x.tolist(), width) for x in rows], f"K={k}"
-
-
-def test_quantized_activations_identical_to_reference() -> None:
+def test_quantized_activations_match_reference() -> None:
+    # Rounding in another order moves an activation that sits within an ulp of a rounding
+    # boundary by one step, rarely; the scales agree to float rounding.
     gen = torch.Generator().manual_seed(11)
     for k in (1, 5, 8, 9, 31, 100, 1024, 2816, 5632):
         x = torch.randn(6, k, generator=gen) * torch.logspace(-4, 4, 6).unsqueeze(1)
@@ -242,10 +178,9 @@ def test_quantized_activations_identical_to_reference() -> None:
         q, s = kernels.quantize_rows(x, g, 1e-6)
         q_ref, s_ref = quantize_activations(rmsnorm(x, g, 1e-6))
         assert q.dtype == torch.int8 and s.shape == (6, 1)
-        if kernels.rms_order_matches_torch():
-            assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
-        else:
-            assert (q.int() - q_ref.int()).abs().max() <= 1
+        moved = (q.int() - q_ref.int()).abs()
+        assert int(moved.max()) <= 1 and float((moved > 0).float().mean()) <= 0.01, f"K={k}"
+        torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
 
 
 def test_bitlinear_zero_rows_and_half_precision_input() -> None:
@@ -255,8 +190,7 @@ def test_bitlinear_zero_rows_and_half_precision_input() -> None:
         got = kernels.bitlinear(inp, g, 1e-6, weight)
         want = bitlinear_reference(inp, g, 1e-6, weight)
         assert torch.isfinite(got).all() and torch.equal(got[1], torch.zeros(12))
-        if kernels.rms_order_matches_torch():
-            assert torch.equal(got, want)
+        assert_close(got, want, BITLINEAR_REL)
 
 
 def test_reference_backend_is_the_reference() -> None:
@@ -288,7 +222,7 @@ def test_package_imports_when_the_extension_is_missing() -> None:
         import sys, torch
         sys.modules["memwise.kernels._ternary"] = None
         from memwise import kernels
-        from memwise.ternary import TernaryMatrix, ternary_matmul_reference
+        from memwise.kernels.packed import TernaryMatrix, ternary_matmul_reference
         assert not kernels.HAVE_C and kernels.isa_paths() == ["scalar"]
         t = torch.randint(-1, 2, (5, 40), dtype=torch.int8)
         q = torch.randint(-128, 128, (2, 40), dtype=torch.int8)
@@ -366,12 +300,13 @@ def test_read_bandwidth_measures_something() -> None:
 
 
 def test_kernel_bench_records(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "_bandwidth", 10e9)  # skip the 1-second DRAM measurement
+    from memwise.kernels import bandwidth
+    monkeypatch.setattr(bandwidth, "_bandwidth", 10e9)  # skip the 1-second DRAM measurement
     isa = [p for p in kernels.isa_paths() if p != "amx"][0]  # AMX sits out M below AMX_MIN_ROWS
     records = bench.run_kernel_bench(sizes=("370m",), batch_sizes=(1, 3), repeats=2, isas=[isa],
                                      arena_bytes=1 << 20)
     assert [(r["matrix"], r["rows"], r["cols"]) for r in records[::2]] == [
-        ("attn.{i,f,g,o}_proj", 1024, 1024), ("mlp.gate_proj", 5632, 1024),
+        ("attn.i_proj/f_proj/g_proj/o_proj", 1024, 1024), ("mlp.gate_proj", 5632, 1024),
         ("mlp.down_proj", 1024, 2816), ("lm_head", 32000, 1024)]
     assert [r["batch"] for r in records] == [1, 3] * 4
     for r in records:
@@ -394,7 +329,7 @@ def test_triton_kernel_in_interpreter() -> None:
     code = textwrap.dedent("""
         import torch
         from memwise import kernels
-        from memwise.ternary import TernaryMatrix, bitlinear_reference, ternary_matmul_reference
+        from memwise.kernels.packed import TernaryMatrix, bitlinear_reference, ternary_matmul_reference
         gen = torch.Generator().manual_seed(0)
         for m, n, k in [(1, 5, 7), (17, 70, 300), (3, 64, 256)]:
             t = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=gen)

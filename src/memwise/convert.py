@@ -1,65 +1,29 @@
-"""`memwise convert SOURCE OUT`: a MatMul-free (hgrn_bit) checkpoint with its ternary matrices packed.
+"""`memwise convert SOURCE OUT`: a model's checkpoint rewritten in the form memwise runs it from.
 
-The released checkpoints store every ternary matrix as a bf16 latent matrix that is made ternary at
-run time. The packed checkpoint stores what the model actually uses, so it is about 6.5 times smaller
-and loads without quantizing (which matters: quantizing t * m again would give a different scale).
-
-Output directory:
-
-* model.safetensors, a standard safetensors file (8-byte little-endian header length, JSON header
-  padded with spaces to a multiple of 8, then the tensor data), with metadata
-  {"format": "memwise-ternary", "format_version": "1"}. For each ternary matrix NAME.weight [N, K]
-  of the released layout it holds
-      NAME.weight.packed   uint8 [N, ceil(K / 128) * 32]   2-bit codes t + 1, in the block layout
-                                                          documented in memwise/ternary.py (version 1)
-      NAME.weight.scale    float32 []                      the matrix's scale m (weight = t * m)
-  and every other tensor the model reads (embedding, norm gains, lower bounds) under its own name,
-  in its stored dtype and shape, bytes unchanged. Tensors are ordered by element size (largest
-  first), then by name, so each one starts at a multiple of its element size.
-* config.json: the source's, plus a "memwise" entry describing the packing.
-* the tokenizer files of the source, when it has them.
-
-The file is written tensor by tensor (the header is known before any data, because packed shapes
-follow from the config), so converting holds one latent matrix at a time; safetensors' own writer
-would need every tensor in memory at once. Everything is written into a temporary directory next to
-OUT, which is renamed to OUT only when complete: a failed conversion leaves nothing behind.
-
-Converting a packed checkpoint again copies its tensors unchanged: the output is identical.
+Only families with a packed form convert (today hgrn_bit: ternary matrices at 2 bits, see
+memwise/models/hgrn_bit/convert.py); the family writes the weights and config. Everything is written
+into a temporary directory next to OUT, which is renamed to OUT only when complete: a failed
+conversion leaves nothing behind.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from memwise.checkpoint import SAFETENSORS_DTYPES, CheckpointReader
-from memwise.errors import CheckpointError, MemwiseError, SourceError, UnsupportedError
+from memwise.checkpoint import CheckpointReader
+from memwise.errors import MemwiseError, SourceError, UnsupportedError
 from memwise.hub import resolve_source
-from memwise.models import hgrn_bit
+from memwise.models import family_for
 from memwise.presets import is_preset
 from memwise.spec import read_config
-from memwise.ternary import FORMAT_VERSION, padded_cols
 
-WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
-CONFIG_ENTRY = {
-    "format": hgrn_bit.PACKED_FORMAT,
-    "format_version": int(hgrn_bit.PACKED_FORMAT_VERSION),
-    "packed_layout_version": FORMAT_VERSION,
-    "ternary_tensors": "NAME.weight -> NAME.weight.packed (uint8 [N, ceil(K/128)*32], 2-bit codes t+1) "
-                       "+ NAME.weight.scale (float32 m); weight = t * m",
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def convert(source: str, out_dir: Path, progress: bool = True) -> Path:
-    """Write the packed checkpoint of hgrn_bit model `source` (directory or hub id) into new `out_dir`."""
+    """Write the converted checkpoint of `source` (directory or hub id) into the new directory `out_dir`."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise MemwiseError(f"{out_dir}: already exists; convert writes a new directory")
@@ -71,23 +35,19 @@ def convert(source: str, out_dir: Path, progress: bool = True) -> Path:
     directory = resolve_source(source)
     config = read_config(directory)
     where = str(directory / "config.json")
-    if config.get("model_type") not in hgrn_bit.MODEL_TYPES:
+    family = family_for(config.get("model_type"), where)
+    if not hasattr(family, "write_packed"):
         raise UnsupportedError(f"{where}: convert supports hgrn_bit (MatMul-free) models only; this is "
                                f"model_type {config.get('model_type')!r}, which memwise runs from its own "
                                "checkpoint without conversion")
-    spec = hgrn_bit.spec_from_config(config, where)
+    spec = family.spec_from_config(config, where)
     reader = CheckpointReader(directory)
-    packed = hgrn_bit.is_packed(reader)
-    hgrn_bit.check_layout(spec, reader, str(directory), packed)
-    plan = _plan(spec, reader, packed)
 
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_weights(tmp / WEIGHTS_FILE, spec, reader, packed, plan, progress)
-        config = {**config, "memwise": CONFIG_ENTRY}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        family.write_packed(spec, reader, config, tmp, progress)
         for name in TOKENIZER_FILES:
             if (directory / name).is_file():
                 shutil.copyfile(directory / name, tmp / name)
@@ -96,113 +56,3 @@ def convert(source: str, out_dir: Path, progress: bool = True) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _plan(spec, reader: CheckpointReader, packed: bool) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Every output tensor's dtype and shape, checked against the source's header before writing."""
-    where = str(reader.directory)
-    plan: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-
-    def expect(name: str, shape: tuple[int, ...]) -> torch.dtype:
-        if name not in reader:
-            raise CheckpointError(f"{where}: tensor '{name}' is missing from the checkpoint")
-        if reader.shape(name) != shape:
-            raise CheckpointError(f"{where}: tensor '{name}' has shape {list(reader.shape(name))}, "
-                                  f"expected {list(shape)}")
-        return reader.entries[name].dtype
-
-    for slot in hgrn_bit.checkpoint_layout(spec):
-        if slot.ternary:
-            rows, cols = slot.shape
-            if packed:
-                expect(slot.name + hgrn_bit.PACKED_SUFFIX, (rows, padded_cols(cols) // 4))
-                expect(slot.name + hgrn_bit.SCALE_SUFFIX, ())
-            else:
-                dtype = expect(hgrn_bit.latent_name(spec, reader, slot.name), slot.shape)
-                if not dtype.is_floating_point:
-                    raise CheckpointError(f"{where}: tensor '{slot.name}' is {dtype}, expected a "
-                                          "floating-point latent matrix")
-            plan[slot.name + hgrn_bit.PACKED_SUFFIX] = (torch.uint8, (rows, padded_cols(cols) // 4))
-            plan[slot.name + hgrn_bit.SCALE_SUFFIX] = (torch.float32, ())
-        else:
-            plan[slot.name] = (expect(slot.name, slot.shape), slot.shape)
-    return plan
-
-
-def _layout(plan: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> tuple[bytes, dict[str, int]]:
-    """The safetensors header (padded) and each tensor's absolute byte offset in the file."""
-    order = sorted(plan, key=lambda n: (-plan[n][0].itemsize, n))
-    header: dict[str, Any] = {"__metadata__": {"format": hgrn_bit.PACKED_FORMAT,
-                                               "format_version": hgrn_bit.PACKED_FORMAT_VERSION}}
-    begin = 0
-    relative: dict[str, int] = {}
-    for name in order:
-        dtype, shape = plan[name]
-        nbytes = dtype.itemsize * _numel(shape)
-        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
-        relative[name] = begin
-        begin += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    start = 8 + len(text)
-    return struct.pack("<Q", len(text)) + text, {n: start + o for n, o in relative.items()}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _write_weights(path: Path, spec, reader: CheckpointReader, packed: bool,
-                   plan: dict[str, tuple[torch.dtype, tuple[int, ...]]], progress: bool) -> None:
-    header, offsets = _layout(plan)
-    slots = hgrn_bit.checkpoint_layout(spec)
-    where = str(reader.directory)
-
-    def put(f, name: str, tensor: torch.Tensor) -> None:
-        dtype, shape = plan[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise CheckpointError(f"{where}: tensor '{name}' came out as {tensor.dtype} {list(tensor.shape)}, "
-                                  f"expected {dtype} {list(shape)}")
-        f.seek(offsets[name])
-        f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-    bar = _progress(progress, len(slots))
-    try:
-        with open(path, "wb") as f:
-            f.write(header)
-            for slot in slots:
-                if slot.ternary:
-                    rows, cols = slot.shape
-                    if packed:
-                        codes, scale = hgrn_bit.read_packed(reader, slot.name, rows, cols)
-                    else:
-                        latent = reader.read(hgrn_bit.latent_name(spec, reader, slot.name), slot.shape)
-                        matrix = hgrn_bit.ternarize(latent)
-                        del latent
-                        codes, scale = matrix.packed, torch.tensor(matrix.scale, dtype=torch.float32)
-                    put(f, slot.name + hgrn_bit.PACKED_SUFFIX, codes)
-                    put(f, slot.name + hgrn_bit.SCALE_SUFFIX, scale)
-                    del codes
-                else:
-                    put(f, slot.name, reader.read(slot.name, slot.shape))
-                if bar is not None:
-                    bar[0].advance(bar[1])
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        if bar is not None:
-            bar[0].stop()
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    bar = Progress(TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), transient=True)
-    bar.start()
-    return bar, bar.add_task("packing", total=total)

@@ -224,7 +224,7 @@ def report_command(args: argparse.Namespace) -> int:
 
 def kernels_command(args: argparse.Namespace) -> int:
     try:
-        from memwise.kernels.bench import format_kernel_bench, run_kernel_bench
+        from memwise.bench.kernels import format_kernel_bench, run_kernel_bench
     except ImportError as e:
         print(f"memwise bench: kernel micro-benchmark unavailable, skipped ({e})", file=sys.stderr)
         return 0

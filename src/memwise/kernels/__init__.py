@@ -1,41 +1,33 @@
-"""Ternary kernels: BitLinear and the exact int8 x ternary product, in C on CPUs and Triton on GPUs.
+"""memwise's model-free kernel library: int8 x 2-bit ternary products, BitLinear, quantization, argmax.
 
 Backends:
 
-* ``"c"``: the optional extension ``memwise.kernels._ternary`` (built by setup.py). It has one
-  path per instruction set (``isa_paths()``: "amx", "avx512vnni", "avxvnni", "avx2", "scalar"),
-  chosen at run time, multi-threaded with OpenMP over output rows using
+* ``"c"``: the optional extension ``memwise.kernels._ternary`` (built by setup.py from csrc/). It
+  has one path per instruction set (``isa_paths()``: "amx", "avx512vnni", "avxvnni", "avx2",
+  "scalar"), chosen at run time, multi-threaded with OpenMP over output rows using
   ``torch.get_num_threads()`` threads, and it releases the GIL. One activation row (decode) is a
-  GEMV that streams the packed weights once; several rows share each unpacked weight block
-  (4 x 4 register tiles with AVX-512, 16 x 16 tiles with AMX, which takes over from 5 rows).
+  GEMV that streams the packed weights once; several rows share each unpacked weight block.
 * ``"triton"``: ``memwise.kernels.triton_ternary``, for CUDA tensors when triton is installed.
-* ``"reference"``: the plain PyTorch code of ``memwise.ternary``; the fallback everywhere.
+* ``"reference"``: the plain PyTorch code of ``memwise.kernels.packed``; the fallback everywhere.
 
 Exactness. The integer product is exact on every path (int32 accumulators, identical to
-``ternary_matmul_reference``). The fused C BitLinear computes RMSNorm, the int8 quantization and
-the final rescale with the same float32 operations, in the same order, as the PyTorch reference,
-including the order in which torch's CPU kernel sums x^2 over a row (found at run time by
-``_sum_width``). Its int8 activations, accumulators and float outputs are therefore bit-identical
-to ``bitlinear_reference`` on CPU. What could still differ, and why:
+``ternary_matmul_reference``). RMSNorm, the int8 quantization and the rescale around it are float
+work in the kernels' own order: they agree with the reference to rounding, so now and then an
+activation within an ulp of a rounding boundary lands one int8 step away, and that row's output
+moves by about one quantization step.
 
-* If the installed torch sums rows in an order this module does not reproduce (a build whose sum
-  kernel is not the cascade sum, or, with more than one thread, a single row of K >= 32768, which
-  torch splits across threads), mean(x^2) can differ in its last bit. Then 1/sqrt differs by an
-  ulp, a few activations that sit within an ulp of a rounding boundary move by one step, and the
-  outputs differ by about one quantization step of those rows. ``rms_order_matches_torch()``
-  reports whether the order was reproduced.
-* On GPUs, RMSNorm and quantization run as the reference's torch ops on the device and only the
-  product runs in Triton, so the int8 activations are the reference's own; the product is exact.
+Model code reaches the C paths through ``isa_id``, ``resolve_isa`` and ``num_threads``; the packed
+format is documented in ``memwise.kernels.packed``.
 """
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 
 from memwise.errors import MemwiseError, UnsupportedError
-from memwise.ternary import (BLOCK_BYTES, TernaryMatrix, bitlinear_reference, padded_cols,
+from memwise.kernels.bandwidth import last_level_cache_bytes, read_bandwidth_bytes_per_s
+from memwise.kernels.packed import (BLOCK_BYTES, TernaryMatrix, bitlinear_reference, padded_cols,
                              quantize_activations, rmsnorm, ternary_matmul_reference)
 
 try:
@@ -50,8 +42,9 @@ _ISA_IDS = {"amx": 4, "avx512vnni": 3, "avxvnni": 2, "avx2": 1, "scalar": 0}
 BACKENDS = ("auto", "c", "triton", "reference")
 MAX_COLS = 1 << 22  # int32 lane accumulators of the AVX-512 path stay exact below this K
 
-__all__ = ["HAVE_C", "BACKENDS", "KernelInputError", "bitlinear", "ternary_matmul", "quantize_rows",
-           "isa_paths", "read_bandwidth_bytes_per_s", "rms_order_matches_torch", "have_triton"]
+__all__ = ["HAVE_C", "BACKENDS", "MAX_COLS", "KernelInputError", "bitlinear", "ternary_matmul", "quantize_rows",
+           "greedy_tokens", "isa_paths", "isa_id", "resolve_isa", "num_threads", "read_bandwidth_bytes_per_s",
+           "last_level_cache_bytes", "have_triton"]
 
 
 class KernelInputError(MemwiseError, ValueError):
@@ -91,7 +84,8 @@ def isa_paths() -> list[str]:
     return [forced] if forced == "scalar" else [forced, "scalar"]
 
 
-def _resolve_isa(isa: str | None) -> str:
+def resolve_isa(isa: str | None) -> str:
+    """The name of the path `isa` (default: MEMWISE_ISA or the best one), checked against this machine."""
     paths = isa_paths()
     if isa is None:
         return paths[0]
@@ -104,53 +98,14 @@ def _resolve_isa(isa: str | None) -> str:
     return name
 
 
-def _threads() -> int:
+def isa_id(name: str) -> int:
+    """The C extension's id of an instruction-set path (common.h's enum)."""
+    return _ISA_IDS[name]
+
+
+def num_threads() -> int:
+    """Threads the C kernels use: torch's setting, so that one knob governs both."""
     return max(1, torch.get_num_threads())
-
-
-# --------------------------------------------------------------------------------------------
-# torch's summation order for mean(x^2)
-
-_sum_width_lock = threading.Lock()
-_sum_width: tuple[int, bool] | None = None
-
-
-def _find_sum_width() -> tuple[int, bool]:
-    """Which lane width makes our cascade sum equal torch's, on rows that expose any difference.
-
-    torch sums a contiguous float row with W-lane vectors (8 on x86 builds, whatever the AVX-512
-    dispatch of other kernels); rows of many magnitudes make every candidate but the right one
-    differ somewhere.
-    """
-    gen = torch.Generator().manual_seed(1234)
-    rows = []
-    for k in (3, 7, 8, 13, 31, 64, 100, 257, 1000, 2560, 4099, 6912):
-        x = torch.randn(4, k, generator=gen) * torch.logspace(-2, 2, 4).unsqueeze(1)
-        rows.append((x, x.pow(2).sum(-1)))
-    for width in (8, 16, 4, 1, 2):
-        if width > _c.MAX_SUM_WIDTH:
-            continue
-        if all(_c.sum_of_squares(x[i].data_ptr(), x.shape[1], width) == want[i].item()
-               for x, want in rows for i in range(x.shape[0])):
-            return width, True
-    return 8, False
-
-
-def _width() -> int:
-    global _sum_width
-    if _sum_width is None:
-        with _sum_width_lock:
-            if _sum_width is None:
-                _sum_width = _find_sum_width()
-    return _sum_width[0]
-
-
-def rms_order_matches_torch() -> bool:
-    """Whether the C kernels reproduce torch's float32 summation order for mean(x^2)."""
-    if not HAVE_C:
-        return True
-    _width()
-    return _sum_width[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +181,7 @@ def ternary_matmul(q: torch.Tensor, weight: TernaryMatrix, isa: str | None = Non
     if q.shape[1] != weight.cols:
         raise KernelInputError(f"activations have K={q.shape[1]} columns, the ternary matrix "
                                f"{weight.rows}x{weight.cols} expects {weight.cols}")
-    name = _resolve_isa(isa)
+    name = resolve_isa(isa)
     m, n = q.shape[0], weight.rows
     if _use_triton(backend, q.device):
         from memwise.kernels import triton_ternary
@@ -240,7 +195,7 @@ def ternary_matmul(q: torch.Tensor, weight: TernaryMatrix, isa: str | None = Non
         return out
     q = q.contiguous()
     _c.matmul(_ISA_IDS[name], weight.packed.data_ptr(), n, weight.packed.shape[1] // BLOCK_BYTES,
-              q.data_ptr(), m, weight.cols, out.data_ptr(), _threads())
+              q.data_ptr(), m, weight.cols, out.data_ptr(), num_threads())
     return out
 
 
@@ -281,8 +236,7 @@ def bitlinear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Te
     if rows.shape[0]:
         _c.bitlinear(_ISA_IDS[isa_paths()[0]], weight.packed.data_ptr(), weight.rows,
                      weight.packed.shape[1] // BLOCK_BYTES, float(weight.scale), rows.data_ptr(),
-                     rows.shape[0], weight.cols, g.data_ptr(), float(eps), _width(),
-                     out.data_ptr(), _threads())
+                     rows.shape[0], weight.cols, g.data_ptr(), float(eps), out.data_ptr(), num_threads())
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.rows)
 
 
@@ -290,7 +244,7 @@ def quantize_rows(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The activation half of BitLinear: (q int8 [M, K], s float32 [M, 1]) for x [M, K].
 
-    The C kernels fuse this into bitlinear(); it is exposed to check that both give the same q.
+    The C kernels fuse this into bitlinear(); it is exposed to compare their q with the reference's.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise KernelInputError(f"quantize_rows expects a 2-d tensor [M, K], got "
@@ -304,8 +258,8 @@ def quantize_rows(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     q = torch.empty(rows.shape, dtype=torch.int8)
     s = torch.empty((rows.shape[0], 1), dtype=torch.float32)
     if rows.numel():
-        _c.quantize(rows.data_ptr(), rows.shape[0], rows.shape[1], g.data_ptr(), float(eps), _width(),
-                    q.data_ptr(), s.data_ptr())
+        _c.quantize(rows.data_ptr(), rows.shape[0], rows.shape[1], g.data_ptr(), float(eps), q.data_ptr(),
+                    s.data_ptr())
     return q, s
 
 
@@ -313,78 +267,13 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """logits.max(dim=-1).indices (first largest, or first NaN) of float32 [B, V] logits, int64 [B].
 
     In C when the extension is built and the logits are a contiguous CPU float32 matrix: threads
-    scan the columns that the fused decode step's lm_head gave them, so each reads logits still in
-    its own cache; torch's reduction reads half of them from the other core (at batch 16 on the Intel
-    Xeon VM this project had in November 2026: about 0.4 ms per token in generation, against 0.05 ms).
+    scan the columns that a fused decode step's lm_head gave them, so each reads logits still in
+    its own cache, where torch's reduction reads half of them from the other core.
     """
     if (_c is None or logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu"
             or not logits.is_contiguous() or logits.shape[1] == 0):
         return logits.max(dim=-1).indices
     out = torch.empty(logits.shape[0], dtype=torch.long)
     if logits.shape[0]:
-        _c.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), _threads())
+        _c.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), num_threads())
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Memory bandwidth
-
-_bandwidth: float | None = None
-_bandwidth_lock = threading.Lock()
-
-
-def _last_level_cache_bytes() -> int:
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in os.listdir(base):
-            try:
-                with open(os.path.join(base, entry, "size")) as f:
-                    text = f.read().strip().upper()
-            except OSError:
-                continue
-            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-            value = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
-            best = max(best, value)
-    except (OSError, ValueError):
-        pass
-    return best
-
-
-def _bandwidth_buffer_bytes() -> int:
-    """Twice the last-level cache (at least 256 MiB) so every pass streams from DRAM; capped by
-    the memory actually free."""
-    size = max(256 << 20, 2 * _last_level_cache_bytes())
-    try:
-        import psutil
-        size = min(size, psutil.virtual_memory().available // 4)
-    except Exception:  # noqa: BLE001 - psutil missing or unreadable: keep the cache-based size
-        pass
-    return max(size, 64 << 20)
-
-
-def read_bandwidth_bytes_per_s(refresh: bool = False) -> float:
-    """Measured memory read bandwidth of this machine in bytes/s (all threads, best of 5 passes).
-
-    Measured once per process (about a second) and then remembered; refresh=True measures again.
-    """
-    global _bandwidth
-    with _bandwidth_lock:
-        if _bandwidth is None or refresh:
-            nbytes = _bandwidth_buffer_bytes()
-            if HAVE_C:
-                _bandwidth = float(_c.read_bandwidth(nbytes, 5, _threads()))
-            else:
-                _bandwidth = _torch_read_bandwidth(nbytes)
-        return _bandwidth
-
-
-def _torch_read_bandwidth(nbytes: int) -> float:
-    import time
-    buf = torch.ones(nbytes // 8, dtype=torch.int64)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - start)
-    return buf.numel() * 8 / best

@@ -1,4 +1,4 @@
-"""Triton kernel for the 2-bit packed ternary layout of memwise.ternary, for CUDA tensors.
+"""Triton kernel for the 2-bit packed ternary layout of memwise.kernels.packed, for CUDA tensors.
 
 triton is optional and never a requirement: without it AVAILABLE is False and memwise.kernels
 uses the PyTorch reference on GPUs. With TRITON_INTERPRET=1 the same kernel runs on CPU tensors
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from memwise.ternary import BLOCK_BYTES, TernaryMatrix, quantize_activations, rmsnorm
+from memwise.kernels.packed import BLOCK_BYTES, TernaryMatrix, quantize_activations, rmsnorm
 
 try:
     import triton

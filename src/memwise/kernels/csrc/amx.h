@@ -1,8 +1,9 @@
 /* The AMX path: 16 weight rows x 16 activation rows per TDPBUSD, the codes of each panel unpacked
- * to bytes first, and the packing of activation rows into tiles (which the AVX-512 panels read too).
- *
- * Part of memwise.kernels._ternary: ternary.c includes every part once, in one translation unit,
- * so that the per-instruction-set copies of a function inline what they call from other parts. */
+ * to bytes first, and the packing of activation rows into tiles (which the AVX-512 panels read too). */
+#ifndef MEMWISE_KERNELS_AMX_H
+#define MEMWISE_KERNELS_AMX_H
+
+#include "products.h"
 
 #if MW_X86
 
@@ -329,3 +330,5 @@ static void pack_act_tiles(const int8_t *q, size_t qs, int64_t M, int64_t nb, in
         pack_act_tile(q, qs, m0, m0 + 16 < M ? m0 + 16 : M, 0, units, units, bt);
 }
 #endif /* MW_X86 */
+
+#endif /* MEMWISE_KERNELS_AMX_H */

@@ -1,16 +1,15 @@
 /* Shared by every part: headers, instruction-set ids and their detection, and the packed layout.
  *
- * The packed layout is the one documented in memwise/ternary.py: per output row, blocks of 128
+ * The packed layout is the one documented in memwise/kernels/packed.py: per output row, blocks of 128
  * weights in 32 bytes; byte j of a block holds the codes c = t + 1 of weights j, j+32, j+64, j+96
  * in bits 0-1, 2-3, 4-5, 6-7. Codes are unsigned, activations signed, so every path computes
  * sum(c * q) with unsigned-by-signed products and subtracts sum(q) once per activation row; the
  * result equals sum(t * q) exactly, q = -128 included.
  *
  * Instruction-set paths are compiled per function with target attributes and chosen at run time,
- * so the extension never needs -march=native and runs on any x86-64 (or any other CPU, scalar).
- *
- * Part of memwise.kernels._ternary: ternary.c includes every part once, in one translation unit,
- * so that the per-instruction-set copies of a function inline what they call from other parts. */
+ * so the extension never needs -march=native and runs on any x86-64 (or any other CPU, scalar). */
+#ifndef MEMWISE_KERNELS_COMMON_H
+#define MEMWISE_KERNELS_COMMON_H
 
 #include <math.h>
 #include <stdint.h>
@@ -51,10 +50,8 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVXVNNI = 2, ISA_AVX512VNNI = 3, ISA_AM
 
 /* Below this many activation rows the AMX path hands over to AVX-512 VNNI.  AMX must first
  * unpack each weight panel to one byte per code in memory, a fixed cost per panel that only
- * pays off when enough activation rows share it.  Fused decode steps on the Intel Xeon VM
- * (medians of 55, three alternating rounds): at 4 rows AVX-512 wins for mmfree-2.7b (48 vs 58 ms)
- * and ties for mmfree-370m; at 5 rows, where AVX-512 runs a 4-row tile and then a GEMV over the
- * same weights, AMX wins (2.7b 58 vs 62 ms, 370m 7.0 vs 9.4 ms). */
+ * pays off when enough activation rows share it (docs/intel-xeon-amx-2026-11.md has the
+ * measurements behind 5). */
 #define AMX_MIN_ROWS 5
 
 /* Bytes of one pair of blocks of K in AMX buffers: 4 units of 64 bytes for 16 rows (run_amx). */
@@ -143,3 +140,5 @@ static int isa_supported(int isa) {
     if (known[isa] < 0) known[isa] = isa_check(isa);
     return known[isa];
 }
+
+#endif /* MEMWISE_KERNELS_COMMON_H */

@@ -1,19 +1,10 @@
-/* memwise.kernels._ternary: int8 activations x 2-bit packed ternary weights, exact int32 sums,
- * and the fused HGRN-Bit decode step built on them.
- *
- * One translation unit, split into parts by idea (each part's comment says what it holds):
- *   common.h     headers, instruction-set ids and detection, the packed layout
- *   quantize.h   activation quantization (RMSNorm output to int8 rows)
- *   products.h   the scalar, AVX2, AVX-VNNI and AVX-512 VNNI products
- *   amx.h        the AMX product and activation tiles
- *   jobs.h       running a product over threads; aligned buffers
- *   hgrn_step.h  the fused decode step
- *   argmax.h     greedy decoding's choice
- * and, in this file, the Python bindings.
+/* memwise.kernels._ternary: the Python bindings of the model-free kernel library (int8
+ * activations x 2-bit packed ternary weights with exact int32 sums, activation quantization,
+ * greedy argmax, a read-bandwidth probe).  The library itself is the headers beside this file;
+ * model code (the csrc folder of a model family) compiles them into its own extension the same way.
  *
  * Python calls these functions with raw data pointers; all dtype, shape and contiguity checks are
- * done in memwise/kernels/__init__.py before the pointers get here.
- */
+ * done in memwise/kernels/__init__.py before the pointers get here. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -22,7 +13,6 @@
 #include "products.h"
 #include "amx.h"
 #include "jobs.h"
-#include "hgrn_step.h"
 #include "argmax.h"
 
 /* ------------------------------------------------------------------------------------------ */
@@ -36,90 +26,41 @@ static PyObject *py_isa_supported(PyObject *self, PyObject *args) {
     return PyBool_FromLong(isa_supported(isa));
 }
 
-/* Buffers of one product call.  `layout` is the ISA whose activation layout the rows are
- * written in; AMX rows are written in the AVX-512 layout and then rearranged into B tiles. */
-typedef struct {
-    int isa, layout;
-    size_t qs;
-    int8_t *qbuf;
-    int32_t *sumq;
-    float *rs;
-    int8_t *act_tiles;
-    uint8_t *unpacked;
-} plan_t;
-
-static void plan_free(plan_t *p) {
-    free(p->qbuf);
-    free(p->sumq);
-    free(p->rs);
-    free(p->act_tiles);
-    free(p->unpacked);
-}
-
-static int plan_make(plan_t *p, int isa, long long N, long long nb, long long M, int nthreads) {
-    memset(p, 0, sizeof *p);
-    p->isa = (isa == ISA_AMX && M < AMX_MIN_ROWS) ? ISA_AVX512VNNI : isa;
-    p->layout = p->isa == ISA_AMX ? ISA_AVX512VNNI : p->isa;
-    p->qs = qrow_bytes(p->layout, nb);
-    p->qbuf = alloc64(p->qs * (size_t)M);
-    p->sumq = alloc64(sizeof(int32_t) * (size_t)M);
-    p->rs = alloc64(sizeof(float) * (size_t)M);
-    int ok = p->qbuf && p->sumq && p->rs;
-    if (ok && uses_panels(p->isa, M)) {
-        p->act_tiles = alloc64(act_tiles_bytes(M, nb));
-        p->unpacked = alloc64((size_t)job_threads(p->isa, N, nthreads) * unpacked_bytes(nb));
-        ok = p->act_tiles && p->unpacked;
-    }
-    if (!ok) plan_free(p);
-    return ok;
-}
-
-static void plan_run(plan_t *p, const uint8_t *w, long long N, long long nb, long long M,
-                     int32_t *out_i32, float *out_f32, int nthreads) {
-#if MW_X86
-    if (uses_panels(p->isa, M)) pack_act_tiles(p->qbuf, p->qs, M, nb, p->act_tiles);
-#endif
-    job_t j = {w, N, nb, p->qbuf, p->qs, M, p->sumq, out_i32, out_f32, p->rs,
-               p->act_tiles, (M + 15) / 16, p->unpacked, PF_FAR_BYTES, N};
-    run_job(p->isa, &j, nthreads);
-}
-
 /* matmul(isa, w_ptr, N, nb, q_ptr, M, K, out_ptr, nthreads): out int32 [M, N] = q @ t^T. */
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     int isa, nthreads;
     unsigned long long wp, qp, op;
     long long N, nb, M, K;
-    plan_t p;
+    product_call_t p;
     (void)self;
     if (!PyArg_ParseTuple(args, "iKLLKLLKi", &isa, &wp, &N, &nb, &qp, &M, &K, &op, &nthreads))
         return NULL;
     if (!isa_supported(isa)) return PyErr_Format(PyExc_ValueError, "isa %d not supported", isa);
-    if (!plan_make(&p, isa, N, nb, M, nthreads)) return PyErr_NoMemory();
+    if (!product_call_make(&p, isa, N, nb, M, nthreads)) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     memset(p.qbuf, 0, p.qs * (size_t)M);
     for (long long m = 0; m < M; ++m)
         p.sumq[m] = place_row((const int8_t *)(uintptr_t)qp + m * K, K, p.layout, p.qbuf + m * p.qs);
-    plan_run(&p, (const uint8_t *)(uintptr_t)wp, N, nb, M, (int32_t *)(uintptr_t)op, NULL, nthreads);
+    product_call_run(&p, (const uint8_t *)(uintptr_t)wp, N, nb, M, (int32_t *)(uintptr_t)op, NULL, nthreads);
     Py_END_ALLOW_THREADS
-    plan_free(&p);
+    product_call_free(&p);
     Py_RETURN_NONE;
 }
 
-/* bitlinear(isa, w_ptr, N, nb, scale, x_ptr, M, K, g_ptr, eps, sum_width, out_ptr, nthreads):
- * out float32 [M, N] = BitLinear(x) as memwise.ternary.bitlinear_reference computes it. */
+/* bitlinear(isa, w_ptr, N, nb, scale, x_ptr, M, K, g_ptr, eps, out_ptr, nthreads):
+ * out float32 [M, N] = BitLinear(x), the math of memwise.kernels.packed.bitlinear_reference. */
 static PyObject *py_bitlinear(PyObject *self, PyObject *args) {
-    int isa, nthreads, W;
+    int isa, nthreads;
     unsigned long long wp, xp, gp, op;
     long long N, nb, M, K;
     double scale, eps;
-    plan_t p;
+    product_call_t p;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iKLLdKLLKdiKi", &isa, &wp, &N, &nb, &scale, &xp, &M, &K, &gp,
-                          &eps, &W, &op, &nthreads))
+    if (!PyArg_ParseTuple(args, "iKLLdKLLKdKi", &isa, &wp, &N, &nb, &scale, &xp, &M, &K, &gp,
+                          &eps, &op, &nthreads))
         return NULL;
     if (!isa_supported(isa)) return PyErr_Format(PyExc_ValueError, "isa %d not supported", isa);
-    if (W < 1 || W > MAXW) return PyErr_Format(PyExc_ValueError, "sum width %d out of range", W);
-    if (!plan_make(&p, isa, N, nb, M, nthreads)) return PyErr_NoMemory();
+    if (!product_call_make(&p, isa, N, nb, M, nthreads)) return PyErr_NoMemory();
     const float *x = (const float *)(uintptr_t)xp, *g = (const float *)(uintptr_t)gp;
     const float m_f = (float)scale, eps_f = (float)eps;
     Py_BEGIN_ALLOW_THREADS
@@ -131,43 +72,28 @@ static PyObject *py_bitlinear(PyObject *self, PyObject *args) {
     for (long long m = 0; m < M; ++m) {
         float s;
         memset(p.qbuf + m * p.qs, 0, p.qs);
-        p.sumq[m] = quantize_row(x + m * K, g, K, eps_f, W, p.layout, 0, p.qbuf + m * p.qs, &s);
-        /* torch evaluates `acc.float() * (m / s)` as acc * (reciprocal(s) * m) in float32. */
-        p.rs[m] = (1.0f / s) * m_f;
+        p.sumq[m] = quantize_row(x + m * K, g, K, eps_f, p.layout, 0, p.qbuf + m * p.qs, &s);
+        p.rs[m] = m_f / s;
     }
-    plan_run(&p, (const uint8_t *)(uintptr_t)wp, N, nb, M, NULL, (float *)(uintptr_t)op, nthreads);
+    product_call_run(&p, (const uint8_t *)(uintptr_t)wp, N, nb, M, NULL, (float *)(uintptr_t)op, nthreads);
     Py_END_ALLOW_THREADS
-    plan_free(&p);
+    product_call_free(&p);
     Py_RETURN_NONE;
 }
 
-/* quantize(x_ptr, M, K, g_ptr, eps, sum_width, q_ptr, s_ptr): int8 [M, K] and float32 [M]. */
+/* quantize(x_ptr, M, K, g_ptr, eps, q_ptr, s_ptr): int8 [M, K] and float32 [M]. */
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
-    int W;
     unsigned long long xp, gp, qp, sp;
     long long M, K;
     double eps;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KLLKdiKK", &xp, &M, &K, &gp, &eps, &W, &qp, &sp)) return NULL;
-    if (W < 1 || W > MAXW) return PyErr_Format(PyExc_ValueError, "sum width %d out of range", W);
+    if (!PyArg_ParseTuple(args, "KLLKdKK", &xp, &M, &K, &gp, &eps, &qp, &sp)) return NULL;
     Py_BEGIN_ALLOW_THREADS
     for (long long m = 0; m < M; ++m)
-        quantize_row((const float *)(uintptr_t)xp + m * K, (const float *)(uintptr_t)gp, K,
-                     (float)eps, W, ISA_SCALAR, 1, (int8_t *)(uintptr_t)qp + m * K,
-                     (float *)(uintptr_t)sp + m);
+        quantize_row((const float *)(uintptr_t)xp + m * K, (const float *)(uintptr_t)gp, K, (float)eps,
+                     ISA_SCALAR, 1, (int8_t *)(uintptr_t)qp + m * K, (float *)(uintptr_t)sp + m);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
-}
-
-/* sum_of_squares(x_ptr, K, sum_width) -> float: lets Python find torch's summation width. */
-static PyObject *py_sum_of_squares(PyObject *self, PyObject *args) {
-    int W;
-    unsigned long long xp;
-    long long K;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KLi", &xp, &K, &W)) return NULL;
-    if (W < 1 || W > MAXW) return PyErr_Format(PyExc_ValueError, "sum width %d out of range", W);
-    return PyFloat_FromDouble(sum_of_squares((const float *)(uintptr_t)xp, K, W));
 }
 
 static double now_s(void) {
@@ -259,99 +185,9 @@ static PyObject *py_read_bandwidth(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble((double)(n * 8) / best);
 }
 
-static PyObject *py_have_openmp(PyObject *self, PyObject *noargs) {
-    (void)self;
-    (void)noargs;
-#ifdef _OPENMP
-    Py_RETURN_TRUE;
-#else
-    Py_RETURN_FALSE;
-#endif
-}
-
-/* ---- fused HGRN-Bit step ---- */
-
-#define WS_CAPSULE "memwise.kernels._ternary.hgrn_workspace"
-
-static void py_ws_free(PyObject *capsule) {
-    hgrn_ws_free(PyCapsule_GetPointer(capsule, WS_CAPSULE));
-}
-
-/* hgrn_workspace(isa, B, H, D, I, nthreads) -> capsule: the buffers of fused steps of B rows. */
-static PyObject *py_hgrn_workspace(PyObject *self, PyObject *args) {
-    int isa, nthreads;
-    long long B, H, D, I;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "iLLLLi", &isa, &B, &H, &D, &I, &nthreads)) return NULL;
-    if (!isa_supported(isa)) return PyErr_Format(PyExc_ValueError, "isa %d not supported", isa);
-    if (B < 1 || H < 1 || D < 1 || I < 1)
-        return PyErr_Format(PyExc_ValueError, "hgrn_workspace: sizes must be >= 1");
-    hgrn_ws_t *w = hgrn_ws_make(isa, B, H, D, I, nthreads);
-    if (!w) return PyErr_NoMemory();
-    PyObject *capsule = PyCapsule_New(w, WS_CAPSULE, py_ws_free);
-    if (!capsule) hgrn_ws_free(w);
-    return capsule;
-}
-
-/* hgrn_step(ws, plan_ptr, scales_ptr, eps, sum_width, exp_step, torch_threads, x_ptr, state_ptr,
- *           mask_ptr, logits_ptr): one decode step; x [B, H] holds the embedded tokens and is
- *           overwritten, state [L, B, D] is advanced in place, mask [B] float32 or 0 for none,
- *           logits [B, V] are written. */
-static PyObject *py_hgrn_step(PyObject *self, PyObject *args) {
-    PyObject *capsule;
-    unsigned long long pp, sp, xp, stp, mp, lp;
-    double eps;
-    int W, step, tthreads;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "OKKdiiiKKKK", &capsule, &pp, &sp, &eps, &W, &step, &tthreads, &xp,
-                          &stp, &mp, &lp))
-        return NULL;
-    hgrn_ws_t *w = PyCapsule_GetPointer(capsule, WS_CAPSULE);
-    if (!w) return NULL;
-    if (W < 1 || W > MAXW) return PyErr_Format(PyExc_ValueError, "sum width %d out of range", W);
-    const int64_t *plan = (const int64_t *)(uintptr_t)pp;
-    if (plan[1] != w->H || plan[2] != w->D || plan[3] != w->I || plan[5] < 1 || w->D % plan[5])
-        return PyErr_Format(PyExc_ValueError, "hgrn_step: the plan does not fit the workspace");
-    hgrn_args_t a = {plan, (const float *)(uintptr_t)sp, (float)eps, W, step, tthreads,
-                     (float *)(uintptr_t)xp, (float *)(uintptr_t)stp, (float *)(uintptr_t)lp,
-                     (const float *)(uintptr_t)mp};
-    Py_BEGIN_ALLOW_THREADS
-    hgrn_step_run(w, &a);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-/* activation(kind, x_ptr, out_ptr, rows, cols, row_stride, rowsplit, exp_step, torch_threads):
- * sigmoid (kind 0) or silu (kind 1) of a [rows, cols] float32 input with the given row stride
- * into a contiguous output, computed like the fused step computes it (to compare with torch). */
-static PyObject *py_activation(PyObject *self, PyObject *args) {
-    int kind, rowsplit, step, tthreads;
-    unsigned long long xp, op;
-    long long rows, cols, stride;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "iKKLLLiii", &kind, &xp, &op, &rows, &cols, &stride, &rowsplit,
-                          &step, &tthreads))
-        return NULL;
-    float *e = alloc64(sizeof(float) * (size_t)(cols > 0 ? cols : 1));
-    if (!e) return PyErr_NoMemory();
-    const ew_geom_t g = ew_geom(rows, cols, rowsplit, step, tthreads, vec_level_best());
-    Py_BEGIN_ALLOW_THREADS
-    for (long long r = 0; r < rows; ++r) {
-        const float *x = (const float *)(uintptr_t)xp + r * stride;
-        float *out = (float *)(uintptr_t)op + r * cols;
-        neg_exp_like_torch(x, e, cols, r * cols, &g);
-        for (long long k = 0; k < cols; ++k)
-            out[k] = kind == 0 ? 1.0f / (e[k] + 1.0f) : x[k] / (1.0f + e[k]);
-    }
-    Py_END_ALLOW_THREADS
-    free(e);
-    Py_RETURN_NONE;
-}
-
-
 /* argmax_rows(x_ptr, rows, cols, out_ptr, nthreads): out int64 [rows] = x.max(dim=-1).indices for
- * a contiguous float32 [rows, cols].  Threads split each row's columns as the fused step's
- * lm_head splits its outputs (my_span), so each reads logits it has just written. */
+ * a contiguous float32 [rows, cols].  Threads split each row's columns by my_span, as a model's
+ * fused step splits its lm_head outputs, so each reads logits it has just written. */
 static PyObject *py_argmax_rows(PyObject *self, PyObject *args) {
     unsigned long long xp, op;
     long long rows, cols;
@@ -429,12 +265,7 @@ static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "int8 x packed ternary -> int32 (raw pointers)"},
     {"bitlinear", py_bitlinear, METH_VARARGS, "fused rmsnorm, int8 quantization, product"},
     {"quantize", py_quantize, METH_VARARGS, "rmsnorm and int8 quantization of rows"},
-    {"sum_of_squares", py_sum_of_squares, METH_VARARGS, "row sum of squares in torch's order"},
     {"read_bandwidth", py_read_bandwidth, METH_VARARGS, "measured memory read bandwidth"},
-    {"have_openmp", py_have_openmp, METH_NOARGS, "whether the build uses OpenMP"},
-    {"hgrn_workspace", py_hgrn_workspace, METH_VARARGS, "buffers of fused HGRN-Bit decode steps"},
-    {"hgrn_step", py_hgrn_step, METH_VARARGS, "one fused HGRN-Bit decode step (all layers)"},
-    {"activation", py_activation, METH_VARARGS, "sigmoid or silu computed like torch's CPU kernels"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -451,6 +282,5 @@ PyMODINIT_FUNC PyInit__ternary(void) {
     PyModule_AddIntConstant(m, "ISA_AVX512VNNI", ISA_AVX512VNNI);
     PyModule_AddIntConstant(m, "ISA_AMX", ISA_AMX);
     PyModule_AddIntConstant(m, "AMX_MIN_ROWS", AMX_MIN_ROWS);
-    PyModule_AddIntConstant(m, "MAX_SUM_WIDTH", MAXW);
     return m;
 }

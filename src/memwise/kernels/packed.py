@@ -1,4 +1,4 @@
-"""Ternary weights: quantization of latent matrices, the 2-bit packed layout, and the reference math.
+"""The 2-bit packed ternary format, and the plain PyTorch reference of every kernel built on it.
 
 Packed layout (format version 1), the one thing kernels, checkpoints and the model share:
 
@@ -41,7 +41,7 @@ def codes_buffer(nbytes: int, device: torch.device | str = "cpu") -> torch.Tenso
 
     On Linux CPUs it is anonymous memory advised for transparent huge pages (2 MB) and aligned to
     them: every decode step streams all codes, and with 4 KB pages each 4 KB costs a page walk (the
-    fused steps ran slower that way; figures in the README, "MatMul-free models").  Where the kernel
+    fused steps ran measurably slower that way; docs/matmul-free.md).  Where the kernel
     refuses the advice (THP disabled) the buffer has small pages.  MEMWISE_HUGE_PAGES=0 asks for a
     plain allocation (to compare, or where huge pages are unwelcome).
     """
@@ -110,10 +110,6 @@ class TernaryMatrix:
 
     def ternary(self) -> torch.Tensor:
         return unpack_ternary(self.packed, self.cols)
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size()
 
 
 def quantize_activations(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

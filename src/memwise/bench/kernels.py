@@ -5,11 +5,12 @@ arena's worth of other data (twice the last-level cache, like the bandwidth test
 (decode) figures are DRAM-streaming figures and can be set against the measured read bandwidth:
 decode tokens/s can be no more than bandwidth / bytes of weights read per token.
 
-Run it with `python -m memwise.kernels.bench` or `memwise bench --kernels`.
+Run it with `python -m memwise.bench.kernels` or `memwise bench --kernels`.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -17,22 +18,38 @@ from dataclasses import dataclass
 import torch
 
 from memwise import kernels
-from memwise.ternary import BLOCK_BYTES, codes_buffer, padded_cols
+from memwise.kernels.bandwidth import dram_buffer_bytes
+from memwise.kernels.packed import BLOCK_BYTES, codes_buffer, padded_cols
 
-VOCAB = 32000
-
-# Hidden and intermediate sizes of the released MatMul-free (HGRN-Bit) models.
-MODEL_SIZES = {"370m": (1024, 2816), "1.3b": (2048, 5632), "2.7b": (2560, 6912)}
+# The model sizes whose shapes are benchmarked: the released MatMul-free presets.
+MODEL_SIZES = ("370m", "1.3b", "2.7b")
 
 
 def layer_shapes(size: str) -> list[tuple[str, int, int]]:
-    """(name, N rows, K cols) of each distinct BitLinear shape of one model size."""
-    if size not in MODEL_SIZES:
-        raise kernels.KernelInputError(f"unknown model size {size!r} (choose from "
-                                       f"{', '.join(MODEL_SIZES)})")
-    h, i = MODEL_SIZES[size]
-    return [("attn.{i,f,g,o}_proj", h, h), ("mlp.gate_proj", 2 * i, h), ("mlp.down_proj", h, i),
-            ("lm_head", VOCAB, h)]
+    """(matrices, N rows, K cols) of each distinct BitLinear shape of preset mmfree-SIZE, read from
+    the family's tensor layout."""
+    from memwise.models import hgrn_bit
+    from memwise.presets import PRESETS, preset_config
+    preset = f"mmfree-{size}"
+    if preset not in PRESETS:
+        sizes = sorted(name.removeprefix("mmfree-") for name in PRESETS if name.startswith("mmfree-"))
+        raise kernels.KernelInputError(f"unknown model size {size!r} (choose from {', '.join(sizes)})")
+    spec = hgrn_bit.spec_from_config(preset_config(preset), f"preset:{preset}")
+    roles: dict[tuple[int, int], list[str]] = {}
+    for slot in hgrn_bit.checkpoint_layout(spec):
+        if slot.ternary:
+            role = re.sub(r"^model\.layers\.\d+\.", "", slot.name).removesuffix(".weight")
+            if role not in roles.setdefault(slot.shape, []):
+                roles[slot.shape].append(role)
+    return [(_group_name(names), rows, cols) for (rows, cols), names in roles.items()]
+
+
+def _group_name(names: list[str]) -> str:
+    """"attn.i_proj", "attn.f_proj" -> "attn.i_proj/f_proj"."""
+    prefix = names[0].rpartition(".")[0]
+    if len(names) > 1 and prefix and all(n.rpartition(".")[0] == prefix for n in names):
+        return prefix + "." + "/".join(n.rpartition(".")[2] for n in names)
+    return "/".join(names)
 
 
 @dataclass
@@ -85,7 +102,7 @@ def _time_calls(fns: list, arena: _Arena, rows: int, row_bytes: int, calls: int)
     return times
 
 
-def run_kernel_bench(sizes: tuple[str, ...] = ("370m", "1.3b", "2.7b"),
+def run_kernel_bench(sizes: tuple[str, ...] = MODEL_SIZES,
                      batch_sizes: tuple[int, ...] = (1,), repeats: int = 20,
                      isas: list[str] | None = None, seed: int = 0,
                      arena_bytes: int | None = None) -> list[dict]:
@@ -107,7 +124,7 @@ def run_kernel_bench(sizes: tuple[str, ...] = ("370m", "1.3b", "2.7b"),
     bandwidth = kernels.read_bandwidth_bytes_per_s()
     shapes = [(size, name, n, k) for size in sizes for name, n, k in layer_shapes(size)]
     largest = max(n * padded_cols(k) // 4 for _, _, n, k in shapes)
-    arena = _Arena.make(max(arena_bytes or kernels._bandwidth_buffer_bytes(), 2 * largest), seed)
+    arena = _Arena.make(max(arena_bytes or dram_buffer_bytes(), 2 * largest), seed)
     gen = torch.Generator().manual_seed(seed + 1)
     threads = torch.get_num_threads()
     records = []
@@ -138,12 +155,12 @@ def run_kernel_bench(sizes: tuple[str, ...] = ("370m", "1.3b", "2.7b"),
 def _product(isa: str, q: torch.Tensor, n: int, k: int, out: torch.Tensor):
     """The C call itself, inputs validated once here, so that the timing is the kernel's."""
     if not kernels.HAVE_C:
-        from memwise.ternary import TernaryMatrix, ternary_matmul_reference
+        from memwise.kernels.packed import TernaryMatrix, ternary_matmul_reference
 
         def reference(packed: torch.Tensor) -> None:
             out.copy_(ternary_matmul_reference(q, TernaryMatrix(packed, 1.0, n, k).ternary()))
         return reference
-    ident = kernels._ISA_IDS[kernels._resolve_isa(isa)]
+    ident = kernels.isa_id(kernels.resolve_isa(isa))
     threads = torch.get_num_threads()
     nb = padded_cols(k) // 4 // BLOCK_BYTES
 
@@ -183,7 +200,7 @@ def _duration(seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark memwise's ternary kernels.")
-    parser.add_argument("--sizes", default="370m,1.3b,2.7b", help="comma-separated model sizes")
+    parser.add_argument("--sizes", default=",".join(MODEL_SIZES), help="comma-separated model sizes")
     parser.add_argument("--batch", default="1", help="comma-separated activation row counts")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
     parser.add_argument("--isa", default=None, help="comma-separated ISA paths (default: all)")

@@ -1,9 +1,10 @@
 /* Products of int8 activation rows and packed ternary weights: the job every path runs, and the
  * scalar, AVX2, AVX-VNNI and AVX-512 VNNI paths (GEMV and the tiled GEMM; from PANEL_MIN_ROWS
- * rows the AVX-512 path multiplies unpacked panels of 16 weight rows).
- *
- * Part of memwise.kernels._ternary: ternary.c includes every part once, in one translation unit,
- * so that the per-instruction-set copies of a function inline what they call from other parts. */
+ * rows the AVX-512 path multiplies unpacked panels of 16 weight rows). */
+#ifndef MEMWISE_KERNELS_PRODUCTS_H
+#define MEMWISE_KERNELS_PRODUCTS_H
+
+#include "common.h"
 
 /* ------------------------------------------------------------------------------------------ */
 /* Products                                                                                   */
@@ -480,3 +481,5 @@ static T512 void run_avx512vnni(const job_t *j, int64_t t0, int64_t t1, int tid)
 }
 
 #endif /* MW_X86 */
+
+#endif /* MEMWISE_KERNELS_PRODUCTS_H */

@@ -1,7 +1,8 @@
-/* Greedy decoding's choice: the index of each row's largest logit, as torch.max finds it.
- *
- * Part of memwise.kernels._ternary: ternary.c includes every part once, in one translation unit,
- * so that the per-instruction-set copies of a function inline what they call from other parts. */
+/* Greedy decoding's choice: the index of each row's largest logit, as torch.max finds it. */
+#ifndef MEMWISE_KERNELS_ARGMAX_H
+#define MEMWISE_KERNELS_ARGMAX_H
+
+#include "common.h"
 
 /* The first largest of x[k0, k1), or the first NaN (torch.max's answer): *best and its index. */
 static void argmax_scalar(const float *x, int64_t k0, int64_t k1, float *best, int64_t *at) {
@@ -62,3 +63,5 @@ static T512 void argmax_avx512(const float *x, int64_t k0, int64_t k1, float *be
     *best = m, *at = i;
 }
 #endif
+
+#endif /* MEMWISE_KERNELS_ARGMAX_H */

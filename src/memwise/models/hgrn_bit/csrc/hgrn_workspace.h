@@ -1,0 +1,254 @@
+/* The buffers of fused HGRN-Bit steps of B rows (hgrn_ws_t), how a step hands its rows to the
+ * products of the kernel library (activation slots, jobs), and its barrier. */
+#ifndef MEMWISE_HGRN_WORKSPACE_H
+#define MEMWISE_HGRN_WORKSPACE_H
+
+#include "jobs.h"
+
+/* Activation slots of a step: three with K = H (i, f, g; gate_proj and lm_head reuse the first),
+ * one with K = D (o_proj), one with K = I (down_proj).  A slot always holds rows of one K, so the
+ * padding of its rows stays zero from allocation on. */
+enum { SLOT_I = 0, SLOT_F = 1, SLOT_G = 2, SLOT_O = 3, SLOT_DOWN = 4, N_SLOTS = 5 };
+
+typedef struct {
+    int isa, layout, level, nthreads;
+    int64_t B, H, D, I, mtiles;
+    int64_t nb[N_SLOTS];
+    size_t qs[N_SLOTS];
+    int8_t *q[N_SLOTS];
+    int32_t *sumq[N_SLOTS];
+    float *rs[N_SLOTS];
+    int8_t *act_tiles[N_SLOTS];
+    uint8_t *unpacked;
+    float *h, *fi, *ff, *fg, *o, *y, *u, *e1, *e2;
+    float *hs;  /* per thread, H floats: normalized rows when threads share a row's work */
+    /* When threads share rows: per thread, [N_SLOTS][B] sums of the q it quantized (sum_part)
+     * and the whole rows' sums it gathered for its products (sum_mine), sum_stride apart. */
+    int32_t *sum_part, *sum_mine;
+    int64_t sum_stride;
+    int *barrier; /* spin_barrier's count, and its generation a line further */
+    int64_t ew; /* floats per row of e1 / e2 */
+    void *mem;
+} hgrn_ws_t;
+
+static void hgrn_ws_free(hgrn_ws_t *w) {
+    if (w) free(w->mem);
+    free(w);
+}
+
+static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t I, int nthreads) {
+    hgrn_ws_t *w = calloc(1, sizeof *w);
+    if (!w) return NULL;
+    w->isa = (isa == ISA_AMX && B < AMX_MIN_ROWS) ? ISA_AVX512VNNI : isa;
+    /* AMX products take K in the AVX-512 path's order (see run_amx). */
+    w->layout = w->isa == ISA_AMX ? ISA_AVX512VNNI : w->isa;
+    w->level = vec_level_of(isa);
+    w->nthreads = nthreads < 1 ? 1 : nthreads;
+    w->B = B, w->H = H, w->D = D, w->I = I;
+    w->mtiles = (B + 15) / 16;
+    const int64_t ks[N_SLOTS] = {H, H, H, D, I};
+    int64_t nb_max = 0;
+    for (int s = 0; s < N_SLOTS; ++s) {
+        w->nb[s] = (ks[s] + BLOCK - 1) / BLOCK;
+        w->qs[s] = qrow_bytes(w->layout, w->nb[s]);
+        if (w->nb[s] > nb_max) nb_max = w->nb[s];
+    }
+    w->ew = D > I ? D : I;
+    /* One allocation, every piece 64-byte aligned. */
+    size_t sizes[N_SLOTS * 4 + 16], total = 0;
+    int n = 0;
+    for (int s = 0; s < N_SLOTS; ++s) {
+        sizes[n++] = w->qs[s] * (size_t)B;
+        sizes[n++] = sizeof(int32_t) * (size_t)B;
+        sizes[n++] = sizeof(float) * (size_t)B;
+        sizes[n++] = uses_panels(w->isa, B) ? act_tiles_bytes(B, w->nb[s]) : 0;
+    }
+    sizes[n++] = uses_panels(w->isa, B) ? (size_t)w->nthreads * unpacked_bytes(nb_max) : 0;
+    const int64_t widths[] = {H, D, D, D, D, 2 * I, I, w->ew, w->ew};
+    for (int k = 0; k < 9; ++k) sizes[n++] = sizeof(float) * (size_t)(B * widths[k]);
+    sizes[n++] = sizeof(float) * (size_t)(w->nthreads * H);
+    w->sum_stride = (N_SLOTS * B + 15) / 16 * 16; /* a thread's sums on lines of their own */
+    sizes[n++] = sizeof(int32_t) * (size_t)(w->nthreads * w->sum_stride);
+    sizes[n++] = sizeof(int32_t) * (size_t)(w->nthreads * w->sum_stride);
+    sizes[n++] = 128;
+    for (int k = 0; k < n; ++k) total += (sizes[k] + 63) & ~(size_t)63;
+    w->mem = alloc64(total);
+    if (!w->mem) {
+        free(w);
+        return NULL;
+    }
+    memset(w->mem, 0, total);
+    char *p = w->mem;
+    n = 0;
+#define TAKE(dst, type)                                                                         \
+    do {                                                                                        \
+        dst = (type)(void *)p;                                                                  \
+        p += (sizes[n++] + 63) & ~(size_t)63;                                                   \
+    } while (0)
+    for (int s = 0; s < N_SLOTS; ++s) {
+        TAKE(w->q[s], int8_t *);
+        TAKE(w->sumq[s], int32_t *);
+        TAKE(w->rs[s], float *);
+        TAKE(w->act_tiles[s], int8_t *);
+    }
+    TAKE(w->unpacked, uint8_t *);
+    TAKE(w->h, float *);
+    TAKE(w->fi, float *);
+    TAKE(w->ff, float *);
+    TAKE(w->fg, float *);
+    TAKE(w->o, float *);
+    TAKE(w->y, float *);
+    TAKE(w->u, float *);
+    TAKE(w->e1, float *);
+    TAKE(w->e2, float *);
+    TAKE(w->hs, float *);
+    TAKE(w->sum_part, int32_t *);
+    TAKE(w->sum_mine, int32_t *);
+    TAKE(w->barrier, int *);
+#undef TAKE
+    return w;
+}
+
+/* Asks for the floats [p, p + n) in L2, a request per line.  Between two products the step's
+ * float work reads gains and states that the streaming weights have pushed out of every cache;
+ * each thread asks for the next phase's vectors as soon as its share of a product is done, so
+ * they arrive while it waits for the other threads. */
+static inline void prefetch_floats(const float *p, int64_t n) {
+#if MW_X86
+    const char *c = (const char *)p;
+    for (int64_t o = 0; o < n * (int64_t)sizeof(float); o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+#else
+    (void)p, (void)n;
+#endif
+}
+
+/* Rows of the batch handled by thread id of nt. */
+static inline void my_rows(int64_t B, int id, int nt, int64_t *b0, int64_t *b1) {
+    *b0 = B * id / nt;
+    *b1 = B * (id + 1) / nt;
+}
+
+/* Quantizes one row x (r given) into slot s at row b, with rescale m. */
+static inline void put_row(const hgrn_ws_t *w, int s, int64_t b, const float *x, float r,
+                           const float *gain, int64_t K, float m) {
+    float sc;
+    int8_t *dst = w->q[s] + (size_t)b * w->qs[s];
+    w->sumq[s][b] = quantize_row_lv(w->level, x, r, gain, K, w->layout, 0, dst, &sc);
+    w->rs[s][b] = m / sc;
+}
+
+/* Threads sharing rows: thread id quantizes its part [k0, k1) of row b (r given) into slot s.
+ * Each thread computes the whole row's amax itself, so the only wait is the barrier before the
+ * product, after which gather_sums adds up the parts' sums. */
+static inline void put_row_part(const hgrn_ws_t *w, int s, int64_t b, const float *x, float r,
+                                const float *gain, int64_t K, float m, int id, int nt) {
+    int64_t k0, k1;
+    my_span(K, id, nt, &k0, &k1);
+    const float amax = row_amax_lv(w->level, x, r, gain, K);
+    float sc;
+    int8_t *dst = w->q[s] + (size_t)b * w->qs[s];
+    w->sum_part[id * w->sum_stride + s * w->B + b] =
+        k0 < k1 ? quantize_span_lv(w->level, x, r, gain, amax, w->layout, 0, dst, &sc, k0, k1) : 0;
+    /* Every thread computes the same s; one stores the rescale. */
+    if (id == 0) {
+        if (k0 >= k1) quantize_span_lv(w->level, x, r, gain, amax, w->layout, 0, dst, &sc, 0, 0);
+        w->rs[s][b] = m / sc;
+    }
+}
+
+/* The sums of slot s's rows for thread id's products: its own copy, so no thread writes what
+ * another reads. */
+static const int32_t *gather_sums(const hgrn_ws_t *w, int s, int id, int nt) {
+    int32_t *mine = w->sum_mine + id * w->sum_stride + s * w->B;
+    for (int64_t b = 0; b < w->B; ++b) {
+        int32_t total = 0;
+        for (int t = 0; t < nt; ++t) total += w->sum_part[t * w->sum_stride + s * w->B + b];
+        mine[b] = total;
+    }
+    return mine;
+}
+
+/* AMX and AVX-512 panels: the quantized rows of slot s into tiles (pack_act_tile).  Threads split the tiles
+ * by unit of K: a 64-byte line of a tile holds bytes of 16 rows, so splitting by row would have
+ * threads write into the same lines. */
+static void pack_act_tiles_share(const hgrn_ws_t *w, int s, int id, int nt) {
+#if MW_X86
+    const int64_t units = 4 * ((w->nb[s] + 1) / 2);
+    const int64_t u0 = units * id / nt, u1 = units * (id + 1) / nt;
+    for (int64_t m0 = 0; m0 < w->B; m0 += 16)
+        pack_act_tile(w->q[s], w->qs[s], m0, m0 + 16 < w->B ? m0 + 16 : w->B, u0, u1, units, w->act_tiles[s]);
+#else
+    (void)w, (void)s, (void)id, (void)nt;
+#endif
+}
+
+static inline job_t slot_job(const hgrn_ws_t *w, int s, const int32_t *sumq, const uint8_t *codes,
+                             int64_t N, float *out, size_t pf_far) {
+    job_t j = {codes, N, w->nb[s], w->q[s], w->qs[s], w->B, sumq, NULL, out, w->rs[s],
+               w->act_tiles[s], w->mtiles, w->unpacked, pf_far, N};
+    return j;
+}
+
+/* Thread id's share of the output tiles of up to three products that run together: an even share
+ * of all their tiles, or with `each`, the rows my_span gives it of every product, so that
+ * elementwise work split by my_span afterwards finds its inputs in the thread's own cache.
+ * (Tiles are not handed out dynamically: each extra range restarts the weight prefetches.) */
+static void run_jobs(const hgrn_ws_t *w, const job_t *jobs, int njobs, int each, int id, int nt) {
+    const int64_t tr = tile_rows(w->isa);
+    run_fn fn = runner(w->isa);
+    if (each) { /* my_span's rows are multiples of 16, so whole tiles */
+        for (int k = 0; k < njobs; ++k) {
+            int64_t n0, n1;
+            my_span(jobs[k].N, id, nt, &n0, &n1);
+            if (n0 < n1) fn(&jobs[k], n0 / tr, (n1 + tr - 1) / tr, id);
+        }
+        return;
+    }
+    int64_t tiles[3], total = 0;
+    for (int k = 0; k < njobs; ++k) {
+        tiles[k] = (jobs[k].N + tr - 1) / tr;
+        total += tiles[k];
+    }
+    const int64_t a = total * id / nt, b = total * (id + 1) / nt;
+    int64_t off = 0;
+    for (int k = 0; k < njobs; ++k) {
+        const int64_t lo = a > off ? a : off, hi = b < off + tiles[k] ? b : off + tiles[k];
+        if (lo < hi) fn(&jobs[k], lo - off, hi - off, id);
+        off += tiles[k];
+    }
+}
+
+/* The step's barrier.  A decode step of mmfree-2.7b passes about 320 of them, so it must be cheaper
+ * than OpenMP's (several times, measured).  It spins briefly, then sleeps in sched_yield, so that
+ * more threads than cores, or a core taken by another process, still make progress. */
+#if defined(_OPENMP) && (defined(__GNUC__) || defined(__clang__))
+#define MW_SPIN_BARRIER 1
+#define SPIN_BEFORE_YIELD 20000
+
+static inline void cpu_relax(void) {
+#if MW_X86
+    _mm_pause();
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+static void spin_barrier(int *count, int *gen, int nt, int *my_gen) {
+    const int g = *my_gen;
+    *my_gen = g + 1;
+    if (__atomic_add_fetch(count, 1, __ATOMIC_ACQ_REL) == nt) {
+        __atomic_store_n(count, 0, __ATOMIC_RELAXED); /* ordered before the release below */
+        __atomic_store_n(gen, g + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    for (long spins = 0; __atomic_load_n(gen, __ATOMIC_ACQUIRE) == g; ++spins) {
+        if (spins < SPIN_BEFORE_YIELD)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+}
+#endif
+
+
+#endif /* MEMWISE_HGRN_WORKSPACE_H */
