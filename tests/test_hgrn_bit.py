@@ -271,6 +271,18 @@ def test_backends_agree(checkpoint):
     assert rel_diff(got, ref) < 1e-4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(checkpoint):
+    # On a GPU the products run in Triton (when installed) and the rest in torch: logits close to
+    # the CPU reference, and the same greedy tokens.
+    path, config, _ = checkpoint
+    cpu = load_dir(path)
+    gpu = memwise.load(str(path), device="cuda")
+    ids = torch.randint(0, config["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(5))
+    assert rel_diff(gpu.logits(ids).cpu(), cpu.logits(ids)) < 1e-4
+    assert torch.equal(gpu.generate(ids, 12, ignore_eos=True).cpu(), cpu.generate(ids, 12, ignore_eos=True))
+
+
 def test_unknown_backend_is_refused(small):
     model = load_dir(small[0], backend="cuda-magic")
     with pytest.raises(UnsupportedError, match="cuda-magic"):

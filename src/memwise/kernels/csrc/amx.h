@@ -3,7 +3,7 @@
 #ifndef MEMWISE_KERNELS_AMX_H
 #define MEMWISE_KERNELS_AMX_H
 
-#include "products.h"
+#include "products_avx512.h"
 
 #if MW_X86
 
@@ -70,26 +70,15 @@ static inline __attribute__((always_inline)) TAMX void amx_store(const job_t *j,
     }
     transpose16(r);
     const __mmask16 keep = (__mmask16)((1u << nr) - 1u);
-    int mr = j->M - m0 < 16 ? (int)(j->M - m0) : 16;
-    for (int m = 0; m < mr; ++m) {
-        __m512i v = _mm512_sub_epi32(r[transposed_row[m]], _mm512_set1_epi32(j->sumq[m0 + m]));
-        if (j->out_f32) {
-            float *o = j->out_f32 + (m0 + m) * j->ldo + n0;
-            __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(j->rs[m0 + m]));
-            if (j->residual) f = _mm512_add_ps(_mm512_maskz_loadu_ps(keep, o), f);
-            _mm512_mask_storeu_ps(o, keep, f);
-        } else
-            _mm512_mask_storeu_epi32(j->out_i32 + (m0 + m) * j->ldo + n0, keep, v);
-    }
+    const int mr = j->M - m0 < 16 ? (int)(j->M - m0) : 16;
+    for (int m = 0; m < mr; ++m) store_lanes(j, r[transposed_row[m]], m0 + m, n0, keep);
 }
 
 /* Sum tiles tmm0-3 += the four unpacked units of one pair (slot: [4][16][64]) times activation
  * tiles t0 .. t0 + nt - 1 of units u0 .. u0 + 3.  tmm4/tmm7 hold weight codes, tmm5/tmm6
  * activations; operands alternate between two tiles so a load can overlap the previous dot
  * product.  With one or two activation tiles, even and odd units add into different sum tiles:
- * one chain of dependent TDPBUSDs would wait on the instruction's latency.  (Before the codes
- * were unpacked with GFNI, one tile summed each group; summing two tiles instead of four at the
- * end made the 16-row product about 5% faster.) */
+ * one chain of dependent TDPBUSDs would wait on the instruction's latency. */
 static inline __attribute__((always_inline)) TAMX void amx_pair(const uint8_t *slot, const uint8_t *bt,
                                                                 int64_t t0, int64_t u0, int64_t units,
                                                                 int nt) {
@@ -150,10 +139,8 @@ static inline __attribute__((always_inline)) TAMX void amx_pair(const uint8_t *s
 /* Up to 64 activation rows (all activation tiles fit in the four sum tiles), a panel is unpacked
  * a pair of blocks at a time into a ring of AMX_RING pairs, so the unpacked codes stay in L1
  * whatever K is, and each pair is multiplied AMX_LAG pairs after it was unpacked, so the tile
- * loads do not wait on stores still in flight.  (The vector and the AMX work hardly overlap on
- * the machines measured, with this lag or a longer one, or interleaved finer: a 16-row product
- * costs about their sum.)  With more rows the panel is unpacked once and every group of four
- * activation tiles reads it. */
+ * loads do not wait on stores still in flight.  With more rows the panel is unpacked once and
+ * every group of four activation tiles reads it. */
 #define AMX_RING 4
 #define AMX_LAG 2
 
@@ -161,10 +148,8 @@ static inline __attribute__((always_inline)) TAMX void amx_pair(const uint8_t *s
  * tile of 16 rows, 44 KB for K = 2816 (mmfree-370m's down_proj), more than L1 holds next to the
  * ring.  So when the tiles of all of K pass AMX_CHUNK_BYTES, K is taken in chunks of at most that
  * many bytes of tiles, over AMX_GROUP panels at a time, the partial sums waiting in memory between
- * chunks; each chunk's tiles stay in L1 for the whole group.  On the Intel Xeon VM that made the
- * 16-row product with K = 2816 20-35% faster, from L2 and streaming from memory alike
- * (benchmarks/amx_product.c); products with K = 1024, whose tiles fit, gained nothing from
- * smaller chunks. */
+ * chunks; each chunk's tiles stay in L1 for the whole group (benchmarks/amx_product.c measures
+ * it; docs/intel-xeon-amx-2026-11.md has the figures). */
 #define AMX_CHUNK_BYTES (16 * 1024)
 #define AMX_GROUP 8
 

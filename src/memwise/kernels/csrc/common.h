@@ -11,6 +11,10 @@
 #ifndef MEMWISE_KERNELS_COMMON_H
 #define MEMWISE_KERNELS_COMMON_H
 
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* syscall(), for the AMX permission; Python.h defines it too */
+#endif
+
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -59,7 +59,7 @@ static void *alloc64(size_t n) {
 
 /* A buffer streamed like a model's packed codes: on Linux aligned to and advised for 2 MB pages,
  * as memwise.kernels.packed.codes_buffer allocates the codes, so that a bandwidth measured in it compares
- * with the kernels' (with 4 KB pages the GEMV measured up to 23% above the read bandwidth). */
+ * with the kernels' (against small pages, the GEMV can seem to beat the read bandwidth). */
 static void *alloc_streamed(size_t n) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const size_t huge = (size_t)2 << 20, rounded = (n + huge - 1) & ~(huge - 1);

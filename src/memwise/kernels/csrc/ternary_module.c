@@ -8,12 +8,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "common.h"
-#include "quantize.h"
-#include "products.h"
-#include "amx.h"
-#include "jobs.h"
 #include "argmax.h"
+#include "jobs.h"
+#include "quantize.h"
 
 /* ------------------------------------------------------------------------------------------ */
 /* Python bindings                                                                            */

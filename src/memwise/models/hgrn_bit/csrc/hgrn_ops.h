@@ -18,7 +18,14 @@
 #define EXP_LN2_LO 1.4286068202862268e-06f
 #define EXP_UNDERFLOW (-104.0f) /* exp of anything below is 0 in float32 */
 #define EXP_OVERFLOW 89.0f      /* and of anything above, infinity */
-/* p = exp(r) by Horner's rule, MADD(a, b, c) = a * b + c, C(x) the constant x. */
+/* n = rint(d / ln 2) and r = d - n ln 2, with MUL, ROUND (to nearest), FNMADD(a, b, c) = c - a * b
+ * and C(x) the constant x of a vector width. */
+#define EXP_REDUCE(N, R, D, MUL, ROUND, FNMADD, C)                                              \
+    N = ROUND(MUL(D, C(EXP_LOG2E)));                                                            \
+    R = FNMADD(N, C(EXP_LN2_HI), D);                                                            \
+    R = FNMADD(N, C(EXP_LN2_LO), R)
+
+/* p = exp(r) by Horner's rule, MADD(a, b, c) = a * b + c. */
 #define EXP_TAYLOR(P, R, MADD, C)                                                               \
     P = MADD(C(1.0f / 5040.0f), R, C(1.0f / 720.0f));                                           \
     P = MADD(P, R, C(1.0f / 120.0f));                                                           \
@@ -55,11 +62,12 @@ static void neg_exp_generic(const float *x, float *e, int64_t n) {
 }
 
 #if MW_X86
+#define ROUND512(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define ROUND256(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
 static inline __attribute__((always_inline)) T512 __m512 exp512(__m512 d) {
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(EXP_LOG2E)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), d);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+    __m512 n, r;
+    EXP_REDUCE(n, r, d, _mm512_mul_ps, ROUND512, _mm512_fnmadd_ps, _mm512_set1_ps);
     __m512 p;
     EXP_TAYLOR(p, r, _mm512_fmadd_ps, _mm512_set1_ps);
     /* p * 2^n; scalef takes n as a float and rounds under- and overflow as a product would. */
@@ -81,10 +89,8 @@ static T512 void neg_exp_avx512(const float *x, float *e, int64_t n) {
 }
 
 static inline __attribute__((always_inline)) T256 __m256 exp256(__m256 d) {
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(d, _mm256_set1_ps(EXP_LOG2E)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), d);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);
+    __m256 n, r;
+    EXP_REDUCE(n, r, d, _mm256_mul_ps, ROUND256, _mm256_fnmadd_ps, _mm256_set1_ps);
     __m256 p;
     EXP_TAYLOR(p, r, _mm256_fmadd_ps, _mm256_set1_ps);
     /* 2^n as two factors built in the exponent field; n is clamped so both stay normal. */

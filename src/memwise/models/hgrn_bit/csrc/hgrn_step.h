@@ -138,6 +138,23 @@ static job_t product(const step_thread_t *t, int s, const uint8_t *codes, int64_
     return j;
 }
 
+/* Slot s (its tiles packed first, when the products read tiles) times codes into out: this
+ * thread's share of the output rows. */
+static void multiply(step_thread_t *t, int s, const uint8_t *codes, int64_t N, float *out, int residual) {
+    pack_tiles(t, &s, 1);
+    const job_t j = product(t, s, codes, N, out, residual);
+    run_jobs(t->w, &j, 1, 0, t->id, t->nt);
+}
+
+/* The rows of src [B, K] quantized into slot s for BitLinear p (each row's own RMS), then the
+ * phase's barrier. */
+static void quantize_rows(step_thread_t *t, int s, const float *src, int64_t K, const hgrn_bitlinear_t *p,
+                          int phase) {
+    for (int64_t b = rows_from(t); b < rows_to(t); ++b)
+        quantize_for(t, s, b, src + b * K, t->ops->rms(src + b * K, K, t->model->eps), p, K);
+    step_sync(t, phase);
+}
+
 /* The MLGRU's float work over elements [k0, k1) of row b: gates, recurrence, output o. */
 static void mlgru_span(const step_thread_t *t, const hgrn_layer_t *layer, int64_t l, int64_t b,
                        int64_t k0, int64_t k1) {
@@ -165,7 +182,7 @@ static void step_mlgru(step_thread_t *t, const hgrn_layer_t *layer, int64_t l) {
     const hgrn_ws_t *w = t->w;
     const int64_t B = w->B, D = w->D, H = w->H;
     const hgrn_bitlinear_t *ifg[3] = {&layer->i_proj, &layer->f_proj, &layer->g_proj};
-    const int slots[3] = {SLOT_I, SLOT_F, SLOT_G}, o_slot[1] = {SLOT_O};
+    const int slots[3] = {SLOT_I, SLOT_F, SLOT_G};
     norm_and_quantize(t, layer->attn_norm, ifg, slots, 3);
     step_sync(t, PH_ATTN_QUANTIZE);
     pack_tiles(t, slots, 3);
@@ -184,14 +201,8 @@ static void step_mlgru(step_thread_t *t, const hgrn_layer_t *layer, int64_t l) {
     step_sync(t, PH_IFG_PRODUCTS);
     for (int64_t b = rows_from(t); b < rows_to(t); ++b) mlgru_span(t, layer, l, b, k0, k1);
     if (t->split) step_sync(t, PH_MLGRU);
-    for (int64_t b = rows_from(t); b < rows_to(t); ++b) {
-        const float *o = w->o + b * D;
-        quantize_for(t, SLOT_O, b, o, t->ops->rms(o, D, t->model->eps), &layer->o_proj, D);
-    }
-    step_sync(t, PH_O_QUANTIZE);
-    pack_tiles(t, o_slot, 1);
-    const job_t o = product(t, SLOT_O, layer->o_proj.codes, H, t->io->x, 1);
-    run_jobs(w, &o, 1, 0, t->id, t->nt);
+    quantize_rows(t, SLOT_O, w->o, D, &layer->o_proj, PH_O_QUANTIZE);
+    multiply(t, SLOT_O, layer->o_proj.codes, H, t->io->x, 1);
     prefetch_floats(layer->mlp_norm, H);
     prefetch_floats(layer->gate_proj.gain, H);
     step_sync(t, PH_O_PRODUCT);
@@ -202,7 +213,7 @@ static void step_glu(step_thread_t *t, const hgrn_layer_t *layer) {
     const hgrn_ws_t *w = t->w;
     const int64_t I = w->I, H = w->H;
     const hgrn_bitlinear_t *gate[1] = {&layer->gate_proj};
-    const int in_slot[1] = {SLOT_I}, down_slot[1] = {SLOT_DOWN};
+    const int in_slot[1] = {SLOT_I};
     norm_and_quantize(t, layer->mlp_norm, gate, in_slot, 1);
     step_sync(t, PH_MLP_QUANTIZE);
     pack_tiles(t, in_slot, 1);
@@ -228,14 +239,8 @@ static void step_glu(step_thread_t *t, const hgrn_layer_t *layer) {
         t->ops->glu(g, g + I, e, w->u + b * I + k0, k1 - k0);
     }
     if (t->split) step_sync(t, PH_GLU);
-    for (int64_t b = rows_from(t); b < rows_to(t); ++b) {
-        const float *u = w->u + b * I;
-        quantize_for(t, SLOT_DOWN, b, u, t->ops->rms(u, I, t->model->eps), &layer->down_proj, I);
-    }
-    step_sync(t, PH_DOWN_QUANTIZE);
-    pack_tiles(t, down_slot, 1);
-    const job_t down = product(t, SLOT_DOWN, layer->down_proj.codes, H, t->io->x, 1);
-    run_jobs(w, &down, 1, 0, t->id, t->nt);
+    quantize_rows(t, SLOT_DOWN, w->u, I, &layer->down_proj, PH_DOWN_QUANTIZE);
+    multiply(t, SLOT_DOWN, layer->down_proj.codes, H, t->io->x, 1);
 }
 
 /* After the last layer: logits = lm_head(final_norm(x)). */
@@ -245,9 +250,7 @@ static void step_head(step_thread_t *t) {
     const int slot[1] = {SLOT_I};
     norm_and_quantize(t, m->final_norm, head, slot, 1);
     step_sync(t, PH_HEAD_QUANTIZE);
-    pack_tiles(t, slot, 1);
-    const job_t j = product(t, SLOT_I, m->lm_head.codes, m->vocab, t->io->logits, 0);
-    run_jobs(t->w, &j, 1, 0, t->id, t->nt);
+    multiply(t, SLOT_I, m->lm_head.codes, m->vocab, t->io->logits, 0);
     timing_arrive(t, PH_HEAD_PRODUCT);
     timing_leave(t, PH_HEAD_PRODUCT);
 }

@@ -7,11 +7,6 @@
 #include <Python.h>
 #include <stddef.h>
 
-#include "common.h"
-#include "quantize.h"
-#include "products.h"
-#include "amx.h"
-#include "jobs.h"
 #include "hgrn_step.h"
 
 #define WS_CAPSULE "memwise.models.hgrn_bit._step.workspace"
