@@ -13,6 +13,7 @@ import torch
 
 from memwise.errors import MemwiseError
 from memwise.kernels import greedy_tokens
+from memwise.tokenizer import decode_stream
 
 
 @dataclass
@@ -116,6 +117,8 @@ def generate_steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device) if eos_token_ids else None
     stop_on_eos = eos is not None and not options.ignore_eos
 
+    stop_strings = StopStrings(options.stop_strings, decode, batch) if options.stop_strings else None
+
     cache = module.new_cache(batch, total)
     ones = torch.ones((batch, 1), dtype=torch.bool, device=device)
     with torch.inference_mode():
@@ -129,8 +132,8 @@ def generate_steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor
             state.length += 1
             if stop_on_eos:
                 state.finished |= torch.isin(next_tokens, eos)
-            if options.stop_strings:
-                _check_stop_strings(state, options.stop_strings, decode)
+            if stop_strings is not None:
+                stop_strings.check(state, next_tokens)
             yield next_tokens
             if bool(state.finished.all()) or step + 1 == options.max_new_tokens:
                 return
@@ -158,12 +161,27 @@ def _process(logits: torch.Tensor, state: GenerationState, options: GenerationOp
     return logits
 
 
-def _check_stop_strings(state: GenerationState, stop_strings: tuple[str, ...], decode) -> None:
-    start = state.prompt_length
-    for b in range(state.tokens.shape[0]):
-        if state.finished[b]:
-            continue
-        new = state.tokens[b, start:state.length][state.real[b, start:state.length]].tolist()
-        text = decode(new)
-        if any(s in text for s in stop_strings):
-            state.finished[b] = True
+class StopStrings:
+    """Finds stop strings in each sequence's generated text, decoded incrementally (linear in its length).
+
+    Each sequence has its own incremental decoder (`memwise.tokenizer.decode_stream`), fed one token a
+    step; the new text is searched together with the last len(longest stop string) - 1 characters
+    before it, so a stop string that spans tokens is found on the step that completes it.
+    """
+
+    def __init__(self, stop_strings: tuple[str, ...], decode, batch: int):
+        self.stop_strings = stop_strings
+        self.keep = max(len(s) for s in stop_strings) - 1
+        self.streams = [decode_stream(decode) for _ in range(batch)]
+        self.tails = [""] * batch
+
+    def check(self, state: GenerationState, next_tokens: torch.Tensor) -> None:
+        """Mark finished the sequences whose text now contains a stop string."""
+        finished = state.finished.tolist()
+        for b, token in enumerate(next_tokens.tolist()):
+            if finished[b]:
+                continue
+            text = self.tails[b] + self.streams[b].step(token)
+            if any(s in text for s in self.stop_strings):
+                state.finished[b] = True
+            self.tails[b] = text[-self.keep:] if self.keep > 0 else ""

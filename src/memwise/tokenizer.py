@@ -1,16 +1,65 @@
 """Tokenizers: Hugging Face tokenizer.json files, and a byte tokenizer for synthetic-weight presets."""
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from memwise.errors import CheckpointError
+
+
+class TextStream(Protocol):
+    """Incremental decoding: `step(token_id)` returns only the text that token adds ("" while it waits)."""
+
+    def step(self, token_id: int) -> str: ...
 
 
 class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
+    def decode_stream(self) -> TextStream: ...
+
+
+class IncrementalDecoder:
+    """Incremental decoding over any `decode(ids) -> str`, linear in the output's length.
+
+    It keeps a short window of ids: the ids of the text already returned that the next token may
+    still need as context (a piece's leading space, a character split across byte tokens), and the
+    ids since. Each step decodes the window with and without the new ids and returns the difference,
+    and holds it back while it ends in U+FFFD (an incomplete multi-byte character). The same scheme
+    as `tokenizers.decoders.DecodeStream` and Hugging Face's TextStreamer.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self._decode = decode
+        self._ids: list[int] = []       # window: context ids, then ids whose text is not yet returned
+        self._read = 0                  # _ids[:_read] is the context, already returned
+        self._prefix = ""               # decode(_ids[:_read])
+
+    def step(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        text = self._decode(self._ids)
+        if len(text) <= len(self._prefix) or text.endswith("\ufffd"):
+            return ""
+        new = text[len(self._prefix):]
+        # The ids just returned become the context of the next step; older ones are dropped.
+        self._ids = self._ids[self._read:]
+        self._read = len(self._ids)
+        self._prefix = self._decode(self._ids)
+        return new
+
+
+def decode_stream(tokenizer: "Tokenizer | Callable[[list[int]], str]") -> TextStream:
+    """A tokenizer's incremental decoder, given the tokenizer, its bound `decode`, or any decode function."""
+    owner = getattr(tokenizer, "__self__", None)        # a bound method tokenizer.decode
+    if owner is not None and getattr(tokenizer, "__name__", None) == "decode":
+        tokenizer = owner
+    make = getattr(tokenizer, "decode_stream", None)
+    if make is not None:
+        return make()
+    decode = getattr(tokenizer, "decode", tokenizer)
+    return IncrementalDecoder(decode)
 
 
 class HFTokenizer:
@@ -30,6 +79,18 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def decode_stream(self) -> TextStream:
+        """Incremental decoding through the tokenizer's own decoder pipeline, like `decode`.
+
+        Not `tokenizers.decoders.DecodeStream` (tokenizers >= 0.21), which runs the same scheme but
+        raises when a window decodes to text that does not start with what it already returned: a
+        byte-fallback decoder (Llama, Mistral) does that on invalid UTF-8, which a model can generate,
+        because it turns a whole run of byte tokens into U+FFFD when the run is not valid UTF-8. On
+        such output the stream keeps what it has returned and can differ from `decode`; on valid
+        text, and with byte-level (GPT-2 style) decoders on any ids, the two agree.
+        """
+        return IncrementalDecoder(self.decode)
+
 
 class ByteTokenizer:
     """UTF-8 bytes as token ids. Presets have random weights, so any reversible mapping will do."""
@@ -42,6 +103,10 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def decode_stream(self) -> TextStream:
+        """UTF-8 decoded byte by byte; a character split across byte tokens comes out whole."""
+        return _ByteDecodeStream()
 
 
 class SentencePieceTokenizer:
@@ -62,6 +127,20 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([i for i in ids if i != self.bos_token_id])
+
+    def decode_stream(self) -> TextStream:
+        return IncrementalDecoder(self.decode)
+
+
+class _ByteDecodeStream:
+    """ByteTokenizer's incremental decoder: ids outside 0-255 add nothing, as in `decode`."""
+
+    def __init__(self):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def step(self, token_id: int) -> str:
+        token_id = int(token_id)
+        return self._utf8.decode(bytes((token_id,))) if 0 <= token_id < 256 else ""
 
 
 def load_tokenizer(directory: Path, bos_token_id: int | None = None) -> Tokenizer | None:
