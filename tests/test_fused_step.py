@@ -30,8 +30,9 @@ pytestmark = pytest.mark.skipif(not fused.available(), reason="the C extension w
 PATHS = kernels.isa_paths() if not os.environ.get("MEMWISE_ISA") else kernels._machine_isas()
 
 # Logits and states of a step after a few layers of tiny random models: rounding differences move
-# a few int8 activations by one step, each moving its BitLinear's outputs by a fraction of a percent.
-STEP_REL = 1e-2
+# a few int8 activations by one step now and then, each moving its BitLinear's outputs by far less
+# than this (measured on these configurations: about 1e-7 of the spread, no step moved).
+STEP_REL = 1e-3
 
 CONFIGS = {
     # Lower bounds and gains that differ per layer and channel (the checkpoint writer's defaults).

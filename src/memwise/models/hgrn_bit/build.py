@@ -53,48 +53,54 @@ def _check_dtype(dtype: torch.dtype | str) -> None:
 
 
 def _build(spec: ModelSpec, source: WeightSource, device: torch.device) -> HGRNBitForCausalLM:
-    h, d, i, eps = spec.hidden_size, recurrence_width(spec), spec.intermediate_size, spec.norm_eps
-    # All packed codes live in one buffer, allocated before anything else: one large allocation
-    # stays out of the C heap, so the many short-lived chunks of quantization cannot fragment
-    # memory around long-lived matrices (which raised the resident set of a 1.3B model by 0.4 GB).
-    # On Linux CPUs the buffer is backed by huge pages (codes_buffer).
-    matrices = [s for s in checkpoint_layout(spec) if s.ternary]
-    codes = codes_buffer(sum(packed_bytes(*s.shape) for s in matrices), device)
-    offsets = {}
-    at = 0
-    for s in matrices:
-        offsets[s.name] = at
-        at += packed_bytes(*s.shape)
+    """The model's modules over the tensors of checkpoint_layout (names and shapes come from there)."""
+    layout = {slot.name: slot for slot in checkpoint_layout(spec)}
+    codes, offsets = _codes_buffer(layout.values(), device)
 
-    def gain(name: str, width: int) -> Gain:
-        return Gain(source.tensor(name, (width,)).to(device=device, dtype=torch.float32))
+    def tensor(name: str) -> torch.Tensor:
+        return source.tensor(name, layout[name].shape).to(device)
 
-    def bitlinear(prefix: str, rows: int, cols: int) -> BitLinear:
+    def gain(name: str) -> Gain:
+        return Gain(tensor(name).to(torch.float32))
+
+    def bitlinear(prefix: str) -> BitLinear:
+        rows, cols = layout[f"{prefix}.weight"].shape
         start = offsets[f"{prefix}.weight"]
         out = codes[start:start + packed_bytes(rows, cols)].view(rows, padded_cols(cols) // 4)
         weight = source.matrix(f"{prefix}.weight", cols, out)
-        return BitLinear(weight, gain(f"{prefix}.norm.weight", cols).weight, eps)
+        return BitLinear(weight, gain(f"{prefix}.norm.weight").weight, spec.norm_eps)
 
-    embeddings = source.tensor("model.embeddings.weight", (spec.vocab_size, h))
+    embeddings = source.tensor("model.embeddings.weight", layout["model.embeddings.weight"].shape)
     if embeddings.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         embeddings = embeddings.float()
-    embeddings = embeddings.to(device)
     lower_bounds = None
     if spec.use_lower_bound:
-        raw = source.tensor("model.lower_bounds", (spec.num_layers, h)).to(device=device, dtype=torch.float32)
-        lb = raw.softmax(dim=0)
+        lb = tensor("model.lower_bounds").to(torch.float32).softmax(dim=0)
         lower_bounds = lb.cumsum(dim=0) - lb[0]
     layers = []
     for n in range(spec.num_layers):
         p = f"model.layers.{n}"
-        attn = MLGRU(bitlinear(f"{p}.attn.i_proj", d, h), bitlinear(f"{p}.attn.f_proj", d, h),
-                     bitlinear(f"{p}.attn.g_proj", d, h), gain(f"{p}.attn.g_norm.weight", d // spec.num_heads),
-                     bitlinear(f"{p}.attn.o_proj", h, d), spec.num_heads, eps)
-        mlp = GLU(bitlinear(f"{p}.mlp.gate_proj", 2 * i, h), bitlinear(f"{p}.mlp.down_proj", h, i))
-        layers.append(HGRNBitBlock(gain(f"{p}.attn_norm.weight", h), attn, gain(f"{p}.mlp_norm.weight", h), mlp, eps))
-    norm = gain("model.norm.weight", h)
-    lm_head = bitlinear("lm_head", spec.vocab_size, h)
-    return HGRNBitForCausalLM(spec, embeddings, lower_bounds, layers, norm, lm_head).eval()
+        attn = MLGRU(bitlinear(f"{p}.attn.i_proj"), bitlinear(f"{p}.attn.f_proj"), bitlinear(f"{p}.attn.g_proj"),
+                     gain(f"{p}.attn.g_norm.weight"), bitlinear(f"{p}.attn.o_proj"), spec.num_heads, spec.norm_eps)
+        mlp = GLU(bitlinear(f"{p}.mlp.gate_proj"), bitlinear(f"{p}.mlp.down_proj"))
+        layers.append(HGRNBitBlock(gain(f"{p}.attn_norm.weight"), attn, gain(f"{p}.mlp_norm.weight"), mlp,
+                                   spec.norm_eps))
+    return HGRNBitForCausalLM(spec, embeddings.to(device), lower_bounds, layers, gain("model.norm.weight"),
+                              bitlinear("lm_head")).eval()
+
+
+def _codes_buffer(slots, device: torch.device) -> tuple[torch.Tensor, dict[str, int]]:
+    """One buffer for every matrix's packed codes, and each matrix's offset in it.
+
+    Allocated before anything else: one large allocation stays out of the C heap, so the many
+    short-lived chunks of quantization cannot fragment memory around long-lived matrices (which
+    raised the resident set of a 1.3B model by 0.4 GB). On Linux CPUs it is backed by huge pages."""
+    offsets, at = {}, 0
+    for slot in slots:
+        if slot.ternary:
+            offsets[slot.name] = at
+            at += packed_bytes(*slot.shape)
+    return codes_buffer(at, device), offsets
 
 
 def load(spec: ModelSpec, reader: CheckpointReader, dtype: torch.dtype | str = torch.float32,
