@@ -15,17 +15,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from memwise.dtypes import SAFETENSORS_DTYPES
 from memwise.errors import CheckpointError
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -175,6 +170,3 @@ class CheckpointReader:
                         raise CheckpointError(f"{entry.file}: truncated while reading tensor '{name}'")
                     done += got
         return tensor
-
-    def total_bytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())

@@ -6,7 +6,7 @@ import resource
 import sys
 import time
 
-from memwise.errors import MemwiseError
+from memwise.cli_support import one_line_errors, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,18 +16,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     return run_command(args)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """Run a parsed command; a user's mistake becomes one line on stderr and exit status 1."""
-    try:
-        return int(args.func(args) or 0)
-    except MemwiseError as e:
-        print(f"memwise: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("memwise: interrupted", file=sys.stderr)
-        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("out", metavar="OUT", help="output directory (must not exist yet)")
     conv.set_defaults(func=cmd_convert)
 
-    from memwise.bench.cli import add_parser as add_bench_parser, one_line_errors
+    from memwise.bench.cli import add_parser as add_bench_parser
     add_bench_parser(sub)
     for p in (parser, gen, info, conv):
         one_line_errors(p)
@@ -91,21 +79,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                          min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos, stop_strings=tuple(args.stop))
-    generated: list[int] = []
-    printed = ""
+    from memwise.tokenizer import decode_stream
+    text_stream = decode_stream(model.tokenizer)   # each token's new text; holds back a split character
+    n = 0
     start = time.perf_counter()
     ttft = None
     for token in steps:
         if ttft is None:
             ttft = time.perf_counter() - start
-        generated.append(int(token[0]))
-        text = model.tokenizer.decode(generated)
-        if not text.endswith("\ufffd"):     # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed):])
+        n += 1
+        text = text_stream.step(int(token[0]))
+        if text:
+            sys.stdout.write(text)
             sys.stdout.flush()
-            printed = text
     total = time.perf_counter() - start
-    n = len(generated)
     decode_s = total - (ttft or 0.0)
     decode_rate = f"{(n - 1) / decode_s:.1f}" if n > 1 and decode_s > 0 else "n/a"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

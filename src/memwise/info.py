@@ -3,23 +3,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from memwise.hub import resolve_source
-from memwise.models import family_for
-from memwise.presets import is_preset, preset_config, preset_name
-from memwise.spec import ModelSpec, read_config
-
-
-def spec_for(source: str, revision: str | None = None) -> tuple[ModelSpec, object]:
-    """The spec and family module of a source, reading only its config."""
-    if is_preset(source):
-        config, where = preset_config(source), f"preset:{preset_name(source)}"
-    else:
-        directory = resolve_source(source, revision)
-        config, where = read_config(directory), str(directory / "config.json")
-    family = family_for(config.get("model_type"), where)
-    spec = family.spec_from_config(config, where)
-    spec.source, spec.synthetic = source, is_preset(source)
-    return spec, family
+from memwise.source import resolve_model
 
 
 def human_bytes(n: float) -> str:
@@ -31,14 +15,14 @@ def human_bytes(n: float) -> str:
 
 
 def describe(source: str, revision: str | None = None) -> Table:
-    spec, family = spec_for(source, revision)
-    sizes = family.weight_sizes(spec)
+    resolved = resolve_model(source, revision)
+    spec, family = resolved.spec, resolved.family
     table = Table(title=source, show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("weights", "synthetic (preset: random values)" if spec.synthetic else "real (checkpoint)")
-    table.add_row("parameters", f"{sizes['bfloat16'] // 2:,}")
-    for kind, nbytes in sizes.items():
+    table.add_row("parameters", f"{family.parameter_count(spec):,}")
+    for kind, nbytes in family.weight_sizes(spec).items():
         table.add_row(f"weights, {kind}", human_bytes(nbytes))
     skip = {"source", "synthetic"}
     for name, value in spec.to_dict().items():

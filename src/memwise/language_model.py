@@ -8,26 +8,12 @@ from typing import Iterator, Sequence
 import torch
 
 from memwise.checkpoint import CheckpointReader
+from memwise.dtypes import parse_dtype
 from memwise.errors import MemwiseError, UnsupportedError
 from memwise.generate import GenerationOptions, generate_steps
-from memwise.hub import resolve_source
-from memwise.models import family_for
-from memwise.presets import is_preset, preset_config, preset_name
-from memwise.spec import ModelSpec, read_config
+from memwise.source import resolve_model
+from memwise.spec import ModelSpec
 from memwise.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, special_token_ids
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype in DTYPES.values():
-            return dtype
-        dtype = str(dtype).removeprefix("torch.")
-    if dtype not in DTYPES:
-        raise UnsupportedError(f"dtype {dtype!r} is not supported (use float32, bfloat16 or float16)")
-    return DTYPES[dtype]
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -49,22 +35,14 @@ def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str |
          revision: str | None = None, seed: int = 0) -> "LanguageModel":
     """Load a model from a local Hugging Face directory, a hub id, or "preset:NAME" (synthetic weights)."""
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
-    source = str(source)
-    if is_preset(source):
-        config = preset_config(source)
-        where = f"preset:{preset_name(source)}"
-        family = family_for(config.get("model_type"), where)
-        spec = dataclasses.replace(family.spec_from_config(config, where), source=where, synthetic=True)
+    resolved = resolve_model(source, revision)
+    spec, family, directory = resolved.spec, resolved.family, resolved.directory
+    if directory is None:
         module = family.synthetic(spec, torch_dtype, torch_device, seed)
         return LanguageModel(spec, module, ByteTokenizer(spec.vocab_size), torch_dtype, torch_device)
-    directory = resolve_source(source, revision)
-    config = read_config(directory)
-    where = str(directory / "config.json")
-    family = family_for(config.get("model_type"), where)
-    spec = family.spec_from_config(config, where)
     specials = special_token_ids(directory)
     spec = dataclasses.replace(
-        spec, source=source,
+        spec,
         pad_token_id=spec.pad_token_id if spec.pad_token_id is not None else specials.get("pad_token"),
         eos_token_ids=spec.eos_token_ids or ((specials["eos_token"],) if "eos_token" in specials else ()))
     module = family.load(spec, CheckpointReader(directory), torch_dtype, torch_device)
@@ -98,8 +76,7 @@ class LanguageModel:
 
     def decode_bytes_per_token(self) -> int:
         """Bytes of weights read to decode one step (the decode speed ceiling is bandwidth / this)."""
-        per_token = getattr(self.module, "decode_bytes_per_token", None)
-        return int(per_token()) if per_token else self.weights_bytes()
+        return int(self.module.decode_bytes_per_token())
 
     def encode_batch(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [B, T] left-padded to the longest prompt, and the mask of real tokens."""

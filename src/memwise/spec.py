@@ -5,12 +5,12 @@ loading reads config.json again. Fields that a family does not use keep their de
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any
 
 from memwise.errors import ConfigError
+from memwise.json_file import read_json
 
 
 @dataclass
@@ -66,10 +66,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: config.json not found (a model directory needs one)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    config = read_json(path, ConfigError)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(config).__name__}")
     return config

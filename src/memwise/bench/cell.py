@@ -21,7 +21,7 @@ import os
 import statistics
 import sys
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from memwise.bench import memory
@@ -39,6 +39,12 @@ RECORD_FIELDS = (
     "new_tokens_samples", "peak_reset",
     "estimated_bytes", "outside_max_rss_bytes", "outside_wait4_max_rss_bytes", "wall_s",
 )
+
+
+def peak_bytes(record: dict[str, Any]) -> int | None:
+    """The cell's peak resident set over its whole life: the larger of the load and generation peaks."""
+    values = [v for v in (record.get("peak_rss_bytes"), record.get("load_peak_rss_bytes")) if v is not None]
+    return max(values) if values else None
 
 
 @dataclass
@@ -65,7 +71,6 @@ class CellSpec:
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
     estimated_bytes: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -140,6 +145,7 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
     import torch  # the import is part of what a user waits for, and part of the timed load
 
     import memwise.bench.engines as engines
+    from memwise.generate import GenerationOptions
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -161,7 +167,8 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
     if spec.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
-    options = engines.GenerationOptions(spec.repetition_penalty, spec.no_repeat_ngram_size)
+    rules = {k: v for k, v in (("repetition_penalty", spec.repetition_penalty),
+                               ("no_repeat_ngram_size", spec.no_repeat_ngram_size)) if v is not None}
     generator = torch.Generator().manual_seed(spec.seed)
     vocab = engine.vocab_size()
     synthetic_ids = torch.randint(0, vocab, (spec.batch_size, spec.prompt_tokens), generator=generator)
@@ -172,7 +179,9 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
     plan = _plan(spec)
     for i, (index, new_tokens) in enumerate(plan):
         ids = synthetic_ids if index < 0 else prompt_ids[index]
-        timing = engine.generate(ids, new_tokens, options)
+        # min_new_tokens = max_new_tokens keeps EOS out until the end: every run has the requested length.
+        options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True, **rules)
+        timing = engine.generate(ids, options)
         if timing.new_tokens != new_tokens:
             raise RuntimeError(f"{spec.engine} generated {timing.new_tokens} tokens, expected {new_tokens} "
                                f"(EOS should be ignored)")

@@ -12,11 +12,10 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-
-DTYPES = ("float32", "bfloat16", "float16")
-EXIT_USAGE = 2
+from memwise.cli_support import EXIT_USAGE, one_line_errors, run_command
+from memwise.dtypes import DTYPES
 
 
 class UsageError(Exception):
@@ -56,15 +55,6 @@ def _device(text: str) -> str:
     return text
 
 
-def one_line_errors(parser: argparse.ArgumentParser) -> None:
-    """argparse prints the whole usage before an error; the design wants one line (exit status 2 as usual)."""
-    def error(message: str) -> NoReturn:
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-    parser.error = error  # type: ignore[method-assign]
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `bench` (and `bench report DIR`) to a parent CLI's subparsers; sets args.func."""
     parser = subparsers.add_parser(
@@ -73,7 +63,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "x new tokens, each cell in a fresh process. With no flags: the 370M class (mmfree-370m, "
                     "gpt2-medium, opt-350m) on memwise and transformers, batch 1, 128 prompt + 128 new tokens.")
     add_arguments(parser)
-    parser.set_defaults(func=run_command)
+    parser.set_defaults(func=measure_command)
     nested = parser.add_subparsers(dest="bench_command", title="re-rendering", metavar="report DIR")
     report = nested.add_parser("report", help="re-render table, results.csv/.md and plots from DIR/results.json",
                                description="Re-render the table, results.csv, results.md and the plots of a "
@@ -93,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="model directory, hub id, preset:NAME, or a preset name such as gpt2-medium "
                            "(real weights if cached, else synthetic)")
     what.add_argument("--engine", action="append", choices=sorted(ENGINES))
-    what.add_argument("--dtype", action="append", choices=DTYPES)
+    what.add_argument("--dtype", action="append", choices=tuple(DTYPES))
     what.add_argument("--batch-size", action="append", type=_positive, metavar="N")
     what.add_argument("--prompt-tokens", action="append", type=_positive, metavar="N")
     what.add_argument("--new-tokens", action="append", type=_positive, metavar="N")
@@ -133,7 +123,7 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--device {args.device}: torch sees no CUDA device on this machine")
 
 
-def run_command(args: argparse.Namespace) -> int:
+def measure_command(args: argparse.Namespace) -> int:
     try:
         _check(args)
     except UsageError as e:
@@ -204,7 +194,7 @@ def _summary(record: dict[str, Any]) -> str:
            f"p{record['prompt_tokens']} n{record['new_tokens']}"
     if record.get("status") != "ok":
         return f"{head}: {record.get('status')}: {record.get('reason')}"
-    from memwise.bench.report import peak_bytes
+    from memwise.bench.cell import peak_bytes
 
     decode = record.get("decode_tok_s")
     decode_text = f"{decode:.1f} tok/s" if decode is not None else "n/a"
@@ -244,10 +234,11 @@ def kernels_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m memwise.bench`: the bench command on its own, same flags and exit codes."""
-    from memwise.cli import build_parser, run_command
-
+    """`python -m memwise.bench`: the bench command on its own, same flags, messages and exit codes."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(["bench", *argv])
+    parser = argparse.ArgumentParser(prog="memwise")
+    add_parser(parser.add_subparsers())
+    one_line_errors(parser)
+    args = parser.parse_args(["bench", *argv])
     args.bench_argv = argv
     return run_command(args)

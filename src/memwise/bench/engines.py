@@ -13,21 +13,16 @@ generation whose end gives e2e. No second run is needed to split prefill from de
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from memwise.bench.sources import Source
+from memwise.dtypes import parse_dtype
+from memwise.generate import GenerationOptions
 
 HGRN_BIT_REASON = "transformers cannot run hgrn_bit without its GPU-only package (mmfreelm + triton)"
-
-
-@dataclass
-class GenerationOptions:
-    """How a generation is asked for, beyond its shape. The defaults are the bench's: greedy, plain."""
-
-    repetition_penalty: float | None = None
-    no_repeat_ngram_size: int | None = None
 
 
 @dataclass
@@ -45,8 +40,10 @@ class Engine(Protocol):
 
     def load(self, source: Source, dtype: str, device: str) -> None: ...
 
-    def generate(self, input_ids: Any, new_tokens: int, options: GenerationOptions) -> GenerationTiming:
-        """Generate exactly new_tokens per sequence after input_ids [B, T], EOS ignored, timed."""
+    def generate(self, input_ids: Any, options: GenerationOptions) -> GenerationTiming:
+        """Generate options.max_new_tokens tokens per sequence after input_ids [B, T], timed. The bench
+        asks for greedy decoding with EOS ignored (min_new_tokens = max_new_tokens), so that every run
+        has the requested length."""
 
     def weights_bytes(self) -> int: ...
 
@@ -63,12 +60,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class MemwiseEngine:
-    name = "memwise"
+class _LoadedEngine:
+    """The state both engines keep: the loaded model and the device it runs on."""
 
     def __init__(self) -> None:
         self.model: Any = None
         self.device = "cpu"
+
+
+class MemwiseEngine(_LoadedEngine):
+    name = "memwise"
 
     def can_run(self, source: Source, device: str) -> str | None:
         from memwise.models import FAMILY_MODULES
@@ -83,18 +84,12 @@ class MemwiseEngine:
         self.device = device
         self.model = memwise.load(source.source, dtype=dtype, device=device)
 
-    def generate(self, input_ids: Any, new_tokens: int, options: GenerationOptions) -> GenerationTiming:
-        kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
-                                  "ignore_eos": True, "do_sample": False}
-        if options.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = options.repetition_penalty
-        if options.no_repeat_ngram_size is not None:
-            kwargs["no_repeat_ngram_size"] = options.no_repeat_ngram_size
+    def generate(self, input_ids: Any, options: GenerationOptions) -> GenerationTiming:
         _sync(self.device)
         start = time.perf_counter()
         first = None
         steps = 0
-        for _ in self.model.stream(input_ids, **kwargs):
+        for _ in self.model.stream(input_ids, **dataclasses.asdict(options)):
             if first is None:
                 _sync(self.device)
                 first = time.perf_counter()
@@ -129,6 +124,14 @@ class MemwiseReferenceEngine(MemwiseEngine):
         self.model.module.backend = "reference"
 
 
+def transformers_config(config: dict[str, Any]) -> Any:
+    """transformers' config object of a config.json dict (the fields that name the class or code left out)."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
+    return AutoConfig.for_model(config["model_type"], **fields)
+
+
 class _StepClock:
     """A transformers streamer that only notes when each step's tokens arrive (the first call is the prompt)."""
 
@@ -142,12 +145,8 @@ class _StepClock:
         pass
 
 
-class TransformersEngine:
+class TransformersEngine(_LoadedEngine):
     name = "transformers"
-
-    def __init__(self) -> None:
-        self.model: Any = None
-        self.device = "cpu"
 
     def can_run(self, source: Source, device: str) -> str | None:
         model_type = source.model_type
@@ -164,40 +163,37 @@ class TransformersEngine:
     def load(self, source: Source, dtype: str, device: str) -> None:
         import torch
         import transformers
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         transformers.logging.set_verbosity_error()
-        torch_dtype = getattr(torch, dtype)
+        torch_dtype = parse_dtype(dtype)
         self.device = device
         if source.kind == "preset":
             assert source.config is not None
-            fields = {k: v for k, v in source.config.items() if k not in ("model_type", "architectures")}
-            config = AutoConfig.for_model(source.config["model_type"], **fields)
+            config = transformers_config(source.config)
             torch.manual_seed(0)  # random weights, but the same ones every time
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source.source, dtype=torch_dtype)
         self.model = model.to(device).eval()
 
-    def generate(self, input_ids: Any, new_tokens: int, options: GenerationOptions) -> GenerationTiming:
+    def generate(self, input_ids: Any, options: GenerationOptions) -> GenerationTiming:
         import torch
 
         clock = _StepClock()
         config = self.model.config
         pad = config.pad_token_id if config.pad_token_id is not None else 0
-        kwargs: dict[str, Any] = {}
-        if options.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = options.repetition_penalty
-        if options.no_repeat_ngram_size is not None:
-            kwargs["no_repeat_ngram_size"] = options.no_repeat_ngram_size
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids)
         _sync(self.device)
         start = time.perf_counter()
-        # min_new_tokens = max_new_tokens masks EOS until the end: every run has the requested length.
-        output = self.model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
-                                     streamer=clock, **kwargs)
+        # Every setting from the options, so that a checkpoint's generation_config.json cannot give
+        # transformers other settings than memwise gets (a penalty of 1.0 and size 0 add no processor).
+        output = self.model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=options.max_new_tokens,
+                                     min_new_tokens=options.min_new_tokens, do_sample=options.do_sample,
+                                     repetition_penalty=options.repetition_penalty,
+                                     no_repeat_ngram_size=options.no_repeat_ngram_size, pad_token_id=pad,
+                                     streamer=clock)
         _sync(self.device)
         end = time.perf_counter()
         produced = output.shape[1] - input_ids.shape[1]

@@ -29,12 +29,13 @@ def layer_shapes(size: str) -> list[tuple[str, int, int]]:
     """(matrices, N rows, K cols) of each distinct BitLinear shape of preset mmfree-SIZE, read from
     the family's tensor layout."""
     from memwise.models import hgrn_bit
-    from memwise.presets import PRESETS, preset_config
+    from memwise.presets import PRESETS
+    from memwise.source import resolve_model
     preset = f"mmfree-{size}"
     if preset not in PRESETS:
         sizes = sorted(name.removeprefix("mmfree-") for name in PRESETS if name.startswith("mmfree-"))
         raise kernels.KernelInputError(f"unknown model size {size!r} (choose from {', '.join(sizes)})")
-    spec = hgrn_bit.spec_from_config(preset_config(preset), f"preset:{preset}")
+    spec = resolve_model(f"preset:{preset}").spec
     roles: dict[tuple[int, int], list[str]] = {}
     for slot in hgrn_bit.checkpoint_layout(spec):
         if slot.ternary:

@@ -45,24 +45,6 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def _numpy_read_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Bytes/s of summing a buffer much larger than the caches; the best of a few passes.
-
-    One thread reads, so on machines whose bandwidth needs several cores to saturate this is a
-    lower bound (and the ceiling derived from it is too).
-    """
-    import numpy as np
-
-    data = np.ones(nbytes // 8, dtype=np.float64)
-    data.sum()  # fault the pages in before timing
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.nbytes / best
-
-
 def _cuda_read_bandwidth(device: str, nbytes: int = 2**30, repeats: int = 5) -> float:
     import torch
 
@@ -81,19 +63,14 @@ def _cuda_read_bandwidth(device: str, nbytes: int = 2**30, repeats: int = 5) -> 
 
 
 def read_bandwidth(device: str = "cpu") -> tuple[float, str]:
-    """(bytes/s, how it was measured) of the memory the weights live in: device memory on CUDA;
-    on the CPU memwise's kernel helper when present, else a numpy pass."""
+    """(bytes/s, how it was measured) of the memory the weights live in: device memory on CUDA,
+    main memory through memwise's kernel library on the CPU."""
     if device.startswith("cuda"):
         return _cuda_read_bandwidth(device), f"torch sum over 1 GiB on {device}, best of 5"
-    try:
-        from memwise.kernels import read_bandwidth_bytes_per_s
-    except ImportError:
-        return _numpy_read_bandwidth(), "numpy sum over 256 MiB, best of 5, one thread"
-    try:
-        value = read_bandwidth_bytes_per_s(refresh=True)   # it remembers its first answer otherwise
-    except TypeError:
-        value = read_bandwidth_bytes_per_s()
-    return float(value), "memwise.kernels.read_bandwidth_bytes_per_s"
+    from memwise.kernels import read_bandwidth_bytes_per_s
+
+    # refresh: it remembers its first answer otherwise, and the bench reads it before and after the cells
+    return float(read_bandwidth_bytes_per_s(refresh=True)), "memwise.kernels.read_bandwidth_bytes_per_s"
 
 
 def machine_metadata(command: str | None = None) -> dict[str, Any]:

@@ -13,12 +13,16 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+from memwise.dtypes import parse_dtype
+from memwise.errors import MemwiseError
+from memwise.source import family_and_spec
+from memwise.spec import ModelSpec
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # Resident set of a cell besides weights, cache and activations: the interpreter, torch, memwise or
 # transformers' modeling code, and allocator slack. Measured on Linux x86-64 with torch 2.13 and
@@ -84,6 +88,29 @@ class Architecture:
     intermediate_size: int
 
 
+def _memwise_model(config: dict[str, Any]) -> tuple[ModuleType, ModelSpec] | None:
+    """memwise's family and spec of a config, or None where memwise cannot run it (transformers may)."""
+    try:
+        return family_and_spec(config, "config.json")
+    except MemwiseError:
+        return None
+
+
+def architecture(config: dict[str, Any]) -> Architecture:
+    """Summarize a Hugging Face config for memory estimates: from memwise's own family where it has one."""
+    model = _memwise_model(config)
+    if model is None:
+        return _foreign_architecture(config)
+    family, spec = model
+    kv_width = spec.num_kv_heads * spec.head_dim
+    # A model without attention heads (hgrn_bit) keeps a recurrent state per layer instead of a KV cache.
+    state_width = 0 if kv_width else spec.hidden_size * spec.expand_ratio
+    # Only learned position tables are a hard limit: longer inputs cannot run at all.
+    max_positions = spec.max_positions if spec.positions == "learned" else None
+    return Architecture(spec.model_type, family.parameter_count(spec), spec.num_layers, spec.hidden_size,
+                        spec.vocab_size, kv_width, state_width, max_positions, spec.intermediate_size)
+
+
 def _first(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
     for key in keys:
         if config.get(key) is not None:
@@ -91,73 +118,37 @@ def _first(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
-def hgrn_bit_parameters(config: dict[str, Any]) -> tuple[int, int]:
-    """(parameter count, intermediate size) of an hgrn_bit config, per the released checkpoints' tensors."""
-    hidden = int(_first(config, "hidden_size", default=2048))
-    layers = int(_first(config, "num_hidden_layers", default=24))
-    vocab = int(_first(config, "vocab_size", default=32000))
-    expand = int(_first(config, "expand_ratio", default=1))
-    inter = config.get("intermediate_size")
-    if inter is None:
-        ratio = int(_first(config, "hidden_ratio", default=4))
-        inter = 256 * -(-int(hidden * ratio * 2 / 3) // 256)
-    inter = int(inter)
-    width = hidden * expand
-    per_layer = (
-        hidden                                  # attn_norm
-        + 3 * width * hidden + hidden * width   # i, f, g, o projections
-        + 4 * hidden                            # their BitLinear norms (on the input)
-        + width                                 # g_norm
-        + hidden                                # mlp_norm
-        + 2 * inter * hidden + hidden           # gate_proj and its norm
-        + hidden * inter + inter                # down_proj and its norm
-    )
-    total = vocab * hidden + layers * hidden + hidden + vocab * hidden + hidden + layers * per_layer
-    return total, inter
-
-
-def _transformers_parameters(config: dict[str, Any]) -> int | None:
-    """Exact parameter count by building the architecture on the meta device (no memory, no weights)."""
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
-        return None
-    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map")}
-    try:
-        hf_config = AutoConfig.for_model(config["model_type"], **fields)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config)
-    except Exception:  # an architecture transformers does not know: the caller falls back to a formula
-        return None
-    return sum(p.numel() for p in model.parameters())
-
-
-def architecture(config: dict[str, Any]) -> Architecture:
-    """Summarize a Hugging Face config for memory estimates (counts exact where transformers knows the type)."""
-    model_type = str(config.get("model_type", ""))
+def _foreign_architecture(config: dict[str, Any]) -> Architecture:
+    """A config memwise has no family for, read by the field names most decoders use; the parameter
+    count is transformers' (built on the meta device: no memory, no weights), or 0 without it."""
     hidden = int(_first(config, "hidden_size", "n_embd", "d_model", default=0))
-    layers = int(_first(config, "num_hidden_layers", "n_layer", "num_layers", default=0))
-    vocab = int(_first(config, "vocab_size", default=0))
     heads = int(_first(config, "num_attention_heads", "n_head", default=1)) or 1
-    if model_type == "hgrn_bit":
-        parameters, inter = hgrn_bit_parameters(config)
-        width = hidden * int(_first(config, "expand_ratio", default=1))
-        return Architecture(model_type, parameters, layers, hidden, vocab, 0, width, None, inter)
     kv_heads = int(_first(config, "num_key_value_heads", default=heads))
     head_dim = int(_first(config, "head_dim", default=hidden // heads))
     inter = int(_first(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden) or 4 * hidden)
-    parameters = _transformers_parameters(config)
-    if parameters is None:
-        # Rough decoder count: attention 4H^2, MLP 2 or 3 H*I, embeddings and an untied head.
-        mlp = (3 if model_type in ("llama", "mistral") else 2) * hidden * inter
-        tied = bool(config.get("tie_word_embeddings", True))
-        parameters = layers * (4 * hidden * hidden + mlp) + vocab * hidden * (1 if tied else 2)
+    model_type = str(config.get("model_type", ""))
     max_positions = None
-    if model_type in ("gpt2", "opt"):   # learned position tables: longer inputs cannot run at all
+    if model_type in ("gpt2", "opt"):   # learned position tables
         max_positions = int(_first(config, "n_positions", "max_position_embeddings", default=0)) or None
-    return Architecture(model_type, parameters, layers, hidden, vocab, kv_heads * head_dim, 0,
-                        max_positions, inter)
+    return Architecture(model_type, _transformers_parameters(config),
+                        int(_first(config, "num_hidden_layers", "n_layer", "num_layers", default=0)), hidden,
+                        int(_first(config, "vocab_size", default=0)), kv_heads * head_dim, 0, max_positions, inter)
+
+
+def _transformers_parameters(config: dict[str, Any]) -> int:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return 0
+    from memwise.bench.engines import transformers_config
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(transformers_config(config))
+    except Exception:  # an architecture transformers does not know either
+        return 0
+    return sum(p.numel() for p in model.parameters())
 
 
 def memwise_weights_bytes(config: dict[str, Any], dtype: str) -> int | None:
@@ -166,14 +157,11 @@ def memwise_weights_bytes(config: dict[str, Any], dtype: str) -> int | None:
     weight_sizes() lists bytes per storage kind: dtype names for dense decoders, "packed 2-bit" for
     the ternary family (what it holds whatever the dtype of its activations).
     """
-    from memwise.errors import MemwiseError
-    from memwise.models import family_for
-
-    try:
-        family = family_for(config.get("model_type"), "config.json")
-        sizes = family.weight_sizes(family.spec_from_config(config, "config.json"))
-    except MemwiseError:
+    model = _memwise_model(config)
+    if model is None:
         return None
+    family, spec = model
+    sizes = family.weight_sizes(spec)
     if dtype in sizes:
         return int(sizes[dtype])
     packed = [v for k, v in sizes.items() if "packed" in k]
@@ -186,7 +174,7 @@ def estimate_cell_bytes(arch: Architecture, engine: str, dtype: str, batch_size:
 
     Deliberately a little generous: it only decides whether a cell is run at all.
     """
-    width = DTYPE_BYTES.get(dtype, 4)
+    width = parse_dtype(dtype).itemsize
     if weights_bytes is None:
         weights_bytes = arch.parameters * width
     length = prompt_tokens + new_tokens

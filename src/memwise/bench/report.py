@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from memwise.bench.cell import RECORD_FIELDS
+from memwise.bench import targets
+from memwise.bench.cell import RECORD_FIELDS, peak_bytes
 from memwise.errors import MemwiseError
+from memwise.json_file import read_json
 
 SYNTHETIC_NOTE = ("synthetic: random weights of the identical architecture (no real checkpoint in the local "
                   "cache); speed and memory are those of the architecture, the generated text is meaningless")
@@ -31,12 +33,6 @@ COLUMNS: list[tuple[str, str]] = [
 TEXT_COLUMNS = {"Model", "Engine", "Weights", "dtype", "Device", "Status"}
 # Shown in the caption instead of a column when every row has the same value.
 FOLDABLE = {"dtype", "device", "batch_size", "prompt_tokens", "new_tokens"}
-
-
-def peak_bytes(record: dict[str, Any]) -> int | None:
-    """The cell's peak resident set over its whole life: the larger of the load and generation peaks."""
-    values = [v for v in (record.get("peak_rss_bytes"), record.get("load_peak_rss_bytes")) if v is not None]
-    return max(values) if values else None
 
 
 def _cell_text(record: dict[str, Any], key: str) -> str:
@@ -144,8 +140,6 @@ def print_table(records: list[dict[str, Any]], metadata: dict[str, Any], console
     console.print(table)
     for line in notes:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
-    from memwise.bench import targets  # here: targets builds on this module
-
     if targets.applies(metadata):
         for line in targets.text_lines(targets.evaluate(records)):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -171,8 +165,6 @@ def markdown(records: list[dict[str, Any]], metadata: dict[str, Any]) -> str:
         out.write("| " + " | ".join(_md_escape(cell) for cell in row) + " |\n")
     out.write(f"\n{caption}\n\n")
     out.write("".join(f"- {_md_escape(line)}\n" for line in notes))
-    from memwise.bench import targets  # here: targets builds on this module
-
     if targets.applies(metadata):
         out.write("\n" + targets.markdown(targets.evaluate(records)))
     return out.getvalue()
@@ -303,10 +295,7 @@ def load_results(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
         raise MemwiseError(f"{directory}: not a directory (expected a bench output directory with results.json)")
     if not path.is_file():
         raise MemwiseError(f"{path}: not found (run `memwise bench --out {directory}` first)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MemwiseError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise MemwiseError(f"{path}: expected an object with a 'results' list")
     return data.get("metadata") or {}, data["results"]

@@ -107,7 +107,7 @@ def plan_cells(matrix: Matrix, sources: dict[str, Source],
             new = max((matrix.max_length or 0) - min(len(p) for p in ids), 1)
         weights = memory.memwise_weights_bytes(source.config or {}, dtype) if engine.startswith("memwise") else None
         spec = CellSpec(
-            model=source.name, source=_source_fields(source), engine=engine, dtype=dtype,
+            model=source.name, source=asdict(source), engine=engine, dtype=dtype,
             device=options.device, batch_size=batch, prompt_tokens=prompt, new_tokens=new, runs=matrix.runs,
             warmup=matrix.warmup, threads=options.threads, seed=options.seed, prompts=ids,
             prompt_ids_note=note, max_length=matrix.max_length, repetition_penalty=matrix.repetition_penalty,
@@ -116,12 +116,6 @@ def plan_cells(matrix: Matrix, sources: dict[str, Source],
         )
         planned.append((spec, source, arch))
     return planned
-
-
-def _source_fields(source: Source) -> dict[str, Any]:
-    fields = asdict(source)
-    fields.pop("extra", None)
-    return fields
 
 
 def _child_env(threads: int | None) -> dict[str, str]:

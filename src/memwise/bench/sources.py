@@ -8,10 +8,13 @@ so no cell times a download).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memwise.errors import MemwiseError
+from memwise.presets import HUB_IDS, PRESET_PREFIX, is_preset, preset_name
+from memwise.source import read_source
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
@@ -24,8 +27,6 @@ class Source:
     weights: str                        # "real" | "synthetic"
     config: dict[str, Any] | None = None
     problem: str | None = None          # why no engine can run it (unknown preset, unreadable config)
-    requested: str = ""                 # the --model argument as given
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_type(self) -> str | None:
@@ -34,8 +35,6 @@ class Source:
 
 def known_model(text: str) -> tuple[str, list[str]] | None:
     """(preset name, hub ids to look for in the cache) for a preset name or its hub id, else None."""
-    from memwise.presets import HUB_IDS
-
     wanted = text.strip().lower()
     for name, hub_id in HUB_IDS.items():
         if wanted in (name.lower(), hub_id.lower()):
@@ -59,64 +58,35 @@ def cached_snapshot(hub_id: str) -> Path | None:
     return path
 
 
-def _preset_source(name: str, display: str, requested: str) -> Source:
-    from memwise.errors import MemwiseError
-    from memwise.presets import preset_config
-
-    source = Source(display, f"preset:{name}", "preset", "synthetic", requested=requested)
+def _read(name: str, source: str, kind: str) -> Source:
+    """The Source of a preset, a local directory or a hub id (fetched once, before any cell, so that no
+    cell times a download), with its config; a problem is recorded on it, not raised."""
+    weights = "synthetic" if kind == "preset" else "real"
     try:
-        source.config = preset_config(name)
-    except MemwiseError as e:  # an unknown name: the message lists the presets there are
-        source.problem = str(e)
-    return source
-
-
-def _local_source(path: Path, display: str, requested: str) -> Source:
-    from memwise.spec import read_config
-
-    from memwise.errors import MemwiseError
-
-    source = Source(display, str(path), "local", "real", requested=requested)
-    try:
-        source.config = read_config(path)
-    except MemwiseError as e:  # ConfigError names the file already
-        source.problem = str(e)
-    return source
-
-
-def _hub_source(hub_id: str, requested: str) -> Source:
-    """A hub id outside the presets: fetched (once, before any cell) so no cell times a download."""
-    from memwise.errors import MemwiseError
-    from memwise.hub import resolve_source
-
-    try:
-        directory = resolve_source(hub_id)
-    except MemwiseError as e:
-        return Source(hub_id, hub_id, "hub", "real", requested=requested, problem=str(e))
-    source = _local_source(directory, hub_id, requested)
-    source.extra["hub_id"] = hub_id
-    return source
+        config, _, directory = read_source(source)
+    except MemwiseError as e:  # an unknown preset lists the presets there are; a bad config names its file
+        return Source(name, source, kind, weights, problem=str(e))
+    if directory is None:
+        return Source(name, source, kind, weights, config)
+    return Source(name, str(directory), "local", weights, config)   # a hub id: the directory it is in
 
 
 def resolve(text: str) -> Source:
     """The Source for one --model argument; problems (unknown preset, bad config) are recorded on it."""
-    if text.startswith("preset:"):
-        name = text.split(":", 1)[1]
-        return _preset_source(name, name, text)
+    if is_preset(text):
+        return _read(preset_name(text), text, "preset")
     path = Path(text).expanduser()
     if path.is_dir():
-        return _local_source(path.resolve(), path.resolve().name, text)
+        return _read(path.resolve().name, str(path.resolve()), "local")
     known = known_model(text)
     if known is not None:
         name, hub_ids = known
         for hub_id in hub_ids:
             snapshot = cached_snapshot(hub_id)
             if snapshot is not None:
-                source = _local_source(snapshot, name, text)
-                source.extra["hub_id"] = hub_id
-                return source
-        return _preset_source(name, name, text)
+                return _read(name, str(snapshot), "local")
+        return _read(name, PRESET_PREFIX + name, "preset")
     if path.exists() or text.startswith((".", "/", "~")):
-        return Source(path.name or text, str(path), "local", "real", requested=text,
+        return Source(path.name or text, str(path), "local", "real",
                       problem=f"{path}: not a model directory (expected a directory with config.json)")
-    return _hub_source(text, text)
+    return _read(text, text, "hub")

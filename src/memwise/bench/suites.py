@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-ENGINES = ("memwise", "transformers")
+DEFAULT_ENGINES = ("memwise", "transformers")
 
 # The 370M class of the public MatMul-free comparison; the main job of `memwise bench`.
 DEFAULT_MODELS = ("mmfree-370m", "gpt2-medium", "opt-350m")
@@ -62,7 +62,7 @@ TERNARY_CELLS = (
 @dataclass
 class Matrix:
     models: list[str]
-    engines: list[str] = field(default_factory=lambda: list(ENGINES))
+    engines: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINES))
     dtypes: list[str] = field(default_factory=lambda: ["float32"])
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     prompt_tokens: list[int] = field(default_factory=lambda: [128])

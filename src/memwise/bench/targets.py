@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from memwise.bench.report import peak_bytes
+from memwise.bench.cell import peak_bytes
 
 Cell = tuple[str, str, int]  # (model, engine, batch size)
 
@@ -31,32 +31,28 @@ class Target:
         return "-"
 
 
-def _speed_ratio(key: str) -> Callable[[dict[str, Any], dict[str, Any]], float]:
-    return lambda a, b: a[key] / b[key]
+def _ratio(what: str, numerator: Cell, denominator: Cell, key: str = "decode_tok_s",
+           at_least: float | None = None) -> Target:
+    """A target on the ratio of one speed (key) between two cells of the run."""
+    return Target(what, (numerator, denominator), lambda a, b: a[key] / b[key], "x", at_least=at_least)
 
 
 TERNARY_TARGETS = (
-    Target("decode, batch 1: mmfree-370m on memwise / gpt2-medium on transformers",
-           (("mmfree-370m", "memwise", 1), ("gpt2-medium", "transformers", 1)),
-           _speed_ratio("decode_tok_s"), "x", at_least=10),
-    Target("decode, batch 1: mmfree-2.7b on memwise / opt-2.7b on transformers",
-           (("mmfree-2.7b", "memwise", 1), ("opt-2.7b", "transformers", 1)),
-           _speed_ratio("decode_tok_s"), "x", at_least=15),
+    _ratio("decode, batch 1: mmfree-370m on memwise / gpt2-medium on transformers",
+           ("mmfree-370m", "memwise", 1), ("gpt2-medium", "transformers", 1), at_least=10),
+    _ratio("decode, batch 1: mmfree-2.7b on memwise / opt-2.7b on transformers",
+           ("mmfree-2.7b", "memwise", 1), ("opt-2.7b", "transformers", 1), at_least=15),
     Target("peak resident set of the mmfree-2.7b cell (load and generate)",
            (("mmfree-2.7b", "memwise", 1),),
            lambda a: peak_bytes(a) / 2**20, "MiB", at_most=1.5e9 / 2**20),
-    Target("prefill: mmfree-2.7b on memwise / opt-2.7b on transformers",
-           (("mmfree-2.7b", "memwise", 1), ("opt-2.7b", "transformers", 1)),
-           _speed_ratio("prefill_tok_s"), "x", at_least=1),
-    Target("decode, batch 16 / batch 1: mmfree-370m on memwise",
-           (("mmfree-370m", "memwise", 16), ("mmfree-370m", "memwise", 1)),
-           _speed_ratio("decode_tok_s"), "x", at_least=6),
-    Target("decode, batch 16 / batch 1: mmfree-2.7b on memwise",
-           (("mmfree-2.7b", "memwise", 16), ("mmfree-2.7b", "memwise", 1)),
-           _speed_ratio("decode_tok_s"), "x", at_least=6),
-    Target("decode, batch 1: packed kernels / reference path (fake quantization), mmfree-370m",
-           (("mmfree-370m", "memwise", 1), ("mmfree-370m", "memwise-reference", 1)),
-           _speed_ratio("decode_tok_s"), "x"),
+    _ratio("prefill: mmfree-2.7b on memwise / opt-2.7b on transformers",
+           ("mmfree-2.7b", "memwise", 1), ("opt-2.7b", "transformers", 1), "prefill_tok_s", at_least=1),
+    _ratio("decode, batch 16 / batch 1: mmfree-370m on memwise",
+           ("mmfree-370m", "memwise", 16), ("mmfree-370m", "memwise", 1), at_least=6),
+    _ratio("decode, batch 16 / batch 1: mmfree-2.7b on memwise",
+           ("mmfree-2.7b", "memwise", 16), ("mmfree-2.7b", "memwise", 1), at_least=6),
+    _ratio("decode, batch 1: packed kernels / reference path (fake quantization), mmfree-370m",
+           ("mmfree-370m", "memwise", 1), ("mmfree-370m", "memwise-reference", 1)),
 )
 
 

@@ -1,12 +1,13 @@
-"""Model families. Each family is one module that turns a config into a ModelSpec and builds the model.
+"""Model families. Each family is one package that turns a config into a ModelSpec and builds the model.
 
-A family module provides:
+A family package provides:
 
     MODEL_TYPES: tuple[str, ...]                           config.json model_type values it handles
     spec_from_config(config: dict, where: str) -> ModelSpec  errors name `where` (the config path)
     load(spec, reader: CheckpointReader, dtype, device) -> CausalLM    real weights, streamed
     synthetic(spec, dtype, device, seed: int) -> CausalLM              random weights, no download
-    weight_sizes(spec) -> dict[str, int]                   bytes the weights take, per storage kind
+    parameter_count(spec) -> int                           parameters of the checkpoint as released
+    weight_sizes(spec) -> dict[str, int]                   bytes the loaded weights take, per storage kind
 
 and its CausalLM (a torch.nn.Module) provides:
 
@@ -15,6 +16,7 @@ and its CausalLM (a torch.nn.Module) provides:
     forward(input_ids [B, T], cache, attention_mask [B, T] bool (True = real token, False = left
             padding), last_only=False) -> float32 logits [B, T or 1, V]; advances the cache by T
     weights_bytes() -> int                           what the model holds for weights, in bytes
+    decode_bytes_per_token() -> int                  weight bytes one decode step reads
 """
 from __future__ import annotations
 

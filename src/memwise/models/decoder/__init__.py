@@ -1,0 +1,16 @@
+"""Conventional decoder Transformers (gpt2, opt, phi, llama, mistral): one family, one Decoder.
+
+The family's code, one idea per module, in the order a model goes through it:
+
+    config.py    config.json -> ModelSpec: each family's field names, defaults and limits
+    layout.py    where each parameter comes from in a checkpoint; parameter count, weight sizes
+    modules.py   the torch modules: attention over a static KV cache, MLP, norms, rotary, the Decoder
+    build.py     the Decoder with a checkpoint's weights (streamed) or with random ones
+"""
+from memwise.models.decoder.build import load, synthetic
+from memwise.models.decoder.config import MODEL_TYPES, spec_from_config
+from memwise.models.decoder.layout import TensorSource, checkpoint_plan, parameter_count, weight_sizes
+from memwise.models.decoder.modules import Decoder, DecoderCache, rotary_inv_freq
+
+__all__ = ["MODEL_TYPES", "Decoder", "DecoderCache", "TensorSource", "checkpoint_plan", "load", "parameter_count",
+           "rotary_inv_freq", "spec_from_config", "synthetic", "weight_sizes"]

@@ -1,0 +1,65 @@
+"""The Decoder with weights: a checkpoint's, streamed one tensor at a time, or random ones."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from memwise.checkpoint import CheckpointReader
+from memwise.dtypes import parse_dtype
+from memwise.errors import CheckpointError
+from memwise.models.decoder.layout import checkpoint_plan
+from memwise.models.decoder.modules import Decoder
+from memwise.spec import ModelSpec
+
+
+def _build(spec: ModelSpec, dtype: str | torch.dtype, device: str | torch.device) -> Decoder:
+    """The model with uninitialized weights in `dtype` on `device`, never allocated twice."""
+    with torch.device("meta"):
+        model = Decoder(spec)
+    model = model.to(parse_dtype(dtype)).to_empty(device=torch.device(device))
+    model.tie_weights()     # to_empty gives each module its own new tensor, breaking the tie
+    model.init_rotary()
+    return model.eval().requires_grad_(False)
+
+
+def load(spec: ModelSpec, reader: CheckpointReader, dtype: str | torch.dtype = "float32",
+         device: str | torch.device = "cpu") -> Decoder:
+    """The model with the checkpoint's weights, read and converted one tensor at a time."""
+    model = _build(spec, dtype, device)
+    parameters = dict(model.named_parameters())
+    filled: dict[str, int] = {}
+    with torch.no_grad():
+        for source in checkpoint_plan(spec, reader):
+            tensor = reader.read(source.name, source.shape)
+            if source.transpose:
+                tensor = tensor.t()
+            if source.skip_rows:
+                tensor = tensor[source.skip_rows:]
+            target = parameters[source.parameter]
+            if source.rows is not None:
+                target = target[source.rows[0]:source.rows[1]]
+            target.copy_(tensor)
+            filled[source.parameter] = filled.get(source.parameter, 0) + target.numel()
+            del tensor
+    unfilled = [name for name, p in parameters.items() if filled.get(name, 0) != p.numel()]
+    if unfilled:  # a mapping bug, not a user's mistake, but never run on uninitialized memory
+        raise CheckpointError(f"{reader.directory}: no checkpoint tensor for {', '.join(unfilled)}")
+    return model
+
+
+def synthetic(spec: ModelSpec, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+              seed: int = 0) -> Decoder:
+    """Random weights (normal, std 0.02; norms 1, biases 0), the same for a seed on any device and dtype."""
+    model = _build(dataclasses.replace(spec, synthetic=True), dtype, device)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.zero_()
+            elif parameter.dim() == 1:
+                parameter.fill_(1.0)
+            else:
+                # drawn in float32 on the CPU, one matrix at a time, so values do not depend on dtype/device
+                parameter.copy_(torch.empty(parameter.shape).normal_(0.0, 0.02, generator=generator))
+    return model

@@ -1,0 +1,299 @@
+"""The Decoder (the family's CausalLM) and its parts: attention over a preallocated KV cache, MLP, norms, rotary.
+
+Batches are left-padded. The cache remembers which slots hold real tokens; a token's position is the
+number of real tokens before it (Hugging Face's cumsum(mask) - 1 during generate), so a prompt gives
+the same logits alone and in a padded batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memwise.errors import UnsupportedError
+from memwise.spec import ModelSpec
+
+
+class DecoderCache:
+    """Preallocated keys and values of every layer, [B, kv_heads, max_length, head_dim] each.
+
+    Slots are shared by the batch (slot s is the s-th token given to forward for every row); `mask`
+    says which slots hold real tokens and `real_count` how many real tokens each row has so far.
+    """
+
+    def __init__(self, spec: ModelSpec, batch_size: int, max_length: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch_size, spec.num_kv_heads, max_length, spec.head_dim)
+        # empty, not zeros: slots are only ever read after they are written
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.mask = torch.zeros((batch_size, max_length), dtype=torch.bool, device=device)
+        self.real_count = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.batch_size, self.max_length = batch_size, max_length
+        self.length = 0         # slots written
+        self.padded = False     # some slot so far is padding
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens' keys/values at the current slots; all keys/values so far, as views."""
+        end = self.length + keys.shape[2]
+        self.keys[layer][:, :, self.length:end] = keys
+        self.values[layer][:, :, self.length:end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Like Hugging Face: normalize in float32, round to the model's dtype, then scale.
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype) * self.weight
+
+
+def _norm(spec: ModelSpec, size: int) -> nn.Module:
+    return RMSNorm(size, spec.norm_eps) if spec.norm == "rmsnorm" else nn.LayerNorm(size, eps=spec.norm_eps)
+
+
+def _activate(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "gelu_new":
+        return F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "relu":
+        return F.relu(x)
+    return F.silu(x)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rotary_dim = cos.shape[-1]
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    swapped = torch.cat((-rotated[..., half:], rotated[..., :half]), dim=-1)
+    rotated = rotated * cos + swapped * sin
+    return rotated if passed.shape[-1] == 0 else torch.cat((rotated, passed), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.split = (q, kv, kv)
+        self.qkv = nn.Linear(spec.hidden_size, q + 2 * kv, bias=spec.attention_bias)
+        self.out = nn.Linear(q, spec.hidden_size, bias=spec.attention_out_bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: DecoderCache,
+                mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = _rotate(q, *rope), _rotate(k, *rope)
+        k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.kv_heads != self.heads)
+        return self.out(y.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.activation, self.gated = spec.activation, spec.gated_mlp
+        inner = spec.intermediate_size
+        # gated: one matrix holds gate (first half of the rows) and up (second half)
+        self.up = nn.Linear(spec.hidden_size, 2 * inner if self.gated else inner, bias=spec.mlp_bias)
+        self.down = nn.Linear(inner, spec.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.down(_activate(self.activation, gate) * up)
+        return self.down(_activate(self.activation, h))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.parallel, self.pre_norm = spec.parallel_block, spec.pre_norm
+        self.attn_norm = _norm(spec, spec.hidden_size)
+        self.attn = Attention(spec, layer)
+        self.mlp_norm = None if spec.parallel_block else _norm(spec, spec.hidden_size)
+        self.mlp = MLP(spec)
+
+    def forward(self, x: torch.Tensor, rope, cache: DecoderCache, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        if self.parallel:
+            h = self.attn_norm(x)
+            return self.attn(h, rope, cache, mask, causal) + self.mlp(h) + x
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x), rope, cache, mask, causal)
+            return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_norm(x + self.attn(x, rope, cache, mask, causal))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class Decoder(nn.Module):
+    """A decoder-only Transformer described by a ModelSpec; the family's CausalLM."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        hidden, embed = spec.hidden_size, spec.embed_dim or spec.hidden_size
+        self.embed = nn.Embedding(spec.vocab_size, embed)
+        self.project_in = nn.Linear(embed, hidden, bias=False) if embed != hidden else None
+        self.positions = nn.Embedding(spec.max_positions, hidden) if spec.positions == "learned" else None
+        self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.num_layers))
+        self.norm = _norm(spec, hidden) if spec.final_norm else None
+        self.project_out = nn.Linear(hidden, embed, bias=False) if embed != hidden else None
+        self.lm_head = nn.Linear(embed, spec.vocab_size, bias=spec.lm_head_bias)
+        self.tie_weights()
+        self.inv_freq: torch.Tensor | None = None
+
+    def tie_weights(self) -> None:
+        if self.spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def init_rotary(self) -> None:
+        """Rotary frequencies in float32 on the model's device (kept out of the state dict and of .to(dtype))."""
+        if self.spec.positions == "rotary":
+            self.inv_freq = rotary_inv_freq(self.spec, device=self.embed.weight.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, batch_size: int, max_length: int) -> DecoderCache:
+        if self.spec.positions == "learned" and max_length > self.spec.max_positions:
+            raise UnsupportedError(f"{self.spec.model_type}: {max_length} tokens (prompt + new tokens) exceed the "
+                                   f"model's {self.spec.max_positions} learned positions")
+        return DecoderCache(self.spec, batch_size, max_length, self.dtype, self.device)
+
+    def weights_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def decode_bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads: all but the embedding tables, of which it reads one row
+        (an input embedding tied to the lm_head is read whole by the lm_head)."""
+        skipped = [] if self.spec.tie_word_embeddings else [self.embed.weight]
+        if self.positions is not None:
+            skipped.append(self.positions.weight)
+        return self.weights_bytes() - sum(p.numel() * p.element_size() for p in skipped)
+
+    def forward(self, input_ids: torch.Tensor, cache: DecoderCache | None = None,
+                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        batch, length = input_ids.shape
+        if cache is None:
+            cache = self.new_cache(batch, length)
+        start, end = cache.length, cache.length + length
+        if end > cache.max_length or batch != cache.batch_size:
+            raise ValueError(f"cache holds {cache.batch_size} x {cache.max_length} slots; "
+                             f"{batch} x {length} tokens do not fit after {start}")
+
+        if attention_mask is None:
+            positions = cache.real_count[:, None] + torch.arange(length, device=input_ids.device)
+            cache.mask[:, start:end] = True
+            cache.real_count += length
+        else:
+            real = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+            positions = (cache.real_count[:, None] + real.cumsum(dim=1) - 1).masked_fill_(~real, 0)
+            cache.mask[:, start:end] = real
+            cache.real_count += real.sum(dim=1)
+            if not cache.padded:
+                cache.padded = not bool(real.all())
+
+        x = self.embed(input_ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        rope = None
+        if self.positions is not None:
+            x = x + self.positions(positions)
+        else:
+            rope = self._rope(positions, x.dtype)
+        mask, causal = self._attention_mask(cache, start, length)
+
+        for layer in self.layers:
+            x = layer(x, rope, cache, mask, causal)
+        cache.length = end
+
+        if last_only:
+            x = x[:, -1:]
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return self.lm_head(x).float()
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if inv_freq is None or inv_freq.device != positions.device:
+            inv_freq = self.inv_freq = rotary_inv_freq(self.spec, device=positions.device)
+        scaling = self.spec.rope_scaling
+        if scaling is not None and scaling["rope_type"] == "dynamic":
+            # Hugging Face keeps the frequencies of the longest sequence seen across calls; within one
+            # generation positions only grow, so deriving them from this call's longest row is the same.
+            seen = int(positions.max()) + 1
+            if seen > self.spec.max_positions:
+                inv_freq = rotary_inv_freq(self.spec, device=positions.device, seq_len=seen)
+        freqs = positions[..., None].float() * inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]      # [B, 1, T, rotary_dim]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def _attention_mask(self, cache: DecoderCache, start: int, length: int) -> tuple[torch.Tensor | None, bool]:
+        """(boolean mask [B, 1, T, S] or None, is_causal) for the new tokens against all slots so far."""
+        end = start + length
+        window = self.spec.sliding_window
+        windowed = window is not None and end > window
+        if not cache.padded and not windowed:
+            if length == 1:
+                return None, False
+            if start == 0:
+                return None, True
+        device = cache.mask.device
+        query = torch.arange(start, end, device=device)[:, None]
+        key = torch.arange(end, device=device)[None, :]
+        allowed = key <= query
+        if windowed:
+            # Hugging Face measures the window in slots, padding included
+            allowed &= key > query - window
+        if not cache.padded:
+            return allowed[None, None], False
+        # A padded query sees only itself, which keeps its softmax finite; no real token ever sees it.
+        return allowed & (cache.mask[:, None, None, :end] | (key == query)), False
+
+
+def rotary_inv_freq(spec: ModelSpec, device: torch.device | str = "cpu", seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies (float32, rotary_dim / 2) after the spec's rope scaling."""
+    dim = spec.rotary_dim
+    theta = spec.rope_theta
+    scaling = spec.rope_scaling or {"rope_type": "default"}
+    kind = scaling["rope_type"]
+    if kind == "dynamic" and seq_len is not None and seq_len > spec.max_positions:
+        factor = scaling["factor"]
+        theta = theta * ((factor * seq_len / spec.max_positions) - (factor - 1)) ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (theta ** exponents)
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelength - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelength >= context / high) & (wavelength <= context / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
