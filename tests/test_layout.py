@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,61 @@ def test_every_family_has_the_family_interface(module):
     family = importlib.import_module(module)
     for name in ("MODEL_TYPES", "spec_from_config", "load", "synthetic", "parameter_count", "weight_sizes"):
         assert hasattr(family, name), f"{module} has no {name}"
+
+
+# ---- size: a module holds one idea, a function one step ----------------------------------------
+
+MODULE_LINES = 400
+FUNCTION_LINES = 80
+
+
+def source_files() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".c", ".h"))
+
+
+def c_function_bodies(text: str) -> list[tuple[int, int]]:
+    """(first line, line count) of each top-level brace block that follows a ')' in C source: the
+    bodies of functions, comments and strings skipped."""
+    text = re.sub(r"/\*.*?\*/|//[^\n]*", lambda m: re.sub(r"[^\n]", " ", m.group()), text, flags=re.S)
+    text = re.sub(r'"(\\.|[^"\\\n])*"', '""', text)
+    text = re.sub(r"^\s*#.*(\\\n.*)*$", lambda m: re.sub(r"[^\n]", " ", m.group()), text, flags=re.M)
+    bodies, depth, start, previous = [], 0, 0, ""
+    for at, char in enumerate(text):
+        if char == "{":
+            if depth == 0 and previous == ")":
+                start = at
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0 and start:
+                first = text.count("\n", 0, start) + 1
+                bodies.append((first, text.count("\n", start, at) + 1))
+                start = 0
+        if not char.isspace():
+            previous = char
+    return bodies
+
+
+def test_no_module_is_too_long() -> None:
+    long = [f"{p.relative_to(PACKAGE)}: {n} lines" for p in source_files()
+            if (n := p.read_text().count("\n")) > MODULE_LINES]
+    assert not long, f"split these (one idea per module): {long}"
+
+
+def test_no_function_is_too_long() -> None:
+    long = []
+    for path in source_files():
+        text = path.read_text()
+        if path.suffix == ".py":
+            spans = [(node.name, node.lineno, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(text))
+                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        else:
+            spans = [("function", first, count) for first, count in c_function_bodies(text)]
+        long += [f"{path.relative_to(PACKAGE)}:{line} {name} ({count} lines)"
+                 for name, line, count in spans if count > FUNCTION_LINES]
+    assert not long, f"split these: {long}"
+
+
+def test_the_c_function_finder_sees_functions() -> None:
+    text = "static int f(int a) {\n  if (a) { return 1; }\n  /* } */ return 0;\n}\nint x[] = {1, 2};\n"
+    assert c_function_bodies(text) == [(1, 4)]

@@ -13,10 +13,9 @@ from pathlib import Path
 
 from memwise.checkpoint import CheckpointReader
 from memwise.errors import MemwiseError, SourceError, UnsupportedError
-from memwise.hub import resolve_source
-from memwise.models import family_for
 from memwise.presets import is_preset
-from memwise.spec import read_config
+from memwise.models import family_for
+from memwise.source import read_source
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
@@ -32,11 +31,9 @@ def convert(source: str, out_dir: Path, progress: bool = True) -> Path:
     if is_preset(str(source)):
         raise SourceError(f"{source}: presets have random weights; convert needs a checkpoint "
                           "(a model directory or hub id)")
-    directory = resolve_source(source)
-    config = read_config(directory)
-    where = str(directory / "config.json")
+    config, where, directory = read_source(source)
     family = family_for(config.get("model_type"), where)
-    if not hasattr(family, "write_packed"):
+    if not hasattr(family, "write_packed"):    # refused from the model type alone, before the config's fields
         raise UnsupportedError(f"{where}: convert supports hgrn_bit (MatMul-free) models only; this is "
                                f"model_type {config.get('model_type')!r}, which memwise runs from its own "
                                "checkpoint without conversion")

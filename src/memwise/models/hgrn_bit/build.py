@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from memwise.checkpoint import CheckpointReader
+from memwise.dtypes import parse_dtype
 from memwise.errors import ConfigError, UnsupportedError
 from memwise.kernels.packed import codes_buffer, padded_cols
 from memwise.models.hgrn_bit.config import recurrence_width
@@ -47,7 +48,7 @@ def check_layout(spec: ModelSpec, reader: CheckpointReader, where: str, packed: 
 
 
 def _check_dtype(dtype: torch.dtype | str) -> None:
-    if dtype not in (torch.float32, "float32", "fp32"):
+    if parse_dtype(dtype) is not torch.float32:
         raise UnsupportedError(f"hgrn_bit computes in float32 (its weights are 2-bit ternary codes); "
                                f"dtype {str(dtype).removeprefix('torch.')} is not supported")
 

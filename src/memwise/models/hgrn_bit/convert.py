@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from memwise.checkpoint import SAFETENSORS_DTYPES, CheckpointReader
+from memwise.checkpoint import CheckpointReader
+from memwise.dtypes import SAFETENSORS_NAMES
 from memwise.errors import CheckpointError
 from memwise.kernels.packed import FORMAT_VERSION, padded_cols
 from memwise.models.hgrn_bit.build import check_layout
@@ -54,7 +55,6 @@ CONFIG_ENTRY = {
     "ternary_tensors": "NAME.weight -> NAME.weight.packed (uint8 [N, ceil(K/128)*32], 2-bit codes t+1) "
                        "+ NAME.weight.scale (float32 m); weight = t * m",
 }
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def write_packed(spec: ModelSpec, reader: CheckpointReader, config: dict[str, Any], out: Path,
@@ -109,7 +109,7 @@ def _layout(plan: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> tuple[bytes
     for name in order:
         dtype, shape = plan[name]
         nbytes = dtype.itemsize * _numel(shape)
-        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
+        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
         relative[name] = begin
         begin += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
