@@ -42,18 +42,14 @@ static inline __attribute__((always_inline)) T512 __m512i load_w512(const uint8_
     return half ? _mm512_maskz_loadu_epi8(0xffffffffULL, p) : _mm512_loadu_si512((const void *)p);
 }
 
-/* Pair p of blocks of C weight rows from w (a row every nb blocks), prefetching the same place in
- * the tiles ahead (see tile_ahead), a line per line consumed. */
-static inline __attribute__((always_inline)) T512 void load_pairs(const job_t *j, const uint8_t *w, int64_t p,
-                                                                  const int C, const char *pf, const char *pf_far,
-                                                                  __m512i *raw) {
+/* Pair p of blocks of weight row c of a tile starting at w (rows nb blocks apart), after asking
+ * for the same place in the tiles ahead (see tile_ahead), a line per line consumed. */
+static inline __attribute__((always_inline)) T512 __m512i load_pair(const job_t *j, const uint8_t *w, int c,
+                                                                   int64_t p, const char *pf, const char *pf_far) {
     const size_t ws = (size_t)j->nb * BLOCK_BYTES;
-    const int half = (p * 2 + 1 == j->nb);
-    for (int c = 0; c < C; ++c) {
-        if (pf) _mm_prefetch(pf + c * ws + p * 64, _MM_HINT_T0);
-        if (pf_far) _mm_prefetch(pf_far + c * ws + p * 64, _MM_HINT_T2);
-        raw[c] = load_w512(w + c * ws + p * 64, half);
-    }
+    if (pf) _mm_prefetch(pf + c * ws + p * 64, _MM_HINT_T0);
+    if (pf_far) _mm_prefetch(pf_far + c * ws + p * 64, _MM_HINT_T2);
+    return load_w512(w + c * ws + p * 64, p * 2 + 1 == j->nb);
 }
 
 /* Decode (one activation row), C weight rows.  Instead of shifting codes down, group g is kept
@@ -77,10 +73,8 @@ static inline __attribute__((always_inline)) T512 void tile512_gemv(
         __m512i x1 = _mm512_loadu_si512((const void *)(qp + 64));
         __m512i x2 = _mm512_loadu_si512((const void *)(qp + 128));
         __m512i x3 = _mm512_loadu_si512((const void *)(qp + 192));
-        __m512i raw[4];
-        load_pairs(j, w, p, C, pf, pf_far, raw);
         for (int c = 0; c < C; ++c) {
-            const __m512i v = raw[c];
+            const __m512i v = load_pair(j, w, c, p, pf, pf_far);
             a0[c] = _mm512_dpbusd_epi32(a0[c], _mm512_and_si512(v, k0), x0);
             a1[c] = _mm512_dpbusd_epi32(a1[c], _mm512_and_si512(v, k1), x1);
             a2[c] = _mm512_dpbusd_epi32(a2[c], _mm512_and_si512(v, k2), x2);
@@ -109,7 +103,7 @@ static inline __attribute__((always_inline)) T512 void tile512_gemm(
     const int64_t pairs = (j->nb + 1) / 2;
     for (int64_t p = 0; p < pairs; ++p) {
         __m512i raw[4];
-        load_pairs(j, w, p, C, pf, NULL, raw);
+        for (int c = 0; c < C; ++c) raw[c] = load_pair(j, w, c, p, pf, NULL);
         for (int g = 0; g < 4; ++g) {
             __m512i wc[4];
             for (int c = 0; c < C; ++c)
