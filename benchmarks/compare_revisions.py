@@ -8,6 +8,12 @@ and the ratio this tree / REV (above 1: this tree is faster).
     python benchmarks/compare_revisions.py HEAD~1 --model mmfree-370m --model mmfree-2.7b \
         --batch-size 1 --batch-size 16 --rounds 2
 
+With --steps N it times the fused decode step of MatMul-free presets instead: one worker process
+per tree loads the preset once, and the workers take turns, round after round, each timing the
+median of N steps; this leaves out everything but the step, whose noise is smaller.
+
+    python benchmarks/compare_revisions.py HEAD~1 --model mmfree-2.7b --batch-size 1 --steps 30 --rounds 12
+
 Needs a C compiler with OpenMP, like the package build, and git. Nothing else should run on the
 machine meanwhile.
 """
@@ -47,6 +53,57 @@ def bench(tree: Path, cells: list[str], out: Path) -> list[dict]:
     return data["results"]
 
 
+# One tree's fused decode step of preset argv[1] at batch argv[2]: answers each line (a number of
+# steps) with their median in ms. Revisions before the hgrn_bit package had the step in memwise.kernels.
+STEP_WORKER = r"""
+import sys, time, torch, memwise
+try:
+    from memwise.models.hgrn_bit import fused_step as fused
+except ImportError:
+    from memwise.kernels import fused
+name, batch = sys.argv[1], int(sys.argv[2])
+module = memwise.load(f"preset:{name}").module
+decoder = fused.FusedDecoder(module)
+state = torch.zeros((len(module.layers), batch, module.spec.hidden_size * module.spec.expand_ratio))
+ids = torch.ones((batch, 1), dtype=torch.long)
+for _ in range(5):
+    decoder.step(ids, state)
+print("ready", flush=True)
+for line in sys.stdin:
+    times = []
+    for _ in range(int(line)):
+        t0 = time.perf_counter(); decoder.step(ids, state); times.append(time.perf_counter() - t0)
+    times.sort()
+    print(times[len(times) // 2] * 1e3, flush=True)
+"""
+
+
+def compare_steps(trees: dict[str, Path], model: str, batch: int, rounds: int, steps: int) -> str:
+    """A line: the median step time of each tree and the median per-round speed ratio."""
+    workers = {name: subprocess.Popen([sys.executable, "-c", STEP_WORKER, model, str(batch)],
+                                      env={**os.environ, "PYTHONPATH": str(tree / "src")},
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for name, tree in trees.items()}
+    medians: dict[str, list[float]] = {name: [] for name in trees}
+    try:
+        for name, worker in workers.items():
+            if worker.stdout.readline().strip() != "ready":
+                raise SystemExit(f"compare_revisions: the step worker of {name} did not start")
+        for r in range(rounds):
+            for name in list(trees) if r % 2 == 0 else list(reversed(list(trees))):
+                workers[name].stdin.write(f"{steps}\n")
+                workers[name].stdin.flush()
+                medians[name].append(float(workers[name].stdout.readline()))
+    finally:
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait()
+    mine, base = medians.values()
+    ratios = [b / m for m, b in zip(mine, base)]
+    return (f"| {model} | {batch} | {statistics.median(mine):.3f} | {statistics.median(base):.3f} | "
+            f"{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rev", help="the revision to compare with (e.g. HEAD~1)")
@@ -55,6 +112,7 @@ def main() -> int:
     parser.add_argument("--engine", default="memwise")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per cell and round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, help="time the fused decode step, this many steps per round")
     args = parser.parse_args()
     if args.rounds < 1 or args.runs < 1:
         parser.error("--rounds and --runs must be at least 1")
@@ -69,6 +127,14 @@ def main() -> int:
         base.mkdir()
         build_revision(args.rev, base)
         trees = {"this tree": ROOT, args.rev: base}
+        if args.steps:
+            print(f"fused decode step, this tree vs {args.rev}: {args.rounds} alternating rounds of {args.steps} steps")
+            print(f"| model | batch | this tree ms | {args.rev} ms | speed ratio (median) | rounds |")
+            print("|---|---:|---:|---:|---:|---|")
+            for model in args.model or ["mmfree-370m", "mmfree-2.7b"]:
+                for batch in args.batch_size or [1]:
+                    print(compare_steps(trees, model, batch, args.rounds, args.steps), flush=True)
+            return 0
         for r in range(args.rounds):
             order = list(trees) if r % 2 == 0 else list(reversed(trees))
             for name in order:
