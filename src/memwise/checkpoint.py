@@ -50,6 +50,9 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[s
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is "
+                              f"{type(metadata).__name__}, expected an object)")
     data_start = 8 + header_len
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
@@ -72,7 +75,25 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[s
             raise CheckpointError(f"{path}: truncated: tensor '{name}' ends at byte {data_start + end}, "
                                   f"file has {size}")
         entries[name] = TensorEntry(path, dtype, shape, data_start + begin, nbytes)
+    _check_tiling(path, entries, data_start, size)
     return entries, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _check_tiling(path: Path, entries: dict[str, TensorEntry], data_start: int, size: int) -> None:
+    """The format's rule: tensors tile the data buffer, in order, without holes or overlaps (two
+    entries on the same bytes would load as two silently equal weights)."""
+    at, previous = data_start, None
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].offset, item[1].nbytes)):
+        if entry.offset < at:
+            raise CheckpointError(f"{path}: tensors '{previous}' and '{name}' overlap (bytes "
+                                  f"{entry.offset - data_start}.. of the data overlap the end of '{previous}' "
+                                  f"at {at - data_start})")
+        if entry.offset > at:
+            raise CheckpointError(f"{path}: corrupt safetensors data: a hole of {entry.offset - at} bytes "
+                                  f"before tensor '{name}'")
+        at, previous = entry.offset + entry.nbytes, name
+    if at != size:
+        raise CheckpointError(f"{path}: corrupt safetensors data: {size - at} bytes after the last tensor")
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     from memwise import __version__
     parser = argparse.ArgumentParser(prog="memwise", description="Run LLMs in the memory you have, and measure what it costs.")
     parser.add_argument("--version", action="version", version=f"memwise {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an unexpected error (also MEMWISE_DEBUG=1)")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="stream a completion, then print speed and peak memory",

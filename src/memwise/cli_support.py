@@ -1,16 +1,40 @@
-"""What every memwise command line shares: one-line usage errors (exit 2) and one-line user errors (exit 1).
+"""What every memwise command line shares: how it ends.
+
+- a usage error: one line, exit 2;
+- a user's mistake (MemwiseError): one line, exit 1;
+- any other exception: one line with its class, exit 1 (`--debug` or MEMWISE_DEBUG=1 add the
+  traceback);
+- SIGINT, SIGTERM, SIGHUP: "interrupted", exit 128 + the signal's number, after the code on the way
+  out has cleaned up (they arrive as KeyboardInterrupt, which convert's cleanup already handles);
+- a closed stdout (`memwise generate ... | head -c1`): silence, exit 128 + SIGPIPE, as a shell
+  command killed by the pipe would.
 
 memwise/cli.py and memwise/bench/cli.py both build on it, so neither imports the other's module.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
-from typing import NoReturn
+import traceback
+from contextlib import contextmanager
+from typing import Iterator, NoReturn
 
 from memwise.errors import MemwiseError
 
 EXIT_USAGE = 2
+EXIT_ERROR = 1
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+SIGPIPE_NUMBER = getattr(signal, "SIGPIPE", 13)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal, raised where the program was, so that cleanup on the way out runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> None:
@@ -22,13 +46,46 @@ def one_line_errors(parser: argparse.ArgumentParser) -> None:
     parser.error = error  # type: ignore[method-assign]
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Run a parsed command; a user's mistake becomes one line on stderr and exit status 1."""
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Interrupted, as SIGINT raises KeyboardInterrupt (main thread only)."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {}
     try:
-        return int(args.func(args) or 0)
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, interrupt)
+    except ValueError:      # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command and turn the way it ended into one line on stderr and an exit status."""
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("MEMWISE_DEBUG", "") not in ("", "0")
+    try:
+        with stop_signals_interrupt():
+            return int(args.func(args) or 0)
     except MemwiseError as e:
         print(f"memwise: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("memwise: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_ERROR
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"memwise: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+    except BrokenPipeError:
+        # Whoever read our output has gone: say nothing more, and keep Python's exit flush from
+        # failing on the same pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + SIGPIPE_NUMBER
+    except Exception as e:  # noqa: BLE001 - the top level: anything else is a bug to report in one line
+        if debug:
+            traceback.print_exc()
+        print(f"memwise: error: {type(e).__name__}: {e}"
+              + ("" if debug else " (MEMWISE_DEBUG=1 shows the traceback)"), file=sys.stderr)
+        return EXIT_ERROR
