@@ -28,6 +28,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_ab import WORKER as STEP_WORKER  # noqa: E402  one tree's fused step, timed on request
+
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("decode_tok_s", "prefill_tok_s")
 
@@ -51,31 +54,6 @@ def bench(tree: Path, cells: list[str], out: Path) -> list[dict]:
         raise SystemExit(f"compare_revisions: memwise bench in {tree} failed:\n{run.stdout}{run.stderr}")
     data = json.loads((out / "results.json").read_text())
     return data["results"]
-
-
-# One tree's fused decode step of preset argv[1] at batch argv[2]: answers each line (a number of
-# steps) with their median in ms. Revisions before the hgrn_bit package had the step in memwise.kernels.
-STEP_WORKER = r"""
-import sys, time, torch, memwise
-try:
-    from memwise.models.hgrn_bit import fused_step as fused
-except ImportError:
-    from memwise.kernels import fused
-name, batch = sys.argv[1], int(sys.argv[2])
-module = memwise.load(f"preset:{name}").module
-decoder = fused.FusedDecoder(module)
-state = torch.zeros((len(module.layers), batch, module.spec.hidden_size * module.spec.expand_ratio))
-ids = torch.ones((batch, 1), dtype=torch.long)
-for _ in range(5):
-    decoder.step(ids, state)
-print("ready", flush=True)
-for line in sys.stdin:
-    times = []
-    for _ in range(int(line)):
-        t0 = time.perf_counter(); decoder.step(ids, state); times.append(time.perf_counter() - t0)
-    times.sort()
-    print(times[len(times) // 2] * 1e3, flush=True)
-"""
 
 
 def compare_steps(trees: dict[str, Path], model: str, batch: int, rounds: int, steps: int) -> str:

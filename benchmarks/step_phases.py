@@ -26,11 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE = Path("src/memwise/models/hgrn_bit/csrc/hgrn_step.h")
 
 
-# A fused decoder of preset argv[1] at batch argv[2], after 5 warm-up steps (step_ab.py's workers
-# start the same way).
+# A fused decoder of preset argv[1] at batch argv[2], after 5 warm-up steps (step_ab.py's and
+# compare_revisions.py's workers start the same way; revisions before the hgrn_bit package had the
+# step in memwise.kernels).
 SETUP = r"""
 import sys, time, torch, memwise
-from memwise.models.hgrn_bit import fused_step as fused
+try:
+    from memwise.models.hgrn_bit import fused_step as fused
+except ImportError:
+    from memwise.kernels import fused
 name, batch = sys.argv[1], int(sys.argv[2])
 module = memwise.load(f"preset:{name}").module
 decoder = fused.FusedDecoder(module)
