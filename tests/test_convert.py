@@ -1,6 +1,14 @@
 """memwise convert: packed checkpoints load to identical logits, re-conversion is a no-op, and a failed
-conversion leaves nothing behind."""
+conversion leaves nothing behind (nor does a stop signal; what SIGKILL leaves, the next run removes)."""
+import errno
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +154,139 @@ def test_cli_convert(latent, tmp_path, capsys):
     assert (out / "model.safetensors").is_file()
     assert main(["convert", str(latent[0]), str(out)]) == 1      # a user mistake: one line, exit 1
     assert "already exists" in capsys.readouterr().err
+
+
+# ---- partial directories: what a failed or killed conversion leaves, and who removes it -----------
+
+def dead_pid():
+    child = subprocess.Popen(["true"])
+    child.wait()        # reaped: no process has this PID now (until the system reuses it)
+    return child.pid
+
+
+def test_stale_partials_are_removed_and_live_ones_kept(latent, tmp_path):
+    limit = Path("/proc/sys/kernel/pid_max")
+    pid_max = int(limit.read_text()) if limit.exists() else 2**22
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = [f".packed.partial-{dead_pid()}", f".packed.partial-{pid_max + 1}",
+                 ".packed.partial-99999999999999999999"]
+        kept = [f".packed.partial-{live.pid}", ".packed.partial-1",        # live: still converting
+                f".other.partial-{dead_pid()}",                             # another OUT's
+                ".packed.partial-0123", ".packed.partial-12x", ".packed.partial-"]   # names convert never makes
+        for name in stale + kept:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "model.safetensors").write_bytes(b"half")
+        a_file = f".packed.partial-{dead_pid()}"
+        (tmp_path / a_file).write_text("x")
+        (tmp_path / "target").mkdir()
+        (tmp_path / "target" / "keep").write_text("x")
+        link = f".packed.partial-{dead_pid()}"          # only directories are removed, never through a link
+        (tmp_path / link).symlink_to(tmp_path / "target")
+        convert(str(latent[0]), tmp_path / "packed", progress=False)
+    finally:
+        live.kill()
+        live.wait()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(kept + [a_file, link, "packed", "target"])
+    assert (tmp_path / "target" / "keep").read_text() == "x"
+
+
+def test_disk_full_while_writing_is_one_error_and_leaves_nothing(latent, tmp_path, monkeypatch):
+    def write_packed(spec, reader, config, out, progress):
+        (out / "model.safetensors").write_bytes(b"part of it")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("memwise.models.hgrn_bit.write_packed", write_packed)
+    out = tmp_path / "packed"
+    with pytest.raises(MemwiseError, match=f"^{re.escape(str(out))}: cannot write the converted "
+                                           "checkpoint: No space left on device$"):
+        convert(str(latent[0]), out, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug"), KeyboardInterrupt()])
+def test_other_failures_pass_through_and_leave_nothing(latent, tmp_path, monkeypatch, error):
+    def write_packed(spec, reader, config, out, progress):
+        (out / "model.safetensors").write_bytes(b"part of it")
+        raise error
+
+    monkeypatch.setattr("memwise.models.hgrn_bit.write_packed", write_packed)
+    with pytest.raises(type(error)):
+        convert(str(latent[0]), tmp_path / "packed", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("theirs", ["directory", "file"])
+def test_output_created_meanwhile_is_left_alone(latent, tmp_path, monkeypatch, theirs):
+    rename = os.rename
+
+    def racing_rename(src, dst):
+        # someone else makes OUT just before ours is renamed into place
+        if theirs == "directory":
+            os.mkdir(dst)
+            (Path(dst) / "keep").write_text("x")
+        else:
+            Path(dst).write_text("x")
+        rename(src, dst)
+
+    monkeypatch.setattr("memwise.convert.os.rename", racing_rename)
+    out = tmp_path / "packed"
+    reason = "Directory not empty" if theirs == "directory" else "Not a directory"
+    with pytest.raises(MemwiseError, match=f"^{re.escape(str(out))}: cannot write the converted checkpoint: {reason}; "
+                                           "something else created it"):
+        convert(str(latent[0]), out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
+    assert (out / "keep" if theirs == "directory" else out).read_text() == "x"
+
+
+def test_unreadable_source_file_is_named(latent, tmp_path, monkeypatch):
+    def copyfile(src, dst):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(src))
+
+    monkeypatch.setattr("memwise.convert.shutil.copyfile", copyfile)
+    with pytest.raises(MemwiseError, match=f"^{re.escape(str(latent[0] / 'tokenizer_config.json'))}: Permission denied "
+                                           r"\(while converting into "):
+        convert(str(latent[0]), tmp_path / "packed", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def big_latent(tmp_path_factory):
+    """~43 MB, so that writing takes long enough (a few tenths of a second at least) to be caught at it."""
+    path = tmp_path_factory.mktemp("big")
+    write_hgrn_checkpoint(path, hgrn_config(512, 6, 1000))
+    return path
+
+
+def convert_and_signal(source, out, sig):
+    """Run `memwise convert` in a process of its own and send it `sig` once it is writing; its PID, exit
+    status and stderr. Skips the test when the conversion finished before the signal could be sent."""
+    child = subprocess.Popen([sys.executable, "-m", "memwise.cli", "convert", str(source), str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = out.parent / f".{out.name}.partial-{child.pid}"
+    deadline = time.monotonic() + 120
+    while not partial.is_dir() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    child.send_signal(sig)
+    _, err = child.communicate(timeout=120)
+    if child.returncode == 0:
+        pytest.skip("the conversion finished before the signal arrived")
+    return child.pid, child.returncode, err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_sigterm_while_writing_leaves_nothing(big_latent, tmp_path):
+    _, status, err = convert_and_signal(big_latent, tmp_path / "packed", signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, err
+    assert "interrupted (SIGTERM)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_sigkill_leaves_a_partial_that_the_next_conversion_removes(big_latent, tmp_path):
+    pid, status, err = convert_and_signal(big_latent, tmp_path / "packed", signal.SIGKILL)
+    assert status == -signal.SIGKILL, err
+    assert [p.name for p in tmp_path.iterdir()] == [f".packed.partial-{pid}"]
+    convert(str(big_latent), tmp_path / "packed", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]

@@ -460,7 +460,7 @@ def test_expand_ratio_with_lower_bounds_is_refused(tmp_path):
 def test_more_layers_than_config(tmp_path):
     write_hgrn_checkpoint(tmp_path, hgrn_config(64, 3, 50))
     rewrite_config(tmp_path, num_hidden_layers=2)
-    with pytest.raises(ConfigError, match="num_hidden_layers is 2.*layers up to 2"):
+    with pytest.raises(CheckpointError, match="holds layer.s. 2 that .*config.json does not use .it says 2 layers"):
         memwise.load(str(tmp_path))
 
 

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from memwise.dtypes import SAFETENSORS_DTYPES
-from memwise.errors import CheckpointError
+from memwise.errors import CheckpointError, shown
+from memwise.json_file import read_json_object
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A numbered layer in any family's tensor names: "model.layers.3.", "transformer.h.3.", "model.decoder.layers.3."
+LAYER_NAME = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 
 @dataclass
@@ -34,49 +39,69 @@ class TensorEntry:
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
-                                  f"(header says {header_len} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                      f"(header says {header_len} bytes, file has {size})")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is "
-                              f"{type(metadata).__name__}, expected an object)")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is {shown(metadata)}, "
+                              "expected an object of strings)")
     data_start = 8 + header_len
-    entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except KeyError as e:
-            if isinstance(info, dict) and "dtype" in info and info["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}") from None
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for '{name}' (missing {e})") from None
-        except (TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for '{name}'") from None
-        nbytes = end - begin
-        expected = dtype.itemsize * _numel(shape)
-        if nbytes != expected or begin < 0:
-            raise CheckpointError(f"{path}: corrupt entry for '{name}': {nbytes} bytes for shape "
-                                  f"{list(shape)} of {info['dtype']} (expected {expected})")
-        if data_start + end > size:
-            raise CheckpointError(f"{path}: truncated: tensor '{name}' ends at byte {data_start + end}, "
-                                  f"file has {size}")
-        entries[name] = TensorEntry(path, dtype, shape, data_start + begin, nbytes)
+    entries = {name: _header_entry(path, name, info, data_start, size) for name, info in header.items()}
     _check_tiling(path, entries, data_start, size)
-    return entries, {str(k): str(v) for k, v in metadata.items()}
+    return entries, metadata
+
+
+def _header_entry(path: Path, name: str, info: object, data_start: int, size: int) -> TensorEntry:
+    """One tensor's header entry, checked as the format specifies: a known dtype, a shape of
+    non-negative integers, and data offsets [begin, end) that hold exactly that many bytes."""
+    def corrupt(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header entry for '{name}': {what}")
+
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise corrupt(f"expected an object with dtype, shape and data_offsets, found {shown(info)}")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {shown(dtype_name)} "
+                              f"(supported: {', '.join(SAFETENSORS_DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise corrupt(f"shape {shown(shape)} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
+        raise corrupt(f"data_offsets {shown(offsets)} is not [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    expected = dtype.itemsize * _numel(tuple(shape))
+    if end - begin != expected:
+        raise corrupt(f"{end - begin} bytes for shape {shape} of {dtype_name} (expected {expected})")
+    if data_start + end > size:
+        raise CheckpointError(f"{path}: truncated: tensor '{name}' ends at byte {data_start + end}, "
+                              f"file has {size}")
+    return TensorEntry(path, dtype, tuple(shape), data_start + begin, expected)
+
+
+def _span(indices: list[int]) -> str:
+    return str(indices[0]) if len(indices) == 1 else f"{indices[0]}..{indices[-1]}"
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_tiling(path: Path, entries: dict[str, TensorEntry], data_start: int, size: int) -> None:
@@ -129,34 +154,57 @@ class CheckpointReader:
         self.files = sorted({e.file for e in self.entries.values()} | set(self._torch_files))
 
     def _shards(self, index_path: Path) -> list[str]:
-        try:
-            index = json.loads(index_path.read_text())
-            shards = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index_path}: malformed index ({e})") from None
+        index = read_json_object(index_path, CheckpointError)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index_path}: malformed index ('weight_map' should map tensor names "
+                                  "to shard file names)")
+        shards = sorted(set(weight_map.values()))
         for shard in shards:
+            if Path(shard).name != shard:   # a shard lives beside its index, never elsewhere
+                raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name in this directory")
             if not (index_path.parent / shard).is_file():
                 raise CheckpointError(f"{index_path}: shard {shard} is missing")
         return shards
 
+    def _add(self, path: Path, entries: dict[str, TensorEntry]) -> None:
+        twice = sorted(entries.keys() & self.entries.keys())
+        if twice:   # which copy would win depends on shard order: refuse rather than pick one
+            raise CheckpointError(f"{path}: tensor '{twice[0]}' is also in {self.entries[twice[0]].file.name}")
+        self.entries.update(entries)
+
     def _add_safetensors(self, path: Path) -> None:
         entries, metadata = _read_safetensors_header(path)
-        self.entries.update(entries)
+        self._add(path, entries)
         self.metadata.update(metadata)
 
     def _add_torch(self, path: Path) -> None:
+        # Memory-mapped when the file is a zip archive (torch >= 1.6); the legacy format cannot be.
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as e:  # torch raises many types for a damaged zip or pickle
             raise CheckpointError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
         self._torch_files.append(path)
-        for name, tensor in state.items():
-            if isinstance(tensor, torch.Tensor):
-                self._torch_state[name] = tensor
-                self.entries[name] = TensorEntry(path, tensor.dtype, tuple(tensor.shape), -1,
-                                                 tensor.numel() * tensor.element_size())
+        tensors = {name: t for name, t in state.items() if isinstance(name, str) and isinstance(t, torch.Tensor)}
+        self._add(path, {name: TensorEntry(path, t.dtype, tuple(t.shape), -1, t.numel() * t.element_size())
+                         for name, t in tensors.items()})
+        self._torch_state.update(tensors)
+
+    def check_layer_count(self, num_layers: int, config: str) -> None:
+        """The checkpoint's numbered layers must be exactly 0 .. num_layers - 1, as `config` says: a
+        checkpoint with more layers than its config would run truncated, one with fewer cannot run.
+        Checked before anything is built per layer (a config can claim 10^9 layers)."""
+        found = sorted({int(m.group(1)) for name in self.entries if (m := LAYER_NAME.search(name))})
+        unused = [i for i in found if i >= num_layers]
+        if unused:
+            raise CheckpointError(f"{self.directory}: the checkpoint holds layer(s) {_span(unused)} that {config} "
+                                  f"does not use (it says {num_layers} layers): the config does not match the weights")
+        if len(found) < num_layers:
+            first_missing = next(i for i in range(len(found) + 1) if i >= len(found) or found[i] != i)
+            raise CheckpointError(f"{self.directory}: {config} says {num_layers} layers, but the checkpoint holds "
+                                  f"{len(found)} (layer {first_missing} is the first missing)")
 
     def names(self) -> list[str]:
         return list(self.entries)
@@ -165,16 +213,17 @@ class CheckpointReader:
         return name in self.entries
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entry(name).shape
+        return self.entry(name).shape
 
-    def _entry(self, name: str) -> TensorEntry:
+    def entry(self, name: str) -> TensorEntry:
+        """Where tensor `name` is, its dtype and shape; a missing name is an error naming the directory."""
         if name not in self.entries:
             raise CheckpointError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
         return self.entries[name]
 
     def read(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor `name` in its stored dtype, in memory of its own; checks `shape` when given."""
-        entry = self._entry(name)
+        entry = self.entry(name)
         if shape is not None and tuple(shape) != entry.shape:
             raise CheckpointError(f"{entry.file}: tensor '{name}' has shape {list(entry.shape)}, "
                                   f"expected {list(shape)}")
@@ -184,10 +233,13 @@ class CheckpointReader:
         if entry.nbytes:
             view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
             done = 0
-            with open(entry.file, "rb", buffering=0) as f:
-                while done < entry.nbytes:  # one read returns at most ~2 GiB on Linux
-                    got = os.preadv(f.fileno(), [view[done:]], entry.offset + done)
-                    if got <= 0:
-                        raise CheckpointError(f"{entry.file}: truncated while reading tensor '{name}'")
-                    done += got
+            try:
+                with open(entry.file, "rb", buffering=0) as f:
+                    while done < entry.nbytes:  # one read returns at most ~2 GiB on Linux
+                        got = os.preadv(f.fileno(), [view[done:]], entry.offset + done)
+                        if got <= 0:
+                            raise CheckpointError(f"{entry.file}: truncated while reading tensor '{name}'")
+                        done += got
+            except OSError as e:
+                raise CheckpointError(f"{entry.file}: cannot read tensor '{name}' ({e.strerror or e})") from None
         return tensor

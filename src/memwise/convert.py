@@ -1,13 +1,27 @@
 """`memwise convert SOURCE OUT`: a model's checkpoint rewritten in the form memwise runs it from.
 
 Only families with a packed form convert (today hgrn_bit: ternary matrices at 2 bits, see
-memwise/models/hgrn_bit/convert.py); the family writes the weights and config. Everything is written
-into a temporary directory next to OUT, which is renamed to OUT only when complete: a failed
-conversion leaves nothing behind.
+memwise/models/hgrn_bit/convert.py); the family writes the weights and config.
+
+What a conversion guarantees about OUT:
+
+* OUT appears complete or not at all. Everything is written into `.OUT.partial-PID/` next to OUT
+  (PID: the converting process), which is renamed to OUT only when complete.
+* A conversion that fails, or is interrupted by SIGINT, SIGTERM or SIGHUP (the CLI turns all three
+  into KeyboardInterrupt), removes its partial directory and leaves nothing behind. A failure to
+  write (disk full, permission denied, read-only file system, OUT created by something else in the
+  meantime) ends in one MemwiseError naming OUT and the reason.
+* SIGKILL, a crash of the machine or power loss can leave `.OUT.partial-PID/` behind; the next
+  conversion into OUT removes it, once no live process has that PID. Partials of a conversion that
+  is still running are left alone. (PIDs are this machine's: on a directory shared between
+  machines, a conversion running elsewhere would look dead and its partial be removed, which makes
+  that conversion fail, not produce a wrong OUT.)
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +33,8 @@ from memwise.source import read_source
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
+# rename(2) onto something that is already there and is not an empty directory
+OUT_TAKEN = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
 
 
 def convert(source: str, out_dir: Path, progress: bool = True) -> Path:
@@ -28,6 +44,7 @@ def convert(source: str, out_dir: Path, progress: bool = True) -> Path:
         raise MemwiseError(f"{out_dir}: already exists; convert writes a new directory")
     if not out_dir.parent.is_dir():
         raise MemwiseError(f"{out_dir.parent}: no such directory (for the output {out_dir.name})")
+    remove_stale_partials(out_dir)
     if is_preset(str(source)):
         raise SourceError(f"{source}: presets have random weights; convert needs a checkpoint "
                           "(a model directory or hub id)")
@@ -40,16 +57,73 @@ def convert(source: str, out_dir: Path, progress: bool = True) -> Path:
     spec = family.spec_from_config(config, where)
     reader = CheckpointReader(directory)
 
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = partial_dir(out_dir, os.getpid())
+    shutil.rmtree(tmp, ignore_errors=True)     # a dead process's, whose PID this one now has
     try:
+        tmp.mkdir()
         family.write_packed(spec, reader, config, tmp, progress)
         for name in TOKENIZER_FILES:
             if (directory / name).is_file():
                 shutil.copyfile(directory / name, tmp / name)
         os.rename(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, tmp, out_dir) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def partial_dir(out_dir: Path, pid: int) -> Path:
+    """Where process `pid` writes its conversion into `out_dir` until it is complete."""
+    return out_dir.parent / f".{out_dir.name}.partial-{pid}"
+
+
+def remove_stale_partials(out_dir: Path) -> None:
+    """Remove the partial directories of `out_dir` that conversions killed outright left behind.
+
+    Only names partial_dir() makes (the PID as str(int) writes it) are considered, and only
+    directories, never what a symlink points to."""
+    pattern = re.compile(re.escape(f".{out_dir.name}.partial-") + "([1-9][0-9]*)")
+    try:
+        entries = list(os.scandir(out_dir.parent))
+    except OSError:     # a parent we cannot list: the conversion itself will say what is wrong
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or int(match[1]) == os.getpid():
+            continue
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            continue
+        if is_dir and not process_alive(int(match[1])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine; True when that cannot be told."""
+    if os.name != "posix":      # os.kill(pid, 0) is no probe elsewhere (on Windows it sends CTRL_C_EVENT)
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):     # OverflowError: beyond any PID there can be
+        return False
+    except OSError:             # PermissionError: alive, someone else's; anything else: keep it to be safe
+        return True
+    return True
+
+
+def write_error(e: OSError, tmp: Path, out_dir: Path) -> MemwiseError:
+    """One line for an OSError met while converting, naming the path it is about."""
+    reason = e.strerror or str(e)
+    paths = [os.path.abspath(os.fsdecode(f)) for f in (e.filename, e.filename2)
+             if isinstance(f, (str, bytes, os.PathLike))]
+    ours = [os.path.abspath(tmp), os.path.abspath(out_dir)]
+    elsewhere = [p for p in paths if not any(p == root or p.startswith(root + os.sep) for root in ours)]
+    if elsewhere:       # the source side (a tokenizer file or weights that cannot be read), not the output
+        return MemwiseError(f"{elsewhere[0]}: {reason} (while converting into {out_dir})")
+    if e.errno in OUT_TAKEN and os.path.abspath(out_dir) in paths:     # the final rename
+        reason += "; something else created it during the conversion"
+    return MemwiseError(f"{out_dir}: cannot write the converted checkpoint: {reason}")

@@ -19,3 +19,9 @@ class SourceError(MemwiseError):
 
 class UnsupportedError(MemwiseError):
     """A valid request memwise does not support (dtype, device, model family, option)."""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A value a user gave, for a message, cut short: a config field can hold a megabyte of JSON."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

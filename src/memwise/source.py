@@ -6,11 +6,13 @@ the same thing everywhere and every error names the same file.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from memwise.errors import SourceError, shown
 from memwise.hub import resolve_source
 from memwise.models import family_for
 from memwise.presets import PRESET_PREFIX, is_preset, preset_config, preset_name
@@ -34,7 +36,11 @@ class ModelSource:
 def read_source(source: str | Path, revision: str | None = None) -> tuple[dict[str, Any], str, Path | None]:
     """(config, where, directory) of a source, reading nothing but its config; a hub id not in the local
     cache is downloaded (config and weights) first. Models memwise cannot run resolve too."""
-    text = str(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise SourceError(f"a model source should be a path, a hub id or preset:NAME (a str), found {shown(source)}")
+    text = os.fspath(source)
+    if not text.strip():
+        raise SourceError("the model source is empty: give a model directory, a hub id or preset:NAME")
     if is_preset(text):
         return preset_config(text), PRESET_PREFIX + preset_name(text), None
     directory = resolve_source(text, revision)

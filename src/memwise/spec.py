@@ -5,12 +5,13 @@ loading reads config.json again. Fields that a family does not use keep their de
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from memwise.errors import ConfigError
-from memwise.json_file import read_json
+from memwise.errors import ConfigError, shown
+from memwise.json_file import read_json_object
 
 
 @dataclass
@@ -61,19 +62,27 @@ class ModelSpec:
         return asdict(self)
 
 
+def per_layer_linear(count: Callable[[ModelSpec], Any], spec: ModelSpec) -> Any:
+    """count(spec), an int or a dict of ints that grows linearly with the number of layers, computed
+    from specs of zero and one layer: the same answer in constant time, so that a config claiming
+    10^9 layers is measured (and refused by the memory check) instead of being walked layer by layer."""
+    none, one = count(replace(spec, num_layers=0)), count(replace(spec, num_layers=1))
+    if isinstance(none, dict):
+        return {key: none[key] + spec.num_layers * (one[key] - none[key]) for key in none}
+    return none + spec.num_layers * (one - none)
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     """config.json of a checkpoint directory as a dict, with errors that name the file."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: config.json not found (a model directory needs one)")
-    config = read_json(path, ConfigError)
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
+    return read_json_object(path, ConfigError)
 
 
 def require(config: dict[str, Any], key: str, kind: type, where: str, default: Any = ...) -> Any:
-    """config[key] checked for type; a missing key without a default is an error naming the file and field."""
+    """config[key] checked for type (a float must be finite); a missing key without a default is an
+    error naming the file and field."""
     if key not in config or config[key] is None:
         if default is ...:
             raise ConfigError(f"{where}: field '{key}' is missing")
@@ -82,12 +91,28 @@ def require(config: dict[str, Any], key: str, kind: type, where: str, default: A
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(f"{where}: field '{key}' should be {kind.__name__}, found {value!r}")
+        raise ConfigError(f"{where}: field '{key}' should be {kind.__name__}, found {shown(value)}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: field '{key}' should be a finite number, found {value!r}")
     return value
 
 
-def eos_ids(config: dict[str, Any]) -> tuple[int, ...]:
+def special_token_fields(config: dict[str, Any], where: str,
+                         bos_default: int | None = None, eos_default: tuple[int, ...] = ()) -> dict[str, Any]:
+    """bos_token_id, eos_token_ids and pad_token_id of a config, checked to be non-negative integers.
+    An id outside the vocabulary is kept, as transformers keeps it with a warning: tiny test models
+    inherit GPT-2's ids; such an EOS is never generated, and a prompt's ids are checked when given."""
+    fields: dict[str, Any] = {}
+    for key, default in (("bos_token_id", bos_default), ("pad_token_id", None)):
+        value = require(config, key, int, where, default)
+        if value is not None and value < 0:
+            raise ConfigError(f"{where}: field '{key}' should be a token id (>= 0), found {value}")
+        fields[key] = value
     eos = config.get("eos_token_id")
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+        raise ConfigError(f"{where}: field 'eos_token_id' should be a token id or a list of them, "
+                          f"found {shown(eos)}")
+    fields["eos_token_ids"] = tuple(ids) or eos_default
+    return fields
+

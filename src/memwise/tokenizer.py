@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import codecs
-import json
 from pathlib import Path
 from typing import Callable, Protocol
 
-from memwise.errors import CheckpointError
+from memwise.errors import CheckpointError, shown
+from memwise.json_file import read_json_object
 
 
 class TextStream(Protocol):
@@ -118,7 +118,10 @@ class SentencePieceTokenizer:
         except ImportError:
             raise CheckpointError(f"{path}: reading tokenizer.model needs the sentencepiece package "
                                   "(pip install sentencepiece)") from None
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except Exception as e:  # OSError or RuntimeError, by version, for an unreadable or malformed file
+            raise CheckpointError(f"{path}: cannot read tokenizer ({e})") from None
         self.bos_token_id = bos_token_id
 
     def encode(self, text: str) -> list[int]:
@@ -158,16 +161,20 @@ def special_token_ids(directory: Path) -> dict[str, int]:
     path = Path(directory) / "tokenizer_config.json"
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
+    config = read_json_object(path, CheckpointError)
     decoder = config.get("added_tokens_decoder") or {}
-    by_content = {v.get("content"): int(k) for k, v in decoder.items() if isinstance(v, dict)}
+    if not isinstance(decoder, dict):
+        raise CheckpointError(f"{path}: field 'added_tokens_decoder' should be an object, found {shown(decoder)}")
+    by_content = {}
+    for key, token in decoder.items():
+        if not key.isdigit() or not isinstance(token, dict):
+            raise CheckpointError(f"{path}: added_tokens_decoder entry {shown(key)} should map a token id "
+                                  f"to an object, found {shown(token)}")
+        by_content[token.get("content")] = int(key)
     found = {}
     for role in ("pad_token", "eos_token", "bos_token"):
         token = config.get(role)
         token = token.get("content") if isinstance(token, dict) else token
-        if token in by_content:
+        if isinstance(token, str) and token in by_content:
             found[role] = by_content[token]
     return found

@@ -13,6 +13,7 @@ and its CausalLM (a torch.nn.Module) provides:
 
     spec: ModelSpec
     new_cache(batch_size, max_length) -> cache       preallocated per-sequence state
+    cache_bytes(batch_size, max_length) -> int       what new_cache would allocate (the memory gate's figure)
     forward(input_ids [B, T], cache, attention_mask [B, T] bool (True = real token, False = left
             padding), last_only=False) -> float32 logits [B, T or 1, V]; advances the cache by T
     weights_bytes() -> int                           what the model holds for weights, in bytes
@@ -23,7 +24,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from memwise.errors import UnsupportedError
+from memwise.errors import UnsupportedError, shown
 
 # model_type -> module; imported on first use so that `memwise --help` stays fast.
 FAMILY_MODULES = {
@@ -36,8 +37,8 @@ FAMILY_MODULES = {
 }
 
 
-def family_for(model_type: str | None, where: str) -> ModuleType:
-    if model_type not in FAMILY_MODULES:
+def family_for(model_type: object, where: str) -> ModuleType:
+    if not isinstance(model_type, str) or model_type not in FAMILY_MODULES:
         supported = ", ".join(sorted(FAMILY_MODULES))
-        raise UnsupportedError(f"{where}: model_type {model_type!r} is not supported (supported: {supported})")
+        raise UnsupportedError(f"{where}: model_type {shown(model_type)} is not supported (supported: {supported})")
     return importlib.import_module(FAMILY_MODULES[model_type])

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
 
 import torch
 
 from memwise.checkpoint import CheckpointReader
 from memwise.dtypes import parse_dtype
 from memwise.errors import CheckpointError
-from memwise.models.decoder.layout import checkpoint_plan
+from memwise.models.decoder.layout import TensorSource, checkpoint_plan
 from memwise.models.decoder.modules import Decoder
 from memwise.spec import ModelSpec
 
@@ -26,11 +28,13 @@ def _build(spec: ModelSpec, dtype: str | torch.dtype, device: str | torch.device
 def load(spec: ModelSpec, reader: CheckpointReader, dtype: str | torch.dtype = "float32",
          device: str | torch.device = "cpu") -> Decoder:
     """The model with the checkpoint's weights, read and converted one tensor at a time."""
+    plan = checkpoint_plan(spec, reader)
+    _check_plan(plan, reader, spec)
     model = _build(spec, dtype, device)
     parameters = dict(model.named_parameters())
     filled: dict[str, int] = {}
     with torch.no_grad():
-        for source in checkpoint_plan(spec, reader):
+        for source in plan:
             tensor = reader.read(source.name, source.shape)
             if source.transpose:
                 tensor = tensor.t()
@@ -46,6 +50,31 @@ def load(spec: ModelSpec, reader: CheckpointReader, dtype: str | torch.dtype = "
     if unfilled:  # a mapping bug, not a user's mistake, but never run on uninitialized memory
         raise CheckpointError(f"{reader.directory}: no checkpoint tensor for {', '.join(unfilled)}")
     return model
+
+
+# Buffers that older transformers versions saved with the weights: never parameters.
+_SAVED_BUFFERS = re.compile(r"(attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
+
+
+def _check_plan(plan: list[TensorSource], reader: CheckpointReader, spec: ModelSpec) -> None:
+    """Every tensor the model needs is in the checkpoint with its shape and a floating-point dtype
+    (an integer tensor would load as huge values), checked before the model is allocated; tensors the
+    model does not read are a sign that the config does not describe the weights, and are reported."""
+    for source in plan:
+        entry = reader.entry(source.name)
+        if entry.shape != source.shape:
+            raise CheckpointError(f"{entry.file}: tensor '{source.name}' has shape {list(entry.shape)}, "
+                                  f"expected {list(source.shape)}")
+        if not entry.dtype.is_floating_point:
+            raise CheckpointError(f"{entry.file}: tensor '{source.name}' is {str(entry.dtype).removeprefix('torch.')}; "
+                                  "a weight must be a floating-point tensor")
+    read = {source.name for source in plan}
+    unused = [name for name in reader.names() if name not in read and not _SAVED_BUFFERS.search(name)
+              and not (spec.tie_word_embeddings and name == "lm_head.weight")]
+    if unused:
+        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        warnings.warn(f"{reader.directory}: the checkpoint holds tensors this {spec.model_type} config does not "
+                      f"use: {', '.join(unused[:3])}{more}", stacklevel=3)
 
 
 def synthetic(spec: ModelSpec, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",

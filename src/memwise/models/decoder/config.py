@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from memwise.errors import ConfigError, UnsupportedError
-from memwise.spec import ModelSpec, eos_ids, require
+from memwise.spec import ModelSpec, require, special_token_fields
 
 MODEL_TYPES = ("gpt2", "opt", "phi", "llama", "mistral")
 
@@ -22,14 +22,12 @@ def spec_from_config(config: dict[str, Any], where: str) -> ModelSpec:
     if model_type not in MODEL_TYPES:
         raise UnsupportedError(f"{where}: model_type {model_type!r} is not a decoder family "
                                f"({', '.join(MODEL_TYPES)})")
-    common = dict(
-        model_type=model_type,
-        vocab_size=_positive(config, "vocab_size", where),
-        bos_token_id=require(config, "bos_token_id", int, where, None),
-        eos_token_ids=eos_ids(config),
-        pad_token_id=require(config, "pad_token_id", int, where, None),
-    )
+    vocab_size = _positive(config, "vocab_size", where)
+    common = dict(model_type=model_type, vocab_size=vocab_size,
+                  **special_token_fields(config, where))
     spec = {"gpt2": _gpt2_spec, "opt": _opt_spec, "phi": _phi_spec}.get(model_type, _llama_spec)(config, where, common)
+    if not spec.norm_eps > 0:
+        raise ConfigError(f"{where}: the norm epsilon must be > 0, found {spec.norm_eps!r}")
     if spec.num_heads % spec.num_kv_heads:
         raise ConfigError(f"{where}: {spec.num_heads} attention heads are not a multiple of "
                           f"{spec.num_kv_heads} key/value heads")

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 from memwise.checkpoint import CheckpointReader
 from memwise.dtypes import DTYPES
-from memwise.spec import ModelSpec
+from memwise.spec import ModelSpec, per_layer_linear
 
 
 @dataclass(frozen=True)
@@ -154,10 +154,10 @@ def checkpoint_plan(spec: ModelSpec, reader: CheckpointReader | None = None) -> 
 def parameter_count(spec: ModelSpec) -> int:
     """Parameters of the checkpoint, as transformers counts them: a tied matrix once, OPT's two unused
     position rows included."""
-    return sum(math.prod(source.shape) for source in checkpoint_plan(spec))
+    return per_layer_linear(lambda s: sum(math.prod(source.shape) for source in checkpoint_plan(s)), spec)
 
 
 def weight_sizes(spec: ModelSpec) -> dict[str, int]:
     """Bytes the loaded model holds for weights at each dtype (OPT's unused position rows left out)."""
-    held = sum(source.loaded_numel() for source in checkpoint_plan(spec))
+    held = per_layer_linear(lambda s: sum(source.loaded_numel() for source in checkpoint_plan(s)), spec)
     return {name: held * dtype.itemsize for name, dtype in DTYPES.items()}

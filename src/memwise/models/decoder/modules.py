@@ -180,6 +180,11 @@ class Decoder(nn.Module):
                                    f"model's {self.spec.max_positions} learned positions")
         return DecoderCache(self.spec, batch_size, max_length, self.dtype, self.device)
 
+    def cache_bytes(self, batch_size: int, max_length: int) -> int:
+        """What new_cache(batch_size, max_length) allocates, computed without allocating it."""
+        per_layer = 2 * batch_size * self.spec.num_kv_heads * max_length * self.spec.head_dim
+        return self.spec.num_layers * per_layer * self.dtype.itemsize + batch_size * (max_length + 8)
+
     def weights_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 

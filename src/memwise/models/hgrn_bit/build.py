@@ -37,10 +37,7 @@ def check_layout(spec: ModelSpec, reader: CheckpointReader, where: str, packed: 
         fits = f" (num_heads {d // found[0]} would fit)" if len(found) == 1 and found[0] and d % found[0] == 0 else ""
         raise ConfigError(f"{config_path}: num_heads {spec.num_heads} gives a g_norm of width {d // spec.num_heads}, "
                           f"but '{g_norm}' has shape {list(found)}{fits}")
-    layer_ids = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
-    if layer_ids and max(layer_ids) >= spec.num_layers:
-        raise ConfigError(f"{config_path}: num_hidden_layers is {spec.num_layers}, but the checkpoint has "
-                          f"layers up to {max(layer_ids)}")
+    reader.check_layer_count(spec.num_layers, config_path)
     conv = sorted(n for n in names if "conv1d" in n)
     if conv:
         raise ConfigError(f"{config_path}: use_short_conv is false, but the checkpoint has short-convolution "

@@ -5,7 +5,7 @@ import math
 from typing import Any
 
 from memwise.errors import ConfigError, UnsupportedError
-from memwise.spec import ModelSpec, eos_ids, require
+from memwise.spec import ModelSpec, require, special_token_fields
 
 MODEL_TYPES = ("hgrn_bit",)
 
@@ -27,7 +27,7 @@ def spec_from_config(config: dict[str, Any], where: str) -> ModelSpec:
     max_positions = require(config, "max_position_embeddings", int, where, 2048)
 
     for key, value in (("hidden_size", hidden), ("num_hidden_layers", layers), ("vocab_size", vocab),
-                       ("num_heads", heads), ("expand_ratio", expand)):
+                       ("num_heads", heads), ("expand_ratio", expand), ("max_position_embeddings", max_positions)):
         if value < 1:
             raise ConfigError(f"{where}: field '{key}' must be >= 1, found {value}")
     if not eps > 0:
@@ -59,9 +59,7 @@ def spec_from_config(config: dict[str, Any], where: str) -> ModelSpec:
         model_type="hgrn_bit", vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
         intermediate_size=intermediate, max_positions=max_positions, norm_eps=eps,
         tie_word_embeddings=tie,
-        bos_token_id=require(config, "bos_token_id", int, where, 1),
-        eos_token_ids=eos_ids(config) or (2,),
-        pad_token_id=require(config, "pad_token_id", int, where, None),
+        **special_token_fields(config, where, bos_default=1, eos_default=(2,)),
         head_dim=width // heads, norm="rmsnorm", activation="silu", gated_mlp=True, positions="none",
         expand_ratio=expand, use_lower_bound=use_lower_bound)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from memwise.kernels.packed import padded_cols
 from memwise.models.hgrn_bit.config import recurrence_width
-from memwise.spec import ModelSpec
+from memwise.spec import ModelSpec, per_layer_linear
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def checkpoint_layout(spec: ModelSpec) -> list[TensorSlot]:
 
 def parameter_count(spec: ModelSpec) -> int:
     """Parameters of the released (latent) checkpoint: 374,108,160 for MMfreeLM-370M."""
-    return sum(math.prod(s.shape) for s in checkpoint_layout(spec))
+    return per_layer_linear(lambda s: sum(math.prod(slot.shape) for slot in checkpoint_layout(s)), spec)
 
 
 def packed_bytes(rows: int, cols: int) -> int:
@@ -61,6 +61,10 @@ def weight_sizes(spec: ModelSpec) -> dict[str, int]:
     weights), a float32 scale per matrix, the embedding in bf16, norm gains and lower bounds in float32.
     It equals `weights_bytes()` of a model whose embedding is stored in bf16.
     """
+    return {"bfloat16": 2 * parameter_count(spec), "packed 2-bit": per_layer_linear(_packed_bytes, spec)}
+
+
+def _packed_bytes(spec: ModelSpec) -> int:
     packed = 0
     for slot in checkpoint_layout(spec):
         if slot.ternary:
@@ -69,6 +73,6 @@ def weight_sizes(spec: ModelSpec) -> dict[str, int]:
             packed += math.prod(slot.shape) * 2
         else:
             packed += math.prod(slot.shape) * 4
-    return {"bfloat16": 2 * parameter_count(spec), "packed 2-bit": packed}
+    return packed
 
 

@@ -193,6 +193,10 @@ class HGRNBitForCausalLM(nn.Module):
         return RecurrentCache(torch.zeros((self.spec.num_layers, batch_size, width), dtype=torch.float32,
                                           device=self.embeddings.device))
 
+    def cache_bytes(self, batch_size: int, max_length: int = 0) -> int:
+        """What new_cache allocates: constant in the sequence length."""
+        return self.spec.num_layers * batch_size * recurrence_width(self.spec) * 4
+
     def forward(self, input_ids: torch.Tensor, cache: RecurrentCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """float32 logits [B, T or 1, V]; advances `cache` by T tokens (a fresh state when None)."""
