@@ -104,3 +104,32 @@ def test_a_closed_stdout_ends_quietly() -> None:
     process.wait(timeout=120)
     assert process.returncode == 128 + signal.SIGPIPE
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_ctrl_c_while_the_command_line_starts_is_one_line() -> None:
+    # The parser is built while torch is imported: seconds in which a user may press Ctrl-C.
+    code = ("import sys, memwise.cli as cli\n"
+            "def interrupted_build():\n    raise KeyboardInterrupt\n"
+            "cli.build_parser = interrupted_build\nsys.exit(cli.main(['info', 'preset:tiny-gpt2']))")
+    process = run_python(code)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT
+    assert err.strip().splitlines() == ["memwise: interrupted (SIGINT)"]
+
+
+def test_a_warning_is_one_line() -> None:
+    code = ("import sys, argparse, warnings\nfrom memwise.cli_support import run_command\n"
+            "def command(args):\n    warnings.warn('past the training context')\n"
+            "sys.exit(run_command(argparse.Namespace(func=command, debug=False)))")
+    process = run_python(code)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert err.strip().splitlines() == ["memwise: warning: past the training context"]
+
+
+def test_importing_memwise_does_not_import_torch() -> None:
+    # What lets `memwise --help` answer, and a Ctrl-C be handled, before torch has loaded.
+    process = run_python("import sys, memwise, memwise.cli; print('torch' in sys.modules); "
+                         "print(memwise.load.__module__)")
+    out, err = process.communicate(timeout=60)
+    assert out.split() == ["False", "memwise.language_model"], err

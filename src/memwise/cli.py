@@ -6,12 +6,15 @@ import resource
 import sys
 import time
 
-from memwise.cli_support import one_line_errors, run_command
+from memwise.cli_support import interrupted, one_line_errors, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:    # building the parser imports torch: seconds in which a Ctrl-C is likely
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt as e:
+        return interrupted(e)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -65,22 +68,34 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_threads, help="CPU threads (default: torch's choice)")
+
+
+def _threads(text: str) -> int:
+    """A usage error (exit 2) for --threads 0 or less, which torch.set_num_threads would raise on."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     import memwise
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = memwise.load(args.source, dtype=args.dtype, device=args.device, revision=args.revision)
-    if model.synthetic:
-        print(f"[{args.source}: synthetic random weights, the text is meaningless]", file=sys.stderr)
     ids, mask = model.encode_batch([args.prompt])
     steps = model.stream(ids, args.max_new_tokens, mask, do_sample=args.sample, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                          min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos, stop_strings=tuple(args.stop))
+    # After stream() has checked the options, so that a bad option is the only line on stderr.
+    if model.synthetic:
+        print(f"[{args.source}: synthetic random weights, the text is meaningless]", file=sys.stderr)
     from memwise.tokenizer import decode_stream
     text_stream = decode_stream(model.tokenizer)   # each token's new text; holds back a split character
     n = 0

@@ -6,6 +6,8 @@
   traceback);
 - SIGINT, SIGTERM, SIGHUP: "interrupted", exit 128 + the signal's number, after the code on the way
   out has cleaned up (they arrive as KeyboardInterrupt, which convert's cleanup already handles);
+  a Ctrl-C while the command line is still importing its libraries ends the same way;
+- a warning: one line, "memwise: warning: ...";
 - a closed stdout (`memwise generate ... | head -c1`): silence, exit 128 + SIGPIPE, as a shell
   command killed by the pipe would.
 
@@ -18,6 +20,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, NoReturn
 
@@ -65,9 +68,23 @@ def stop_signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def interrupted(e: KeyboardInterrupt) -> int:
+    """Say how the command was stopped; the exit status a shell gives a process killed by that signal."""
+    signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    print(f"memwise: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+    return 128 + signum
+
+
+def one_line_warnings() -> None:
+    """Warnings (a prompt past a model's training context, unused checkpoint tensors) as one line
+    each, like errors, instead of Python's file:line and source excerpt."""
+    warnings.formatwarning = lambda message, *rest, **kwargs: f"memwise: warning: {message}\n"
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run a parsed command and turn the way it ended into one line on stderr and an exit status."""
     debug = bool(getattr(args, "debug", False)) or os.environ.get("MEMWISE_DEBUG", "") not in ("", "0")
+    one_line_warnings()
     try:
         with stop_signals_interrupt():
             return int(args.func(args) or 0)
@@ -75,9 +92,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"memwise: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        print(f"memwise: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
-        return 128 + signum
+        return interrupted(e)
     except BrokenPipeError:
         # Whoever read our output has gone: say nothing more, and keep Python's exit flush from
         # failing on the same pipe.

@@ -6,13 +6,16 @@ prompt gives the same tokens alone and in a padded batch.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from memwise.errors import MemwiseError
+from memwise.errors import MemwiseError, shown
 from memwise.kernels import greedy_tokens
+from memwise.memory_gate import check_fits
 from memwise.tokenizer import decode_stream
 
 
@@ -31,18 +34,27 @@ class GenerationOptions:
     stop_strings: tuple[str, ...] = ()
 
     def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise MemwiseError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0 and self.do_sample:
-            raise MemwiseError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise MemwiseError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise MemwiseError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise MemwiseError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.no_repeat_ngram_size < 0 or self.min_new_tokens < 0:
-            raise MemwiseError("no_repeat_ngram_size and min_new_tokens must be >= 0")
+        """Refuse values that would fail deep inside torch or be silently misread; numpy scalars
+        become Python numbers so that everything downstream sees plain ints and floats."""
+        self.max_new_tokens = _int_option("max_new_tokens", self.max_new_tokens, low=1)
+        self.do_sample = _bool_option("do_sample", self.do_sample)
+        self.ignore_eos = _bool_option("ignore_eos", self.ignore_eos)
+        # A temperature is only used when sampling, where 0 would divide by zero; greedy callers
+        # often pass 0 to mean "no randomness", which is harmless.
+        self.temperature = _float_option("temperature (when sampling)" if self.do_sample else "temperature",
+                                         self.temperature, low=0.0, low_open=self.do_sample)
+        if self.top_k is not None:
+            self.top_k = _int_option("top_k", self.top_k, low=1)
+        if self.top_p is not None:
+            self.top_p = _float_option("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
+        if self.seed is not None:
+            # torch.Generator.manual_seed's range; outside it torch raises a RuntimeError.
+            self.seed = _int_option("seed", self.seed, low=0, high=2**64 - 1)
+        self.repetition_penalty = _float_option("repetition_penalty", self.repetition_penalty, low=0.0,
+                                                low_open=True)
+        self.no_repeat_ngram_size = _int_option("no_repeat_ngram_size", self.no_repeat_ngram_size, low=0)
+        self.min_new_tokens = _int_option("min_new_tokens", self.min_new_tokens, low=0)
+        self.stop_strings = _stop_strings_option(self.stop_strings)
 
 
 def banned_ngram_tokens(tokens: list[int], n: int) -> set[int]:
@@ -101,6 +113,10 @@ def generate_steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     total = prompt_len + options.max_new_tokens
+    # The token buffer and the cache are allocated for the whole request up front: check it first.
+    check_fits(f"generating {options.max_new_tokens} tokens after {prompt_len} for {batch} sequence(s)",
+               {"cache": module.cache_bytes(batch, total), "tokens": batch * total * 9,
+                "logits": 2 * batch * module.spec.vocab_size * 4}, device)
     state = GenerationState(
         tokens=torch.full((batch, total), pad_token_id, dtype=torch.long, device=device),
         real=torch.zeros((batch, total), dtype=torch.bool, device=device),
@@ -185,3 +201,53 @@ class StopStrings:
             if any(s in text for s in self.stop_strings):
                 state.finished[b] = True
             self.tails[b] = text[-self.keep:] if self.keep > 0 else ""
+
+
+# ---- option checks: one message shape, "NAME must be EXPECTED, got VALUE (TYPE)" ----------------
+
+def _refuse(name: str, expected: str, value: object) -> MemwiseError:
+    return MemwiseError(f"{name} must be {expected}, got {shown(value)} ({type(value).__name__})")
+
+
+def _int_option(name: str, value: object, low: int, high: int | None = None) -> int:
+    # bool is an int subclass and a float like 3.0 is a likely typo for a count: both are refused.
+    expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _refuse(name, expected, value)
+    if value < low or (high is not None and value > high):
+        raise _refuse(name, expected, value)
+    return int(value)
+
+
+def _float_option(name: str, value: object, low: float, low_open: bool = False,
+                  high: float | None = None) -> float:
+    expected = f"a finite number {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise _refuse(name, expected, value)
+    if value < low or (low_open and value == low) or (high is not None and value > high):
+        raise _refuse(name, expected, value)
+    return float(value)
+
+
+def _bool_option(name: str, value: object) -> bool:
+    # 0/1 or "false" would be truthy or falsy by accident, not by intent.
+    if not isinstance(value, bool):
+        raise _refuse(name, "True or False", value)
+    return value
+
+
+def _stop_strings_option(value: object) -> tuple[str, ...]:
+    expected = "a str or a list of non-empty str"
+    if isinstance(value, str):
+        value = (value,)
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise _refuse("stop_strings", expected, value)
+    for item in value:
+        # "" is found in any text, so it would end every sequence after its first token.
+        if not isinstance(item, str) or not item:
+            raise MemwiseError(f"stop_strings must be {expected}, got item {shown(item)} ({type(item).__name__})")
+    return tuple(value)

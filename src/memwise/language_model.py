@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from memwise.checkpoint import CheckpointReader
 from memwise.dtypes import parse_dtype
-from memwise.errors import MemwiseError, UnsupportedError
+from memwise.errors import MemwiseError, UnsupportedError, shown
 from memwise.generate import GenerationOptions, generate_steps
+from memwise.memory_gate import check_fits, weights_bytes
 from memwise.source import resolve_model
 from memwise.spec import ModelSpec
 from memwise.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, special_token_ids
@@ -37,7 +41,13 @@ def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str |
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     resolved = resolve_model(source, revision)
     spec, family, directory = resolved.spec, resolved.family, resolved.directory
-    if directory is None:
+    reader = None
+    if directory is not None:
+        reader = CheckpointReader(directory)
+        reader.check_layer_count(spec.num_layers, resolved.where)
+    check_fits(f"loading {source} as {str(torch_dtype).removeprefix('torch.')}",
+               {"weights": weights_bytes(family, spec, torch_dtype)}, torch_device)
+    if reader is None:
         module = family.synthetic(spec, torch_dtype, torch_device, seed)
         return LanguageModel(spec, module, ByteTokenizer(spec.vocab_size), torch_dtype, torch_device)
     specials = special_token_ids(directory)
@@ -45,7 +55,7 @@ def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str |
         spec,
         pad_token_id=spec.pad_token_id if spec.pad_token_id is not None else specials.get("pad_token"),
         eos_token_ids=spec.eos_token_ids or ((specials["eos_token"],) if "eos_token" in specials else ()))
-    module = family.load(spec, CheckpointReader(directory), torch_dtype, torch_device)
+    module = family.load(spec, reader, torch_dtype, torch_device)
     return LanguageModel(spec, module, load_tokenizer(directory, spec.bos_token_id), torch_dtype, torch_device)
 
 
@@ -80,35 +90,38 @@ class LanguageModel:
 
     def encode_batch(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [B, T] left-padded to the longest prompt, and the mask of real tokens."""
-        encoded = [self.tokenizer.encode(p) for p in prompts]
+        encoded = [self.tokenizer.encode(p) for p in _prompt_list(prompts)]
         if any(not ids for ids in encoded):
             raise MemwiseError("a prompt encodes to no tokens; give at least one character")
         return left_pad(encoded, self.pad_token_id)
 
     @property
     def pad_token_id(self) -> int:
-        if self.spec.pad_token_id is not None:
-            return self.spec.pad_token_id
-        return self.spec.eos_token_ids[0] if self.spec.eos_token_ids else 0
+        """The id that fills left padding and finished rows: the config's pad or first EOS id when it is
+        inside the vocabulary (configs may name ids outside it), else 0; padding is masked, so any id serves."""
+        for candidate in (self.spec.pad_token_id, *self.spec.eos_token_ids[:1]):
+            if candidate is not None and 0 <= candidate < self.spec.vocab_size:
+                return candidate
+        return 0
 
     def _inputs(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(input_ids, torch.Tensor):
-            rows = [list(input_ids)] if input_ids and isinstance(next(iter(input_ids)), int) else input_ids
-            input_ids, mask = left_pad([list(r) for r in rows], self.pad_token_id)
+        if isinstance(input_ids, (torch.Tensor, np.ndarray)):
+            input_ids = _id_tensor(input_ids)
+        else:
+            rows = _id_rows(input_ids)
+            lengths = sorted({len(r) for r in rows})
+            if attention_mask is not None and len(lengths) > 1:
+                # The mask cannot say where rows of different lengths sit once they are padded.
+                raise MemwiseError(f"input_ids rows have different lengths {lengths} and an attention_mask was "
+                                   "given; leave attention_mask out to have the rows left-padded, or pass a "
+                                   "left-padded tensor with its mask")
+            input_ids, mask = left_pad(rows, self.pad_token_id)
             attention_mask = mask if attention_mask is None else attention_mask
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise MemwiseError(f"input_ids must be [batch, tokens] with tokens >= 1, got {tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise MemwiseError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.spec.vocab_size:
-            raise MemwiseError(f"token id {hi if hi >= self.spec.vocab_size else lo} is outside the "
+            raise MemwiseError(f"input_ids: token id {hi if hi >= self.spec.vocab_size else lo} is outside the "
                                f"vocabulary [0, {self.spec.vocab_size})")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = attention_mask.to(device=self.device, dtype=torch.bool)
+        attention_mask = _mask_tensor(attention_mask, input_ids).to(device=self.device)
         if attention_mask.shape != input_ids.shape:
             raise MemwiseError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
                                f"{tuple(input_ids.shape)}")
@@ -120,6 +133,15 @@ class LanguageModel:
         if self.spec.positions == "learned" and length > self.spec.max_positions:
             raise MemwiseError(f"{length} tokens exceed this model's {self.spec.max_positions} positions "
                                "(prompt + new tokens)")
+        # Rotary positions have no table to run off, so a longer context runs; but the model never saw
+        # such positions in training and its output usually degrades there. Dynamic NTK scaling is
+        # made to stretch past the limit, so it gets no warning.
+        scaling = self.spec.rope_scaling or {}
+        if (self.spec.positions == "rotary" and length > self.spec.max_positions
+                and scaling.get("rope_type") != "dynamic"):
+            warnings.warn(f"{length} tokens (prompt + new tokens): the context length exceeds this "
+                          f"{self.spec.model_type} model's training context of {self.spec.max_positions} "
+                          "positions; expect degraded output past it", UserWarning, stacklevel=3)
 
     def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
         """One full forward pass without a reused cache: float32 logits [B, T, V]."""
@@ -133,6 +155,7 @@ class LanguageModel:
         """Yield each step's new tokens ([B] long) as they are produced."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         opts = GenerationOptions(max_new_tokens=max_new_tokens, **_normalize(options))
+        opts.check()    # here, not on the first step of the lazy generator, and before the length sum
         self._check_length(input_ids.shape[1] + opts.max_new_tokens)
         decode = self._tokenizer.decode if self._tokenizer is not None else None
         return generate_steps(self.module, input_ids, attention_mask, opts, self.spec.eos_token_ids,
@@ -145,6 +168,9 @@ class LanguageModel:
         return torch.cat([input_ids_t, torch.stack(steps, dim=1)], dim=1) if steps else input_ids_t
 
     def generate_text(self, prompt: str, max_new_tokens: int = 32, **options) -> str:
+        if not isinstance(prompt, str):
+            raise MemwiseError(f"prompt must be a str, got {_shown(prompt)}; for several prompts use "
+                               "encode_batch and generate")
         ids, mask = self.encode_batch([prompt])
         out = self.generate(ids, max_new_tokens, mask, **options)
         return self.tokenizer.decode(out[0, ids.shape[1]:].tolist())
@@ -160,10 +186,7 @@ def _normalize(options: dict) -> dict:
     unknown = set(options) - known
     if unknown:
         raise MemwiseError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
-    if "stop_strings" in options:
-        stops = options["stop_strings"]
-        options = {**options, "stop_strings": (stops,) if isinstance(stops, str) else tuple(stops or ())}
-    return options
+    return options     # values are checked by GenerationOptions.check
 
 
 def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,3 +199,84 @@ def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, to
         ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = True
     return ids, mask
+
+
+# ---- what the API accepts as prompts, token ids and masks ---------------------------------------
+
+_IDS = "int token ids: a list of ints, a list of such lists, or a 1-D/2-D integer tensor or numpy array"
+
+
+def _shown(value: object) -> str:
+    return f"{shown(value)} ({type(value).__name__})"
+
+
+def _prompt_list(prompts: object) -> list[str]:
+    if isinstance(prompts, str):
+        raise MemwiseError(f"prompts must be a list of str, got one str {_shown(prompts)}; pass [text]")
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise MemwiseError(f"prompts must be a non-empty list of str, got {_shown(prompts)}")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise MemwiseError(f"prompts[{i}] must be a str, got {_shown(prompt)}")
+    return list(prompts)
+
+
+def _id_tensor(ids: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """[batch, tokens] long ids from a tensor or array; floats and bools are refused, not truncated."""
+    if isinstance(ids, np.ndarray):
+        if ids.dtype.kind not in "iu":
+            raise MemwiseError(f"input_ids must be {_IDS}; got a numpy array of {ids.dtype}")
+        ids = torch.from_numpy(ids.astype(np.int64))
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise MemwiseError(f"input_ids must be {_IDS}; got a tensor of {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or 0 in ids.shape:
+        raise MemwiseError(f"input_ids must be [batch, tokens] with batch >= 1 and tokens >= 1, "
+                           f"got shape {tuple(ids.shape)}")
+    return ids.long()
+
+
+def _id_rows(ids: object) -> list[list[int]]:
+    """Rows of ids from Python lists (one flat list is one row); each row must hold ints only."""
+    if isinstance(ids, (str, bytes)):
+        raise MemwiseError(f"input_ids must be {_IDS}; got {_shown(ids)}: encode text with "
+                           "encode_batch([text]) or use generate_text")
+    if not isinstance(ids, Sequence) or len(ids) == 0:
+        raise MemwiseError(f"input_ids must be {_IDS}; got {_shown(ids)}")
+    nested = isinstance(ids[0], (Sequence, torch.Tensor, np.ndarray)) and not isinstance(ids[0], (str, bytes))
+    rows = list(ids) if nested else [ids]
+    out = []
+    for i, row in enumerate(rows):
+        where = f"input_ids[{i}]" if nested else "input_ids"
+        if isinstance(row, (torch.Tensor, np.ndarray)):
+            if row.ndim != 1:
+                raise MemwiseError(f"{where} must be a 1-D row of token ids, got shape {tuple(row.shape)}")
+            row = _id_tensor(row)[0].tolist() if len(row) else []
+        elif isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+            raise MemwiseError(f"{where} must be a list of int token ids, got {_shown(row)}")
+        if len(row) == 0:
+            raise MemwiseError(f"{where} is empty; every prompt needs at least one token")
+        for j, token in enumerate(row):
+            # bool is an int subclass, and int() would silently truncate 2.5 to 2.
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise MemwiseError(f"{where}[{j}] must be an int token id, got {_shown(token)}")
+        out.append([int(t) for t in row])
+    return out
+
+
+def _mask_tensor(mask: object, ids: torch.Tensor) -> torch.Tensor:
+    """The attention mask as a bool tensor of 0/1 entries (all ones when None)."""
+    if mask is None:
+        return torch.ones_like(ids, dtype=torch.bool)
+    if isinstance(mask, (list, tuple, np.ndarray)):
+        try:
+            mask = torch.as_tensor(np.asarray(mask))
+        except (TypeError, ValueError, RuntimeError):
+            raise MemwiseError(f"attention_mask must be a rectangular array of 0/1, got {_shown(mask)}") from None
+    if not isinstance(mask, torch.Tensor) or mask.is_floating_point() or mask.is_complex():
+        kind = f"a tensor of {mask.dtype}" if isinstance(mask, torch.Tensor) else _shown(mask)
+        raise MemwiseError(f"attention_mask must be 0/1 ints or bools, got {kind}")
+    if mask.dtype != torch.bool and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise MemwiseError("attention_mask must hold only 0 and 1")
+    return (mask[None] if mask.dim() == 1 else mask).to(dtype=torch.bool)

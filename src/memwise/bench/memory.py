@@ -16,8 +16,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
+
 from memwise.dtypes import parse_dtype
 from memwise.errors import MemwiseError
+from memwise.memory_gate import available_bytes, weights_bytes
 from memwise.source import family_and_spec
 from memwise.spec import ModelSpec
 
@@ -152,20 +155,12 @@ def _transformers_parameters(config: dict[str, Any]) -> int:
 
 
 def memwise_weights_bytes(config: dict[str, Any], dtype: str) -> int | None:
-    """Bytes memwise's own family module says the weights take at `dtype`, or None if it cannot say.
-
-    weight_sizes() lists bytes per storage kind: dtype names for dense decoders, "packed 2-bit" for
-    the ternary family (what it holds whatever the dtype of its activations).
-    """
+    """Bytes memwise's own family module says the weights take at `dtype`, or None if it cannot say."""
     model = _memwise_model(config)
     if model is None:
         return None
     family, spec = model
-    sizes = family.weight_sizes(spec)
-    if dtype in sizes:
-        return int(sizes[dtype])
-    packed = [v for k, v in sizes.items() if "packed" in k]
-    return int(packed[0]) if packed else None
+    return weights_bytes(family, spec, parse_dtype(dtype))
 
 
 def estimate_cell_bytes(arch: Architecture, engine: str, dtype: str, batch_size: int, prompt_tokens: int,
@@ -191,6 +186,4 @@ def estimate_cell_bytes(arch: Architecture, engine: str, dtype: str, batch_size:
 
 
 def available_memory_bytes() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+    return available_bytes(torch.device("cpu"))
