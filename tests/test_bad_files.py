@@ -11,15 +11,18 @@ import shutil
 import signal
 import struct
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
 
 import memwise
 from memwise.checkpoint import CheckpointReader
+from memwise.cli import main
 from memwise.errors import CheckpointError, ConfigError, MemwiseError, SourceError, UnsupportedError
 from memwise.info import describe
+from memwise.models import hgrn_bit
 from memwise.json_file import read_json
 from memwise.memory_gate import OutOfMemoryError, check_fits, weights_bytes
 from memwise.source import resolve_model
@@ -73,6 +76,25 @@ def first_float_matrix(header: dict) -> str:
     return next(name for name, entry in header.items() if name != "__metadata__" and len(entry["shape"]) == 2)
 
 
+class Hang(Exception):
+    pass
+
+
+@contextmanager
+def answers_within(seconds: int) -> Iterator[None]:
+    """Raise Hang in the test's thread if the block takes longer: a hang fails the test, not CI."""
+    def alarm(signum, frame):
+        raise Hang(f"no answer within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # ---- hand-made faults: (family, edit of the copy, error class, message) --------------------------
 
 def _relabel_int(header: dict) -> None:
@@ -90,7 +112,7 @@ def _non_utf8(name: str) -> Callable[[Path], None]:
 
 CASES = [
     # Bad 1: an absurd layer count is refused at once (it used to hang building 10^9 layers).
-    ("gpt2", lambda d: edit_config(d, n_layer=10**9), CheckpointError, "says 1000000000 layers, but the checkpoint holds 2"),
+    ("gpt2", lambda d: edit_config(d, n_layer=10**9), CheckpointError, r"config.json: says 1000000000 layers, but the checkpoint in .*gpt2 holds 2"),
     ("llama", lambda d: edit_config(d, num_hidden_layers=10**9), CheckpointError, "says 1000000000 layers"),
     ("hgrn", lambda d: edit_config(d, num_hidden_layers=10**9), CheckpointError, "says 1000000000 layers"),
     # Bad 3: a float tensor relabelled as integers would load as huge values.
@@ -119,11 +141,19 @@ CASES = [
 
 
 @pytest.mark.parametrize("family,edit,error,message", CASES)
-def test_a_bad_file_is_one_clear_error(originals, tmp_path, family, edit, error, message) -> None:
+def test_a_bad_file_is_one_clear_error(originals, tmp_path, capsys, family, edit, error, message) -> None:
     directory = copy_of(originals, family, tmp_path)
     edit(directory)
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message), answers_within(20):
         memwise.load(str(directory))
+    # The same through the command line: one line, exit 1, nothing written anywhere.
+    before = sorted(tmp_path.rglob("*"))
+    capsys.readouterr()
+    with answers_within(20):
+        status = main(["generate", str(directory), "--prompt", "hello", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and err[0].startswith("memwise: error: "), err
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize("preset", ["tiny-mmfree", "tiny-llama", "tiny-gpt2"])
@@ -147,7 +177,9 @@ def _layout(family, spec):
 def test_info_on_an_absurd_layer_count_answers(tmp_path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(hgrn_config(64, 10**9, 97)))
-    describe(str(tmp_path / "m"), None)     # the alarm of the fuzz test is not needed: this used to hang
+    with answers_within(20):    # it used to hang, walking 10^9 layers
+        table = describe(str(tmp_path / "m"), None)
+    assert f"{hgrn_bit.parameter_count(resolve_model(str(tmp_path / 'm')).spec):,}" in str(table.columns[1]._cells)
 
 
 @pytest.mark.parametrize("source,message", [("", "the model source is empty"), ("  ", "empty"),
@@ -235,13 +267,6 @@ def mutate_config(config: dict, rng: random.Random) -> None:
         config[key] = rng.choice(choices)
 
 
-class Hang(Exception):
-    pass
-
-
-def _alarm(signum, frame):
-    raise Hang("no answer within 20 s")
-
 
 @pytest.mark.parametrize("family", ["llama", "hgrn"])
 def test_fuzzed_headers_and_configs_load_correctly_or_fail_clearly(originals, tmp_path, family) -> None:
@@ -250,34 +275,29 @@ def test_fuzzed_headers_and_configs_load_correctly_or_fail_clearly(originals, tm
     expected = memwise.load(str(original)).logits(PROMPT)
     header, data = read_header(original / "model.safetensors")
     config = json.loads((original / "config.json").read_text())
-    previous = signal.signal(signal.SIGALRM, _alarm)
     outcomes = {"loaded": 0, "refused": 0}
-    try:
-        for case in range(150):
-            directory = tmp_path / f"case{case}"
-            shutil.copytree(original, directory)
-            mutated_header, mutated_config = json.loads(json.dumps(header)), dict(config)
-            on_header = case % 2 == 0
-            if on_header:
-                mutate_header(mutated_header, rng)
-                write_header(directory / "model.safetensors", mutated_header, data)
-            else:
-                mutate_config(mutated_config, rng)
-                (directory / "config.json").write_text(json.dumps(mutated_config))
-            signal.alarm(20)
-            try:
+    for case in range(150):
+        directory = tmp_path / f"case{case}"
+        shutil.copytree(original, directory)
+        mutated_header, mutated_config = json.loads(json.dumps(header)), dict(config)
+        on_header = case % 2 == 0
+        if on_header:
+            mutate_header(mutated_header, rng)
+            write_header(directory / "model.safetensors", mutated_header, data)
+        else:
+            mutate_config(mutated_config, rng)
+            (directory / "config.json").write_text(json.dumps(mutated_config))
+        try:
+            with answers_within(20):
                 model = memwise.load(str(directory))
                 logits = model.logits(PROMPT) if model.spec.vocab_size > max(PROMPT[0]) else None
-            except MemwiseError:
-                outcomes["refused"] += 1
-                continue
-            finally:
-                signal.alarm(0)
-                shutil.rmtree(directory)
-            outcomes["loaded"] += 1
-            # A header mutation that still loads must load the same weights (no silent aliasing).
-            if on_header:
-                assert torch.equal(logits, expected), (case, mutated_header)
-    finally:
-        signal.signal(signal.SIGALRM, previous)
+        except MemwiseError:
+            outcomes["refused"] += 1
+            continue
+        finally:
+            shutil.rmtree(directory)
+        outcomes["loaded"] += 1
+        # A header mutation that still loads must load the same weights (no silent aliasing).
+        if on_header:
+            assert torch.equal(logits, expected), (case, mutated_header)
     assert outcomes["refused"] > 50 and outcomes["loaded"] > 5, outcomes

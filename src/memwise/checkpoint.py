@@ -203,8 +203,8 @@ class CheckpointReader:
                                   f"does not use (it says {num_layers} layers): the config does not match the weights")
         if len(found) < num_layers:
             first_missing = next(i for i in range(len(found) + 1) if i >= len(found) or found[i] != i)
-            raise CheckpointError(f"{self.directory}: {config} says {num_layers} layers, but the checkpoint holds "
-                                  f"{len(found)} (layer {first_missing} is the first missing)")
+            raise CheckpointError(f"{config}: says {num_layers} layers, but the checkpoint in {self.directory} "
+                                  f"holds {len(found)} (layer {first_missing} is the first missing)")
 
     def names(self) -> list[str]:
         return list(self.entries)
