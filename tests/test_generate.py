@@ -151,3 +151,22 @@ def test_greedy_picks_the_first_of_equal_maxima() -> None:
     logits = torch.tensor([[1.0, 5.0, 5.0, 2.0], [7.0, 7.0, 0.0, 7.0], [-float("inf"), -1.0, -1.0, -2.0]])
     got = sample_next(logits, GenerationOptions(), None)
     assert got.tolist() == [1, 0, 1] == logits.argmax(dim=-1).tolist()
+
+
+def test_the_token_buffer_grows_as_tokens_come(monkeypatch):
+    # Repetition penalty and the n-gram rule read the whole buffer: a buffer that starts at 2 tokens
+    # and doubles must give the same tokens as one reserved up front.
+    import memwise.generate as generate
+    model = memwise.load("preset:tiny-llama")
+    options = dict(repetition_penalty=1.3, no_repeat_ngram_size=2, ignore_eos=True)
+    reserved = model.generate([[5, 6, 7], [9, 9, 9]], max_new_tokens=40, **options)
+    monkeypatch.setattr(generate, "FIRST_CAPACITY", 2)
+    assert torch.equal(model.generate([[5, 6, 7], [9, 9, 9]], max_new_tokens=40, **options), reserved)
+
+
+def test_a_recurrent_model_streams_without_reserving_for_max_new_tokens():
+    # Its state is constant in the length, so 10^12 requested tokens fit; only the tokens made take memory.
+    import itertools
+    model = memwise.load("preset:tiny-mmfree")
+    steps = list(itertools.islice(model.stream([[5, 6, 7]], max_new_tokens=10**12, ignore_eos=True), 3))
+    assert len(steps) == 3

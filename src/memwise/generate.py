@@ -91,13 +91,45 @@ def sample_next(logits: torch.Tensor, options: GenerationOptions, generator: tor
 
 @dataclass
 class GenerationState:
-    """The growing token buffer of a batch: prompt (left-padded) + generated tokens."""
+    """The growing token buffer of a batch: prompt (left-padded) + generated tokens.
 
-    tokens: torch.Tensor            # [B, T + max_new] long
-    real: torch.Tensor              # [B, T + max_new] bool: not padding
+    It grows as tokens come (doubling, up to prompt + max_new_tokens) instead of being reserved for
+    the whole request: a recurrent model asked for 10^9 tokens then holds memory for the tokens it
+    has made, not for those it may make."""
+
+    tokens: torch.Tensor            # [B, capacity] long; [:, :length] written
+    real: torch.Tensor              # [B, capacity] bool: not padding
     length: int                     # tokens written so far
     prompt_length: int
     finished: torch.Tensor          # [B] bool
+    limit: int                      # prompt + max_new_tokens: the most it will ever hold
+
+    @classmethod
+    def start(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+              pad_token_id: int) -> "GenerationState":
+        batch, prompt_len = input_ids.shape
+        capacity = prompt_len + min(max_new_tokens, FIRST_CAPACITY)
+        tokens = torch.full((batch, capacity), pad_token_id, dtype=torch.long, device=input_ids.device)
+        real = torch.zeros((batch, capacity), dtype=torch.bool, device=input_ids.device)
+        tokens[:, :prompt_len], real[:, :prompt_len] = input_ids, attention_mask
+        return cls(tokens, real, prompt_len, prompt_len, torch.zeros(batch, dtype=torch.bool, device=input_ids.device),
+                   prompt_len + max_new_tokens)
+
+    def append(self, next_tokens: torch.Tensor) -> None:
+        if self.length == self.tokens.shape[1]:
+            capacity = min(2 * self.length, self.limit)
+            grown = self.tokens.new_zeros((self.tokens.shape[0], capacity))
+            grown[:, :self.length] = self.tokens
+            self.tokens = grown
+            grown_real = self.real.new_zeros((self.real.shape[0], capacity))
+            grown_real[:, :self.length] = self.real
+            self.real = grown_real
+        self.tokens[:, self.length] = next_tokens
+        self.real[:, self.length] = ~self.finished
+        self.length += 1
+
+
+FIRST_CAPACITY = 1024
 
 
 def generate_steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: GenerationOptions,
@@ -113,17 +145,13 @@ def generate_steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     total = prompt_len + options.max_new_tokens
-    # The token buffer and the cache are allocated for the whole request up front: check it first.
+    # The cache is allocated for the whole request up front (a KV cache grows with it, a recurrent
+    # state does not): check it first. The token buffer grows as tokens come.
     check_fits(f"generating {options.max_new_tokens} tokens after {prompt_len} for {batch} sequence(s)",
-               {"cache": module.cache_bytes(batch, total), "tokens": batch * total * 9,
+               {"cache": module.cache_bytes(batch, total),
+                "tokens": batch * (prompt_len + min(options.max_new_tokens, FIRST_CAPACITY)) * 9,
                 "logits": 2 * batch * module.spec.vocab_size * 4}, device)
-    state = GenerationState(
-        tokens=torch.full((batch, total), pad_token_id, dtype=torch.long, device=device),
-        real=torch.zeros((batch, total), dtype=torch.bool, device=device),
-        length=prompt_len, prompt_length=prompt_len,
-        finished=torch.zeros(batch, dtype=torch.bool, device=device))
-    state.tokens[:, :prompt_len] = input_ids
-    state.real[:, :prompt_len] = attention_mask
+    state = GenerationState.start(input_ids, attention_mask, options.max_new_tokens, pad_token_id)
     generator = None
     if options.do_sample:
         generator = torch.Generator(device=device)
@@ -143,9 +171,7 @@ def generate_steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor
             logits = _process(logits, state, options, eos, step)
             next_tokens = sample_next(logits, options, generator)
             next_tokens = torch.where(state.finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
-            state.tokens[:, state.length] = next_tokens
-            state.real[:, state.length] = ~state.finished
-            state.length += 1
+            state.append(next_tokens)
             if stop_on_eos:
                 state.finished |= torch.isin(next_tokens, eos)
             if stop_strings is not None:

@@ -147,8 +147,12 @@ class LanguageModel:
         """One full forward pass without a reused cache: float32 logits [B, T, V]."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         self._check_length(input_ids.shape[1])
+        batch, length = input_ids.shape
+        check_fits(f"logits of {batch} x {length} tokens",
+                   {"cache": self.module.cache_bytes(batch, length),
+                    "logits": batch * length * self.spec.vocab_size * 4}, self.device)
         with torch.inference_mode():
-            cache = self.module.new_cache(input_ids.shape[0], input_ids.shape[1])
+            cache = self.module.new_cache(batch, length)
             return self.module(input_ids, cache, attention_mask).float()
 
     def stream(self, input_ids, max_new_tokens: int = 32, attention_mask=None, **options) -> Iterator[torch.Tensor]:
