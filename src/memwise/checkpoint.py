@@ -200,7 +200,8 @@ class CheckpointReader:
         unused = [i for i in found if i >= num_layers]
         if unused:
             raise CheckpointError(f"{self.directory}: the checkpoint holds layer(s) {_span(unused)} that {config} "
-                                  f"does not use (it says {num_layers} layers): the config does not match the weights")
+                                  f"does not use (it says {num_layers} layer{'s' if num_layers != 1 else ''}): the config does not "
+                                  "match the weights")
         if len(found) < num_layers:
             first_missing = next(i for i in range(len(found) + 1) if i >= len(found) or found[i] != i)
             raise CheckpointError(f"{config}: says {num_layers} layers, but the checkpoint in {self.directory} "

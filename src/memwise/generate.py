@@ -151,6 +151,16 @@ def generate_steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor
                {"cache": module.cache_bytes(batch, total),
                 "tokens": batch * (prompt_len + min(options.max_new_tokens, FIRST_CAPACITY)) * 9,
                 "logits": 2 * batch * module.spec.vocab_size * 4}, device)
+    return _steps(module, input_ids, attention_mask, options, eos_token_ids, pad_token_id, decode)
+
+
+def _steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, options: GenerationOptions,
+           eos_token_ids: tuple[int, ...], pad_token_id: int,
+           decode: Callable[[list[int]], str] | None) -> Iterator[torch.Tensor]:
+    """generate_steps' loop, a generator: its checks run when it is called, this when it is iterated."""
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    total = prompt_len + options.max_new_tokens
     state = GenerationState.start(input_ids, attention_mask, options.max_new_tokens, pad_token_id)
     generator = None
     if options.do_sample:

@@ -133,6 +133,8 @@ class LanguageModel:
         if self.spec.positions == "learned" and length > self.spec.max_positions:
             raise MemwiseError(f"{length} tokens exceed this model's {self.spec.max_positions} positions "
                                "(prompt + new tokens)")
+
+    def _warn_past_context(self, length: int) -> None:
         # Rotary positions have no table to run off, so a longer context runs; but the model never saw
         # such positions in training and its output usually degrades there. Dynamic NTK scaling is
         # made to stretch past the limit, so it gets no warning.
@@ -151,6 +153,7 @@ class LanguageModel:
         check_fits(f"logits of {batch} x {length} tokens",
                    {"cache": self.module.cache_bytes(batch, length),
                     "logits": batch * length * self.spec.vocab_size * 4}, self.device)
+        self._warn_past_context(length)
         with torch.inference_mode():
             cache = self.module.new_cache(batch, length)
             return self.module(input_ids, cache, attention_mask).float()
@@ -162,8 +165,10 @@ class LanguageModel:
         opts.check()    # here, not on the first step of the lazy generator, and before the length sum
         self._check_length(input_ids.shape[1] + opts.max_new_tokens)
         decode = self._tokenizer.decode if self._tokenizer is not None else None
-        return generate_steps(self.module, input_ids, attention_mask, opts, self.spec.eos_token_ids,
-                              self.pad_token_id, decode)
+        steps = generate_steps(self.module, input_ids, attention_mask, opts, self.spec.eos_token_ids,
+                               self.pad_token_id, decode)
+        self._warn_past_context(input_ids.shape[1] + opts.max_new_tokens)   # once the request passed its checks
+        return steps
 
     def generate(self, input_ids, max_new_tokens: int = 32, attention_mask=None, **options) -> torch.Tensor:
         """Prompt plus generated tokens, [B, T + n] like Hugging Face's generate (n <= max_new_tokens)."""
