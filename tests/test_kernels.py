@@ -79,6 +79,11 @@ def test_matmul_extreme_accumulators(isa: str) -> None:
     assert out[0, 0].item() == 128 * k and out[0, 1].item() == -128 * k
     assert out[1, 1].item() == 127 * k and out[2, 2].item() == 0
     assert torch.equal(out, ternary_matmul_reference(q, t))
+    # One row at a time takes the GEMV kernels, whose sums (AVX2: 16-bit lanes over 8 blocks) meet
+    # their bounds exactly here: codes 2 against -128 everywhere.
+    for row in range(q.shape[0]):
+        single = kernels.ternary_matmul(q[row:row + 1], TernaryMatrix.from_ternary(t, 1.0), isa=isa)
+        assert torch.equal(single, out[row:row + 1])
 
 
 def test_isa_paths_shape() -> None:

@@ -138,6 +138,94 @@ DEFINE_TILE256(tile_avx2, T256, {
             acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(s16[r][c], ones));
 })
 
+/* The AVX2 GEMV (one activation row).  One shift unpacks a block: groups 0 and 2 are (raw & 3)
+ * and ((raw >> 4) & 3), groups 1 and 3 stay in place at 4 times their code, (raw & 12) and
+ * ((raw >> 4) & 12), summed apart in `hi` and shifted back once per GEMV16_BLOCKS blocks.  Sums
+ * stay in 16-bit lanes for those blocks, so the widening PMADDWD is paid once per 8 blocks
+ * instead of every block: a row-block costs one load, one shift, four ANDs, four PMADDUBSW and
+ * four 16-bit adds, against three shifts, four ANDs, four PMADDUBSW, three adds, a PMADDWD and a
+ * 32-bit add before (llvm-mca figures in docs/matmul-free.md).
+ * Bounds, activations in [-128, 127] (quantize.h clamps there): a PMADDUBSW lane of codes <= 2 lies
+ * in [-512, 508], of in-place codes <= 8 in [-2048, 2032], and never saturates.  `hi` takes two of
+ * the latter per block, so 8 blocks stay within [-32768, 32512]; `lo` within [-8192, 8128].  Each
+ * `hi` lane is a multiple of 4, so hi >> 2 is exact and lo + (hi >> 2) lies within +-16384. */
+#define GEMV16_BLOCKS 8
+
+MW_INLINE T256 __m256i mac16(__m256i sum, __m256i codes, const __m256i *x) {
+    return _mm256_add_epi16(sum, _mm256_maddubs_epi16(codes, _mm256_loadu_si256(x)));
+}
+
+/* Block b of C weight rows (ws bytes apart from w) against block b of the activation row q.  The
+ * activations are read as memory operands of PMADDUBSW: held in registers beside the 2C sums,
+ * they would not fit in sixteen. */
+MW_INLINE T256 void gemv_rows_avx2(__m256i lo[4], __m256i hi[4], const uint8_t *w, size_t ws,
+                                   const int C, const int8_t *q, int64_t b) {
+    const __m256i k03 = _mm256_set1_epi8(0x03), k0c = _mm256_set1_epi8(0x0c);
+    const __m256i *x = (const __m256i *)(q + b * BLOCK);
+    for (int c = 0; c < C; ++c) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + c * ws + b * BLOCK_BYTES));
+        const __m256i up = _mm256_srli_epi16(raw, 4);
+        lo[c] = mac16(lo[c], _mm256_and_si256(raw, k03), x);
+        hi[c] = mac16(hi[c], _mm256_and_si256(raw, k0c), x + 1);
+        lo[c] = mac16(lo[c], _mm256_and_si256(up, k03), x + 2);
+        hi[c] = mac16(hi[c], _mm256_and_si256(up, k0c), x + 3);
+        /* An empty asm that pins the sums in registers: without it GCC reassociates the adds of
+         * consecutive blocks, keeps each block's products live at once, and spills. */
+        __asm__("" : "+x"(lo[c]), "+x"(hi[c]));
+    }
+}
+
+/* One activation row x C weight rows.  Blocks go in pairs, one 64-byte line of each row, so each
+ * line of the tile ahead is prefetched once without a test on the block's parity. */
+static inline __attribute__((always_inline)) T256 void tile_avx2_gemv(
+    const job_t *j, int64_t n, int64_t m, const int C, const char *pf, const char *far) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4], lo[4], hi[4];
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_si256();
+    const size_t ws = (size_t)j->nb * BLOCK_BYTES;
+    const uint8_t *w = j->w + n * ws;
+    const int8_t *q = j->q + m * j->qs;
+    for (int64_t b0 = 0; b0 < j->nb; b0 += GEMV16_BLOCKS) {
+        const int64_t b1 = b0 + GEMV16_BLOCKS < j->nb ? b0 + GEMV16_BLOCKS : j->nb;
+        for (int c = 0; c < C; ++c) lo[c] = hi[c] = _mm256_setzero_si256();
+        int64_t b = b0;
+        for (; b < b1; b += 2) {
+            for (int c = 0; c < C; ++c) {
+                if (pf) _mm_prefetch(pf + c * ws + b * BLOCK_BYTES, _MM_HINT_T0);
+                if (far) _mm_prefetch(far + c * ws + b * BLOCK_BYTES, _MM_HINT_T2);
+            }
+            if (b + 1 == b1) break; /* an odd last block of the row */
+            gemv_rows_avx2(lo, hi, w, ws, C, q, b);
+            gemv_rows_avx2(lo, hi, w, ws, C, q, b + 1);
+        }
+        if (b < b1) gemv_rows_avx2(lo, hi, w, ws, C, q, b);
+        for (int c = 0; c < C; ++c) {
+            const __m256i s = _mm256_add_epi16(lo[c], _mm256_srai_epi16(hi[c], 2));
+            acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(s, ones));
+        }
+    }
+    for (int c = 0; c < C; ++c) {
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc[c]),
+                                  _mm256_extracti128_si256(acc[c], 1));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+        put(j, m, n + c, _mm_cvtsi128_si32(h));
+    }
+}
+
+/* Each width its own function: inlined into run_avx2 beside the other tiles, GCC spilled the
+ * sums of this loop to the stack. */
+#define DEFINE_GEMV_AVX2(C)                                                                      \
+    static __attribute__((noinline)) T256 void tile_avx2_gemv##C(                               \
+        const job_t *j, int64_t n, int64_t m, const char *pf, const char *far) {                \
+        tile_avx2_gemv(j, n, m, C, pf, far);                                                    \
+    }
+DEFINE_GEMV_AVX2(1)
+DEFINE_GEMV_AVX2(2)
+DEFINE_GEMV_AVX2(3)
+DEFINE_GEMV_AVX2(4)
+#define tile_avx2_gemv_n(j, n, m, C, pf, far) tile_avx2_gemv##C(j, n, m, pf, far)
+
 DEFINE_TILE256(tile_avxvnni, TVNNI, {
     for (int g = 0; g < 4; ++g) {
         __m256i wc[4];
@@ -175,7 +263,7 @@ MW_INLINE const char *tile_ahead(const job_t *j, int64_t t, int64_t t1, int64_t 
 #define PF_FAR_BYTES (4 * PF_BYTES)
 #endif
 
-#define DEFINE_RUN256(NAME, TILE, ATTR)                                                         \
+#define DEFINE_RUN256(NAME, TILE, GEMV, ATTR)                                                         \
     static ATTR void NAME(const job_t *j, int64_t t0, int64_t t1, int tid) {                   \
         (void)tid;                                                                              \
         int64_t rows = gemm_row_chunk(j->qs);                                                   \
@@ -189,17 +277,18 @@ MW_INLINE const char *tile_ahead(const job_t *j, int64_t t, int64_t t1, int64_t 
                 for (int64_t m = m0; m < m1; m += 2) {                                          \
                     int r2 = m + 1 < m1;                                                        \
                     const char *pf = m == 0 ? ahead : NULL, *far = m == 0 ? ahead_far : NULL;  \
-                    if (cn == 4) { if (r2) TILE(j, n, m, 2, 4, pf, far); else TILE(j, n, m, 1, 4, pf, far); } \
-                    else if (cn == 3) { if (r2) TILE(j, n, m, 2, 3, pf, far); else TILE(j, n, m, 1, 3, pf, far); } \
-                    else if (cn == 2) { if (r2) TILE(j, n, m, 2, 2, pf, far); else TILE(j, n, m, 1, 2, pf, far); } \
-                    else { if (r2) TILE(j, n, m, 2, 1, pf, far); else TILE(j, n, m, 1, 1, pf, far); } \
+                    if (cn == 4) { if (r2) TILE(j, n, m, 2, 4, pf, far); else GEMV(j, n, m, 4, pf, far); } \
+                    else if (cn == 3) { if (r2) TILE(j, n, m, 2, 3, pf, far); else GEMV(j, n, m, 3, pf, far); } \
+                    else if (cn == 2) { if (r2) TILE(j, n, m, 2, 2, pf, far); else GEMV(j, n, m, 2, pf, far); } \
+                    else { if (r2) TILE(j, n, m, 2, 1, pf, far); else GEMV(j, n, m, 1, pf, far); } \
                 }                                                                               \
             }                                                                                   \
         }                                                                                       \
     }
 
-DEFINE_RUN256(run_avx2, tile_avx2, T256)
-DEFINE_RUN256(run_avxvnni, tile_avxvnni, TVNNI)
+DEFINE_RUN256(run_avx2, tile_avx2, tile_avx2_gemv_n, T256)
+#define tile_avxvnni_gemv(j, n, m, C, pf, far) tile_avxvnni(j, n, m, 1, C, pf, far)
+DEFINE_RUN256(run_avxvnni, tile_avxvnni, tile_avxvnni_gemv, TVNNI)
 
 #endif /* MW_X86 */
 
