@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import threading
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from memwise import kernels
 from memwise.kernels import MAX_COLS, KernelInputError
 from memwise.kernels.packed import padded_cols
+from memwise.kernels.threads import CpuBudget
 
 try:
     from memwise.models.hgrn_bit import _step
@@ -176,6 +178,7 @@ class FusedDecoder:
         self.embeddings = model.embeddings
         self._workspaces: dict[tuple[int, str, int], Any] = {}
         self._lock = threading.Lock()
+        self._budget = CpuBudget()
 
     def _workspace(self, batch: int, isa: str, threads: int) -> Any:
         key = (batch, isa, threads)
@@ -213,6 +216,8 @@ class FusedDecoder:
             mask_ptr = mask.data_ptr()
         name = kernels.resolve_isa(isa)
         threads = kernels.num_threads()
+        if os.environ.get("MEMWISE_FIXED_THREADS") != "1":
+            threads = self._budget.threads(threads)
         x = self.embeddings.index_select(0, input_ids.reshape(-1)).to(torch.float32).contiguous()
         logits = torch.empty((batch, v), dtype=torch.float32)
         if batch == 0:
