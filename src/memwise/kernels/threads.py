@@ -8,12 +8,14 @@ share of the machine that is left to it. With one thread per free core, none of 
 CpuBudget measures, over windows of WINDOW_S, the CPU time that other processes used: the
 machine's busy time (/proc/stat, the CPUs this process may run on) less this process's own. It
 offers threads for the cores that remain, rounded, at least one. Where /proc/stat is missing (not
-Linux) it offers every thread asked for.
+Linux) it offers every thread asked for, and so it does with MEMWISE_FIXED_THREADS=1.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from typing import Iterator
 
 WINDOW_S = 0.2
 _IDLE_FIELDS = (3, 4)  # idle and iowait; every other field of a cpu line is time something ran
@@ -85,6 +87,24 @@ class CpuBudget:
         return self._others
 
     def threads(self, wanted: int) -> int:
-        if wanted <= 1 or not self.usable:
+        if wanted <= 1 or not self.usable or os.environ.get("MEMWISE_FIXED_THREADS") == "1":
             return max(1, wanted)
         return threads_for(wanted, len(self._cpus), self.others_cores())
+
+    @contextlib.contextmanager
+    def torch_threads(self) -> Iterator[int]:
+        """torch's thread count lowered to threads(its count) for the block, and restored after:
+        torch's own parallel regions wait for their slowest thread like the kernels' do. Yields
+        the count in force."""
+        import torch
+
+        previous = torch.get_num_threads()
+        threads = self.threads(previous)
+        if threads >= previous:
+            yield previous
+            return
+        torch.set_num_threads(threads)
+        try:
+            yield threads
+        finally:
+            torch.set_num_threads(previous)
