@@ -44,16 +44,20 @@ def test_budget_follows_other_processes(tmp_path, monkeypatch):
     budget = threads.CpuBudget(str(path))
     budget._ticks = 100.0
     assert budget.threads(2) == 2            # no window yet
-    # 1 s: the machine ran 1.9 CPU-seconds, this process 1.0 of them: others took 0.9 of a core.
-    clock.update(wall=101.0, cpu=6.0)
-    path.write_text(stat(90, 100))
+    clock.update(wall=100.25, cpu=5.25)
+    path.write_text(stat(22, 25))            # 0.25 s: the machine ran 0.47 CPU-s, this process 0.25
     assert budget.threads(2) == 1 and budget.threads(1) == 1
-    clock.update(wall=101.1)
+    clock.update(wall=101.0, cpu=6.0)        # 0.75 s later the reading is stale: every thread again
+    assert budget.threads(2) == 2
+    clock.update(wall=101.25, cpu=6.25)
+    path.write_text(stat(44, 50))
+    assert budget.threads(2) == 1 and budget.threads(1) == 1
+    clock.update(wall=101.3)
     path.write_text(stat(0, 0))              # inside the window: the last reading stands
     assert budget.threads(2) == 1
-    clock.update(wall=102.0, cpu=7.8)
-    path.write_text(stat(180, 200))          # others: 1.9 - 1.8 = 0.1 of a core
+    clock.update(wall=101.5, cpu=6.65)
+    path.write_text(stat(86, 50))            # others: 0.42 - 0.4 = 0.02 s over 0.25 s
     assert budget.threads(2) == 2
     path.unlink()
-    clock.update(wall=103.0)
+    clock.update(wall=101.7)
     assert budget.threads(2) == 2 and not budget.usable   # without /proc/stat: every thread asked for

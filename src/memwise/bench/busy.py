@@ -24,8 +24,9 @@ _LOOP = ("import os, sys\n"
          "while os.getppid() == parent:\n"
          "    for _ in range(1_000_000):\n"
          "        pass\n")
-# The load runs this long before the timed work starts, as a process already running would;
-# memwise's thread choice (memwise.kernels.threads) measures the machine over 0.2 s windows.
+# The load runs this long before the timed work starts, as a process already running would, and
+# the machine rests as long after it; memwise's thread choice (memwise.kernels.threads) measures
+# the machine over 0.1 s windows.
 SETTLE_S = 0.5
 
 
@@ -50,12 +51,17 @@ class BusyLoad:
             raise
 
     def stop(self) -> None:
+        """Stops them, then waits settle_s: the run that follows starts on a machine that has been
+        idle for a moment, as the first one did."""
+        started = bool(self.children)
         for child in self.children:
             if child.poll() is None:
                 child.kill()
         for child in self.children:
             child.wait()
         self.children = []
+        if started:
+            time.sleep(self.settle_s)
 
     def running(self) -> list[int]:
         """Process ids of the busy processes still running."""
