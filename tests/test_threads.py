@@ -47,16 +47,17 @@ def test_budget_follows_other_processes(tmp_path, monkeypatch):
     clock.update(wall=100.25, cpu=5.25)
     path.write_text(stat(22, 25))            # 0.25 s: the machine ran 0.47 CPU-s, this process 0.25
     assert budget.threads(2) == 1 and budget.threads(1) == 1
-    clock.update(wall=101.0, cpu=6.0)        # 0.75 s later the reading is stale: every thread again
+    path.write_text(stat(44, 25))
+    clock.update(wall=101.0, cpu=6.0)        # a pause of 0.75 s with nothing else running: every thread
     assert budget.threads(2) == 2
     clock.update(wall=101.25, cpu=6.25)
-    path.write_text(stat(44, 50))
+    path.write_text(stat(66, 50))
     assert budget.threads(2) == 1 and budget.threads(1) == 1
     clock.update(wall=101.3)
     path.write_text(stat(0, 0))              # inside the window: the last reading stands
     assert budget.threads(2) == 1
     clock.update(wall=101.5, cpu=6.65)
-    path.write_text(stat(86, 50))            # others: 0.42 - 0.4 = 0.02 s over 0.25 s
+    path.write_text(stat(108, 50))           # others: 0.42 - 0.4 = 0.02 s over 0.25 s
     assert budget.threads(2) == 2
     path.unlink()
     clock.update(wall=101.7)

@@ -7,9 +7,10 @@ share of the machine that is left to it. With one thread per free core, none of 
 
 CpuBudget measures, over windows of WINDOW_S, the CPU time that other processes used: the
 machine's busy time (/proc/stat, the CPUs this process may run on) less this process's own. It
-offers threads for the cores that remain, rounded, at least one. A reading older than STALE_S
-(no kernel ran for a while) says nothing about now: the budget then starts over and offers every
-thread until a new window is complete, so that an idle machine never waits for proof of it. Where /proc/stat is missing (not
+offers threads for the cores that remain, rounded, at least one. After a pause the window is the
+pause itself, the best guess of what the machine does now. (Offering every thread after a pause
+instead cost a busy machine's decode most of its speed: a few steps on a shared core are slower
+than all the others together.) Where /proc/stat is missing (not
 Linux) it offers every thread asked for, and so it does with MEMWISE_FIXED_THREADS=1.
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ import time
 from typing import Iterator
 
 WINDOW_S = 0.1   # /proc/stat counts in 10 ms ticks: 10 per CPU and window, enough to tell a busy core
-STALE_S = 0.3
 _IDLE_FIELDS = (3, 4)  # idle and iowait; every other field of a cpu line is time something ran
 
 
@@ -80,8 +80,6 @@ class CpuBudget:
     def others_cores(self) -> float:
         """Cores other processes kept busy over the last full window (0 before the first one)."""
         now = time.monotonic()
-        if self._mark is not None and now - self._mark[0] > STALE_S:
-            self._mark, self._others = None, 0.0
         if self.usable and (self._mark is None or now - self._mark[0] >= WINDOW_S):
             sample = self._sample()
             if sample is not None and self._mark is not None:
