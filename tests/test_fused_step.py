@@ -126,11 +126,13 @@ def test_every_isa_path(isa: str, monkeypatch: pytest.MonkeyPatch, shared) -> No
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
-def test_thread_counts(threads: int, shared) -> None:
+def test_thread_counts(threads: int, shared, monkeypatch: pytest.MonkeyPatch) -> None:
     # With fewer rows than threads, threads share a row: each quantizes its part of the row and
     # the parts' sums meet after a barrier; with more, each takes whole rows.  Seven threads leave
     # thread 0 no part of a 96-wide row (parts are multiples of 16), and outnumber the cores of
-    # small machines, where the step's barrier must yield.
+    # small machines, where the step's barrier must sleep.  The count is fixed: other processes on
+    # the machine must not change which split is tested.
+    monkeypatch.setenv("MEMWISE_FIXED_THREADS", "1")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -181,7 +183,7 @@ def test_greedy_generation_identical(model) -> None:
         assert torch.equal(alone[0, -24:], out["auto"][b, -24:])
 
 
-def test_large_rows() -> None:
+def test_large_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     # B x D and B x I above 32768 elements with two threads: rows wider than the vector loops' and
     # the threads' parts, widths off the vector length.
     config = {**preset_config("tiny-mmfree"), "hidden_size": 2080, "intermediate_size": 2000,
@@ -189,6 +191,7 @@ def test_large_rows() -> None:
     spec = hgrn_bit.spec_from_config(config, "test")
     module = hgrn_bit.synthetic(spec, seed=2)
     _randomize_gains(module, seed=2)
+    monkeypatch.setenv("MEMWISE_FIXED_THREADS", "1")
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

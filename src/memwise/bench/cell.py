@@ -9,6 +9,10 @@ Phases, as the design's "Measuring" section defines a cell: import and load (tim
 after load and the load peak recorded), reset of the high-water mark, warm-up generations at the
 same shapes, then the timed runs. Each run gives TTFT (prefill and the first token) and e2e; decode
 is e2e - TTFT over the remaining new_tokens - 1 tokens.
+
+With busy_cores (`--busy-cores N`) every warm-up and timed run happens twice, once as usual and once
+beside N busy processes (bench/busy.py), back to back in alternating order; the record holds both
+and the ratios of their speeds.
 """
 from __future__ import annotations
 
@@ -38,6 +42,9 @@ RECORD_FIELDS = (
     "source", "model_type", "runs", "warmup", "threads", "import_s", "prompt_ids", "prompt_tokens_samples",
     "new_tokens_samples", "peak_reset",
     "estimated_bytes", "outside_max_rss_bytes", "outside_wait4_max_rss_bytes", "wall_s",
+    # with --busy-cores: the same runs again beside busy processes (bench/busy.py)
+    "busy_cores", *[f"busy_{m}{suffix}" for m in TIMED_METRICS for suffix in ("", "_min", "_max", "_samples")],
+    "busy_prefill_ratio", "busy_decode_ratio",
 )
 
 
@@ -71,6 +78,7 @@ class CellSpec:
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
     estimated_bytes: int | None = None
+    busy_cores: int = 0                 # processes that keep cores busy beside each timed run (bench/busy.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -145,7 +153,6 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
     import torch  # the import is part of what a user waits for, and part of the timed load
 
     import memwise.bench.engines as engines
-    from memwise.generate import GenerationOptions
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -174,42 +181,80 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
     synthetic_ids = torch.randint(0, vocab, (spec.batch_size, spec.prompt_tokens), generator=generator)
     prompt_ids = [torch.tensor([p] * spec.batch_size, dtype=torch.long) for p in (spec.prompts or [])]
 
-    samples: dict[str, list[float | None]] = {m: [] for m in TIMED_METRICS}
-    prompt_lengths, new_lengths = [], []
-    plan = _plan(spec)
-    for i, (index, new_tokens) in enumerate(plan):
-        ids = synthetic_ids if index < 0 else prompt_ids[index]
-        # min_new_tokens = max_new_tokens keeps EOS out until the end: every run has the requested length.
-        options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True, **rules)
-        timing = engine.generate(ids, options)
-        if timing.new_tokens != new_tokens:
-            raise RuntimeError(f"{spec.engine} generated {timing.new_tokens} tokens, expected {new_tokens} "
-                               f"(EOS should be ignored)")
-        if i < spec.warmup:
-            continue
-        batch, prompt = ids.shape
-        decode_s = timing.e2e_s - timing.ttft_s
-        samples["ttft_s"].append(timing.ttft_s)
-        samples["e2e_s"].append(timing.e2e_s)
-        samples["prefill_tok_s"].append(batch * prompt / timing.ttft_s if timing.ttft_s > 0 else None)
-        # With one new token there is no decode phase: TPOT and decode tok/s are undefined, not 0.
-        steps = new_tokens - 1
-        samples["tpot_s"].append(decode_s / steps if steps > 0 else None)
-        samples["decode_tok_s"].append(batch * steps / decode_s if steps > 0 and decode_s > 0 else None)
-        prompt_lengths.append(prompt)
-        new_lengths.append(new_tokens)
-
+    samples, busy_samples, lengths = _timed_runs(spec, engine, synthetic_ids, prompt_ids, rules)
     record["peak_rss_bytes"] = memory.peak_rss_bytes()
     if spec.device.startswith("cuda"):
         record["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
     for name, values in samples.items():
         summarize(record, name, values)
+    if spec.busy_cores:
+        _summarize_busy(record, spec.busy_cores, samples, busy_samples)
+    prompt_lengths, new_lengths = lengths
     if prompt_lengths:   # real prompts differ in length; synthetic ones all have the requested shape
         record["prompt_tokens"] = int(statistics.median(prompt_lengths))
         record["new_tokens"] = int(statistics.median(new_lengths))
         record["prompt_tokens_samples"] = prompt_lengths
         record["new_tokens_samples"] = new_lengths
     record["status"] = "ok"
+
+
+def _conditions(spec: CellSpec, i: int) -> list[bool]:
+    """Whether run i goes with busy processes: without --busy-cores never; with it, each run twice,
+    without and with, in alternating order so that a machine that speeds up or slows down over the
+    cell moves both alike."""
+    if not spec.busy_cores:
+        return [False]
+    return [False, True] if i % 2 == 0 else [True, False]
+
+
+def _add_samples(samples: dict[str, list[float | None]], timing: Any, batch: int, prompt: int,
+                 new_tokens: int) -> None:
+    decode_s = timing.e2e_s - timing.ttft_s
+    samples["ttft_s"].append(timing.ttft_s)
+    samples["e2e_s"].append(timing.e2e_s)
+    samples["prefill_tok_s"].append(batch * prompt / timing.ttft_s if timing.ttft_s > 0 else None)
+    # With one new token there is no decode phase: TPOT and decode tok/s are undefined, not 0.
+    steps = new_tokens - 1
+    samples["tpot_s"].append(decode_s / steps if steps > 0 else None)
+    samples["decode_tok_s"].append(batch * steps / decode_s if steps > 0 and decode_s > 0 else None)
+
+
+def _timed_runs(spec: CellSpec, engine: Any, synthetic_ids: Any, prompt_ids: list[Any], rules: dict[str, Any]):
+    """Warm-up and timed generations: (samples, samples beside busy processes, (prompt, new) lengths)."""
+    from memwise.bench.busy import BusyLoad
+    from memwise.generate import GenerationOptions
+
+    samples: dict[str, list[float | None]] = {m: [] for m in TIMED_METRICS}
+    busy_samples: dict[str, list[float | None]] = {m: [] for m in TIMED_METRICS}
+    prompt_lengths, new_lengths = [], []
+    for i, (index, new_tokens) in enumerate(_plan(spec)):
+        ids = synthetic_ids if index < 0 else prompt_ids[index]
+        # min_new_tokens = max_new_tokens keeps EOS out until the end: every run has the requested length.
+        options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True, **rules)
+        for busy in _conditions(spec, i):
+            with BusyLoad(spec.busy_cores if busy else 0):
+                timing = engine.generate(ids, options)
+            if timing.new_tokens != new_tokens:
+                raise RuntimeError(f"{spec.engine} generated {timing.new_tokens} tokens, expected {new_tokens} "
+                                   f"(EOS should be ignored)")
+            if i >= spec.warmup:
+                _add_samples(busy_samples if busy else samples, timing, *ids.shape, new_tokens)
+        if i >= spec.warmup:
+            prompt_lengths.append(ids.shape[1])
+            new_lengths.append(new_tokens)
+    return samples, busy_samples, (prompt_lengths, new_lengths)
+
+
+def _summarize_busy(record: dict[str, Any], cores: int, samples: dict[str, list[float | None]],
+                    busy_samples: dict[str, list[float | None]]) -> None:
+    """busy_<metric> beside each metric, and busy_<speed>_ratio: the median over pairs of runs (one
+    without, one with busy processes, run back to back) of the speed with them over the speed without."""
+    record["busy_cores"] = cores
+    for name, values in busy_samples.items():
+        summarize(record, f"busy_{name}", values)
+    for name in ("prefill_tok_s", "decode_tok_s"):
+        ratios = [b / a for a, b in zip(samples[name], busy_samples[name]) if a and b is not None]
+        record[f"busy_{name.removesuffix('_tok_s')}_ratio"] = statistics.median(ratios) if ratios else None
 
 
 def _wait(device: str) -> None:

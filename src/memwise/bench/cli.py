@@ -99,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--warmup", type=_non_negative, help="untimed runs before them (default 1)")
     how.add_argument("--threads", type=_positive, help="CPU threads per cell (default: torch's choice)")
     how.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N")
+    how.add_argument("--busy-cores", type=_non_negative, default=0, metavar="N",
+                     help="also time every run beside N busy-loop processes (unpinned), back to back with "
+                          "the usual run; the report adds their speeds and the ratio busy/idle")
     how.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="give up on a cell after this long")
     how.add_argument("--out", type=Path, metavar="DIR",
                      help="write results.json, results.csv, results.md, plots and cell logs here")
@@ -144,14 +147,14 @@ def measure_command(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     metadata = machine_metadata(_command_line(args))
     metadata.update(suite=matrix.suite, sweep=matrix.sweep, threads=args.threads, device=args.device,
-                    runs=matrix.runs, warmup=matrix.warmup)
+                    runs=matrix.runs, warmup=matrix.warmup, busy_cores=args.busy_cores)
     if matrix.suite == "seed":
         metadata["published"] = {"label": PUBLISHED_LABEL, "numbers": PUBLISHED}
         metadata["seed_settings"] = {"prompts": matrix.prompts, "max_length": matrix.max_length,
                                      "repetition_penalty": matrix.repetition_penalty,
                                      "no_repeat_ngram_size": matrix.no_repeat_ngram_size, "eos": "ignored"}
     options = RunOptions(threads=args.threads, device=args.device, timeout_s=args.timeout,
-                         log_dir=args.out / "logs" if args.out is not None else None)
+                         log_dir=args.out / "logs" if args.out is not None else None, busy_cores=args.busy_cores)
     # Bandwidth is measured before and after the cells, never during one; other load on the machine
     # can only lower a reading, so the larger one is the better estimate of what the memory can do.
     with console.status("measuring memory bandwidth"):
@@ -198,8 +201,16 @@ def _summary(record: dict[str, Any]) -> str:
 
     decode = record.get("decode_tok_s")
     decode_text = f"{decode:.1f} tok/s" if decode is not None else "n/a"
+    busy = ""
+    if record.get("busy_cores"):
+        busy = (f", beside {record['busy_cores']} busy: decode x{_ratio(record.get('busy_decode_ratio'))}, "
+                f"prefill x{_ratio(record.get('busy_prefill_ratio'))}")
     return (f"{head}: load {record['load_s']:.1f} s, TTFT {record['ttft_s']:.3f} s, decode {decode_text}, "
-            f"peak {(peak_bytes(record) or 0) / 2**20:,.0f} MiB")
+            f"peak {(peak_bytes(record) or 0) / 2**20:,.0f} MiB{busy}")
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def report_command(args: argparse.Namespace) -> int:

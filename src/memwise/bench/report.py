@@ -30,6 +30,12 @@ COLUMNS: list[tuple[str, str]] = [
     ("Peak MiB", "peak"), ("Load peak MiB", "load_peak_rss_bytes"), ("Weights MiB", "weights_bytes"),
     ("Status", "status"),
 ]
+# With --busy-cores: speeds beside busy processes and their ratio to the usual run's (cell.py).
+BUSY_COLUMNS: list[tuple[str, str]] = [
+    ("Busy cores", "busy_cores"), ("Busy prefill tok/s", "busy_prefill_tok_s"),
+    ("Busy decode tok/s", "busy_decode_tok_s"), ("Prefill busy/idle", "busy_prefill_ratio"),
+    ("Decode busy/idle", "busy_decode_ratio"),
+]
 TEXT_COLUMNS = {"Model", "Engine", "Weights", "dtype", "Device", "Status"}
 # Shown in the caption instead of a column when every row has the same value.
 FOLDABLE = {"dtype", "device", "batch_size", "prompt_tokens", "new_tokens"}
@@ -48,6 +54,8 @@ def _cell_text(record: dict[str, Any], key: str) -> str:
         return "ok" if value == "ok" else f"{value} [{record.get('_note', '')}]"
     if key in ("peak", "load_peak_rss_bytes", "weights_bytes", "cuda_max_allocated_bytes"):
         return f"{value / 2**20:,.0f}"
+    if key.endswith("_ratio"):
+        return f"{value:.2f}"
     if key == "tpot_s":
         return f"{value * 1000:.1f}"
     if key.endswith("tok_s"):
@@ -82,6 +90,9 @@ def _columns(records: list[dict[str, Any]], published: dict[str, Any] | None) ->
         columns.append((header, key))
     if any(r.get("cuda_max_allocated_bytes") is not None for r in records):
         columns.insert(-1, ("CUDA max MiB", "cuda_max_allocated_bytes"))
+    if any(r.get("busy_cores") for r in records):
+        at = next(i for i, (_, key) in enumerate(columns) if key == "decode_tok_s") + 1
+        columns[at:at] = BUSY_COLUMNS
     if published:
         label = published.get("label", "published")
         columns.insert(-1, (f"s/answer ({label})", "_published_s"))
@@ -121,6 +132,9 @@ def table_rows(records: list[dict[str, Any]], metadata: dict[str, Any]) -> tuple
     if metadata.get("memory_bandwidth_bytes_per_s"):
         caption_parts.append(f"read bandwidth {metadata['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
     caption_parts.append("medians of timed runs; peak = max(load, generation) resident set")
+    if metadata.get("busy_cores"):
+        caption_parts.append(f"busy: the same runs beside {metadata['busy_cores']} busy-loop processes, "
+                             f"busy/idle the median ratio of back-to-back pairs")
     return headers, rows, " · ".join(caption_parts), lines
 
 

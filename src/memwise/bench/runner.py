@@ -39,6 +39,7 @@ class RunOptions:
     timeout_s: float | None = None      # per cell; None waits as long as it takes
     log_dir: Path | None = None         # each cell's stderr, when given
     seed: int = 0
+    busy_cores: int = 0                 # busy processes beside each timed run (bench/busy.py)
 
 
 def resolve_sources(models: list[str]) -> dict[str, Source]:
@@ -113,6 +114,7 @@ def plan_cells(matrix: Matrix, sources: dict[str, Source],
             prompt_ids_note=note, max_length=matrix.max_length, repetition_penalty=matrix.repetition_penalty,
             no_repeat_ngram_size=matrix.no_repeat_ngram_size,
             estimated_bytes=memory.estimate_cell_bytes(arch, engine, dtype, batch, prompt, new, weights),
+            busy_cores=options.busy_cores,
         )
         planned.append((spec, source, arch))
     return planned

@@ -40,6 +40,7 @@ HAVE_C: bool = _c is not None
 # Best first. Ids match the enum in common.h.
 _ISA_IDS = {"amx": 4, "avx512vnni": 3, "avxvnni": 2, "avx2": 1, "scalar": 0}
 BACKENDS = ("auto", "c", "triton", "reference")
+ARGMAX_PARALLEL_FROM = 1 << 20
 MAX_COLS = 1 << 22  # int32 lane accumulators of the AVX-512 path stay exact below this K
 
 __all__ = ["HAVE_C", "BACKENDS", "MAX_COLS", "KernelInputError", "bitlinear", "ternary_matmul", "quantize_rows",
@@ -275,5 +276,8 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
         return logits.max(dim=-1).indices
     out = torch.empty(logits.shape[0], dtype=torch.long)
     if logits.shape[0]:
-        _c.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), num_threads())
+        # Below a million logits one thread scans them in microseconds, and a parallel region
+        # would wait, once per token, for a second thread that a busy machine may have descheduled.
+        threads = num_threads() if logits.numel() >= ARGMAX_PARALLEL_FROM else 1
+        _c.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(), threads)
     return out

@@ -28,6 +28,7 @@ import torch
 from memwise import kernels
 from memwise.kernels import MAX_COLS, KernelInputError
 from memwise.kernels.packed import padded_cols
+from memwise.kernels.threads import CpuBudget
 
 try:
     from memwise.models.hgrn_bit import _step
@@ -146,7 +147,7 @@ class FusedDecoder:
     at a time per decoder (a lock serializes callers; its workspace is shared).
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, budget: CpuBudget | None = None):
         if not available():
             raise KernelInputError("the C extensions with the fused step are not built")
         _checked_layout()
@@ -176,6 +177,7 @@ class FusedDecoder:
         self.embeddings = model.embeddings
         self._workspaces: dict[tuple[int, str, int], Any] = {}
         self._lock = threading.Lock()
+        self._budget = budget or CpuBudget()
 
     def _workspace(self, batch: int, isa: str, threads: int) -> Any:
         key = (batch, isa, threads)
@@ -212,7 +214,7 @@ class FusedDecoder:
                 raise KernelInputError(f"fused step: mask must have {batch} values, got {mask.numel()}")
             mask_ptr = mask.data_ptr()
         name = kernels.resolve_isa(isa)
-        threads = kernels.num_threads()
+        threads = self._budget.threads(kernels.num_threads())
         x = self.embeddings.index_select(0, input_ids.reshape(-1)).to(torch.float32).contiguous()
         logits = torch.empty((batch, v), dtype=torch.float32)
         if batch == 0:

@@ -23,6 +23,7 @@ from memwise import kernels
 from memwise.errors import UnsupportedError
 from memwise.heap import keep_freed_memory
 from memwise.kernels.packed import TernaryMatrix, rmsnorm
+from memwise.kernels.threads import CpuBudget
 from memwise.models.hgrn_bit import fused_step
 from memwise.models.hgrn_bit.config import recurrence_width
 from memwise.spec import ModelSpec
@@ -162,6 +163,8 @@ class HGRNBitForCausalLM(nn.Module):
         self.lm_head = lm_head
         self.backend = "auto"
         self._fused_decoder = None
+        # Threads for the cores other processes leave free, for prefill and the fused decode alike.
+        self._cpu_budget = CpuBudget()
         # Tokens (batch x positions) per slice of a long CPU forward.
         self.slice_tokens = max(1, PREFILL_SLICE_BYTES // (8 * spec.intermediate_size))
         if embeddings.device.type == "cpu":
@@ -184,7 +187,7 @@ class HGRNBitForCausalLM(nn.Module):
                 or cache.state.dtype != torch.float32):
             return None
         if self._fused_decoder is None:
-            self._fused_decoder = fused_step.FusedDecoder(self)
+            self._fused_decoder = fused_step.FusedDecoder(self, self._cpu_budget)
         return self._fused_decoder
 
     def new_cache(self, batch_size: int, max_length: int = 0) -> RecurrentCache:
@@ -212,7 +215,8 @@ class HGRNBitForCausalLM(nn.Module):
             attention_mask = attention_mask[:, -length:]
         most = max(1, self.slice_tokens // max(batch, 1))   # positions per slice
         if length > most and input_ids.device.type == "cpu":
-            return self._forward_slices(input_ids, cache, attention_mask, last_only, most)
+            with self._cpu_budget.torch_threads():
+                return self._forward_slices(input_ids, cache, attention_mask, last_only, most)
         # The mask is applied even when all True: testing that would cost a device
         # synchronization per step on CUDA.
         mask = None if attention_mask is None else attention_mask.to(torch.float32)
@@ -221,6 +225,13 @@ class HGRNBitForCausalLM(nn.Module):
             logits = decoder.step(input_ids, cache.state, None if mask is None else mask[:, 0])
             cache.length += length
             return logits
+        if input_ids.device.type != "cpu":
+            return self._layers_and_head(input_ids, cache, mask, last_only)
+        with self._cpu_budget.torch_threads():
+            return self._layers_and_head(input_ids, cache, mask, last_only)
+
+    def _layers_and_head(self, input_ids: torch.Tensor, cache: RecurrentCache, mask: torch.Tensor | None,
+                         last_only: bool) -> torch.Tensor:
         x = self._layers(input_ids, cache, mask)
         if last_only:
             x = x[:, -1:]

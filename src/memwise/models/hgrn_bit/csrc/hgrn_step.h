@@ -89,7 +89,7 @@ static inline void timing_leave(const step_thread_t *t, int phase) {
 static inline void step_sync(step_thread_t *t, int phase) {
     timing_arrive(t, phase);
 #if MW_SPIN_BARRIER
-    spin_barrier(t->w->barrier, t->w->barrier + 16, t->nt, &t->my_gen);
+    spin_barrier(t->w->barrier, t->w->barrier + 16, t->w->barrier + 17, t->nt, &t->my_gen);
 #elif defined(_OPENMP)
 #pragma omp barrier
 #endif
