@@ -186,7 +186,9 @@ class Decoder(nn.Module):
         return self.spec.num_layers * per_layer * self.dtype.itemsize + batch_size * (max_length + 8)
 
     def weights_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Parameters and buffers (the int8 linears keep their weights as buffers)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def decode_bytes_per_token(self) -> int:
         """Weight bytes one decode step reads: all but the embedding tables, of which it reads one row
