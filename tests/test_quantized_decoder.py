@@ -54,14 +54,27 @@ def test_logits_close_to_float32(saved, name):
     assert float((quantized - full).abs().max()) < 0.3 * spread
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "opt", "phi", "mistral"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_tokens_equal_float32(saved, name):
-    """A short run: random tiny models have near-ties between their best logits (llama's ninth
-    token here is one), where int8 rounding may pick the other; the next test covers every position."""
-    ids = prompts()[:1, :5]
-    full = memwise.load(saved(name)).generate(ids, max_new_tokens=4, ignore_eos=True)
-    quantized = memwise.load(saved(name), quantize="int8").generate(ids, max_new_tokens=4, ignore_eos=True)
-    assert torch.equal(quantized, full)
+    """12 greedy tokens agree with the float32 model's, or they agree up to a near-tie of the float
+    model: a step whose best two logits are closer than twice the largest logit change int8 causes
+    there. Random tiny models have such steps (llama's third token here leads by 0.015 with changes up
+    to 0.037; llama3's and llama-linear's later); gpt2, opt, phi and mistral agree on all 12."""
+    prompt, new = prompts()[:1, :5], 12
+    full_model, quantized_model = memwise.load(saved(name)), memwise.load(saved(name), quantize="int8")
+    full = full_model.generate(prompt, max_new_tokens=new, ignore_eos=True)[0, prompt.shape[1]:]
+    quantized = quantized_model.generate(prompt, max_new_tokens=new, ignore_eos=True)[0, prompt.shape[1]:]
+    differ = (full != quantized).nonzero()
+    if name in ("gpt2", "opt", "phi", "mistral"):
+        assert len(differ) == 0
+    if len(differ) == 0:
+        return
+    step = int(differ[0])
+    assert step >= 2
+    before = torch.cat([prompt[0], full[:step]])[None]
+    logits_f, logits_q = full_model.logits(before)[0, -1], quantized_model.logits(before)[0, -1]
+    best = logits_f.topk(2).values
+    assert float(best[0] - best[1]) <= 2 * float((logits_q - logits_f).abs().max())
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -91,7 +104,7 @@ def test_c_kernels_match_the_reference_quantization(saved, name, monkeypatch):
 def test_weights_bytes_is_the_documented_size(saved, name):
     model = memwise.load(saved(name), quantize="int8")
     linears = [m for m in model.module.modules() if isinstance(m, Int8Linear)]
-    assert len(linears) == 4 * model.spec.num_layers
+    assert len(linears) == 4 * model.spec.num_layers + 1     # and the lm_head
     assert not any(isinstance(m, torch.nn.Linear) for layer in model.module.layers for m in layer.modules())
     expected = sum(m.out_features * int8.padded_cols(m.in_features) + 8 * m.out_features
                    + (4 * m.out_features if m.bias is not None else 0) for m in linears)

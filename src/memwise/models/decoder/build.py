@@ -12,7 +12,7 @@ from memwise.dtypes import parse_dtype
 from memwise.errors import CheckpointError
 from memwise.models.decoder.layout import TensorSource, checkpoint_plan
 from memwise.models.decoder.modules import Decoder
-from memwise.models.decoder.quantized import int8_linears, quantize_layers
+from memwise.models.decoder.quantized import fill_tied_head, int8_linears, quantize_layers
 from memwise.spec import ModelSpec
 
 
@@ -60,6 +60,9 @@ def load(spec: ModelSpec, reader: CheckpointReader, dtype: str | torch.dtype = "
             target.copy_(tensor)
             filled[source.parameter] = filled.get(source.parameter, 0) + target.numel()
             del tensor
+        fill_tied_head(model)
+        if model.spec.tie_word_embeddings:
+            filled["lm_head.weight"] = sizes.get("lm_head.weight", 0)
     unfilled = [name for name, size in sizes.items() if filled.get(name, 0) != size]
     if unfilled:  # a mapping bug, not a user's mistake, but never run on uninitialized memory
         raise CheckpointError(f"{reader.directory}: no checkpoint tensor for {', '.join(unfilled)}")
@@ -106,6 +109,9 @@ def synthetic(spec: ModelSpec, dtype: str | torch.dtype = "float32", device: str
             else:
                 # drawn in float32 on the CPU, one matrix at a time, so values do not depend on dtype/device
                 parameter.copy_(torch.empty(parameter.shape).normal_(0.0, 0.02, generator=generator))
-        for linear in int8_linears(model).values():
-            linear.fill_rows(0, torch.empty(linear.out_features, linear.in_features).normal_(0.0, 0.02, generator=generator))
+        for name, linear in int8_linears(model).items():
+            if name != "lm_head.weight" or not spec.tie_word_embeddings:
+                linear.fill_rows(0, torch.empty(linear.out_features, linear.in_features).normal_(0.0, 0.02,
+                                                                                               generator=generator))
+        fill_tied_head(model)
     return model

@@ -1,12 +1,13 @@
 """The Decoder with int8 linears (scheme "int8", issue 19): which layers are quantized, the module
 that holds them, and the bytes the quantized model holds.
 
-Quantized: every Linear of the decoder layers (attn.qkv, attn.out, mlp.up, mlp.down), each in the
-format of memwise.kernels.int8 (int8 [N, K padded to 64], a float32 scale and an int32 row sum per
-output row; biases stay float32). Kept at the model's dtype for now: the embeddings, the position
-table, norms, project_in/out and the lm_head. The lm_head is left out because gpt2, opt and
-llama3-style checkpoints tie it to the input embedding, which a lookup needs at full precision, and
-its share of the weights of the models this slice targets is small next to the layers'.
+Quantized: every Linear of the decoder layers (attn.qkv, attn.out, mlp.up, mlp.down) and the
+lm_head (kept at 8 bits like llama.cpp's output tensor), each in the format of memwise.kernels.int8
+(int8 [N, K padded to 64], a float32 scale and an int32 row sum per output row; biases stay
+float32). Kept at the model's dtype for now: the embeddings, the position table, norms and
+project_in/out. Where the checkpoint ties the lm_head to the input embedding (gpt2, opt, llama3),
+the lookup keeps the float table and the lm_head is an int8 copy of it: the model holds 1 more byte
+per embedding weight, and a decode step reads that byte instead of the float table.
 
 Weights are quantized while the checkpoint streams, one tensor (or row slice of a fused matrix) at
 a time: per-row scales make a row slice quantize the same alone as inside the whole matrix.
@@ -20,7 +21,8 @@ from memwise.kernels.int8 import Int8Matrix, int8_linear, padded_cols, quantize_
 from memwise.models.decoder.layout import checkpoint_plan
 from memwise.spec import ModelSpec, per_layer_linear
 
-QUANTIZED = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")
+QUANTIZED = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")     # in each layer; and the lm_head
+ROW_CHUNK = 4096    # rows quantized at a time: float temporaries stay small for a 50k-row lm_head
 
 
 class Int8Linear(nn.Module):
@@ -40,27 +42,32 @@ class Int8Linear(nn.Module):
 
     def fill_rows(self, start: int, w: torch.Tensor) -> None:
         """Quantize float rows w [r, in_features] into output rows [start, start + r)."""
-        q, scale = quantize_weight(w)
-        end = start + q.shape[0]
-        self.weight[start:end, :self.in_features] = q
-        self.weight[start:end, self.in_features:] = 0
-        self.scale[start:end] = scale
-        self.row_sums[start:end] = q.sum(dim=1, dtype=torch.int32)
+        for at in range(0, w.shape[0], ROW_CHUNK):
+            q, scale = quantize_weight(w[at:at + ROW_CHUNK])
+            first, end = start + at, start + at + q.shape[0]
+            self.weight[first:end, :self.in_features] = q
+            self.weight[first:end, self.in_features:] = 0
+            self.scale[first:end] = scale
+            self.row_sums[first:end] = q.sum(dim=1, dtype=torch.int32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.matrix(), self.bias).to(x.dtype)
 
 
 def quantize_layers(model: nn.Module) -> None:
-    """Swap the decoder layers' nn.Linear for empty Int8Linear (call on a meta model, before to_empty,
-    so that float copies of these matrices are never allocated)."""
-    for block in model.layers:
-        for path in QUANTIZED:
-            owner_name, attr = path.split(".")
-            owner = getattr(block, owner_name)
-            linear = getattr(owner, attr)
-            with torch.device(linear.weight.device):
-                setattr(owner, attr, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None))
+    """Swap the decoder layers' nn.Linear and the lm_head for empty Int8Linear (call on a meta model,
+    before to_empty, so that float copies of these matrices are never allocated)."""
+    owners = [(getattr(block, path.split(".")[0]), path.split(".")[1]) for block in model.layers for path in QUANTIZED]
+    for owner, attr in owners + [(model, "lm_head")]:
+        linear = getattr(owner, attr)
+        with torch.device(linear.weight.device):
+            setattr(owner, attr, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None))
+
+
+def fill_tied_head(model: nn.Module) -> None:
+    """A tied int8 lm_head: quantized from the loaded input embedding (rows chunked, never a float copy)."""
+    if model.spec.tie_word_embeddings and isinstance(model.lm_head, Int8Linear):
+        model.lm_head.fill_rows(0, model.embed.weight)
 
 
 def int8_linears(model: nn.Module) -> dict[str, Int8Linear]:
@@ -71,6 +78,8 @@ def int8_linears(model: nn.Module) -> dict[str, Int8Linear]:
 def _quantized_part(parameter: str) -> str | None:
     """"weight" or "bias" for a parameter of a quantized linear ("layers.3.mlp.up.bias"), else None."""
     parts = parameter.split(".")
+    if parts[0] == "lm_head":
+        return parts[1]
     if len(parts) == 5 and parts[0] == "layers" and ".".join(parts[2:4]) in QUANTIZED:
         return parts[4]
     return None
@@ -88,6 +97,8 @@ def int8_weights_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
                 total += n * padded_cols(k) + 8 * n
             else:
                 total += source.loaded_numel() * (4 if part == "bias" else dtype.itemsize)
+        if s.tie_word_embeddings:   # the int8 copy of the tied embedding
+            total += s.vocab_size * padded_cols(s.embed_dim) + 8 * s.vocab_size
         return total
     return per_layer_linear(count, spec)
 
