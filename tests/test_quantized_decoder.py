@@ -140,3 +140,9 @@ def test_quantize_none_is_unchanged(saved):
     assert not any(isinstance(m, Int8Linear) for m in model.module.modules())
     spec = model.spec
     assert model.weights_bytes() == decoder.weight_sizes(spec)["float32"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_int8_on_cuda_is_one_clear_error(saved):
+    with pytest.raises(MemwiseError, match="runs on the CPU for now"):
+        memwise.load(saved("gpt2"), quantize="int8", device="cuda")

@@ -43,7 +43,8 @@ def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str |
     quantize="int8" stores the decoder layers' linear weights in int8 (memwise.quantization); `dtype`
     is then the dtype of everything else."""
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
-    check_scheme(quantize)
+    if check_scheme(quantize) and torch_device.type != "cpu":
+        raise UnsupportedError(f"quantize={quantize!r} runs on the CPU for now (device {device!r} requested)")
     resolved = resolve_model(source, revision)
     spec, family, directory = resolved.spec, resolved.family, resolved.directory
     quantize = check_scheme(quantize, spec.model_type)
