@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("source", metavar="SOURCE")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--quantize", metavar="SCHEME", help="store the decoder layers' weights in SCHEME (int8)")
     _add_load_flags(gen)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -87,7 +88,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import memwise
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model = memwise.load(args.source, dtype=args.dtype, device=args.device, revision=args.revision)
+    model = memwise.load(args.source, dtype=args.dtype, device=args.device, revision=args.revision,
+                         quantize=args.quantize)
     ids, mask = model.encode_batch([args.prompt])
     steps = model.stream(ids, args.max_new_tokens, mask, do_sample=args.sample, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from memwise.quantization import BYTES_PER_PARAMETER, SCHEMES
 from memwise.source import resolve_model
 
 
@@ -23,9 +24,32 @@ def describe(source: str, revision: str | None = None) -> Table:
     table.add_row("weights", "synthetic (preset: random values)" if spec.synthetic else "real (checkpoint)")
     table.add_row("parameters", f"{family.parameter_count(spec):,}")
     for kind, nbytes in family.weight_sizes(spec).items():
-        table.add_row(f"weights, {kind}", human_bytes(nbytes))
+        per = f" ({BYTES_PER_PARAMETER[kind]:g} B/param)" if kind in BYTES_PER_PARAMETER else ""
+        if "packed" in kind:
+            per = f" ({BYTES_PER_PARAMETER['ternary (packed 2-bit)']:g} B/weight in ternary matrices)"
+        table.add_row(f"weights, {kind}{per}", human_bytes(nbytes))
+    for name, text in scheme_sizes(family, spec).items():
+        table.add_row(f"weights, quantize={name}", text)
     skip = {"source", "synthetic"}
     for name, value in spec.to_dict().items():
         if name not in skip:
             table.add_row(name, str(value))
     return table
+
+
+def scheme_sizes(family, spec) -> dict[str, str]:
+    """What each quantization scheme would hold: its bytes per weight and the model's size, or why not."""
+    import torch
+
+    rows = {}
+    for scheme in SCHEMES.values():
+        per = f"{scheme.bytes_per_weight:g} B/weight"
+        if not scheme.implemented:
+            rows[scheme.name] = f"{per}: not yet implemented"
+        elif not hasattr(family, "quantized_weights_bytes"):
+            rows[scheme.name] = f"{per}: n/a (already ternary)"
+        else:
+            nbytes = family.quantized_weights_bytes(spec, scheme.name, torch.float32)
+            rows[scheme.name] = (f"{human_bytes(nbytes)} ({per} in the layers' linears and the lm_head + 8 B per "
+                                 "output row; embeddings and norms float32)")
+    return rows

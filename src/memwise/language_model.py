@@ -15,6 +15,7 @@ from memwise.dtypes import parse_dtype
 from memwise.errors import MemwiseError, UnsupportedError, shown
 from memwise.generate import GenerationOptions, generate_steps
 from memwise.memory_gate import check_fits, weights_bytes
+from memwise.quantization import check_scheme
 from memwise.source import resolve_model
 from memwise.spec import ModelSpec
 from memwise.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, special_token_ids
@@ -36,26 +37,34 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 
 def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-         revision: str | None = None, seed: int = 0) -> "LanguageModel":
-    """Load a model from a local Hugging Face directory, a hub id, or "preset:NAME" (synthetic weights)."""
+         revision: str | None = None, seed: int = 0, quantize: str | None = None) -> "LanguageModel":
+    """Load a model from a local Hugging Face directory, a hub id, or "preset:NAME" (synthetic weights).
+
+    quantize="int8" stores the decoder layers' linear weights in int8 (memwise.quantization); `dtype`
+    is then the dtype of everything else."""
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    if check_scheme(quantize) and torch_device.type != "cpu":
+        raise UnsupportedError(f"quantize={quantize!r} runs on the CPU for now (device {device!r} requested)")
     resolved = resolve_model(source, revision)
     spec, family, directory = resolved.spec, resolved.family, resolved.directory
+    quantize = check_scheme(quantize, spec.model_type)
+    # hgrn_bit's loaders take no quantize argument: pass it only when there is one
+    options = {"quantize": quantize} if quantize else {}
     reader = None
     if directory is not None:
         reader = CheckpointReader(directory)
         reader.check_layer_count(spec.num_layers, resolved.where)
-    check_fits(f"loading {source} as {str(torch_dtype).removeprefix('torch.')}",
-               {"weights": weights_bytes(family, spec, torch_dtype)}, torch_device)
+    check_fits(f"loading {source} as {str(torch_dtype).removeprefix('torch.')}" + (f" ({quantize})" if quantize else ""),
+               {"weights": weights_bytes(family, spec, torch_dtype, quantize)}, torch_device)
     if reader is None:
-        module = family.synthetic(spec, torch_dtype, torch_device, seed)
+        module = family.synthetic(spec, torch_dtype, torch_device, seed, **options)
         return LanguageModel(spec, module, ByteTokenizer(spec.vocab_size), torch_dtype, torch_device)
     specials = special_token_ids(directory)
     spec = dataclasses.replace(
         spec,
         pad_token_id=spec.pad_token_id if spec.pad_token_id is not None else specials.get("pad_token"),
         eos_token_ids=spec.eos_token_ids or ((specials["eos_token"],) if "eos_token" in specials else ()))
-    module = family.load(spec, reader, torch_dtype, torch_device)
+    module = family.load(spec, reader, torch_dtype, torch_device, **options)
     return LanguageModel(spec, module, load_tokenizer(directory, spec.bos_token_id), torch_dtype, torch_device)
 
 

@@ -28,9 +28,12 @@ class OutOfMemoryError(MemwiseError):
     """A request needs more memory than the device has available."""
 
 
-def weights_bytes(family: ModuleType, spec: ModelSpec, dtype: torch.dtype) -> int:
+def weights_bytes(family: ModuleType, spec: ModelSpec, dtype: torch.dtype, quantize: str | None = None) -> int:
     """Bytes the family's model holds for weights at `dtype`: the dtype's size for dense families,
-    the packed size for families that store weights packed whatever the activations' dtype."""
+    the packed size for families that store weights packed whatever the activations' dtype, the
+    quantized size when a scheme is given."""
+    if quantize is not None:
+        return int(family.quantized_weights_bytes(spec, quantize, dtype))
     sizes = family.weight_sizes(spec)
     name = str(dtype).removeprefix("torch.")
     if name in sizes:

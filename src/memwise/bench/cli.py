@@ -84,6 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(real weights if cached, else synthetic)")
     what.add_argument("--engine", action="append", choices=sorted(ENGINES))
     what.add_argument("--dtype", action="append", choices=tuple(DTYPES))
+    what.add_argument("--quantize", choices=("int8",), metavar="SCHEME",
+                      help="memwise engine: store the decoder layers' weights in SCHEME (int8); other engines as given")
     what.add_argument("--batch-size", action="append", type=_positive, metavar="N")
     what.add_argument("--prompt-tokens", action="append", type=_positive, metavar="N")
     what.add_argument("--new-tokens", action="append", type=_positive, metavar="N")
@@ -153,7 +155,7 @@ def measure_command(args: argparse.Namespace) -> int:
         metadata["seed_settings"] = {"prompts": matrix.prompts, "max_length": matrix.max_length,
                                      "repetition_penalty": matrix.repetition_penalty,
                                      "no_repeat_ngram_size": matrix.no_repeat_ngram_size, "eos": "ignored"}
-    options = RunOptions(threads=args.threads, device=args.device, timeout_s=args.timeout,
+    options = RunOptions(threads=args.threads, device=args.device, quantize=args.quantize, timeout_s=args.timeout,
                          log_dir=args.out / "logs" if args.out is not None else None, busy_cores=args.busy_cores)
     # Bandwidth is measured before and after the cells, never during one; other load on the machine
     # can only lower a reading, so the larger one is the better estimate of what the memory can do.

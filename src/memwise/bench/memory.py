@@ -154,13 +154,13 @@ def _transformers_parameters(config: dict[str, Any]) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def memwise_weights_bytes(config: dict[str, Any], dtype: str) -> int | None:
+def memwise_weights_bytes(config: dict[str, Any], dtype: str, quantize: str | None = None) -> int | None:
     """Bytes memwise's own family module says the weights take at `dtype`, or None if it cannot say."""
     model = _memwise_model(config)
     if model is None:
         return None
     family, spec = model
-    return weights_bytes(family, spec, parse_dtype(dtype))
+    return weights_bytes(family, spec, parse_dtype(dtype), quantize)
 
 
 def estimate_cell_bytes(arch: Architecture, engine: str, dtype: str, batch_size: int, prompt_tokens: int,

@@ -40,6 +40,7 @@ class RunOptions:
     log_dir: Path | None = None         # each cell's stderr, when given
     seed: int = 0
     busy_cores: int = 0                 # busy processes beside each timed run (bench/busy.py)
+    quantize: str | None = None         # weight scheme of the memwise engines' cells
 
 
 def resolve_sources(models: list[str]) -> dict[str, Source]:
@@ -106,9 +107,10 @@ def plan_cells(matrix: Matrix, sources: dict[str, Source],
         if ids:
             prompt = max(len(p) for p in ids)
             new = max((matrix.max_length or 0) - min(len(p) for p in ids), 1)
-        weights = memory.memwise_weights_bytes(source.config or {}, dtype) if engine.startswith("memwise") else None
+        quantize = options.quantize if engine == "memwise" else None
+        weights = memory.memwise_weights_bytes(source.config or {}, dtype, quantize) if engine.startswith("memwise") else None
         spec = CellSpec(
-            model=source.name, source=asdict(source), engine=engine, dtype=dtype,
+            model=source.name, source=asdict(source), engine=engine, dtype=dtype, quantize=quantize,
             device=options.device, batch_size=batch, prompt_tokens=prompt, new_tokens=new, runs=matrix.runs,
             warmup=matrix.warmup, threads=options.threads, seed=options.seed, prompts=ids,
             prompt_ids_note=note, max_length=matrix.max_length, repetition_penalty=matrix.repetition_penalty,

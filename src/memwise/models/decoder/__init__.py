@@ -6,11 +6,13 @@ The family's code, one idea per module, in the order a model goes through it:
     layout.py    where each parameter comes from in a checkpoint; parameter count, weight sizes
     modules.py   the torch modules: attention over a static KV cache, MLP, norms, rotary, the Decoder
     build.py     the Decoder with a checkpoint's weights (streamed) or with random ones
+    quantized.py the int8 linears (quantize="int8") and the bytes the quantized model holds
 """
 from memwise.models.decoder.build import load, synthetic
 from memwise.models.decoder.config import MODEL_TYPES, spec_from_config
 from memwise.models.decoder.layout import TensorSource, checkpoint_plan, parameter_count, weight_sizes
 from memwise.models.decoder.modules import Decoder, DecoderCache, rotary_inv_freq
+from memwise.models.decoder.quantized import Int8Linear, quantized_weights_bytes
 
-__all__ = ["MODEL_TYPES", "Decoder", "DecoderCache", "TensorSource", "checkpoint_plan", "load", "parameter_count",
-           "rotary_inv_freq", "spec_from_config", "synthetic", "weight_sizes"]
+__all__ = ["MODEL_TYPES", "Decoder", "DecoderCache", "Int8Linear", "TensorSource", "checkpoint_plan", "load",
+           "parameter_count", "quantized_weights_bytes", "rotary_inv_freq", "spec_from_config", "synthetic", "weight_sizes"]

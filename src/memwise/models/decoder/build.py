@@ -12,26 +12,35 @@ from memwise.dtypes import parse_dtype
 from memwise.errors import CheckpointError
 from memwise.models.decoder.layout import TensorSource, checkpoint_plan
 from memwise.models.decoder.modules import Decoder
+from memwise.models.decoder.quantized import fill_tied_head, int8_linears, quantize_layers
 from memwise.spec import ModelSpec
 
 
-def _build(spec: ModelSpec, dtype: str | torch.dtype, device: str | torch.device) -> Decoder:
-    """The model with uninitialized weights in `dtype` on `device`, never allocated twice."""
+def _build(spec: ModelSpec, dtype: str | torch.dtype, device: str | torch.device,
+           quantize: str | None = None) -> Decoder:
+    """The model with uninitialized weights in `dtype` on `device`, never allocated twice; with
+    quantize="int8" its layers' linears are int8 (quantized.py) and never exist in float."""
     with torch.device("meta"):
         model = Decoder(spec)
-    model = model.to(parse_dtype(dtype)).to_empty(device=torch.device(device))
+    model = model.to(parse_dtype(dtype))
+    if quantize is not None:
+        quantize_layers(model)
+    model = model.to_empty(device=torch.device(device))
     model.tie_weights()     # to_empty gives each module its own new tensor, breaking the tie
     model.init_rotary()
     return model.eval().requires_grad_(False)
 
 
 def load(spec: ModelSpec, reader: CheckpointReader, dtype: str | torch.dtype = "float32",
-         device: str | torch.device = "cpu") -> Decoder:
-    """The model with the checkpoint's weights, read and converted one tensor at a time."""
+         device: str | torch.device = "cpu", quantize: str | None = None) -> Decoder:
+    """The model with the checkpoint's weights, read and converted (or quantized) one tensor at a time."""
     plan = checkpoint_plan(spec, reader)
     _check_plan(plan, reader, spec)
-    model = _build(spec, dtype, device)
+    model = _build(spec, dtype, device, quantize)
     parameters = dict(model.named_parameters())
+    quantized = int8_linears(model)
+    sizes = {name: p.numel() for name, p in parameters.items()}
+    sizes.update({name: m.out_features * m.in_features for name, m in quantized.items()})
     filled: dict[str, int] = {}
     with torch.no_grad():
         for source in plan:
@@ -40,13 +49,21 @@ def load(spec: ModelSpec, reader: CheckpointReader, dtype: str | torch.dtype = "
                 tensor = tensor.t()
             if source.skip_rows:
                 tensor = tensor[source.skip_rows:]
+            if source.parameter in quantized:
+                quantized[source.parameter].fill_rows(source.rows[0] if source.rows else 0, tensor)
+                filled[source.parameter] = filled.get(source.parameter, 0) + tensor.numel()
+                del tensor
+                continue
             target = parameters[source.parameter]
             if source.rows is not None:
                 target = target[source.rows[0]:source.rows[1]]
             target.copy_(tensor)
             filled[source.parameter] = filled.get(source.parameter, 0) + target.numel()
             del tensor
-    unfilled = [name for name, p in parameters.items() if filled.get(name, 0) != p.numel()]
+        fill_tied_head(model)
+        if model.spec.tie_word_embeddings:
+            filled["lm_head.weight"] = sizes.get("lm_head.weight", 0)
+    unfilled = [name for name, size in sizes.items() if filled.get(name, 0) != size]
     if unfilled:  # a mapping bug, not a user's mistake, but never run on uninitialized memory
         raise CheckpointError(f"{reader.directory}: no checkpoint tensor for {', '.join(unfilled)}")
     return model
@@ -78,9 +95,10 @@ def _check_plan(plan: list[TensorSource], reader: CheckpointReader, spec: ModelS
 
 
 def synthetic(spec: ModelSpec, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-              seed: int = 0) -> Decoder:
-    """Random weights (normal, std 0.02; norms 1, biases 0), the same for a seed on any device and dtype."""
-    model = _build(dataclasses.replace(spec, synthetic=True), dtype, device)
+              seed: int = 0, quantize: str | None = None) -> Decoder:
+    """Random weights (normal, std 0.02; norms 1, biases 0), the same for a seed on any device and dtype.
+    Quantized linears draw their matrices after all parameters, so their values differ from the float model's."""
+    model = _build(dataclasses.replace(spec, synthetic=True), dtype, device, quantize)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -91,4 +109,9 @@ def synthetic(spec: ModelSpec, dtype: str | torch.dtype = "float32", device: str
             else:
                 # drawn in float32 on the CPU, one matrix at a time, so values do not depend on dtype/device
                 parameter.copy_(torch.empty(parameter.shape).normal_(0.0, 0.02, generator=generator))
+        for name, linear in int8_linears(model).items():
+            if name != "lm_head.weight" or not spec.tie_word_embeddings:
+                linear.fill_rows(0, torch.empty(linear.out_features, linear.in_features).normal_(0.0, 0.02,
+                                                                                               generator=generator))
+        fill_tied_head(model)
     return model

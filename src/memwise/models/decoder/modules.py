@@ -158,7 +158,8 @@ class Decoder(nn.Module):
         self.inv_freq: torch.Tensor | None = None
 
     def tie_weights(self) -> None:
-        if self.spec.tie_word_embeddings:
+        # an int8 lm_head (quantized.py) holds its own copy: the lookup keeps the float table
+        if self.spec.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.embed.weight
 
     def init_rotary(self) -> None:
@@ -186,12 +187,15 @@ class Decoder(nn.Module):
         return self.spec.num_layers * per_layer * self.dtype.itemsize + batch_size * (max_length + 8)
 
     def weights_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Parameters and buffers (the int8 linears keep their weights as buffers)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def decode_bytes_per_token(self) -> int:
         """Weight bytes one decode step reads: all but the embedding tables, of which it reads one row
         (an input embedding tied to the lm_head is read whole by the lm_head)."""
-        skipped = [] if self.spec.tie_word_embeddings else [self.embed.weight]
+        tied = self.spec.tie_word_embeddings and isinstance(self.lm_head, nn.Linear)
+        skipped = [] if tied else [self.embed.weight]
         if self.positions is not None:
             skipped.append(self.positions.weight)
         return self.weights_bytes() - sum(p.numel() * p.element_size() for p in skipped)

@@ -1,0 +1,160 @@
+/* W8A8 products: int8 weights [N, Kp] (symmetric per output row) x int8 activation rows, exact
+ * int32 sums, then out = acc * w_scale[n] / s[m] (+ bias), the math of memwise/kernels/int8.py.
+ *
+ * Kp is K rounded up to I8_ALIGN with zero weights, so every path's loop is whole; activation rows
+ * are written at the same padded width with zeros.  Weights are in [-127, 127] (the quantizer
+ * never makes -128; int8.py checks matrices built by hand), activations in [-128, 127].
+ *
+ * Per path, what the activation row is turned into before the product (I8_ACT_* below):
+ * - AVX-512 VNNI: u = q + 128 as u8, because VPDPBUSD multiplies u8 by s8; the sums then carry
+ *   128 * sum(w) extra, which is subtracted with the row sums computed once at load.  Lane sums
+ *   may wrap, but wrapping is modular and the true sum fits in int32 (|sum| <= 128 * 127 * K),
+ *   so the result is exact.
+ * - AVX2: a = |q| as u8 and the sign of q moved onto the weight (VPSIGNB), so VPMADDUBSW sees
+ *   pairs of at most 2 * 128 * 127 = 32512 < 32767 and never saturates.  The sign goes onto the
+ *   weight rather than the activation because -(-128) does not fit in int8 and -(w) always does.
+ * - scalar: q itself.
+ * AVX-VNNI (256-bit) and AMX machines run the AVX2 and AVX-512 VNNI code for now. */
+#ifndef MEMWISE_KERNELS_INT8_PRODUCTS_H
+#define MEMWISE_KERNELS_INT8_PRODUCTS_H
+
+#include "common.h"
+
+#define I8_ALIGN 64 /* one AVX-512 register of int8 */
+#define I8_TILE 4   /* weight rows that share each activation load */
+
+enum { I8_ACT_PLAIN = 0, I8_ACT_ABS = 1, I8_ACT_SHIFTED = 2 };
+
+typedef struct {
+    const int8_t *w;       /* [N, Kp] */
+    const int32_t *wsum;   /* [N]: sum of each weight row (AVX-512 VNNI correction) */
+    const float *wscale;   /* [N], float outputs only */
+    const float *bias;     /* [N] or NULL */
+    int64_t N, Kp, M;
+    const int8_t *q;       /* [M, Kp] activations, zero padded */
+    const uint8_t *a;      /* [M, Kp] the path's form of them (I8_ACT_ABS or I8_ACT_SHIFTED) */
+    const float *xinv;     /* [M]: 1 / s of each activation row, float outputs only */
+    int32_t *out_i32;      /* [M, N] or NULL */
+    float *out_f32;        /* [M, N] or NULL */
+} i8_job_t;
+
+static int i8_act_form(int isa) {
+    if (isa == ISA_AMX || isa == ISA_AVX512VNNI) return I8_ACT_SHIFTED;
+    if (isa == ISA_AVXVNNI || isa == ISA_AVX2) return I8_ACT_ABS;
+    return I8_ACT_PLAIN;
+}
+
+/* Writes the path's form of one padded activation row. */
+static void i8_act_row(int form, const int8_t *q, int64_t Kp, uint8_t *a) {
+    if (form == I8_ACT_SHIFTED)
+        for (int64_t k = 0; k < Kp; ++k) a[k] = (uint8_t)((int)q[k] + 128);
+    else if (form == I8_ACT_ABS)
+        for (int64_t k = 0; k < Kp; ++k) a[k] = (uint8_t)(q[k] < 0 ? -(int)q[k] : q[k]);
+}
+
+static inline void i8_put(const i8_job_t *j, int64_t m, int64_t n, int32_t acc) {
+    if (!j->out_f32) {
+        j->out_i32[m * j->N + n] = acc;
+        return;
+    }
+    float v = (float)acc * j->wscale[n] * j->xinv[m];
+    j->out_f32[m * j->N + n] = j->bias ? v + j->bias[n] : v;
+}
+
+/* ---- scalar ---- */
+
+static void i8_rows_scalar(const i8_job_t *j, int64_t n0, int rows, int64_t m) {
+    const int8_t *q = j->q + m * j->Kp;
+    for (int r = 0; r < rows; ++r) {
+        const int8_t *w = j->w + (n0 + r) * j->Kp;
+        int32_t s = 0;
+        for (int64_t k = 0; k < j->Kp; ++k) s += (int32_t)w[k] * q[k];
+        i8_put(j, m, n0 + r, s);
+    }
+}
+
+#if MW_X86
+/* ---- AVX2: |q| x sign(q) * w, pairs summed by VPMADDUBSW, quads by VPMADDWD ---- */
+
+static T256 inline int32_t i8_hsum256(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static T256 void i8_rows_avx2(const i8_job_t *j, int64_t n0, int rows, int64_t m) {
+    const uint8_t *a = j->a + m * j->Kp;
+    const int8_t *q = j->q + m * j->Kp, *w = j->w + n0 * j->Kp;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[I8_TILE] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                            _mm256_setzero_si256()};
+    for (int64_t k = 0; k < j->Kp; k += 32) {
+        const __m256i va = _mm256_loadu_si256((const __m256i *)(a + k));
+        const __m256i vq = _mm256_loadu_si256((const __m256i *)(q + k));
+        for (int r = 0; r < rows; ++r) {
+            __m256i vw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(w + r * j->Kp + k)), vq);
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(va, vw), ones));
+        }
+    }
+    for (int r = 0; r < rows; ++r) i8_put(j, m, n0 + r, i8_hsum256(acc[r]));
+}
+
+/* ---- AVX-512 VNNI: (q + 128) x w by VPDPBUSD, minus 128 * sum(w) ---- */
+
+static T512 void i8_rows_avx512(const i8_job_t *j, int64_t n0, int rows, int64_t m) {
+    const uint8_t *a = j->a + m * j->Kp;
+    const int8_t *w = j->w + n0 * j->Kp;
+    __m512i acc[I8_TILE] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                            _mm512_setzero_si512()};
+    for (int64_t k = 0; k < j->Kp; k += 64) {
+        const __m512i va = _mm512_loadu_si512((const void *)(a + k));
+        for (int r = 0; r < rows; ++r)
+            acc[r] = _mm512_dpbusd_epi32(acc[r], va, _mm512_loadu_si512((const void *)(w + r * j->Kp + k)));
+    }
+    for (int r = 0; r < rows; ++r)
+        i8_put(j, m, n0 + r, (int32_t)((uint32_t)_mm512_reduce_add_epi32(acc[r]) -
+                                       (uint32_t)j->wsum[n0 + r] * 128u));
+}
+#endif
+
+typedef void (*i8_rows_fn)(const i8_job_t *, int64_t, int, int64_t);
+
+static i8_rows_fn i8_rows_of(int isa) {
+#if MW_X86
+    if (isa == ISA_AMX || isa == ISA_AVX512VNNI) return i8_rows_avx512;
+    if (isa == ISA_AVXVNNI || isa == ISA_AVX2) return i8_rows_avx2;
+#endif
+    (void)isa;
+    return i8_rows_scalar;
+}
+
+/* Tiles [t0, t1) of I8_TILE weight rows against every activation row: a tile (4 * Kp bytes) stays
+ * in L1/L2 while the activation rows pass it, so weights stream from memory once per call. */
+static void i8_run_tiles(const i8_job_t *j, i8_rows_fn fn, int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * I8_TILE;
+        const int rows = j->N - n0 < I8_TILE ? (int)(j->N - n0) : I8_TILE;
+        for (int64_t m = 0; m < j->M; ++m) fn(j, n0, rows, m);
+    }
+}
+
+/* The threading of the ternary products (jobs.h): each thread takes one contiguous stretch of
+ * weight tiles, which the hardware prefetchers stream best. */
+static void i8_run(int isa, const i8_job_t *j, int nthreads) {
+    const i8_rows_fn fn = i8_rows_of(isa);
+    const int64_t tiles = (j->N + I8_TILE - 1) / I8_TILE;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > tiles) nthreads = (int)(tiles > 0 ? tiles : 1);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        i8_run_tiles(j, fn, tiles * id / nt, tiles * (id + 1) / nt);
+    }
+#else
+    i8_run_tiles(j, fn, 0, tiles);
+#endif
+}
+
+#endif /* MEMWISE_KERNELS_INT8_PRODUCTS_H */

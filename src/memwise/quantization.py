@@ -1,0 +1,50 @@
+"""Weight quantization schemes by name (issue 19): what `memwise.load(..., quantize=NAME)`,
+`--quantize`, `memwise info` and the benchmark records accept and report.
+
+A scheme applies to the conventional decoder family; MatMul-free (hgrn_bit) checkpoints are already
+ternary. The model code of each scheme lives with its family (memwise/models/decoder/quantized.py),
+its format and products in memwise/kernels (int8: memwise/kernels/int8.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memwise.errors import MemwiseError
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    bytes_per_weight: float     # of the quantized matrices, before per-row scales
+    implemented: bool
+    summary: str
+
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (
+    Scheme("int8", 1.0, True, "int8 per output row (symmetric), int8 activations per token"),
+    Scheme("int4", 0.5, False, "4-bit blocks (not yet implemented)"),
+)}
+# Storage sizes per weight that `memwise info` lists beside the schemes.
+BYTES_PER_PARAMETER = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5,
+                       "ternary (packed 2-bit)": 0.25}
+
+
+class QuantizeError(MemwiseError, ValueError):
+    """An unknown or unsupported quantization scheme."""
+
+
+def check_scheme(name: object, model_type: str | None = None) -> str | None:
+    """The scheme's name (None: no quantization), or one clear error for an unknown or unimplemented
+    scheme, or for a model family that a scheme does not apply to."""
+    if name is None:
+        return None
+    known = ", ".join(s.name for s in SCHEMES.values() if s.implemented)
+    if not isinstance(name, str) or name.strip().lower() not in SCHEMES:
+        raise QuantizeError(f"unknown quantization scheme {name!r} (known: {known})")
+    scheme = SCHEMES[name.strip().lower()]
+    if not scheme.implemented:
+        raise QuantizeError(f"quantization scheme {scheme.name!r} is not implemented yet (implemented: {known})")
+    if model_type == "hgrn_bit":
+        raise QuantizeError(f"hgrn_bit models are already ternary (packed 2-bit); quantize={scheme.name!r} applies "
+                            "to conventional decoders (gpt2, opt, phi, llama, mistral)")
+    return scheme.name

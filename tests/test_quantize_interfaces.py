@@ -1,0 +1,54 @@
+"""--quantize through the interfaces: memwise generate, memwise info, and the bench engine's record."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from memwise.bench.cell import CellSpec, run_cell
+from memwise.bench.sources import resolve
+
+
+def memwise(*args, timeout=300):
+    # wide, so that rich does not wrap table cells
+    return subprocess.run([sys.executable, "-m", "memwise.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_generate_with_int8():
+    run = memwise("generate", "preset:tiny-llama", "--prompt", "hi", "--max-new-tokens", "4", "--ignore-eos",
+                  "--quantize", "int8", "--threads", "1")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1].startswith("[4 tokens | TTFT")
+
+
+def test_generate_with_an_unknown_scheme_is_one_line():
+    run = memwise("generate", "preset:tiny-gpt2", "--prompt", "hi", "--quantize", "int3")
+    assert run.returncode == 1 and run.stderr.strip().count("\n") == 0
+    assert "unknown quantization scheme 'int3' (known: int8)" in run.stderr
+    run = memwise("generate", "preset:tiny-mmfree", "--prompt", "hi", "--quantize", "int8")
+    assert run.returncode == 1 and "already ternary" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_info_lists_bytes_per_parameter_and_schemes():
+    run = memwise("info", "preset:gpt2-medium")
+    assert run.returncode == 0, run.stderr
+    text = " ".join(run.stdout.split())
+    for expected in ("float32 (4 B/param)", "bfloat16 (2 B/param)", "quantize=int8", "540.69 MiB",
+                     "quantize=int4", "not yet implemented"):
+        assert expected in text, expected
+    text = " ".join(memwise("info", "preset:tiny-mmfree").stdout.split())
+    assert "0.25 B/weight in ternary matrices" in text and "already ternary" in text
+
+
+def test_bench_engine_records_the_scheme():
+    source = resolve("preset:tiny-gpt2")
+    spec = CellSpec(model="tiny-gpt2", engine="memwise", quantize="int8", prompt_tokens=8, new_tokens=3, runs=1,
+                    warmup=0, threads=1, source=dict(name="tiny-gpt2", source="preset:tiny-gpt2", kind="preset",
+                                                      weights="synthetic", config=source.config))
+    record = run_cell(spec)
+    assert record["status"] == "ok", record["reason"]
+    assert record["quantize"] == "int8"
+    spec.quantize = None
+    plain = run_cell(spec)
+    assert plain["quantize"] is None and record["weights_bytes"] < plain["weights_bytes"]
