@@ -10,21 +10,12 @@ from memwise.errors import CheckpointError, ConfigError, UnsupportedError
 from memwise.models import decoder
 from memwise.spec import read_config
 
-from tiny_models import VOCAB, build, tiny_configs
+from tiny_models import VOCAB, build, one_thread, tiny_configs  # noqa: F401 (one_thread: autouse fixture)
 
 transformers = pytest.importorskip("transformers")
 
 FAMILIES = list(tiny_configs())
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and spinning threads cost a lot on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

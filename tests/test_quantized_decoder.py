@@ -10,17 +10,9 @@ from memwise.errors import MemwiseError
 from memwise.kernels import int8
 from memwise.models import decoder
 from memwise.models.decoder.quantized import Int8Linear, int8_weights_bytes
-from tiny_models import VOCAB, build, tiny_configs
+from tiny_models import VOCAB, build, one_thread, tiny_configs  # noqa: F401 (one_thread: autouse fixture)
 
 FAMILIES = list(tiny_configs())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 VOCAB = 96
@@ -56,3 +57,13 @@ def build(name: str, directory: Path, **save_options) -> torch.nn.Module:
     randomize(model)
     model.save_pretrained(directory, **save_options)
     return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads, and spinning threads cost a lot on a shared machine.
+    A test module that imports this fixture runs on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
