@@ -8,10 +8,10 @@ from memwise.dtypes import parse_dtype
 from memwise.errors import ConfigError, UnsupportedError
 from memwise.kernels.packed import codes_buffer, padded_cols
 from memwise.models.hgrn_bit.config import recurrence_width
-from memwise.models.hgrn_bit.layout import checkpoint_layout, packed_bytes
+from memwise.models.hgrn_bit.layout import checkpoint_layout, latent_name, packed_bytes
 from memwise.models.hgrn_bit.modules import GLU, MLGRU, BitLinear, Gain, HGRNBitBlock, HGRNBitForCausalLM
-from memwise.models.hgrn_bit.packed_format import PACKED_SUFFIX, is_packed
-from memwise.models.hgrn_bit.weights import LatentCheckpoint, PackedCheckpoint, RandomWeights, WeightSource
+from memwise.models.ternary.packed_format import PACKED_SUFFIX, is_packed
+from memwise.models.ternary.weights import LatentCheckpoint, PackedCheckpoint, RandomWeights, WeightSource
 from memwise.spec import ModelSpec
 
 
@@ -108,9 +108,15 @@ def load(spec: ModelSpec, reader: CheckpointReader, dtype: torch.dtype | str = t
     where = str(reader.directory)
     packed = is_packed(reader)
     check_layout(spec, reader, where, packed)
-    source = PackedCheckpoint(reader) if packed else LatentCheckpoint(spec, reader)
     with torch.no_grad():
-        return _build(spec, source, torch.device(device))
+        return _build(spec, weight_source(spec, reader), torch.device(device))
+
+
+def weight_source(spec: ModelSpec, reader: CheckpointReader) -> WeightSource:
+    """The checkpoint as a source of packed matrices: packed as written, or latent quantized once."""
+    if is_packed(reader):
+        return PackedCheckpoint(reader)
+    return LatentCheckpoint(reader, lambda name: latent_name(spec, reader, name))
 
 
 def synthetic(spec: ModelSpec, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
@@ -118,4 +124,5 @@ def synthetic(spec: ModelSpec, dtype: torch.dtype | str = torch.float32, device:
     """Random ternary codes generated packed (no latent matrices), scales ~0.02, bf16 embedding."""
     _check_dtype(dtype)
     with torch.no_grad():
-        return _build(spec, RandomWeights(seed), torch.device(device))
+        return _build(spec, RandomWeights(seed, embeddings=("model.embeddings.weight",),
+                                          zeros=("model.lower_bounds",)), torch.device(device))

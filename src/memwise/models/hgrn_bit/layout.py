@@ -2,21 +2,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
+from memwise.checkpoint import CheckpointReader
 from memwise.kernels.packed import padded_cols
 from memwise.models.hgrn_bit.config import recurrence_width
+from memwise.models.ternary.packed_format import TensorSlot
 from memwise.spec import ModelSpec, per_layer_linear
-
-
-@dataclass(frozen=True)
-class TensorSlot:
-    """One tensor of the released checkpoint layout: its name, shape, and whether it is ternarized."""
-
-    name: str
-    shape: tuple[int, ...]
-    ternary: bool
-
 
 
 def checkpoint_layout(spec: ModelSpec) -> list[TensorSlot]:
@@ -76,3 +67,8 @@ def _packed_bytes(spec: ModelSpec) -> int:
     return packed
 
 
+def latent_name(spec: ModelSpec, reader: CheckpointReader, name: str) -> str:
+    """Tied checkpoints may omit lm_head.weight: the embedding is then the latent lm_head."""
+    if name == "lm_head.weight" and name not in reader and spec.tie_word_embeddings:
+        return "model.embeddings.weight"
+    return name
