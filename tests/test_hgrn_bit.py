@@ -151,13 +151,16 @@ def test_loaded_codes_are_the_latent_quantized_once(small):
         assert math.isclose(layer.scale, m, rel_tol=1e-6), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(3, 5), (7, 128), (5, 200), (1, 1), (600, 300)])
 @pytest.mark.parametrize("chunk", [1000, 1 << 20])
-def test_ternarize_matches_whole_matrix_quantization(shape, chunk, monkeypatch):
+def test_ternarize_matches_whole_matrix_quantization(shape, chunk, dtype, monkeypatch):
     monkeypatch.setattr(hgrn_weights, "CHUNK_ELEMENTS", chunk)    # many row chunks, or one
-    w = (torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 0.02).bfloat16()
+    w = (torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 0.02).to(dtype)
+    before = w.clone()
     t, m = quantize_latent(w)
     got = hgrn_bit.ternarize(w)
+    assert torch.equal(w, before)       # a float32 matrix is not quantized in place
     assert (got.rows, got.cols) == shape
     assert torch.equal(got.ternary(), t)
     assert math.isclose(got.scale, m, rel_tol=1e-6)

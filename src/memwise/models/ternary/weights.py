@@ -35,11 +35,13 @@ def ternarize(weight: torch.Tensor, out: torch.Tensor | None = None) -> TernaryM
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
     total = torch.zeros((), dtype=torch.float64)
     for r in range(0, rows, step):
-        total += weight[r:r + step].float().abs_().sum(dtype=torch.float64)
+        # copy=True: .float() of a float32 matrix is the matrix itself, which the in-place steps would
+        # overwrite (and the second pass would then quantize |W|)
+        total += weight[r:r + step].to(torch.float32, copy=True).abs_().sum(dtype=torch.float64)
     m = torch.tensor(float(total) / max(weight.numel(), 1), dtype=torch.float32).clamp(min=SCALE_FLOOR)
     packed = _packed_out(out, rows, cols)
     for r in range(0, rows, step):
-        t = weight[r:r + step].float().div_(m).round_().clamp_(-1, 1).to(torch.int8)
+        t = weight[r:r + step].to(torch.float32, copy=True).div_(m).round_().clamp_(-1, 1).to(torch.int8)
         packed[r:r + step] = pack_ternary(t)
     return TernaryMatrix(packed, float(m), rows, cols)
 
