@@ -4,9 +4,8 @@ from __future__ import annotations
 import math
 
 from memwise.checkpoint import CheckpointReader
-from memwise.kernels.packed import padded_cols
 from memwise.models.hgrn_bit.config import recurrence_width
-from memwise.models.ternary.packed_format import TensorSlot
+from memwise.models.ternary.packed_format import TensorSlot, packed_bytes
 from memwise.spec import ModelSpec, per_layer_linear
 
 
@@ -39,10 +38,6 @@ def checkpoint_layout(spec: ModelSpec) -> list[TensorSlot]:
 def parameter_count(spec: ModelSpec) -> int:
     """Parameters of the released (latent) checkpoint: 374,108,160 for MMfreeLM-370M."""
     return per_layer_linear(lambda s: sum(math.prod(slot.shape) for slot in checkpoint_layout(s)), spec)
-
-
-def packed_bytes(rows: int, cols: int) -> int:
-    return rows * padded_cols(cols) // 4
 
 
 def weight_sizes(spec: ModelSpec) -> dict[str, int]:

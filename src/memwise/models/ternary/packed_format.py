@@ -34,6 +34,11 @@ class TensorSlot:
     ternary: bool
 
 
+def packed_bytes(rows: int, cols: int) -> int:
+    """Bytes of the codes of a [rows, cols] ternary matrix."""
+    return rows * padded_cols(cols) // 4
+
+
 # Rows of codes checked at a time, bounding the temporaries of the check.
 CHECK_ELEMENTS = 1 << 20
 

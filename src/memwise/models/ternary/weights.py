@@ -12,8 +12,9 @@ import torch
 
 from memwise.checkpoint import CheckpointReader
 from memwise.errors import CheckpointError
-from memwise.kernels.packed import BLOCK, BLOCK_BYTES, SCALE_FLOOR, TernaryMatrix, pack_ternary, padded_cols
-from memwise.models.ternary.packed_format import PACKED_SUFFIX, SCALE_SUFFIX, read_packed
+from memwise.kernels.packed import (BLOCK, BLOCK_BYTES, SCALE_FLOOR, TernaryMatrix, codes_buffer, pack_ternary,
+                                   padded_cols)
+from memwise.models.ternary.packed_format import PACKED_SUFFIX, SCALE_SUFFIX, TensorSlot, packed_bytes, read_packed
 
 # Row chunks of about this many weights bound the float32 temporaries of quantization, so loading
 # never holds more than the one latent tensor plus a few MB.
@@ -75,6 +76,21 @@ def _packed_out(out: torch.Tensor | None, rows: int, cols: int) -> torch.Tensor:
         raise ValueError(f"output for packed codes must be uint8 {list(shape)}, got {out.dtype} {list(out.shape)}")
     return out
 
+
+
+def allocate_codes(slots: list[TensorSlot], device: torch.device) -> tuple[torch.Tensor, dict[str, int]]:
+    """One buffer for every ternary matrix's packed codes, in the order of `slots`, and each matrix's
+    offset in it (matrices that follow each other in `slots` follow each other in the buffer).
+
+    Allocated before anything else: one large allocation stays out of the C heap, so the many
+    short-lived chunks of quantization cannot fragment memory around long-lived matrices (which
+    raised the resident set of a 1.3B model by 0.4 GB). On Linux CPUs it is backed by huge pages."""
+    offsets, at = {}, 0
+    for slot in slots:
+        if slot.ternary:
+            offsets[slot.name] = at
+            at += packed_bytes(*slot.shape)
+    return codes_buffer(at, device), offsets
 
 
 class WeightSource:
