@@ -34,6 +34,7 @@ FAMILY_MODULES = {
     "llama": "memwise.models.decoder",
     "mistral": "memwise.models.decoder",
     "hgrn_bit": "memwise.models.hgrn_bit",
+    "bitnet": "memwise.models.bitnet",
 }
 
 

@@ -1,0 +1,214 @@
+"""BitNet b1.58 (model_type bitnet): memwise's packed model against transformers' BitNetForCausalLM with
+AutoBitLinear projections, on tiny checkpoints that transformers writes; the packed forms; bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import memwise
+from memwise import kernels
+from memwise.convert import convert
+from memwise.errors import CheckpointError, ConfigError, MemwiseError, UnsupportedError
+from memwise.kernels.packed import ternary_matmul_reference, unpack_ternary
+from memwise.models import bitnet
+from memwise.models.ternary import ternarize
+from memwise.presets import preset_config
+
+from reference_checks import BITLINEAR_REL, assert_close
+from tiny_models import randomize
+
+TINY = {
+    "untied": dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2),
+    # rows that are not a multiple of 128 wide (padded codes), one key/value head, a tied lm_head
+    "tied-odd": dict(vocab_size=96, hidden_size=96, intermediate_size=200, num_hidden_layers=3,
+                     num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True),
+}
+
+
+def transformers_reference(model):
+    """`model` with transformers' online AutoBitLinear on every projection, as from_pretrained makes it
+    for a bitnet quantization_config (the lm_head stays an nn.Linear)."""
+    from transformers.integrations.bitnet import replace_with_bitnet_linear
+    from transformers.utils.quantization_config import BitNetQuantConfig
+    state = model.state_dict()
+    quant = BitNetQuantConfig(linear_class="autobitlinear", quantization_mode="online")
+    replace_with_bitnet_linear(model, modules_to_not_convert=["lm_head"], quantization_config=quant)
+    model.load_state_dict(state, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def run_reference(model, ids, mask=None):
+    # transformers compiles its quantizers with torch.compile; eager gives the same values without a compiler
+    with torch.no_grad(), torch._dynamo.config.patch(disable=True):
+        return model(ids, attention_mask=mask).logits.float()
+
+
+@pytest.fixture(scope="module", params=list(TINY))
+def tiny(request, tmp_path_factory):
+    import transformers
+    path = tmp_path_factory.mktemp(request.param)
+    config = transformers.BitNetConfig(max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                       **TINY[request.param])
+    torch.manual_seed(0)
+    model = transformers.BitNetForCausalLM(config).eval()
+    randomize(model)
+    model.save_pretrained(path)
+    return path, transformers_reference(model)
+
+
+def load(path, backend="reference"):
+    model = memwise.load(str(path))
+    model.module.backend = backend
+    return model
+
+
+def ids_for(vocab, shape=(2, 9), seed=0):
+    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- against transformers ----------------------------------------------------------------------
+
+def test_logits_match_transformers(tiny):
+    path, reference = tiny
+    ids = ids_for(reference.config.vocab_size)
+    want = run_reference(reference, ids)
+    got = load(path).logits(ids)
+    diff = float((got - want).abs().max() / (want.max() - want.min()))
+    print(f"largest difference / logit spread: {diff:.2e}")
+    assert diff < 1e-4
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_c_kernels_match_transformers(tiny):
+    path, reference = tiny
+    ids = ids_for(reference.config.vocab_size, seed=1)
+    want = run_reference(reference, ids)
+    got = load(path, "auto").logits(ids)
+    assert_close(got, want, BITLINEAR_REL)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_greedy_tokens_match_transformers(tiny):
+    path, reference = tiny
+    ids = ids_for(reference.config.vocab_size, (1, 5), seed=2)
+    with torch.no_grad(), torch._dynamo.config.patch(disable=True):
+        want = reference.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    got = load(path, "auto").generate(ids, max_new_tokens=12, ignore_eos=True)
+    assert torch.equal(got, want)
+
+
+def test_left_padded_batch_equals_prompts_alone(tiny):
+    path, reference = tiny
+    model = load(path)
+    short, long = ids_for(96, (1, 4), seed=3), ids_for(96, (1, 7), seed=4)
+    batch = torch.cat([torch.cat([torch.zeros((1, 3), dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(batch, dtype=torch.bool)
+    mask[0, :3] = False
+    got = model.logits(batch, mask)
+    assert_close(got[0, 3:], model.logits(short)[0], 1e-5)
+    assert_close(got[1], model.logits(long)[0], 1e-5)
+    assert_close(got[0, 3:], run_reference(reference, batch, mask.long())[0, 3:], 1e-4)
+
+
+def test_prefill_then_decode_equals_full_forward(tiny):
+    path, _ = tiny
+    module = load(path).module
+    ids = ids_for(96, (2, 8), seed=5)
+    full = module(ids)
+    cache = module.new_cache(2, 8)
+    steps = [module(ids[:, :5], cache)] + [module(ids[:, t:t + 1], cache) for t in range(5, 8)]
+    assert_close(torch.cat(steps, dim=1), full, 1e-5)
+
+
+# ---- integer arithmetic ------------------------------------------------------------------------
+
+def test_stacked_product_is_the_matrices_products(tiny):
+    """q, k and v share one product over their stacked codes: bit for bit each matrix's own."""
+    path, _ = tiny
+    qkv = load(path).module.layers[0].attn.qkv
+    q, _ = kernels.quantize_rows(torch.randn(5, qkv.cols), qkv.norm_weight, qkv.eps)
+    for backend in ("c", "reference") if kernels.HAVE_C else ("reference",):
+        got = kernels.ternary_matmul(q, qkv.weight(), backend=backend)
+        want = torch.cat([ternary_matmul_reference(q, qkv.weight(i).ternary()) for i in range(3)], dim=1)
+        assert torch.equal(got, want)
+
+
+def test_loaded_codes_are_the_latent_quantized_once(tiny):
+    path, _ = tiny
+    latent = load_file(path / "model.safetensors")
+    down = load(path).module.layers[1].mlp.down.weight(0)
+    want = ternarize(latent["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(down.packed, want.packed) and down.scale == want.scale
+
+
+# ---- packed forms ------------------------------------------------------------------------------
+
+def test_packed_round_trip_is_identical(tiny, tmp_path):
+    path, _ = tiny
+    out = convert(path, tmp_path / "packed", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["memwise"]["format"] == "memwise-ternary" and "quantization_config" not in config
+    ids = ids_for(96, seed=6)
+    for backend in ("reference", "auto"):
+        assert torch.equal(load(out, backend).logits(ids), load(path, backend).logits(ids))
+    again = convert(out, tmp_path / "again", progress=False)
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    stored = load_file(out / "model.safetensors")
+    assert stored["model.layers.0.mlp.up_proj.weight.packed"].dtype == torch.uint8
+    assert "model.layers.0.mlp.up_proj.weight" not in stored
+
+
+def write_transformers_packed(path, out, scale_dtype=torch.float32):
+    """The latent checkpoint at `path` in transformers' offline packed form (as the 2B-4T release)."""
+    from transformers.integrations.bitnet import pack_weights
+    tensors = load_file(path / "model.safetensors")
+    packed = {}
+    for name, value in tensors.items():
+        if "_proj" in name:
+            matrix = ternarize(value)
+            packed[name] = pack_weights(unpack_ternary(matrix.packed, matrix.cols).clone())
+            packed[name + "_scale"] = torch.tensor([matrix.scale], dtype=scale_dtype)
+        else:
+            packed[name] = value
+    out.mkdir()
+    save_file(packed, out / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                     "quantization_mode": "offline"}
+    (out / "config.json").write_text(json.dumps(config))
+    return packed
+
+
+def test_transformers_packed_form_loads_to_the_same_model(tiny, tmp_path):
+    path, _ = tiny
+    write_transformers_packed(path, tmp_path / "released")
+    ids = ids_for(96, seed=7)
+    assert torch.equal(load(tmp_path / "released").logits(ids), load(path).logits(ids))
+    out = convert(tmp_path / "released", tmp_path / "packed", progress=False)
+    assert torch.equal(load(out).logits(ids), load(path).logits(ids))
+
+
+def test_transformers_packed_codes_unpack_as_transformers_does(tiny, tmp_path):
+    from transformers.integrations.bitnet import unpack_weights
+    path, _ = tiny
+    packed = write_transformers_packed(path, tmp_path / "released")
+    name = "model.layers.0.mlp.gate_proj.weight"
+    with torch._dynamo.config.patch(disable=True):
+        want = unpack_weights(packed[name], dtype=torch.float32).to(torch.int8)
+    reader = memwise.checkpoint.CheckpointReader(tmp_path / "released")
+    got = bitnet.TransformersPacked(reader).matrix(name, want.shape[1], None, rows=want.shape[0])
+    assert torch.equal(got.ternary(), want)
+
+
+def test_transformers_packed_code_3_is_refused(tiny, tmp_path):
+    path, _ = tiny
+    packed = write_transformers_packed(path, tmp_path / "released")
+    packed["model.layers.1.self_attn.o_proj.weight"][0, 0] |= 3
+    save_file(packed, tmp_path / "released" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="o_proj.weight' holds the invalid 2-bit code 3"):
+        memwise.load(str(tmp_path / "released"))
