@@ -212,3 +212,103 @@ def test_transformers_packed_code_3_is_refused(tiny, tmp_path):
     save_file(packed, tmp_path / "released" / "model.safetensors")
     with pytest.raises(CheckpointError, match="o_proj.weight' holds the invalid 2-bit code 3"):
         memwise.load(str(tmp_path / "released"))
+
+
+# ---- presets -----------------------------------------------------------------------------------
+
+def test_2b_4t_preset_is_bitnet_config_defaults_but_context_and_tie():
+    import transformers
+    preset = preset_config("bitnet-2b-4t")
+    defaults = transformers.BitNetConfig().to_dict()
+    differs = {key for key, value in preset.items() if key in defaults and defaults[key] != value}
+    assert differs == {"max_position_embeddings", "tie_word_embeddings"}
+    assert (preset["max_position_embeddings"], preset["tie_word_embeddings"]) == (4096, True)
+    spec = bitnet.spec_from_config(preset, "preset")
+    assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (2560, 30, 20, 5, 128)
+    assert (spec.intermediate_size, spec.vocab_size, spec.rope_theta, spec.norm_eps) == (6912, 128256, 500000.0, 1e-5)
+
+
+def test_parameter_count_is_transformers_count(tiny):
+    path, reference = tiny
+    spec = memwise.load(str(path)).spec
+    assert bitnet.parameter_count(spec) == reference.num_parameters()
+    assert bitnet.parameter_count(bitnet.spec_from_config(preset_config("bitnet-2b-4t"), "p")) == 2_412_820_480
+
+
+def test_info_of_the_2b_4t_preset(capsys):
+    from memwise.cli import main
+    assert main(["info", "preset:bitnet-2b-4t"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "2,412,820,480" in out and "bitnet" in out
+
+
+def test_synthetic_preset_is_packed_and_deterministic():
+    spec = bitnet.spec_from_config(preset_config("tiny-bitnet"), "tiny")
+    a, b, c = (bitnet.synthetic(spec, torch.float32, "cpu", seed=s) for s in (5, 5, 6))
+    assert a.weights_bytes() == bitnet.weight_sizes(spec)["packed 2-bit"]
+    assert torch.equal(a.layers[1].mlp.down.packed, b.layers[1].mlp.down.packed)
+    assert not torch.equal(a.layers[1].mlp.down.packed, c.layers[1].mlp.down.packed)
+    model = memwise.load("preset:tiny-bitnet")
+    out = model.generate(torch.tensor([[1, 2, 3]]), 4, ignore_eos=True)
+    assert out.shape == (1, 7) and model.synthetic
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def rewrite_config(path, tmp_path, **changes):
+    """A copy of the checkpoint at `path` with config.json fields changed (None removes one)."""
+    import shutil
+    out = tmp_path / "changed"
+    shutil.copytree(path, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(changes)
+    (out / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return out
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"num_key_value_heads": 4}, CheckpointError, r"k_proj.weight' has shape .* num_key_value_heads 4 in .*config.json"),
+    ({"hidden_act": "silu"}, UnsupportedError, r"config.json: hidden_act 'silu' is not supported"),
+    ({"num_attention_heads": 3}, ConfigError, r"config.json: num_attention_heads 3 is not a multiple"),
+    ({"head_dim": 8}, UnsupportedError, r"config.json: head_dim 8 x num_attention_heads"),
+    ({"attention_bias": True}, UnsupportedError, r"config.json: attention_bias true"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, UnsupportedError,
+     r"config.json: rope type 'linear'"),
+    ({"quantization_config": {"quant_method": "bitnet", "linear_class": "bitlinear"}}, UnsupportedError,
+     r"config.json: quantization_config: linear_class 'bitlinear'"),
+    ({"quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear", "use_rms_norm": True}},
+     UnsupportedError, r"quantization_config: use_rms_norm true"),
+    ({"num_hidden_layers": 1}, CheckpointError, r"holds layer\(s\) 1"),
+    ({"intermediate_size": 90}, CheckpointError, r"gate_proj.weight' has shape \[96, 64\], expected \[90, 64\]"),
+])
+def test_bad_configs_are_one_clear_error(tiny, tmp_path, changes, error, message):
+    path, reference = tiny
+    if reference.config.hidden_size != 64:
+        pytest.skip("the messages name the untied checkpoint's sizes")
+    with pytest.raises(error, match=message):
+        memwise.load(str(rewrite_config(path, tmp_path, **changes)))
+
+
+def test_missing_and_integer_tensors_are_named(tiny, tmp_path):
+    path, _ = tiny
+    tensors = load_file(path / "model.safetensors")
+    out = rewrite_config(path, tmp_path)
+    del tensors["model.layers.0.mlp.ffn_sub_norm.weight"]
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match="'model.layers.0.mlp.ffn_sub_norm.weight' is missing"):
+        memwise.load(str(out))
+    with pytest.raises(CheckpointError, match="'model.layers.0.mlp.ffn_sub_norm.weight' is missing"):
+        convert(out, tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.1.self_attn.v_proj.weight"] = tensors["model.layers.1.self_attn.v_proj.weight"].to(torch.int32)
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match="v_proj.weight' is torch.int32, expected a floating-point latent"):
+        memwise.load(str(out))
+
+
+def test_bfloat16_compute_is_refused(tiny):
+    path, _ = tiny
+    with pytest.raises(UnsupportedError, match="bitnet computes in float32"):
+        memwise.load(str(path), dtype="bfloat16")
+    assert issubclass(UnsupportedError, MemwiseError)
