@@ -1,7 +1,7 @@
 """`memwise convert SOURCE OUT`: a model's checkpoint rewritten in the form memwise runs it from.
 
-Only families with a packed form convert (today hgrn_bit: ternary matrices at 2 bits, see
-memwise/models/hgrn_bit/convert.py); the family writes the weights and config.
+Only families with a packed form convert (the ternary ones, hgrn_bit and bitnet: ternary matrices
+at 2 bits, see memwise/models/ternary/writer.py); the family writes the weights and config.
 
 What a conversion guarantees about OUT:
 
@@ -51,7 +51,7 @@ def convert(source: str, out_dir: Path, progress: bool = True) -> Path:
     config, where, directory = read_source(source)
     family = family_for(config.get("model_type"), where)
     if not hasattr(family, "write_packed"):    # refused from the model type alone, before the config's fields
-        raise UnsupportedError(f"{where}: convert supports hgrn_bit (MatMul-free) models only; this is "
+        raise UnsupportedError(f"{where}: convert supports hgrn_bit and bitnet (ternary) models only; this is "
                                f"model_type {config.get('model_type')!r}, which memwise runs from its own "
                                "checkpoint without conversion")
     spec = family.spec_from_config(config, where)

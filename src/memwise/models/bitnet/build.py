@@ -36,13 +36,7 @@ def check_layout(spec: ModelSpec, reader: CheckpointReader, source: WeightSource
         if slot.ternary:
             source.check_matrix(slot.name, *slot.shape)
             continue
-        entry = reader.entry(slot.name)
-        if entry.shape != slot.shape:
-            raise CheckpointError(f"{entry.file}: tensor '{slot.name}' has shape {list(entry.shape)}, "
-                                  f"expected {list(slot.shape)}")
-        if not entry.dtype.is_floating_point:
-            raise CheckpointError(f"{entry.file}: tensor '{slot.name}' is {str(entry.dtype).removeprefix('torch.')}, "
-                                  "expected a floating-point tensor")
+        reader.expect(slot.name, slot.shape, floating=True)
 
 
 def _check_dtype(dtype: torch.dtype | str) -> None:

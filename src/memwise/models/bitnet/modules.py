@@ -23,8 +23,8 @@ from torch import nn
 
 from memwise import kernels
 from memwise.kernels.packed import TernaryMatrix, rmsnorm
-from memwise.models.decoder.modules import (Attention, DecoderCache, attention_mask_for, record_tokens,
-                                            rotary_angles, rotary_inv_freq)
+from memwise.models.decoder.modules import (Attention, DecoderCache, attention_mask_for, rotary_angles,
+                                            rotary_inv_freq)
 from memwise.spec import ModelSpec
 
 BACKENDS = kernels.BACKENDS
@@ -129,25 +129,20 @@ class BitNetForCausalLM(nn.Module):
 
     def cache_bytes(self, batch_size: int, max_length: int) -> int:
         """What new_cache(batch_size, max_length) allocates, computed without allocating it."""
-        per_layer = 2 * batch_size * self.spec.num_kv_heads * max_length * self.spec.head_dim
-        return self.spec.num_layers * per_layer * 4 + batch_size * (max_length + 8)
+        return DecoderCache.nbytes(self.spec, batch_size, max_length, torch.float32)
 
     def forward(self, input_ids: torch.Tensor, cache: DecoderCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        batch, length = input_ids.shape
         if cache is None:
-            cache = self.new_cache(batch, length)
-        start, end = cache.length, cache.length + length
-        if end > cache.max_length or batch != cache.batch_size:
-            raise ValueError(f"cache holds {cache.batch_size} x {cache.max_length} slots; "
-                             f"{batch} x {length} tokens do not fit after {start}")
-        positions = record_tokens(cache, attention_mask, length, input_ids.device)
+            cache = self.new_cache(*input_ids.shape)
+        start, length = cache.length, input_ids.shape[1]
+        positions = cache.begin(input_ids, attention_mask)
         rope = rotary_angles(positions, self.inv_freq.to(input_ids.device), torch.float32)
         mask, causal = attention_mask_for(cache, start, length, None)
         x = self.embeddings[input_ids].float()
         for layer in self.layers:
             x = layer(x, rope, cache, mask, causal)
-        cache.length = end
+        cache.length = start + length
         if last_only:
             x = x[:, -1:]
         return self._logits(rmsnorm(x, self.norm, self.spec.norm_eps))

@@ -34,6 +34,20 @@ class DecoderCache:
         self.length = 0         # slots written
         self.padded = False     # some slot so far is padding
 
+    @staticmethod
+    def nbytes(spec: ModelSpec, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
+        """What a cache of these sizes allocates, computed without allocating it."""
+        per_layer = 2 * batch_size * spec.num_kv_heads * max_length * spec.head_dim
+        return spec.num_layers * per_layer * dtype.itemsize + batch_size * (max_length + 8)
+
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Check that the new tokens fit and record them (real or padding); their positions [B, T]."""
+        batch, length = input_ids.shape
+        if self.length + length > self.max_length or batch != self.batch_size:
+            raise ValueError(f"cache holds {self.batch_size} x {self.max_length} slots; "
+                             f"{batch} x {length} tokens do not fit after {self.length}")
+        return record_tokens(self, attention_mask, length, input_ids.device)
+
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new tokens' keys/values at the current slots; all keys/values so far, as views."""
         end = self.length + keys.shape[2]
@@ -185,8 +199,7 @@ class Decoder(nn.Module):
 
     def cache_bytes(self, batch_size: int, max_length: int) -> int:
         """What new_cache(batch_size, max_length) allocates, computed without allocating it."""
-        per_layer = 2 * batch_size * self.spec.num_kv_heads * max_length * self.spec.head_dim
-        return self.spec.num_layers * per_layer * self.dtype.itemsize + batch_size * (max_length + 8)
+        return DecoderCache.nbytes(self.spec, batch_size, max_length, self.dtype)
 
     def weights_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
@@ -205,11 +218,7 @@ class Decoder(nn.Module):
         if cache is None:
             cache = self.new_cache(batch, length)
         start, end = cache.length, cache.length + length
-        if end > cache.max_length or batch != cache.batch_size:
-            raise ValueError(f"cache holds {cache.batch_size} x {cache.max_length} slots; "
-                             f"{batch} x {length} tokens do not fit after {start}")
-
-        positions = record_tokens(cache, attention_mask, length, input_ids.device)
+        positions = cache.begin(input_ids, attention_mask)
         x = self.embed(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)

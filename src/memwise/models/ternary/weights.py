@@ -128,10 +128,7 @@ class LatentCheckpoint(WeightSource):
         self.reader, self.latent_name = reader, latent_name
 
     def check_matrix(self, name: str, rows: int, cols: int) -> None:
-        entry = self.reader.entry(self.latent_name(name))
-        if entry.shape != (rows, cols):
-            raise CheckpointError(f"{entry.file}: tensor '{self.latent_name(name)}' has shape {list(entry.shape)}, "
-                                  f"expected {[rows, cols]}")
+        entry = self.reader.expect(self.latent_name(name), (rows, cols))
         if not entry.dtype.is_floating_point:
             raise CheckpointError(f"{entry.file}: tensor '{name}' is {entry.dtype}, expected a floating-point "
                                   "latent matrix")
@@ -152,10 +149,7 @@ class PackedCheckpoint(WeightSource):
 
     def check_matrix(self, name: str, rows: int, cols: int) -> None:
         for suffix, shape in ((PACKED_SUFFIX, (rows, padded_cols(cols) // 4)), (SCALE_SUFFIX, ())):
-            entry = self.reader.entry(name + suffix)
-            if entry.shape != shape:
-                raise CheckpointError(f"{entry.file}: tensor '{name}{suffix}' has shape {list(entry.shape)}, "
-                                      f"expected {list(shape)}")
+            self.reader.expect(name + suffix, shape)
 
     def matrix(self, name: str, cols: int, out: torch.Tensor | None, rows: int | None = None) -> TernaryMatrix:
         rows = _rows(out, rows)

@@ -68,7 +68,6 @@ def write_packed(slots: list[TensorSlot], source: WeightSource, reader: Checkpoi
 
 def _plan(slots: list[TensorSlot], source: WeightSource, reader: CheckpointReader) -> Plan:
     """Every output tensor's dtype and shape, checked against the source's header before writing."""
-    where = str(reader.directory)
     plan: Plan = {}
     for slot in slots:
         if slot.ternary:
@@ -77,12 +76,7 @@ def _plan(slots: list[TensorSlot], source: WeightSource, reader: CheckpointReade
             plan[slot.name + PACKED_SUFFIX] = (torch.uint8, (rows, padded_cols(cols) // 4))
             plan[slot.name + SCALE_SUFFIX] = (torch.float32, ())
             continue
-        if slot.name not in reader:
-            raise CheckpointError(f"{where}: tensor '{slot.name}' is missing from the checkpoint")
-        if reader.shape(slot.name) != slot.shape:
-            raise CheckpointError(f"{where}: tensor '{slot.name}' has shape {list(reader.shape(slot.name))}, "
-                                  f"expected {list(slot.shape)}")
-        plan[slot.name] = (reader.entries[slot.name].dtype, slot.shape)
+        plan[slot.name] = (reader.expect(slot.name, slot.shape).dtype, slot.shape)
     return plan
 
 
