@@ -312,3 +312,13 @@ def test_bfloat16_compute_is_refused(tiny):
     with pytest.raises(UnsupportedError, match="bitnet computes in float32"):
         memwise.load(str(path), dtype="bfloat16")
     assert issubclass(UnsupportedError, MemwiseError)
+
+
+def test_half_precision_lm_head_gives_float32_products(monkeypatch):
+    """A bf16 lm_head is made float32 a chunk of rows at a time: the same logits as the whole matrix."""
+    from memwise.models.bitnet import modules
+    model = memwise.load("preset:tiny-bitnet").module
+    assert model.lm_head is None and model.embeddings.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 64)
+    monkeypatch.setattr(modules, "LOGITS_CHUNK_ELEMENTS", 64 * 7)     # 7 rows per chunk, a short last one
+    assert_close(model._logits(x), torch.nn.functional.linear(x, model.embeddings.float()), 1e-6)
