@@ -271,7 +271,7 @@ def rewrite_config(path, tmp_path, **changes):
     ({"hidden_act": "silu"}, UnsupportedError, r"config.json: hidden_act 'silu' is not supported"),
     ({"num_attention_heads": 3}, ConfigError, r"config.json: num_attention_heads 3 is not a multiple"),
     ({"head_dim": 8}, UnsupportedError, r"config.json: head_dim 8 x num_attention_heads"),
-    ({"attention_bias": True}, UnsupportedError, r"config.json: attention_bias true"),
+    ({"attention_bias": True}, UnsupportedError, r"config.json: attention_bias / mlp_bias true"),
     ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, UnsupportedError,
      r"config.json: rope type 'linear'"),
     ({"quantization_config": {"quant_method": "bitnet", "linear_class": "bitlinear"}}, UnsupportedError,
@@ -322,3 +322,95 @@ def test_half_precision_lm_head_gives_float32_products(monkeypatch):
     x = torch.randn(2, 3, 64)
     monkeypatch.setattr(modules, "LOGITS_CHUNK_ELEMENTS", 64 * 7)     # 7 rows per chunk, a short last one
     assert_close(model._logits(x), torch.nn.functional.linear(x, model.embeddings.float()), 1e-6)
+
+
+# ---- 1bitLLM's Llama-shaped BitNet b1.58 (model_type llama, BitnetForCausalLM) ------------------
+
+ONE_BIT_LLM = dict(model_type="llama", architectures=["BitnetForCausalLM"], vocab_size=96, hidden_size=64,
+                   intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
+                   weight_bits=1, input_bits=8, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+
+def one_bit_llm_reference(w, config, ids):
+    """The published math of 1bitLLM's modeling_bitnet.py / utils_quant.py in plain PyTorch: a Llama
+    whose projections are BitLinear (latent weights made ternary by absmean, inputs int8 by absmax per
+    token, both fake-quantized in float32), with RMSNorms before o_proj and down_proj."""
+    eps, heads, kv = config["rms_norm_eps"], config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["hidden_size"] // heads
+
+    def norm(x, gain):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain
+
+    def bitlinear(x, weight):
+        s = 1 / weight.abs().mean().clamp(min=1e-5)
+        weight = (weight * s).round().clamp(-1, 1) / s
+        a = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+        return torch.nn.functional.linear((x * a).round().clamp(-128, 127) / a, weight)
+
+    def rope(x):
+        inv = 1 / config["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.arange(x.shape[2]).float()[:, None] * inv
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        return x * cos + torch.cat([-x[..., head_dim // 2:], x[..., :head_dim // 2]], -1) * sin
+
+    x = w["model.embed_tokens.weight"][ids]
+    batch, length = ids.shape
+    for n in range(config["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        h = norm(x, w[p + "input_layernorm.weight"])
+        q, k, v = (bitlinear(h, w[f"{p}self_attn.{m}_proj.weight"]).view(batch, length, -1, head_dim).transpose(1, 2)
+                   for m in "qkv")
+        q, k = rope(q), rope(k).repeat_interleave(heads // kv, 1)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v.repeat_interleave(heads // kv, 1),
+                                                             is_causal=True)
+        y = norm(y.transpose(1, 2).reshape(batch, length, -1), w[p + "self_attn.inner_attn_ln.weight"])
+        x = x + bitlinear(y, w[p + "self_attn.o_proj.weight"])
+        h = norm(x, w[p + "post_attention_layernorm.weight"])
+        y = torch.nn.functional.silu(bitlinear(h, w[p + "mlp.gate_proj.weight"])) * bitlinear(h, w[p + "mlp.up_proj.weight"])
+        x = x + bitlinear(norm(y, w[p + "mlp.ffn_layernorm.weight"]), w[p + "mlp.down_proj.weight"])
+    return torch.nn.functional.linear(norm(x, w["model.norm.weight"]), w["lm_head.weight"])
+
+
+@pytest.fixture(scope="module")
+def one_bit_llm(tmp_path_factory):
+    """A tiny checkpoint in 1bitLLM's layout: random latent weights, norms around 1."""
+    path = tmp_path_factory.mktemp("one-bit-llm")
+    spec = bitnet.spec_from_config(ONE_BIT_LLM, "test")
+    generator = torch.Generator().manual_seed(3)
+    tensors = {slot.name: (torch.rand(slot.shape, generator=generator) + 0.5 if len(slot.shape) == 1
+                           else torch.randn(slot.shape, generator=generator) * 0.1)
+               for slot in bitnet.checkpoint_layout(spec)}
+    save_file(tensors, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(ONE_BIT_LLM))
+    return path, tensors
+
+
+def test_one_bit_llm_matches_its_published_math(one_bit_llm):
+    path, tensors = one_bit_llm
+    model = load(path)
+    assert model.spec.model_type == "llama" and isinstance(model.module, bitnet.BitNetForCausalLM)
+    ids = ids_for(96, seed=8)
+    want = one_bit_llm_reference(tensors, ONE_BIT_LLM, ids)
+    got = model.logits(ids)
+    diff = float((got - want).abs().max() / (want.max() - want.min()))
+    print(f"largest difference / logit spread: {diff:.2e}")
+    assert diff < 1e-4 and torch.equal(got.argmax(-1), want.argmax(-1))
+    assert_close(load(path, "auto").logits(ids), want, BITLINEAR_REL)
+
+
+def test_one_bit_llm_converts_and_a_plain_llama_stays_a_decoder(one_bit_llm, tmp_path):
+    path, _ = one_bit_llm
+    out = convert(path, tmp_path / "packed", progress=False)
+    ids = ids_for(96, seed=9)
+    assert torch.equal(load(out).logits(ids), load(path).logits(ids))
+    plain = memwise.load("preset:tiny-llama")
+    assert not isinstance(plain.module, bitnet.BitNetForCausalLM)
+    for name in ("bitnet-b1.58-large", "bitnet-b1.58-3b"):
+        assert memwise.models.family_for_config(preset_config(name), name) is bitnet
+
+
+def test_one_bit_llm_bad_bits_are_refused(one_bit_llm, tmp_path):
+    path, _ = one_bit_llm
+    with pytest.raises(UnsupportedError, match=r"config.json: weight_bits 2 is not supported"):
+        memwise.load(str(rewrite_config(path, tmp_path, weight_bits=2)))

@@ -38,6 +38,21 @@ FAMILY_MODULES = {
 }
 
 
+# Checkpoints whose config.json names another family's model_type and tells what it is by the
+# architecture its custom code defines: 1bitLLM's BitNet b1.58 models are "llama" + BitnetForCausalLM.
+ARCHITECTURE_FAMILIES = {("llama", "BitnetForCausalLM"): "memwise.models.bitnet"}
+
+
+def family_for_config(config: dict, where: str) -> ModuleType:
+    """The family that runs `config`: by its model_type, unless its architecture says otherwise."""
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    for architecture in architectures if isinstance(architectures, list) else ():
+        module = ARCHITECTURE_FAMILIES.get((model_type, architecture)) if isinstance(architecture, str) else None
+        if module is not None:
+            return importlib.import_module(module)
+    return family_for(model_type, where)
+
+
 def family_for(model_type: object, where: str) -> ModuleType:
     if not isinstance(model_type, str) or model_type not in FAMILY_MODULES:
         supported = ", ".join(sorted(FAMILY_MODULES))

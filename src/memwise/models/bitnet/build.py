@@ -8,8 +8,8 @@ from memwise.checkpoint import CheckpointReader
 from memwise.dtypes import parse_dtype
 from memwise.errors import CheckpointError, UnsupportedError
 from memwise.kernels.packed import padded_cols
-from memwise.models.bitnet.layout import PROJECTIONS, checkpoint_layout, matrix_shapes
-from memwise.models.bitnet.modules import BitNetBlock, BitNetForCausalLM, ReluSquaredGLU, TernaryProjection
+from memwise.models.bitnet.layout import checkpoint_layout, matrix_shapes, projections
+from memwise.models.bitnet.modules import BitNetBlock, BitNetForCausalLM, GatedMLP, TernaryProjection
 from memwise.models.bitnet.weights import weight_source
 from memwise.models.decoder.modules import Attention
 from memwise.models.ternary.packed_format import packed_bytes
@@ -74,8 +74,8 @@ def _build(spec: ModelSpec, source: WeightSource, device: torch.device) -> BitNe
     layers = []
     for n in range(spec.num_layers):
         p = f"model.layers.{n}"
-        qkv, out, gate_up, down = (projection(p, norm, matrices) for norm, matrices in PROJECTIONS)
-        layers.append(BitNetBlock(Attention(spec, n, qkv, out), ReluSquaredGLU(gate_up, down)))
+        qkv, out, gate_up, down = (projection(p, norm, matrices) for norm, matrices in projections(spec))
+        layers.append(BitNetBlock(Attention(spec, n, qkv, out), GatedMLP(gate_up, down, spec.activation)))
     lm_head = None if spec.tie_word_embeddings else tensor("lm_head.weight", None)
     return BitNetForCausalLM(spec, embeddings, layers, tensor("model.norm.weight"), lm_head).eval()
 

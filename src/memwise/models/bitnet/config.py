@@ -6,6 +6,12 @@ Defaults are BitNetConfig's (transformers 5): vocab 128256, hidden 2560, interme
 2048, untied embeddings. What transformers makes ternary is decided by `quantization_config`: every
 projection of the layers is an AutoBitLinear, the lm_head stays full precision (transformers never
 converts the output embedding).
+
+The Llama-shaped BitNet b1.58 models of 1bitLLM (bitnet_b1_58-large, -3B) say model_type "llama"
+and architectures ["BitnetForCausalLM"] (their own code; memwise.models routes them here). They are
+the same network with SiLU in the GLU, LlamaConfig's defaults, and their sub-norms named
+inner_attn_ln / ffn_layernorm; their BitLinear is the same W1.58A8 quantization of latent weights
+(weight_bits 1, input_bits 8), the lm_head full precision. Their spec keeps model_type "llama".
 """
 from __future__ import annotations
 
@@ -17,18 +23,32 @@ from memwise.spec import ModelSpec, require, special_token_fields
 
 MODEL_TYPES = ("bitnet",)
 
+# Absent fields: BitNetConfig's defaults for "bitnet", LlamaConfig's for the Llama-shaped 1bitLLM models
+# (whose num_key_value_heads default None means one per head).
+DEFAULTS = {
+    "bitnet": dict(hidden_size=2560, num_hidden_layers=30, vocab_size=128256, num_attention_heads=20,
+                   intermediate_size=6912, max_position_embeddings=2048, num_key_value_heads=5, rms_norm_eps=1e-5,
+                   rope_theta=500000.0, hidden_act="relu2", bos_token_id=128000, eos_token_id=128001),
+    "llama": dict(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, num_attention_heads=32,
+                  intermediate_size=11008, max_position_embeddings=2048, num_key_value_heads=None, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, hidden_act="silu", bos_token_id=1, eos_token_id=2),
+}
+ACTIVATIONS = {"relu2": "relu2", "silu": "silu", "swish": "silu"}
+
 # quantization_config values memwise runs: "online" = latent weights quantized at run time (the bf16
 # release), "offline" = codes packed by transformers (the packed release).
 QUANTIZATION_MODES = ("online", "offline")
 
 
 def spec_from_config(config: dict[str, Any], where: str) -> ModelSpec:
-    """ModelSpec of a bitnet config.json, with BitNetConfig's defaults for absent fields."""
-    sizes = {key: require(config, key, int, where, default) for key, default in (
-        ("hidden_size", 2560), ("num_hidden_layers", 30), ("vocab_size", 128256), ("num_attention_heads", 20),
-        ("intermediate_size", 6912), ("max_position_embeddings", 2048))}
+    """ModelSpec of a bitnet (or 1bitLLM "llama") config.json, with its config class's defaults."""
+    flavour = "llama" if config.get("model_type") == "llama" else "bitnet"
+    defaults = DEFAULTS[flavour]
+    sizes = {key: require(config, key, int, where, defaults[key]) for key in (
+        "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "intermediate_size",
+        "max_position_embeddings")}
     # BitNetConfig: an absent field means 5 key/value heads, an explicit null means one per head.
-    kv_heads = config.get("num_key_value_heads", 5)
+    kv_heads = config.get("num_key_value_heads", defaults["num_key_value_heads"])
     if kv_heads is None:
         kv_heads = sizes["num_attention_heads"]
     sizes["num_key_value_heads"] = require({"num_key_value_heads": kv_heads}, "num_key_value_heads", int, where)
@@ -39,22 +59,23 @@ def spec_from_config(config: dict[str, Any], where: str) -> ModelSpec:
     if heads % kv:
         raise ConfigError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
     head_dim = _head_dim(config, hidden, heads, where)
-    eps = require(config, "rms_norm_eps", float, where, 1e-5)
+    eps = require(config, "rms_norm_eps", float, where, defaults["rms_norm_eps"])
     if not eps > 0:
         raise ConfigError(f"{where}: field 'rms_norm_eps' must be > 0, found {eps}")
-    _check_choices(config, where)
+    activation = _check_choices(config, where, flavour)
     theta, scaling, _ = rope_fields(config, where, sizes["max_position_embeddings"], default_partial=1.0,
-                                    default_theta=500000.0)
+                                    default_theta=defaults["rope_theta"])
     if scaling is not None:
         raise UnsupportedError(f"{where}: rope type {scaling['rope_type']!r} is not supported for bitnet "
                                "(only the default rotary embedding)")
     return ModelSpec(
-        model_type="bitnet", vocab_size=sizes["vocab_size"], hidden_size=hidden,
+        model_type=flavour, vocab_size=sizes["vocab_size"], hidden_size=hidden,
         num_layers=sizes["num_hidden_layers"], num_heads=heads, intermediate_size=sizes["intermediate_size"],
         max_positions=sizes["max_position_embeddings"], norm_eps=eps,
         tie_word_embeddings=require(config, "tie_word_embeddings", bool, where, False),
-        **special_token_fields(config, where, bos_default=128000, eos_default=(128001,)),
-        num_kv_heads=kv, head_dim=head_dim, norm="rmsnorm", activation="relu2", gated_mlp=True,
+        **special_token_fields(config, where, bos_default=defaults["bos_token_id"],
+                               eos_default=(defaults["eos_token_id"],)),
+        num_kv_heads=kv, head_dim=head_dim, norm="rmsnorm", activation=activation, gated_mlp=True,
         positions="rotary", rotary_dim=head_dim, rope_theta=theta, embed_dim=hidden)
 
 
@@ -71,16 +92,27 @@ def _head_dim(config: dict[str, Any], hidden: int, heads: int, where: str) -> in
     return head_dim
 
 
-def _check_choices(config: dict[str, Any], where: str) -> None:
-    """Fields whose other values change the computation in ways memwise does not implement."""
-    act = require(config, "hidden_act", str, where, "relu2")
-    if act != "relu2":
-        raise UnsupportedError(f"{where}: hidden_act {act!r} is not supported (bitnet uses 'relu2')")
-    if require(config, "attention_bias", bool, where, False):
-        raise UnsupportedError(f"{where}: attention_bias true is not supported (bitnet's projections have no bias)")
+def _check_choices(config: dict[str, Any], where: str, flavour: str) -> str:
+    """Fields whose other values change the computation in ways memwise does not implement; the
+    activation of the GLU."""
+    want = DEFAULTS[flavour]["hidden_act"]
+    act = require(config, "hidden_act", str, where, want)
+    if ACTIVATIONS.get(act) != want:
+        raise UnsupportedError(f"{where}: hidden_act {act!r} is not supported (this BitNet uses {want!r})")
+    if require(config, "attention_bias", bool, where, False) or require(config, "mlp_bias", bool, where, False):
+        raise UnsupportedError(f"{where}: attention_bias / mlp_bias true is not supported (BitNet's projections "
+                               "have no bias)")
+    for key, bits in (("weight_bits", 1), ("input_bits", 8)):     # 1bitLLM's BitLinear settings
+        if require(config, key, int, where, bits) != bits:
+            raise UnsupportedError(f"{where}: {key} {config[key]} is not supported (BitNet b1.58: {bits})")
     quant = config.get("quantization_config")
-    if quant is None:
-        return
+    if quant is not None:
+        _check_quantization(quant, where)
+    return want
+
+
+def _check_quantization(quant: Any, where: str) -> None:
+    """transformers' BitNet quantization_config: what is ternary and how its scale is stored."""
     sub = f"{where}: quantization_config"
     if not isinstance(quant, dict):
         raise ConfigError(f"{sub} should be an object, found {type(quant).__name__}")

@@ -6,14 +6,19 @@ import math
 from memwise.models.ternary.packed_format import TensorSlot, packed_bytes
 from memwise.spec import ModelSpec, per_layer_linear
 
-# The matrices of one layer that read the same normalized input, in buffer order: each group is one
-# integer product over the matrices' stacked rows. The norm gain is the RMSNorm applied before them.
-PROJECTIONS = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.attn_sub_norm", ("self_attn.o_proj",)),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.ffn_sub_norm", ("mlp.down_proj",)),
-)
+# The sub-norms before o_proj and down_proj, as each flavour names them (spec.model_type).
+SUB_NORMS = {"bitnet": ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"),
+             "llama": ("self_attn.inner_attn_ln", "mlp.ffn_layernorm")}
+
+
+def projections(spec: ModelSpec) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The matrices of one layer that read the same normalized input, in buffer order, each group with
+    the RMSNorm applied before it: each group is one integer product over its matrices' stacked rows."""
+    attn_sub_norm, ffn_sub_norm = SUB_NORMS[spec.model_type]
+    return (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            (attn_sub_norm, ("self_attn.o_proj",)),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            (ffn_sub_norm, ("mlp.down_proj",)))
 
 
 def matrix_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
@@ -33,7 +38,7 @@ def checkpoint_layout(spec: ModelSpec) -> list[TensorSlot]:
     slots = [TensorSlot("model.embed_tokens.weight", (spec.vocab_size, h), False)]
     for n in range(spec.num_layers):
         p = f"model.layers.{n}"
-        for norm, matrices in PROJECTIONS:
+        for norm, matrices in projections(spec):
             slots.append(TensorSlot(f"{p}.{norm}.weight", (shapes[matrices[0]][1],), False))
             slots.extend(TensorSlot(f"{p}.{m}.weight", shapes[m], True) for m in matrices)
     slots.append(TensorSlot("model.norm.weight", (h,), False))
@@ -43,7 +48,8 @@ def checkpoint_layout(spec: ModelSpec) -> list[TensorSlot]:
 
 
 def parameter_count(spec: ModelSpec) -> int:
-    """Parameters of the latent checkpoint: 2,412,820,480 for bitnet-b1.58-2B-4T (tied)."""
+    """Parameters of the latent checkpoint: 2,412,820,480 for bitnet-b1.58-2B-4T (tied),
+    777,997,824 for the layout of 1bitLLM's bitnet_b1_58-large (untied, with its two sub-norms)."""
     return per_layer_linear(lambda s: sum(math.prod(slot.shape) for slot in checkpoint_layout(s)), spec)
 
 

@@ -6,7 +6,8 @@ What transformers' BitNetForCausalLM computes with AutoBitLinear projections, pe
         where n = input_layernorm(x)
     x' = h + down_proj(ffn_sub_norm(relu(gate_proj(m))^2 * up_proj(m)))   where m = post_attention_layernorm(h)
 
-then logits = lm_head(norm(x)), the lm_head full precision. Every projection is ternary: t * m with one
+then logits = lm_head(norm(x)), the lm_head full precision. 1bitLLM's Llama-shaped models compute the
+same with silu in place of relu^2 (and other names for the sub-norms). Every projection is ternary: t * m with one
 scale m per matrix, applied to int8 activations quantized per token (s = 127 / max|y|), and every one
 of them reads the output of an RMSNorm. So each projection here is RMSNorm -> int8 -> exact integer
 product -> one rescale (memwise.kernels), and the matrices that read the same norm (q, k, v; gate,
@@ -66,22 +67,25 @@ class TernaryProjection(nn.Module):
         return (acc.float() * (self.row_scales / s)).reshape(*x.shape[:-1], sum(self.rows))
 
 
-class ReluSquaredGLU(nn.Module):
-    """The channel mixer: relu(gate)^2 * up, then down (its ffn_sub_norm fused in)."""
+class GatedMLP(nn.Module):
+    """The channel mixer: act(gate) * up, then down (its sub-norm fused in); act is relu(x)^2
+    ("relu2", 2B-4T) or silu (1bitLLM)."""
 
-    def __init__(self, gate_up: TernaryProjection, down: TernaryProjection):
+    def __init__(self, gate_up: TernaryProjection, down: TernaryProjection, activation: str):
         super().__init__()
         self.gate_up, self.down = gate_up, down
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.relu(gate).square() * up)
+        gate = F.relu(gate).square() if self.activation == "relu2" else F.silu(gate)
+        return self.down(gate * up)
 
 
 class BitNetBlock(nn.Module):
     """A layer; the pre-norms are inside the projections that read them."""
 
-    def __init__(self, attn: Attention, mlp: ReluSquaredGLU):
+    def __init__(self, attn: Attention, mlp: GatedMLP):
         super().__init__()
         self.attn, self.mlp = attn, mlp
 
