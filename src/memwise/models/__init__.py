@@ -46,10 +46,11 @@ ARCHITECTURE_FAMILIES = {("llama", "BitnetForCausalLM"): "memwise.models.bitnet"
 def family_for_config(config: dict, where: str) -> ModuleType:
     """The family that runs `config`: by its model_type, unless its architecture says otherwise."""
     model_type, architectures = config.get("model_type"), config.get("architectures")
-    for architecture in architectures if isinstance(architectures, list) else ():
-        module = ARCHITECTURE_FAMILIES.get((model_type, architecture)) if isinstance(architecture, str) else None
-        if module is not None:
-            return importlib.import_module(module)
+    if isinstance(model_type, str) and isinstance(architectures, list):
+        for architecture in architectures:
+            module = ARCHITECTURE_FAMILIES.get((model_type, architecture)) if isinstance(architecture, str) else None
+            if module is not None:
+                return importlib.import_module(module)
     return family_for(model_type, where)
 
 
