@@ -13,7 +13,7 @@ import memwise
 from memwise.checkpoint import CheckpointReader
 from memwise.errors import CheckpointError, ConfigError, UnsupportedError
 from memwise.models import hgrn_bit
-from memwise.models.hgrn_bit import weights as hgrn_weights
+from memwise.models.ternary import weights as hgrn_weights
 from memwise.presets import preset_config
 from memwise.kernels.packed import HUGE_PAGE, codes_buffer, pack_ternary, quantize_latent
 

@@ -55,7 +55,7 @@ def test_unknown_model_type_lists_supported(gpt2_dir, tmp_path):
     config = json.loads((d / "config.json").read_text())
     config["model_type"] = "bert"
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedError, match=r"'bert' is not supported \(supported: gpt2, hgrn_bit, llama"):
+    with pytest.raises(UnsupportedError, match=r"'bert' is not supported \(supported: bitnet, gpt2, hgrn_bit, llama"):
         memwise.load(d)
 
 

@@ -222,6 +222,18 @@ class CheckpointReader:
             raise CheckpointError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
         return self.entries[name]
 
+    def expect(self, name: str, shape: tuple[int, ...], floating: bool = False) -> TensorEntry:
+        """The entry of tensor `name`, checked from the header alone: it must have `shape`, and with
+        `floating` a floating-point dtype (an integer weight would load as huge values)."""
+        entry = self.entry(name)
+        if entry.shape != tuple(shape):
+            raise CheckpointError(f"{entry.file}: tensor '{name}' has shape {list(entry.shape)}, "
+                                  f"expected {list(shape)}")
+        if floating and not entry.dtype.is_floating_point:
+            raise CheckpointError(f"{entry.file}: tensor '{name}' is {str(entry.dtype).removeprefix('torch.')}; "
+                                  "a weight must be a floating-point tensor")
+        return entry
+
     def read(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor `name` in its stored dtype, in memory of its own; checks `shape` when given."""
         entry = self.entry(name)

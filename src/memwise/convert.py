@@ -1,7 +1,7 @@
 """`memwise convert SOURCE OUT`: a model's checkpoint rewritten in the form memwise runs it from.
 
-Only families with a packed form convert (today hgrn_bit: ternary matrices at 2 bits, see
-memwise/models/hgrn_bit/convert.py); the family writes the weights and config.
+Only families with a packed form convert (the ternary ones, hgrn_bit and bitnet: ternary matrices
+at 2 bits, see memwise/models/ternary/writer.py); the family writes the weights and config.
 
 What a conversion guarantees about OUT:
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from memwise.checkpoint import CheckpointReader
 from memwise.errors import MemwiseError, SourceError, UnsupportedError
 from memwise.presets import is_preset
-from memwise.models import family_for
+from memwise.models import family_for_config
 from memwise.source import read_source
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -49,9 +49,9 @@ def convert(source: str, out_dir: Path, progress: bool = True) -> Path:
         raise SourceError(f"{source}: presets have random weights; convert needs a checkpoint "
                           "(a model directory or hub id)")
     config, where, directory = read_source(source)
-    family = family_for(config.get("model_type"), where)
+    family = family_for_config(config, where)
     if not hasattr(family, "write_packed"):    # refused from the model type alone, before the config's fields
-        raise UnsupportedError(f"{where}: convert supports hgrn_bit (MatMul-free) models only; this is "
+        raise UnsupportedError(f"{where}: convert supports hgrn_bit and bitnet (ternary) models only; this is "
                                f"model_type {config.get('model_type')!r}, which memwise runs from its own "
                                "checkpoint without conversion")
     spec = family.spec_from_config(config, where)

@@ -24,6 +24,17 @@ _MMFREE = {"model_type": "hgrn_bit", "vocab_size": 32000, "num_heads": 1, "expan
            "intermediate_size": None, "attn_mode": "fused_recurrent", "use_short_conv": False,
            "use_lower_bound": True, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048,
            "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+# BitNetConfig's defaults (transformers 5) for every field but max_position_embeddings (4096: the
+# model card's context length; BitNetConfig says 2048) and tie_word_embeddings (true in the released
+# config.json: the checkpoint has no lm_head).
+_BITNET = {"model_type": "bitnet", "hidden_act": "relu2", "vocab_size": 128256, "rms_norm_eps": 1e-5,
+           "rope_theta": 500000.0, "attention_bias": False, "bos_token_id": 128000, "eos_token_id": 128001,
+           "tie_word_embeddings": True}
+# 1bitLLM's Llama-shaped BitNet b1.58 (their config.json: model_type llama + BitnetForCausalLM).
+_ONE_BIT_LLM = {"model_type": "llama", "architectures": ["BitnetForCausalLM"], "hidden_act": "silu",
+                "vocab_size": 32002, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+                "weight_bits": 1, "input_bits": 8, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32000,
+                "tie_word_embeddings": False}
 _LLAMA = {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
           "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
 
@@ -43,12 +54,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mmfree-370m": {**_MMFREE, "hidden_size": 1024, "num_hidden_layers": 24},
     "mmfree-1.3b": {**_MMFREE, "hidden_size": 2048, "num_hidden_layers": 24},
     "mmfree-2.7b": {**_MMFREE, "hidden_size": 2560, "num_hidden_layers": 32},
+    # microsoft/bitnet-b1.58-2B-4T
+    "bitnet-2b-4t": {**_BITNET, "hidden_size": 2560, "intermediate_size": 6912, "num_hidden_layers": 30,
+                     "num_attention_heads": 20, "num_key_value_heads": 5, "max_position_embeddings": 4096},
+    "bitnet-b1.58-large": {**_ONE_BIT_LLM, "hidden_size": 1536, "intermediate_size": 4096,
+                           "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16},
+    "bitnet-b1.58-3b": {**_ONE_BIT_LLM, "hidden_size": 3200, "intermediate_size": 8640, "num_hidden_layers": 26,
+                        "num_attention_heads": 32, "num_key_value_heads": 32},
     # Tiny architectures for quick trials and tests.
     "tiny-gpt2": {**_GPT2, "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 256,
                   "bos_token_id": 0, "eos_token_id": 0},
     "tiny-llama": {**_LLAMA, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512},
     "tiny-mmfree": {**_MMFREE, "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 512},
+    "tiny-bitnet": {**_BITNET, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+                    "max_position_embeddings": 256, "bos_token_id": 0, "eos_token_id": 0},
 }
 
 # Where the real weights of a preset's architecture live, for engines that can use them when cached.
@@ -62,6 +83,9 @@ HUB_IDS = {
     "mmfree-370m": "ridger/MMfreeLM-370M",
     "mmfree-1.3b": "ridger/MMfreeLM-1.3B",
     "mmfree-2.7b": "ridger/MMfreeLM-2.7B",
+    "bitnet-2b-4t": "microsoft/bitnet-b1.58-2B-4T",
+    "bitnet-b1.58-large": "1bitLLM/bitnet_b1_58-large",
+    "bitnet-b1.58-3b": "1bitLLM/bitnet_b1_58-3B",
 }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from memwise.errors import SourceError, shown
 from memwise.hub import resolve_source
-from memwise.models import family_for
+from memwise.models import family_for_config
 from memwise.presets import PRESET_PREFIX, is_preset, preset_config, preset_name
 from memwise.spec import ModelSpec, read_config
 
@@ -49,7 +49,7 @@ def read_source(source: str | Path, revision: str | None = None) -> tuple[dict[s
 
 def family_and_spec(config: dict[str, Any], where: str) -> tuple[ModuleType, ModelSpec]:
     """The family that runs a config, and the ModelSpec it makes of it (errors name `where`)."""
-    family = family_for(config.get("model_type"), where)
+    family = family_for_config(config, where)
     return family, family.spec_from_config(config, where)
 
 

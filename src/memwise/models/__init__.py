@@ -34,7 +34,24 @@ FAMILY_MODULES = {
     "llama": "memwise.models.decoder",
     "mistral": "memwise.models.decoder",
     "hgrn_bit": "memwise.models.hgrn_bit",
+    "bitnet": "memwise.models.bitnet",
 }
+
+
+# Checkpoints whose config.json names another family's model_type and tells what it is by the
+# architecture its custom code defines: 1bitLLM's BitNet b1.58 models are "llama" + BitnetForCausalLM.
+ARCHITECTURE_FAMILIES = {("llama", "BitnetForCausalLM"): "memwise.models.bitnet"}
+
+
+def family_for_config(config: dict, where: str) -> ModuleType:
+    """The family that runs `config`: by its model_type, unless its architecture says otherwise."""
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    if isinstance(model_type, str) and isinstance(architectures, list):
+        for architecture in architectures:
+            module = ARCHITECTURE_FAMILIES.get((model_type, architecture)) if isinstance(architecture, str) else None
+            if module is not None:
+                return importlib.import_module(module)
+    return family_for(model_type, where)
 
 
 def family_for(model_type: object, where: str) -> ModuleType:

@@ -78,13 +78,7 @@ def _check_plan(plan: list[TensorSource], reader: CheckpointReader, spec: ModelS
     (an integer tensor would load as huge values), checked before the model is allocated; tensors the
     model does not read are a sign that the config does not describe the weights, and are reported."""
     for source in plan:
-        entry = reader.entry(source.name)
-        if entry.shape != source.shape:
-            raise CheckpointError(f"{entry.file}: tensor '{source.name}' has shape {list(entry.shape)}, "
-                                  f"expected {list(source.shape)}")
-        if not entry.dtype.is_floating_point:
-            raise CheckpointError(f"{entry.file}: tensor '{source.name}' is {str(entry.dtype).removeprefix('torch.')}; "
-                                  "a weight must be a floating-point tensor")
+        reader.expect(source.name, source.shape, floating=True)
     read = {source.name for source in plan}
     unused = [name for name in reader.names() if name not in read and not _SAVED_BUFFERS.search(name)
               and not (spec.tie_word_embeddings and name == "lm_head.weight")]

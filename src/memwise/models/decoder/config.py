@@ -109,7 +109,7 @@ def _phi_spec(config: dict[str, Any], where: str, common: dict[str, Any]) -> Mod
     heads = _positive(config, "num_attention_heads", where)
     head_dim = _head_dim(config, hidden, heads, where, "num_attention_heads")
     max_positions = _positive(config, "max_position_embeddings", where, 2048)
-    theta, scaling, partial = _rope(config, where, max_positions, default_partial=0.5)
+    theta, scaling, partial = rope_fields(config, where, max_positions, default_partial=0.5)
     return ModelSpec(
         **common, hidden_size=hidden, num_layers=_positive(config, "num_hidden_layers", where), num_heads=heads,
         num_kv_heads=_positive(config, "num_key_value_heads", where, heads), head_dim=head_dim,
@@ -129,7 +129,7 @@ def _llama_spec(config: dict[str, Any], where: str, common: dict[str, Any]) -> M
     mistral = common["model_type"] == "mistral"
     max_positions = _positive(config, "max_position_embeddings", where, 131072 if mistral else 2048)
     # Llama's default rotary embedding ignores partial_rotary_factor, so it is not read here.
-    theta, scaling, _ = _rope(config, where, max_positions, default_partial=1.0)
+    theta, scaling, _ = rope_fields(config, where, max_positions, default_partial=1.0)
     attention_bias = False if mistral else require(config, "attention_bias", bool, where, False)
     sliding_window = None
     if mistral:
@@ -152,8 +152,8 @@ def _llama_spec(config: dict[str, Any], where: str, common: dict[str, Any]) -> M
         sliding_window=sliding_window, embed_dim=hidden)
 
 
-def _rope(config: dict[str, Any], where: str, max_positions: int,
-          default_partial: float) -> tuple[float, dict[str, Any] | None, float]:
+def rope_fields(config: dict[str, Any], where: str, max_positions: int, default_partial: float,
+                default_theta: float = 10000.0) -> tuple[float, dict[str, Any] | None, float]:
     """(theta, normalized scaling or None, partial rotary factor) from either spelling of a config:
     hub checkpoints write rope_theta / rope_scaling / partial_rotary_factor at the top level,
     transformers 5 writes one rope_parameters dict that holds all of them."""
@@ -166,7 +166,7 @@ def _rope(config: dict[str, Any], where: str, max_positions: int,
     merged = {k: v for k, v in merged.items() if v is not None}
     theta = require(merged, "rope_theta", float, where, None)
     if theta is None:
-        theta = require(config, "rope_theta", float, where, 10000.0)
+        theta = require(config, "rope_theta", float, where, default_theta)
     partial = require(merged, "partial_rotary_factor", float, where, None)
     if partial is None:
         partial = require(config, "partial_rotary_factor", float, where, default_partial)

@@ -34,6 +34,20 @@ class DecoderCache:
         self.length = 0         # slots written
         self.padded = False     # some slot so far is padding
 
+    @staticmethod
+    def nbytes(spec: ModelSpec, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
+        """What a cache of these sizes allocates, computed without allocating it."""
+        per_layer = 2 * batch_size * spec.num_kv_heads * max_length * spec.head_dim
+        return spec.num_layers * per_layer * dtype.itemsize + batch_size * (max_length + 8)
+
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Check that the new tokens fit and record them (real or padding); their positions [B, T]."""
+        batch, length = input_ids.shape
+        if self.length + length > self.max_length or batch != self.batch_size:
+            raise ValueError(f"cache holds {self.batch_size} x {self.max_length} slots; "
+                             f"{batch} x {length} tokens do not fit after {self.length}")
+        return record_tokens(self, attention_mask, length, input_ids.device)
+
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new tokens' keys/values at the current slots; all keys/values so far, as views."""
         end = self.length + keys.shape[2]
@@ -69,7 +83,7 @@ def _activate(name: str, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     rotary_dim = cos.shape[-1]
     rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
@@ -79,14 +93,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer: int):
+    """Self-attention over the cache. `qkv` and `out` are linear layers unless given: another family
+    (bitnet) passes its own projections, and the rest of attention is this."""
+
+    def __init__(self, spec: ModelSpec, layer: int, qkv: nn.Module | None = None, out: nn.Module | None = None):
         super().__init__()
         self.layer = layer
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.split = (q, kv, kv)
-        self.qkv = nn.Linear(spec.hidden_size, q + 2 * kv, bias=spec.attention_bias)
-        self.out = nn.Linear(q, spec.hidden_size, bias=spec.attention_out_bias)
+        self.qkv = qkv if qkv is not None else nn.Linear(spec.hidden_size, q + 2 * kv, bias=spec.attention_bias)
+        self.out = out if out is not None else nn.Linear(q, spec.hidden_size, bias=spec.attention_out_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: DecoderCache,
                 mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -96,7 +113,7 @@ class Attention(nn.Module):
         k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = _rotate(q, *rope), _rotate(k, *rope)
+            q, k = rotate(q, *rope), rotate(k, *rope)
         k, v = cache.update(self.layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.kv_heads != self.heads)
@@ -183,8 +200,7 @@ class Decoder(nn.Module):
 
     def cache_bytes(self, batch_size: int, max_length: int) -> int:
         """What new_cache(batch_size, max_length) allocates, computed without allocating it."""
-        per_layer = 2 * batch_size * self.spec.num_kv_heads * max_length * self.spec.head_dim
-        return self.spec.num_layers * per_layer * self.dtype.itemsize + batch_size * (max_length + 8)
+        return DecoderCache.nbytes(self.spec, batch_size, max_length, self.dtype)
 
     def weights_bytes(self) -> int:
         """Parameters and buffers (the int8 linears keep their weights as buffers)."""
@@ -206,22 +222,7 @@ class Decoder(nn.Module):
         if cache is None:
             cache = self.new_cache(batch, length)
         start, end = cache.length, cache.length + length
-        if end > cache.max_length or batch != cache.batch_size:
-            raise ValueError(f"cache holds {cache.batch_size} x {cache.max_length} slots; "
-                             f"{batch} x {length} tokens do not fit after {start}")
-
-        if attention_mask is None:
-            positions = cache.real_count[:, None] + torch.arange(length, device=input_ids.device)
-            cache.mask[:, start:end] = True
-            cache.real_count += length
-        else:
-            real = attention_mask.to(device=input_ids.device, dtype=torch.bool)
-            positions = (cache.real_count[:, None] + real.cumsum(dim=1) - 1).masked_fill_(~real, 0)
-            cache.mask[:, start:end] = real
-            cache.real_count += real.sum(dim=1)
-            if not cache.padded:
-                cache.padded = not bool(real.all())
-
+        positions = cache.begin(input_ids, attention_mask)
         x = self.embed(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
@@ -230,7 +231,7 @@ class Decoder(nn.Module):
             x = x + self.positions(positions)
         else:
             rope = self._rope(positions, x.dtype)
-        mask, causal = self._attention_mask(cache, start, length)
+        mask, causal = attention_mask_for(cache, start, length, self.spec.sliding_window)
 
         for layer in self.layers:
             x = layer(x, rope, cache, mask, causal)
@@ -255,31 +256,55 @@ class Decoder(nn.Module):
             seen = int(positions.max()) + 1
             if seen > self.spec.max_positions:
                 inv_freq = rotary_inv_freq(self.spec, device=positions.device, seq_len=seen)
-        freqs = positions[..., None].float() * inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]      # [B, 1, T, rotary_dim]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return rotary_angles(positions, inv_freq, dtype)
 
-    def _attention_mask(self, cache: DecoderCache, start: int, length: int) -> tuple[torch.Tensor | None, bool]:
-        """(boolean mask [B, 1, T, S] or None, is_causal) for the new tokens against all slots so far."""
-        end = start + length
-        window = self.spec.sliding_window
-        windowed = window is not None and end > window
-        if not cache.padded and not windowed:
-            if length == 1:
-                return None, False
-            if start == 0:
-                return None, True
-        device = cache.mask.device
-        query = torch.arange(start, end, device=device)[:, None]
-        key = torch.arange(end, device=device)[None, :]
-        allowed = key <= query
-        if windowed:
-            # Hugging Face measures the window in slots, padding included
-            allowed &= key > query - window
-        if not cache.padded:
-            return allowed[None, None], False
-        # A padded query sees only itself, which keeps its softmax finite; no real token ever sees it.
-        return allowed & (cache.mask[:, None, None, :end] | (key == query)), False
+
+def record_tokens(cache: DecoderCache, attention_mask: torch.Tensor | None, length: int,
+                  device: torch.device) -> torch.Tensor:
+    """Mark the next `length` slots real or padding in `cache`; the new tokens' positions [B, T]."""
+    start, end = cache.length, cache.length + length
+    if attention_mask is None:
+        positions = cache.real_count[:, None] + torch.arange(length, device=device)
+        cache.mask[:, start:end] = True
+        cache.real_count += length
+        return positions
+    real = attention_mask.to(device=device, dtype=torch.bool)
+    positions = (cache.real_count[:, None] + real.cumsum(dim=1) - 1).masked_fill_(~real, 0)
+    cache.mask[:, start:end] = real
+    cache.real_count += real.sum(dim=1)
+    if not cache.padded:
+        cache.padded = not bool(real.all())
+    return positions
+
+
+def rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [B, 1, T, rotary_dim] of positions [B, T] for `rotate`."""
+    freqs = positions[..., None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def attention_mask_for(cache: DecoderCache, start: int, length: int,
+                       window: int | None) -> tuple[torch.Tensor | None, bool]:
+    """(boolean mask [B, 1, T, S] or None, is_causal) for the new tokens against all slots so far."""
+    end = start + length
+    windowed = window is not None and end > window
+    if not cache.padded and not windowed:
+        if length == 1:
+            return None, False
+        if start == 0:
+            return None, True
+    device = cache.mask.device
+    query = torch.arange(start, end, device=device)[:, None]
+    key = torch.arange(end, device=device)[None, :]
+    allowed = key <= query
+    if windowed:
+        # Hugging Face measures the window in slots, padding included
+        allowed &= key > query - window
+    if not cache.padded:
+        return allowed[None, None], False
+    # A padded query sees only itself, which keeps its softmax finite; no real token ever sees it.
+    return allowed & (cache.mask[:, None, None, :end] | (key == query)), False
 
 
 def rotary_inv_freq(spec: ModelSpec, device: torch.device | str = "cpu", seq_len: int | None = None) -> torch.Tensor:

@@ -4,26 +4,24 @@ The family's code, one idea per module, in the order a model goes through it:
 
     config.py         config.json -> ModelSpec (the reference code's defaults and limits)
     layout.py         every tensor of a checkpoint, parameter count, weight sizes
-    packed_format.py  the packed checkpoint `memwise convert` writes: constants, reading, checks
-    weights.py        weight sources: latent checkpoints ternarized once, packed ones, random codes
     modules.py        the torch modules (BitLinear, MLGRU, GLU, the CausalLM) = the specification
     build.py          the model from a source, codes in one buffer
-    convert.py        writing a packed checkpoint
+    convert.py        writing a packed checkpoint (memwise.models.ternary's writer over this layout)
     fused_step.py     one C call per decode step (csrc/: the step over the kernel library)
 
 Checkpoints come in two layouts, told apart by the safetensors metadata: latent (as released:
 `NAME.weight` float matrices, quantized at load) and packed (`NAME.weight.packed` and
-`NAME.weight.scale`, read as they are).
+`NAME.weight.scale`, read as they are). The packed format, the weight sources and the writer are
+shared with the other ternary family (bitnet) in memwise.models.ternary.
 """
 from memwise.models.hgrn_bit.build import check_layout, load, synthetic
 from memwise.models.hgrn_bit.convert import write_packed
 from memwise.models.hgrn_bit.config import MODEL_TYPES, recurrence_width, spec_from_config
-from memwise.models.hgrn_bit.layout import TensorSlot, checkpoint_layout, packed_bytes, parameter_count, weight_sizes
+from memwise.models.hgrn_bit.layout import checkpoint_layout, latent_name, packed_bytes, parameter_count, weight_sizes
 from memwise.models.hgrn_bit.modules import (BACKENDS, GLU, MLGRU, BitLinear, HGRNBitBlock, HGRNBitForCausalLM,
                                              RecurrentCache, recurrence)
-from memwise.models.hgrn_bit.packed_format import (PACKED_FORMAT, PACKED_FORMAT_VERSION, PACKED_SUFFIX, SCALE_SUFFIX,
-                                                   check_packed_codes, is_packed, read_packed)
-from memwise.models.hgrn_bit.weights import latent_name, random_ternary, ternarize
+from memwise.models.ternary import (PACKED_FORMAT, PACKED_FORMAT_VERSION, PACKED_SUFFIX, SCALE_SUFFIX, TensorSlot,
+                                    check_packed_codes, is_packed, random_ternary, read_packed, ternarize)
 
 __all__ = ["BACKENDS", "GLU", "MLGRU", "MODEL_TYPES", "PACKED_FORMAT", "PACKED_FORMAT_VERSION", "PACKED_SUFFIX",
            "SCALE_SUFFIX", "BitLinear", "HGRNBitBlock", "HGRNBitForCausalLM", "RecurrentCache", "TensorSlot",

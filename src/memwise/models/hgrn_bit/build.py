@@ -6,12 +6,12 @@ import torch
 from memwise.checkpoint import CheckpointReader
 from memwise.dtypes import parse_dtype
 from memwise.errors import ConfigError, UnsupportedError
-from memwise.kernels.packed import codes_buffer, padded_cols
+from memwise.kernels.packed import padded_cols
 from memwise.models.hgrn_bit.config import recurrence_width
-from memwise.models.hgrn_bit.layout import checkpoint_layout, packed_bytes
+from memwise.models.hgrn_bit.layout import checkpoint_layout, latent_name, packed_bytes
 from memwise.models.hgrn_bit.modules import GLU, MLGRU, BitLinear, Gain, HGRNBitBlock, HGRNBitForCausalLM
-from memwise.models.hgrn_bit.packed_format import PACKED_SUFFIX, is_packed
-from memwise.models.hgrn_bit.weights import LatentCheckpoint, PackedCheckpoint, RandomWeights, WeightSource
+from memwise.models.ternary.packed_format import PACKED_SUFFIX, is_packed
+from memwise.models.ternary.weights import LatentCheckpoint, allocate_codes, PackedCheckpoint, RandomWeights, WeightSource
 from memwise.spec import ModelSpec
 
 
@@ -53,7 +53,7 @@ def _check_dtype(dtype: torch.dtype | str) -> None:
 def _build(spec: ModelSpec, source: WeightSource, device: torch.device) -> HGRNBitForCausalLM:
     """The model's modules over the tensors of checkpoint_layout (names and shapes come from there)."""
     layout = {slot.name: slot for slot in checkpoint_layout(spec)}
-    codes, offsets = _codes_buffer(layout.values(), device)
+    codes, offsets = allocate_codes(list(layout.values()), device)
 
     def tensor(name: str) -> torch.Tensor:
         return source.tensor(name, layout[name].shape).to(device)
@@ -87,20 +87,6 @@ def _build(spec: ModelSpec, source: WeightSource, device: torch.device) -> HGRNB
                               bitlinear("lm_head")).eval()
 
 
-def _codes_buffer(slots, device: torch.device) -> tuple[torch.Tensor, dict[str, int]]:
-    """One buffer for every matrix's packed codes, and each matrix's offset in it.
-
-    Allocated before anything else: one large allocation stays out of the C heap, so the many
-    short-lived chunks of quantization cannot fragment memory around long-lived matrices (which
-    raised the resident set of a 1.3B model by 0.4 GB). On Linux CPUs it is backed by huge pages."""
-    offsets, at = {}, 0
-    for slot in slots:
-        if slot.ternary:
-            offsets[slot.name] = at
-            at += packed_bytes(*slot.shape)
-    return codes_buffer(at, device), offsets
-
-
 def load(spec: ModelSpec, reader: CheckpointReader, dtype: torch.dtype | str = torch.float32,
          device: torch.device | str = "cpu") -> HGRNBitForCausalLM:
     """The model from a latent (released) or packed (memwise convert) checkpoint, one tensor at a time."""
@@ -108,9 +94,15 @@ def load(spec: ModelSpec, reader: CheckpointReader, dtype: torch.dtype | str = t
     where = str(reader.directory)
     packed = is_packed(reader)
     check_layout(spec, reader, where, packed)
-    source = PackedCheckpoint(reader) if packed else LatentCheckpoint(spec, reader)
     with torch.no_grad():
-        return _build(spec, source, torch.device(device))
+        return _build(spec, weight_source(spec, reader), torch.device(device))
+
+
+def weight_source(spec: ModelSpec, reader: CheckpointReader) -> WeightSource:
+    """The checkpoint as a source of packed matrices: packed as written, or latent quantized once."""
+    if is_packed(reader):
+        return PackedCheckpoint(reader)
+    return LatentCheckpoint(reader, lambda name: latent_name(spec, reader, name))
 
 
 def synthetic(spec: ModelSpec, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
@@ -118,4 +110,5 @@ def synthetic(spec: ModelSpec, dtype: torch.dtype | str = torch.float32, device:
     """Random ternary codes generated packed (no latent matrices), scales ~0.02, bf16 embedding."""
     _check_dtype(dtype)
     with torch.no_grad():
-        return _build(spec, RandomWeights(seed), torch.device(device))
+        return _build(spec, RandomWeights(seed, embeddings=("model.embeddings.weight",),
+                                          zeros=("model.lower_bounds",)), torch.device(device))

@@ -1,178 +1,23 @@
-"""Writing a packed hgrn_bit checkpoint (what `memwise convert SOURCE OUT` makes of a MatMul-free model).
-
-The released checkpoints store every ternary matrix as a bf16 latent matrix that is made ternary at
-run time. The packed checkpoint stores what the model actually uses, so it is about 6.5 times smaller
-and loads without quantizing (which matters: quantizing t * m again would give a different scale).
-
-Output directory:
-
-* model.safetensors, a standard safetensors file (8-byte little-endian header length, JSON header
-  padded with spaces to a multiple of 8, then the tensor data), with metadata
-  {"format": "memwise-ternary", "format_version": "1"}. For each ternary matrix NAME.weight [N, K]
-  of the released layout it holds
-      NAME.weight.packed   uint8 [N, ceil(K / 128) * 32]   2-bit codes t + 1, in the block layout
-                                                          documented in memwise/kernels/packed.py (version 1)
-      NAME.weight.scale    float32 []                      the matrix's scale m (weight = t * m)
-  and every other tensor the model reads (embedding, norm gains, lower bounds) under its own name,
-  in its stored dtype and shape, bytes unchanged. Tensors are ordered by element size (largest
-  first), then by name, so each one starts at a multiple of its element size.
-* config.json: the source's, plus a "memwise" entry describing the packing.
-* the tokenizer files of the source, when it has them.
-
-The file is written tensor by tensor (the header is known before any data, because packed shapes
-follow from the config), so converting holds one latent matrix at a time; safetensors' own writer
-would need every tensor in memory at once. memwise.convert writes into a temporary directory and
-renames it when complete.
+"""Writing a packed hgrn_bit checkpoint: the shared writer (memwise.models.ternary.writer) over this
+family's layout, with the released (latent) or an already packed checkpoint as the source.
 
 Converting a packed checkpoint again copies its tensors unchanged: the output is identical.
 """
 from __future__ import annotations
 
-import json
-import os
-import struct
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from memwise.checkpoint import CheckpointReader
-from memwise.dtypes import SAFETENSORS_NAMES
-from memwise.errors import CheckpointError
-from memwise.kernels.packed import FORMAT_VERSION, padded_cols
-from memwise.models.hgrn_bit.build import check_layout
+from memwise.models.hgrn_bit.build import check_layout, weight_source
 from memwise.models.hgrn_bit.layout import checkpoint_layout
-from memwise.models.hgrn_bit.packed_format import (PACKED_FORMAT, PACKED_FORMAT_VERSION, PACKED_SUFFIX, SCALE_SUFFIX,
-                                                   is_packed, read_packed)
-from memwise.models.hgrn_bit.weights import latent_name, ternarize
+from memwise.models.ternary.packed_format import is_packed
+from memwise.models.ternary.writer import write_packed as write_slots
 from memwise.spec import ModelSpec
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_ENTRY = {
-    "format": PACKED_FORMAT,
-    "format_version": int(PACKED_FORMAT_VERSION),
-    "packed_layout_version": FORMAT_VERSION,
-    "ternary_tensors": "NAME.weight -> NAME.weight.packed (uint8 [N, ceil(K/128)*32], 2-bit codes t+1) "
-                       "+ NAME.weight.scale (float32 m); weight = t * m",
-}
 
 
 def write_packed(spec: ModelSpec, reader: CheckpointReader, config: dict[str, Any], out: Path,
                  progress: bool = True) -> None:
-    """The packed checkpoint of the model in `reader` (latent or packed) into directory `out`: its
-    weights file and config.json. Everything is checked against the source's header first."""
-    packed = is_packed(reader)
-    check_layout(spec, reader, str(reader.directory), packed)
-    plan = _plan(spec, reader, packed)
-    _write_weights(out / WEIGHTS_FILE, spec, reader, packed, plan, progress)
-    (out / "config.json").write_text(json.dumps({**config, "memwise": CONFIG_ENTRY}, indent=2) + "\n")
-
-
-def _plan(spec, reader: CheckpointReader, packed: bool) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Every output tensor's dtype and shape, checked against the source's header before writing."""
-    where = str(reader.directory)
-    plan: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-
-    def expect(name: str, shape: tuple[int, ...]) -> torch.dtype:
-        if name not in reader:
-            raise CheckpointError(f"{where}: tensor '{name}' is missing from the checkpoint")
-        if reader.shape(name) != shape:
-            raise CheckpointError(f"{where}: tensor '{name}' has shape {list(reader.shape(name))}, "
-                                  f"expected {list(shape)}")
-        return reader.entries[name].dtype
-
-    for slot in checkpoint_layout(spec):
-        if slot.ternary:
-            rows, cols = slot.shape
-            if packed:
-                expect(slot.name + PACKED_SUFFIX, (rows, padded_cols(cols) // 4))
-                expect(slot.name + SCALE_SUFFIX, ())
-            else:
-                dtype = expect(latent_name(spec, reader, slot.name), slot.shape)
-                if not dtype.is_floating_point:
-                    raise CheckpointError(f"{where}: tensor '{slot.name}' is {dtype}, expected a "
-                                          "floating-point latent matrix")
-            plan[slot.name + PACKED_SUFFIX] = (torch.uint8, (rows, padded_cols(cols) // 4))
-            plan[slot.name + SCALE_SUFFIX] = (torch.float32, ())
-        else:
-            plan[slot.name] = (expect(slot.name, slot.shape), slot.shape)
-    return plan
-
-
-def _layout(plan: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> tuple[bytes, dict[str, int]]:
-    """The safetensors header (padded) and each tensor's absolute byte offset in the file."""
-    order = sorted(plan, key=lambda n: (-plan[n][0].itemsize, n))
-    header: dict[str, Any] = {"__metadata__": {"format": PACKED_FORMAT,
-                                               "format_version": PACKED_FORMAT_VERSION}}
-    begin = 0
-    relative: dict[str, int] = {}
-    for name in order:
-        dtype, shape = plan[name]
-        nbytes = dtype.itemsize * _numel(shape)
-        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
-        relative[name] = begin
-        begin += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    start = 8 + len(text)
-    return struct.pack("<Q", len(text)) + text, {n: start + o for n, o in relative.items()}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _write_weights(path: Path, spec, reader: CheckpointReader, packed: bool,
-                   plan: dict[str, tuple[torch.dtype, tuple[int, ...]]], progress: bool) -> None:
-    header, offsets = _layout(plan)
-    slots = checkpoint_layout(spec)
-    where = str(reader.directory)
-
-    def put(f, name: str, tensor: torch.Tensor) -> None:
-        dtype, shape = plan[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise CheckpointError(f"{where}: tensor '{name}' came out as {tensor.dtype} {list(tensor.shape)}, "
-                                  f"expected {dtype} {list(shape)}")
-        f.seek(offsets[name])
-        f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-    bar = _progress(progress, len(slots))
-    try:
-        with open(path, "wb") as f:
-            f.write(header)
-            for slot in slots:
-                if slot.ternary:
-                    rows, cols = slot.shape
-                    if packed:
-                        codes, scale = read_packed(reader, slot.name, rows, cols)
-                    else:
-                        latent = reader.read(latent_name(spec, reader, slot.name), slot.shape)
-                        matrix = ternarize(latent)
-                        del latent
-                        codes, scale = matrix.packed, torch.tensor(matrix.scale, dtype=torch.float32)
-                    put(f, slot.name + PACKED_SUFFIX, codes)
-                    put(f, slot.name + SCALE_SUFFIX, scale)
-                    del codes
-                else:
-                    put(f, slot.name, reader.read(slot.name, slot.shape))
-                if bar is not None:
-                    bar[0].advance(bar[1])
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        if bar is not None:
-            bar[0].stop()
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    bar = Progress(TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), transient=True)
-    bar.start()
-    return bar, bar.add_task("packing", total=total)
+    """The packed checkpoint of the model in `reader` (latent or packed) into directory `out`."""
+    check_layout(spec, reader, str(reader.directory), is_packed(reader))
+    write_slots(checkpoint_layout(spec), weight_source(spec, reader), reader, config, out, progress)

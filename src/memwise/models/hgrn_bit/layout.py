@@ -2,21 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from memwise.kernels.packed import padded_cols
+from memwise.checkpoint import CheckpointReader
 from memwise.models.hgrn_bit.config import recurrence_width
+from memwise.models.ternary.packed_format import TensorSlot, packed_bytes
 from memwise.spec import ModelSpec, per_layer_linear
-
-
-@dataclass(frozen=True)
-class TensorSlot:
-    """One tensor of the released checkpoint layout: its name, shape, and whether it is ternarized."""
-
-    name: str
-    shape: tuple[int, ...]
-    ternary: bool
-
 
 
 def checkpoint_layout(spec: ModelSpec) -> list[TensorSlot]:
@@ -50,10 +40,6 @@ def parameter_count(spec: ModelSpec) -> int:
     return per_layer_linear(lambda s: sum(math.prod(slot.shape) for slot in checkpoint_layout(s)), spec)
 
 
-def packed_bytes(rows: int, cols: int) -> int:
-    return rows * padded_cols(cols) // 4
-
-
 def weight_sizes(spec: ModelSpec) -> dict[str, int]:
     """Bytes of weights: the latent bf16 checkpoint as released, and what the packed model holds.
 
@@ -76,3 +62,8 @@ def _packed_bytes(spec: ModelSpec) -> int:
     return packed
 
 
+def latent_name(spec: ModelSpec, reader: CheckpointReader, name: str) -> str:
+    """Tied checkpoints may omit lm_head.weight: the embedding is then the latent lm_head."""
+    if name == "lm_head.weight" and name not in reader and spec.tie_word_embeddings:
+        return "model.embeddings.weight"
+    return name

@@ -1,4 +1,4 @@
-"""The packed hgrn_bit checkpoint that `memwise convert` writes: reading and checking it.
+"""The packed checkpoint that `memwise convert` writes for the ternary families: reading and checking it.
 
 A packed checkpoint is a safetensors file with metadata {"format": "memwise-ternary",
 "format_version": "1"}. Each ternary matrix NAME.weight [N, K] of the released layout is stored as
@@ -9,6 +9,7 @@ tensor under its own name, as released. It is read as it is: quantizing t * m ag
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,23 @@ PACKED_FORMAT = "memwise-ternary"
 PACKED_FORMAT_VERSION = "1"
 PACKED_SUFFIX = ".packed"       # NAME.weight.packed: uint8 [rows, padded_cols(cols) / 4]
 SCALE_SUFFIX = ".scale"         # NAME.weight.scale: float32, shape []
+
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """One tensor of a family's checkpoint layout: its released name and shape, and whether it is a
+    ternary matrix (stored packed as NAME.packed + NAME.scale) or stored as it is."""
+
+    name: str
+    shape: tuple[int, ...]
+    ternary: bool
+
+
+def packed_bytes(rows: int, cols: int) -> int:
+    """Bytes of the codes of a [rows, cols] ternary matrix."""
+    return rows * padded_cols(cols) // 4
+
 
 # Rows of codes checked at a time, bounding the temporaries of the check.
 CHECK_ELEMENTS = 1 << 20
