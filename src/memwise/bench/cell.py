@@ -38,6 +38,9 @@ RECORD_FIELDS = (
     "source", "model_type", "runs", "warmup", "threads", "import_s", "prompt_ids", "prompt_tokens_samples",
     "new_tokens_samples", "peak_reset",
     "estimated_bytes", "outside_max_rss_bytes", "outside_wait4_max_rss_bytes", "wall_s",
+    # engines other than memwise's: what exactly ran (a GGUF type) and the engine's own timers
+    "weights_format", "engine_details", "engine_prefill_s", "engine_tpot_s", "engine_tpot_share",
+    "engine_counters_samples",
 )
 
 
@@ -71,6 +74,7 @@ class CellSpec:
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
     estimated_bytes: int | None = None
+    engine_file: str | None = None      # what the engine prepared in the parent (llama.cpp: the GGUF file)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -142,19 +146,22 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
     # interpreter's start and every import, whatever the memwise package imports eagerly.
     spawned = os.environ.get("MEMWISE_BENCH_SPAWN_TIME")
     start = float(spawned) if spawned else MODULE_START
-    import torch  # the import is part of what a user waits for, and part of the timed load
-
     import memwise.bench.engines as engines
-    from memwise.generate import GenerationOptions
 
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    record["threads"] = torch.get_num_threads()
-    if spec.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec.device!r} requested but torch sees no CUDA device")
-
-    source = Source(**{k: v for k, v in spec.source.items() if k in Source.__dataclass_fields__})
     engine = engines.engine_named(spec.engine)
+    uses_torch = getattr(engine, "uses_torch", True)
+    if uses_torch:
+        import torch  # the import is part of what a user waits for, and part of the timed load
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        record["threads"] = torch.get_num_threads()
+        if spec.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {spec.device!r} requested but torch sees no CUDA device")
+    configure = getattr(engine, "configure", None)
+    if configure is not None:
+        configure(spec)
+    source = Source(**{k: v for k, v in spec.source.items() if k in Source.__dataclass_fields__})
     record["import_s"] = time.time() - start
     engine.load(source, spec.dtype, spec.device)
     _wait(spec.device)
@@ -163,24 +170,61 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
     record["load_peak_rss_bytes"] = memory.peak_rss_bytes()
     record["weights_bytes"] = engine.weights_bytes()
     record["decode_bytes_per_token"] = engine.decode_bytes_per_token()
+    describe = getattr(engine, "describe", None)
+    if describe is not None:
+        record.update(describe())
     record["peak_reset"] = memory.reset_peak_rss()
     if spec.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        import torch
 
+        torch.cuda.reset_peak_memory_stats()
+    _timed_runs(spec, record, engine, uses_torch)
+    record["status"] = "ok"
+
+
+class _Request:
+    """Greedy, EOS ignored, exactly max_new_tokens: what the bench asks of an engine without torch
+    (memwise's GenerationOptions lives with torch)."""
+
+    def __init__(self, new_tokens: int):
+        self.max_new_tokens = self.min_new_tokens = new_tokens
+        self.ignore_eos = True
+
+
+def _inputs(spec: CellSpec, vocab: int, uses_torch: bool) -> tuple[Any, list[Any]]:
+    """Synthetic ids [batch, prompt] (seeded uniform) and the real prompts' ids, as the engine takes them."""
+    if not uses_torch:
+        import numpy as np
+
+        generator = np.random.default_rng(spec.seed)
+        synthetic = generator.integers(0, vocab, (spec.batch_size, spec.prompt_tokens))
+        return synthetic, [np.array([p] * spec.batch_size) for p in (spec.prompts or [])]
+    import torch
+
+    generator = torch.Generator().manual_seed(spec.seed)
+    synthetic = torch.randint(0, vocab, (spec.batch_size, spec.prompt_tokens), generator=generator)
+    return synthetic, [torch.tensor([p] * spec.batch_size, dtype=torch.long) for p in (spec.prompts or [])]
+
+
+def _timed_runs(spec: CellSpec, record: dict[str, Any], engine: Any, uses_torch: bool) -> None:
     rules = {k: v for k, v in (("repetition_penalty", spec.repetition_penalty),
                                ("no_repeat_ngram_size", spec.no_repeat_ngram_size)) if v is not None}
-    generator = torch.Generator().manual_seed(spec.seed)
-    vocab = engine.vocab_size()
-    synthetic_ids = torch.randint(0, vocab, (spec.batch_size, spec.prompt_tokens), generator=generator)
-    prompt_ids = [torch.tensor([p] * spec.batch_size, dtype=torch.long) for p in (spec.prompts or [])]
-
+    synthetic_ids, prompt_ids = _inputs(spec, engine.vocab_size(), uses_torch)
+    if not uses_torch:
+        record["prompt_ids"] = spec.prompt_ids_note or "synthetic (seeded uniform ids, numpy)"
     samples: dict[str, list[float | None]] = {m: [] for m in TIMED_METRICS}
+    counters: list[dict[str, Any]] = []
     prompt_lengths, new_lengths = [], []
-    plan = _plan(spec)
-    for i, (index, new_tokens) in enumerate(plan):
+    for i, (index, new_tokens) in enumerate(_plan(spec)):
         ids = synthetic_ids if index < 0 else prompt_ids[index]
-        # min_new_tokens = max_new_tokens keeps EOS out until the end: every run has the requested length.
-        options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True, **rules)
+        if uses_torch:
+            from memwise.generate import GenerationOptions
+
+            # min_new_tokens = max_new_tokens keeps EOS out until the end: every run has the requested length.
+            options: Any = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True,
+                                             **rules)
+        else:
+            options = _Request(new_tokens)
         timing = engine.generate(ids, options)
         if timing.new_tokens != new_tokens:
             raise RuntimeError(f"{spec.engine} generated {timing.new_tokens} tokens, expected {new_tokens} "
@@ -198,18 +242,35 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
         samples["decode_tok_s"].append(batch * steps / decode_s if steps > 0 and decode_s > 0 else None)
         prompt_lengths.append(prompt)
         new_lengths.append(new_tokens)
+        if timing.counters is not None:
+            counters.append(timing.counters)
 
     record["peak_rss_bytes"] = memory.peak_rss_bytes()
     if spec.device.startswith("cuda"):
+        import torch
+
         record["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
     for name, values in samples.items():
         summarize(record, name, values)
+    if counters:
+        _engine_check(record, counters)
     if prompt_lengths:   # real prompts differ in length; synthetic ones all have the requested shape
         record["prompt_tokens"] = int(statistics.median(prompt_lengths))
         record["new_tokens"] = int(statistics.median(new_lengths))
         record["prompt_tokens_samples"] = prompt_lengths
         record["new_tokens_samples"] = new_lengths
-    record["status"] = "ok"
+
+
+def _engine_check(record: dict[str, Any], counters: list[dict[str, Any]]) -> None:
+    """The engine's own timers beside ours (llama.cpp's llama_perf_context): its prompt evaluation next to
+    TTFT, its time per evaluated token next to TPOT; engine_tpot_share = engine_tpot_s / tpot_s, near 1
+    when the measured decode is the engine's evaluation and not the harness's overhead."""
+    record["engine_counters_samples"] = counters
+    summarize(record, "engine_prefill_s", [c["t_p_eval_ms"] / 1000 for c in counters])
+    summarize(record, "engine_tpot_s", [c["t_eval_ms"] / 1000 / c["n_eval"] if c["n_eval"] else None
+                                        for c in counters])
+    if record.get("engine_tpot_s") and record.get("tpot_s"):
+        record["engine_tpot_share"] = record["engine_tpot_s"] / record["tpot_s"]
 
 
 def _wait(device: str) -> None:
