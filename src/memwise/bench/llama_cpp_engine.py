@@ -97,10 +97,15 @@ class LlamaCppEngine:
         self.context_length = longest + max(spec.new_tokens, spec.max_length or 0) + 1
 
     def load(self, source: Source, dtype: str, device: str) -> None:
+        import logging
+
         import llama_cpp
 
         from memwise.bench.gguf_export import gguf_type
 
+        # llama-cpp-python prints every llama.cpp message by default; its debug ones (a line per graph
+        # input at context creation) bury the load summary in the cell's log.
+        logging.getLogger("llama-cpp-python").setLevel(logging.INFO)
         self.llama = llama_cpp
         llama_cpp.llama_backend_init()
         self.ggml_type = gguf_type(dtype)
