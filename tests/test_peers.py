@@ -228,19 +228,29 @@ def test_peers_suite_cells():
     ]
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
-def test_llama_cpp_greedy_matches_memwise(tmp_path, monkeypatch, preset):
+TINY_PHI = {"model_type": "phi", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "partial_rotary_factor": 0.5, "vocab_size": 512, "hidden_act": "gelu_new",
+            "max_position_embeddings": 128, "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 0}
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2", "phi"])
+def test_llama_cpp_greedy_matches_memwise(tmp_path, model):
     """The same F32 weights give the same greedy tokens in llama.cpp and in memwise."""
     pytest.importorskip("llama_cpp")
-    import memwise
+    from memwise.bench.sources import Source
+    from memwise.language_model import LanguageModel
+    from memwise.models.decoder import synthetic
+    from memwise.tokenizer import ByteTokenizer
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    source = resolve(f"preset:{preset}")
-    spec = CellSpec(preset, {}, "llama.cpp", dtype="float32", prompt_tokens=6, new_tokens=8, threads=1)
+    config = TINY_PHI if model == "phi" else resolve(f"preset:{model}").config
+    spec = family_and_spec(config, model)[1]
+    path = tmp_path / "model.gguf"
+    gguf_export.write_gguf(path, spec, "float32", lambda: synthetic_tensors(spec, seed=0))
+    cell = CellSpec(model, {}, "llama.cpp", dtype="float32", prompt_tokens=6, new_tokens=8, threads=1,
+                    engine_file=str(path))
     engine = LlamaCppEngine()
-    spec.engine_file = engine.prepare(source, spec)
-    engine.configure(spec)
-    engine.load(source, "float32", "cpu")
+    engine.configure(cell)
+    engine.load(Source(model, model, "preset", "synthetic", config), "float32", "cpu")
     prompt = [[72, 101, 108, 108, 111, 33]]
 
     class Request:
@@ -248,6 +258,7 @@ def test_llama_cpp_greedy_matches_memwise(tmp_path, monkeypatch, preset):
 
     timing = engine.generate(np.array(prompt), Request())
     assert timing.new_tokens == 8 and timing.counters["n_eval"] == 7
-    model = memwise.load(f"preset:{preset}")
-    expected = model.generate(torch.tensor(prompt), max_new_tokens=8, ignore_eos=True)[0, 6:].tolist()
+    memwise_model = LanguageModel(spec, synthetic(spec, seed=0), ByteTokenizer(spec.vocab_size), torch.float32,
+                                  torch.device("cpu"))
+    expected = memwise_model.generate(torch.tensor(prompt), max_new_tokens=8, ignore_eos=True)[0, 6:].tolist()
     assert engine.last_tokens == expected

@@ -11,8 +11,9 @@ matrix (t = clamp(round(W / m), -1, 1), m = mean |W|), written through gguf's qu
 scale is then max |t m| = m, so the codes are exact. Embedding tables stay F16 in ternary files (one row
 is read per token, like memwise's bf16 embedding of HGRN-Bit).
 
-Architectures: gpt2, and llama / mistral (as llama.cpp's "llama": q and k rows permuted from Hugging
-Face's rotate-half order to llama.cpp's interleaved rotary). The vocabulary is memwise's byte tokenizer
+Architectures: gpt2, phi (llama.cpp's "phi2", whose partial rotary is rotate-half like Hugging Face's),
+and llama / mistral (as llama.cpp's "llama": q and k rows permuted from Hugging Face's rotate-half order
+to llama.cpp's interleaved rotary). The vocabulary is memwise's byte tokenizer
 (ids 0-255 are the bytes, the rest placeholders) for every model: the bench feeds token ids, so no text
 tokenizer is needed; a real checkpoint's own tokenizer is not exported.
 """
@@ -37,7 +38,8 @@ GGUF_TYPES = {"float32": "F32", "f32": "F32", "float16": "F16", "f16": "F16", "q
 TERNARY_TYPES = ("TQ2_0", "TQ1_0")
 _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0",
                "TQ2_0": "MOSTLY_TQ2_0", "TQ1_0": "MOSTLY_TQ1_0"}
-_ARCHES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
+_ARCHES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "phi": "phi2"}
+_FUSED_QKV = ("gpt2", "phi")     # llama.cpp reads these q|k|v rows as one attn_qkv matrix
 _TABLES = ("token_embd.weight", "position_embd.weight")     # read one row per token
 
 
@@ -88,7 +90,8 @@ def _names(spec: ModelSpec, parameter: str, shape: tuple[int, ...]) -> Iterator[
     """(GGUF name, row slice, heads to permute) of the tensors one Decoder parameter becomes."""
     kind = parameter.rsplit(".", 1)[-1]     # weight | bias
     fixed = {"embed.weight": "token_embd.weight", "positions.weight": "position_embd.weight",
-             "lm_head.weight": "output.weight", "norm.weight": "output_norm.weight", "norm.bias": "output_norm.bias"}
+             "lm_head.weight": "output.weight", "lm_head.bias": "output.bias", "norm.weight": "output_norm.weight",
+             "norm.bias": "output_norm.bias"}
     if parameter in fixed:
         yield fixed[parameter], None, 0
         return
@@ -100,7 +103,7 @@ def _names(spec: ModelSpec, parameter: str, shape: tuple[int, ...]) -> Iterator[
     module = rest.rsplit(".", 1)[0]
     if module in simple:
         yield f"{blk}{simple[module]}.{kind}", None, 0
-    elif module == "attn.qkv" and spec.model_type == "gpt2":
+    elif module == "attn.qkv" and spec.model_type in _FUSED_QKV:
         yield f"{blk}attn_qkv.{kind}", None, 0
     elif module == "attn.qkv":
         q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim

@@ -23,7 +23,7 @@ from memwise.bench.timing import GenerationTiming
 
 INSTALL_HINT = ("llama-cpp-python is not installed: pip install 'memwise[peers]' "
                 "(it builds llama.cpp from source, about 10 minutes on 2 cores)")
-SUPPORTED_TYPES = ("gpt2", "llama", "mistral")
+SUPPORTED_TYPES = ("gpt2", "llama", "mistral", "phi")
 
 
 def llama_cpp_missing() -> str | None:
