@@ -198,6 +198,21 @@ def test_skip_reason_without_llama_cpp(monkeypatch):
     assert record["status"] == "skipped" and "pip install 'memwise[peers]'" in record["reason"]
 
 
+def test_export_failure_is_an_error_record(tmp_path, monkeypatch):
+    """A GGUF the exporter cannot write ends that cell with a one-line reason; no cell process starts."""
+    import memwise.bench.llama_cpp_engine as engine_module
+    from memwise.bench.runner import RunOptions, run_matrix
+    from memwise.bench.suites import Matrix
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(engine_module, "llama_cpp_missing", lambda: None)     # as if installed
+    matrix = Matrix(models=["preset:tiny-llama"], engines=["llama.cpp"], dtypes=["tq2_0"], runs=1, warmup=0,
+                    new_tokens=[4], prompt_tokens=[4])
+    [record] = run_matrix(matrix, RunOptions())
+    assert record["status"] == "error" and record["wall_s"] is None
+    assert record["reason"].startswith("preparing the llama.cpp cell failed: GGUF export: tensor")
+
+
 def test_cell_reasons():
     engine = LlamaCppEngine()
     source = resolve("preset:tiny-llama")

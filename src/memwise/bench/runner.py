@@ -247,7 +247,7 @@ def _prepare(spec: CellSpec, source: Source) -> str | None:
         return None
     try:
         spec.engine_file = prepare(source, spec)
-    except (MemwiseError, OSError, ValueError) as e:
+    except Exception as e:  # like a failed cell: this cell becomes an error record and the run goes on
         lines = str(e).strip().splitlines()
         return f"preparing the {spec.engine} cell failed: {lines[0] if lines else type(e).__name__}"
     return None
