@@ -267,7 +267,7 @@ def test_default_suite_and_flags_build_the_matrix():
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
-    (["--engine", "llama.cpp"], "argument --engine: invalid choice"),
+    (["--engine", "vllm"], "argument --engine: invalid choice"),
     (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ])

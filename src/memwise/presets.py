@@ -61,6 +61,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                            "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16},
     "bitnet-b1.58-3b": {**_ONE_BIT_LLM, "hidden_size": 3200, "intermediate_size": 8640, "num_hidden_layers": 26,
                         "num_attention_heads": 32, "num_key_value_heads": 32},
+    # Llama-architecture twins of the MatMul-free sizes, for engines without hgrn_bit (llama.cpp): every
+    # matrix has the shape of the HGRN-Bit matrix in its place (q, k, v, o = i, f, g, o; gate and up =
+    # gate_proj; down = down_proj; lm_head), so with ternary weights a token reads the same bytes of them.
+    # head_dim 128; tests/test_peers.py checks the shapes against hgrn_bit's checkpoint_layout.
+    "mmfree-370m-shapes": {**_LLAMA, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24,
+                           "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 32000},
+    "mmfree-1.3b-shapes": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+                           "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 32000},
+    "mmfree-2.7b-shapes": {**_LLAMA, "hidden_size": 2560, "intermediate_size": 6912, "num_hidden_layers": 32,
+                           "num_attention_heads": 20, "num_key_value_heads": 20, "vocab_size": 32000},
     # Tiny architectures for quick trials and tests.
     "tiny-gpt2": {**_GPT2, "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 256,
                   "bos_token_id": 0, "eos_token_id": 0},

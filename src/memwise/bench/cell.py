@@ -45,6 +45,9 @@ RECORD_FIELDS = (
     # with --busy-cores: the same runs again beside busy processes (bench/busy.py)
     "busy_cores", *[f"busy_{m}{suffix}" for m in TIMED_METRICS for suffix in ("", "_min", "_max", "_samples")],
     "busy_prefill_ratio", "busy_decode_ratio",
+    # engines other than memwise's: what exactly ran (a GGUF type) and the engine's own timers
+    "weights_format", "engine_details", "engine_prefill_s", "engine_tpot_s", "engine_tpot_share",
+    "engine_counters_samples",
 )
 
 
@@ -80,6 +83,7 @@ class CellSpec:
     no_repeat_ngram_size: int | None = None
     estimated_bytes: int | None = None
     busy_cores: int = 0                 # processes that keep cores busy beside each timed run (bench/busy.py)
+    engine_file: str | None = None      # what the engine prepared in the parent (llama.cpp: the GGUF file)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -151,18 +155,22 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
     # interpreter's start and every import, whatever the memwise package imports eagerly.
     spawned = os.environ.get("MEMWISE_BENCH_SPAWN_TIME")
     start = float(spawned) if spawned else MODULE_START
-    import torch  # the import is part of what a user waits for, and part of the timed load
-
     import memwise.bench.engines as engines
 
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    record["threads"] = torch.get_num_threads()
-    if spec.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec.device!r} requested but torch sees no CUDA device")
-
-    source = Source(**{k: v for k, v in spec.source.items() if k in Source.__dataclass_fields__})
     engine = engines.engine_named(spec.engine)
+    uses_torch = getattr(engine, "uses_torch", True)
+    if uses_torch:
+        import torch  # the import is part of what a user waits for, and part of the timed load
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        record["threads"] = torch.get_num_threads()
+        if spec.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {spec.device!r} requested but torch sees no CUDA device")
+    configure = getattr(engine, "configure", None)
+    if configure is not None:
+        configure(spec)
+    source = Source(**{k: v for k, v in spec.source.items() if k in Source.__dataclass_fields__})
     record["import_s"] = time.time() - start
     engine.load(source, spec.dtype, spec.device, **({"quantize": spec.quantize} if spec.quantize else {}))
     _wait(spec.device)
@@ -171,23 +179,28 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
     record["load_peak_rss_bytes"] = memory.peak_rss_bytes()
     record["weights_bytes"] = engine.weights_bytes()
     record["decode_bytes_per_token"] = engine.decode_bytes_per_token()
+    describe = getattr(engine, "describe", None)
+    if describe is not None:
+        record.update(describe())
     record["peak_reset"] = memory.reset_peak_rss()
     if spec.device.startswith("cuda"):
+        import torch
+
         torch.cuda.reset_peak_memory_stats()
 
-    rules = {k: v for k, v in (("repetition_penalty", spec.repetition_penalty),
-                               ("no_repeat_ngram_size", spec.no_repeat_ngram_size)) if v is not None}
-    generator = torch.Generator().manual_seed(spec.seed)
-    vocab = engine.vocab_size()
-    synthetic_ids = torch.randint(0, vocab, (spec.batch_size, spec.prompt_tokens), generator=generator)
-    prompt_ids = [torch.tensor([p] * spec.batch_size, dtype=torch.long) for p in (spec.prompts or [])]
-
-    samples, busy_samples, lengths = _timed_runs(spec, engine, synthetic_ids, prompt_ids, rules)
+    synthetic_ids, prompt_ids = _inputs(spec, engine.vocab_size(), uses_torch)
+    if not uses_torch:
+        record["prompt_ids"] = spec.prompt_ids_note or "synthetic (seeded uniform ids, numpy)"
+    samples, busy_samples, lengths, counters = _timed_runs(spec, engine, synthetic_ids, prompt_ids, uses_torch)
     record["peak_rss_bytes"] = memory.peak_rss_bytes()
     if spec.device.startswith("cuda"):
+        import torch
+
         record["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
     for name, values in samples.items():
         summarize(record, name, values)
+    if counters:
+        _engine_check(record, counters)
     if spec.busy_cores:
         _summarize_busy(record, spec.busy_cores, samples, busy_samples)
     prompt_lengths, new_lengths = lengths
@@ -197,6 +210,41 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
         record["prompt_tokens_samples"] = prompt_lengths
         record["new_tokens_samples"] = new_lengths
     record["status"] = "ok"
+
+
+class _Request:
+    """Greedy, EOS ignored, exactly max_new_tokens: what the bench asks of an engine without torch
+    (memwise's GenerationOptions lives with torch)."""
+
+    def __init__(self, new_tokens: int):
+        self.max_new_tokens = self.min_new_tokens = new_tokens
+        self.ignore_eos = True
+
+
+def _inputs(spec: CellSpec, vocab: int, uses_torch: bool) -> tuple[Any, list[Any]]:
+    """Synthetic ids [batch, prompt] (seeded uniform) and the real prompts' ids, as the engine takes them."""
+    if not uses_torch:
+        import numpy as np
+
+        generator = np.random.default_rng(spec.seed)
+        synthetic = generator.integers(0, vocab, (spec.batch_size, spec.prompt_tokens))
+        return synthetic, [np.array([p] * spec.batch_size) for p in (spec.prompts or [])]
+    import torch
+
+    generator = torch.Generator().manual_seed(spec.seed)
+    synthetic = torch.randint(0, vocab, (spec.batch_size, spec.prompt_tokens), generator=generator)
+    return synthetic, [torch.tensor([p] * spec.batch_size, dtype=torch.long) for p in (spec.prompts or [])]
+
+
+def _options(spec: CellSpec, new_tokens: int, uses_torch: bool) -> Any:
+    if not uses_torch:
+        return _Request(new_tokens)
+    from memwise.generate import GenerationOptions
+
+    rules = {k: v for k, v in (("repetition_penalty", spec.repetition_penalty),
+                               ("no_repeat_ngram_size", spec.no_repeat_ngram_size)) if v is not None}
+    # min_new_tokens = max_new_tokens keeps EOS out until the end: every run has the requested length.
+    return GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True, **rules)
 
 
 def _conditions(spec: CellSpec, i: int) -> list[bool]:
@@ -220,18 +268,18 @@ def _add_samples(samples: dict[str, list[float | None]], timing: Any, batch: int
     samples["decode_tok_s"].append(batch * steps / decode_s if steps > 0 and decode_s > 0 else None)
 
 
-def _timed_runs(spec: CellSpec, engine: Any, synthetic_ids: Any, prompt_ids: list[Any], rules: dict[str, Any]):
-    """Warm-up and timed generations: (samples, samples beside busy processes, (prompt, new) lengths)."""
+def _timed_runs(spec: CellSpec, engine: Any, synthetic_ids: Any, prompt_ids: list[Any], uses_torch: bool):
+    """Warm-up and timed generations: (samples, samples beside busy processes, (prompt, new) lengths,
+    the engine's own counters per timed run where it has them)."""
     from memwise.bench.busy import BusyLoad
-    from memwise.generate import GenerationOptions
 
     samples: dict[str, list[float | None]] = {m: [] for m in TIMED_METRICS}
     busy_samples: dict[str, list[float | None]] = {m: [] for m in TIMED_METRICS}
+    counters: list[dict[str, Any]] = []
     prompt_lengths, new_lengths = [], []
     for i, (index, new_tokens) in enumerate(_plan(spec)):
         ids = synthetic_ids if index < 0 else prompt_ids[index]
-        # min_new_tokens = max_new_tokens keeps EOS out until the end: every run has the requested length.
-        options = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True, **rules)
+        options = _options(spec, new_tokens, uses_torch)
         for busy in _conditions(spec, i):
             with BusyLoad(spec.busy_cores if busy else 0):
                 timing = engine.generate(ids, options)
@@ -240,10 +288,24 @@ def _timed_runs(spec: CellSpec, engine: Any, synthetic_ids: Any, prompt_ids: lis
                                    f"(EOS should be ignored)")
             if i >= spec.warmup:
                 _add_samples(busy_samples if busy else samples, timing, *ids.shape, new_tokens)
+                if not busy and getattr(timing, "counters", None) is not None:
+                    counters.append(timing.counters)
         if i >= spec.warmup:
             prompt_lengths.append(ids.shape[1])
             new_lengths.append(new_tokens)
-    return samples, busy_samples, (prompt_lengths, new_lengths)
+    return samples, busy_samples, (prompt_lengths, new_lengths), counters
+
+
+def _engine_check(record: dict[str, Any], counters: list[dict[str, Any]]) -> None:
+    """The engine's own timers beside ours (llama.cpp's llama_perf_context): its prompt evaluation next to
+    TTFT, its time per evaluated token next to TPOT; engine_tpot_share = engine_tpot_s / tpot_s, near 1
+    when the measured decode is the engine's evaluation and not the harness's overhead."""
+    record["engine_counters_samples"] = counters
+    summarize(record, "engine_prefill_s", [c["t_p_eval_ms"] / 1000 for c in counters])
+    summarize(record, "engine_tpot_s", [c["t_eval_ms"] / 1000 / c["n_eval"] if c["n_eval"] else None
+                                        for c in counters])
+    if record.get("engine_tpot_s") and record.get("tpot_s"):
+        record["engine_tpot_share"] = record["engine_tpot_s"] / record["tpot_s"]
 
 
 def _summarize_busy(record: dict[str, Any], cores: int, samples: dict[str, list[float | None]],

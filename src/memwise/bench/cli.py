@@ -75,6 +75,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+# GGUF types a llama.cpp cell's --dtype may name besides the torch dtypes (memwise.bench.gguf_export)
+GGUF_DTYPES = ("q8_0", "q4_0", "tq2_0", "tq1_0")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from memwise.bench.engines import ENGINES
 
@@ -83,16 +87,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="model directory, hub id, preset:NAME, or a preset name such as gpt2-medium "
                            "(real weights if cached, else synthetic)")
     what.add_argument("--engine", action="append", choices=sorted(ENGINES))
-    what.add_argument("--dtype", action="append", choices=tuple(DTYPES))
+    what.add_argument("--dtype", action="append", choices=tuple(DTYPES) + GGUF_DTYPES,
+                      help="float32, float16, bfloat16; llama.cpp cells also take a GGUF type: q8_0, q4_0, "
+                           "tq2_0, tq1_0 (float32 / float16 are F32 / F16 there)")
     what.add_argument("--quantize", choices=("int8",), metavar="SCHEME",
                       help="memwise engine: store the decoder layers' weights in SCHEME (int8); other engines as given")
     what.add_argument("--batch-size", action="append", type=_positive, metavar="N")
     what.add_argument("--prompt-tokens", action="append", type=_positive, metavar="N")
     what.add_argument("--new-tokens", action="append", type=_positive, metavar="N")
-    what.add_argument("--suite", choices=("default", "seed", "ternary"), default="default",
+    what.add_argument("--suite", choices=("default", "seed", "ternary", "peers"), default="default",
                       help="seed: the public comparison's three size classes, prompts and settings; "
                            "ternary: MatMul-free models on the packed kernels vs transformers on opt-2.7b "
-                           "and gpt2-medium (batch 1 and 16)")
+                           "and gpt2-medium (batch 1 and 16); peers: memwise vs llama.cpp (MatMul-free "
+                           "models vs their TQ2_0 shape twins, gpt2-medium at F32 and Q8_0)")
     what.add_argument("--sweep", choices=("context", "batch"),
                       help="speed and memory over prompt length (KV cache) or batch size")
     what.add_argument("--kernels", action="store_true", help="run the ternary kernel micro-benchmark instead")

@@ -3,7 +3,11 @@
 An engine says whether it can run a source at all (can_run, answered in the parent before any process
 is started), loads it, generates a fixed number of tokens with EOS ignored while reporting when the
 first token appeared, and says how many bytes it holds for weights. Adding llama.cpp or vLLM means
-adding one class here and one line in ENGINES.
+adding one class and one line in ENGINES (llama.cpp's is in llama_cpp_engine.py). Optional methods,
+looked up with getattr: cell_reason(spec) skips a cell for its shape or settings, prepare(source,
+spec) runs in the parent before the cell (untimed; returns a file for the cell), configure(spec)
+gives the cell's spec to the engine before load, describe() adds fields to the record, and
+uses_torch = False keeps torch out of the cell's process.
 
 Time to first token: memwise streams tokens, so TTFT is the time until its stream yields the first
 step. transformers hands every step to a streamer right after choosing the token (the prompt goes
@@ -15,21 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from memwise.bench.llama_cpp_engine import LlamaCppEngine
 from memwise.bench.sources import Source
-from memwise.dtypes import parse_dtype
-from memwise.generate import GenerationOptions
+from memwise.bench.timing import GenerationTiming
+
+if TYPE_CHECKING:   # torch stays out of processes that only run llama.cpp
+    from memwise.generate import GenerationOptions
 
 HGRN_BIT_REASON = "transformers cannot run hgrn_bit without its GPU-only package (mmfreelm + triton)"
-
-
-@dataclass
-class GenerationTiming:
-    ttft_s: float           # call start to the first new token on the host
-    e2e_s: float            # call start to return
-    new_tokens: int         # tokens generated per sequence (checked against the request)
 
 
 class Engine(Protocol):
@@ -165,6 +164,8 @@ class TransformersEngine(_LoadedEngine):
         import transformers
         from transformers import AutoModelForCausalLM
 
+        from memwise.dtypes import parse_dtype
+
         transformers.logging.set_verbosity_error()
         torch_dtype = parse_dtype(dtype)
         self.device = device
@@ -220,7 +221,7 @@ class TransformersEngine(_LoadedEngine):
 
 
 ENGINES: dict[str, type] = {"memwise": MemwiseEngine, "memwise-reference": MemwiseReferenceEngine,
-                            "transformers": TransformersEngine}
+                            "transformers": TransformersEngine, "llama.cpp": LlamaCppEngine}
 
 
 def engine_named(name: str) -> Engine:

@@ -14,15 +14,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from memwise.dtypes import parse_dtype
 from memwise.errors import MemwiseError
-from memwise.memory_gate import available_bytes, weights_bytes
-from memwise.source import family_and_spec
-from memwise.spec import ModelSpec
+
+if TYPE_CHECKING:   # the probes run in cells that never import torch (llama.cpp's); the rest imports it lazily
+    from memwise.spec import ModelSpec
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -31,7 +28,11 @@ CLEAR_REFS = Path("/proc/self/clear_refs")
 # transformers' modeling code, and allocator slack. Measured on Linux x86-64 with torch 2.13 and
 # transformers 5 at about 340 MiB and 400 MiB; rounded up because a skipped cell costs less than a
 # killed one.
-BASELINE_BYTES = {"memwise": 400 * 2**20, "transformers": 512 * 2**20}
+BASELINE_BYTES = {"memwise": 400 * 2**20, "transformers": 512 * 2**20, "llama.cpp": 160 * 2**20}
+
+# Bytes per weight of the GGUF types a llama.cpp cell's dtype names (block bytes / block weights).
+GGUF_BYTES_PER_WEIGHT = {"F32": 4.0, "F16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32, "TQ2_0": 66 / 256,
+                         "TQ1_0": 54 / 256}
 DEFAULT_BASELINE_BYTES = 512 * 2**20
 
 
@@ -93,6 +94,8 @@ class Architecture:
 
 def _memwise_model(config: dict[str, Any]) -> tuple[ModuleType, ModelSpec] | None:
     """memwise's family and spec of a config, or None where memwise cannot run it (transformers may)."""
+    from memwise.source import family_and_spec
+
     try:
         return family_and_spec(config, "config.json")
     except MemwiseError:
@@ -156,6 +159,9 @@ def _transformers_parameters(config: dict[str, Any]) -> int:
 
 def memwise_weights_bytes(config: dict[str, Any], dtype: str, quantize: str | None = None) -> int | None:
     """Bytes memwise's own family module says the weights take at `dtype`, or None if it cannot say."""
+    from memwise.dtypes import parse_dtype
+    from memwise.memory_gate import weights_bytes
+
     model = _memwise_model(config)
     if model is None:
         return None
@@ -169,7 +175,16 @@ def estimate_cell_bytes(arch: Architecture, engine: str, dtype: str, batch_size:
 
     Deliberately a little generous: it only decides whether a cell is run at all.
     """
-    width = parse_dtype(dtype).itemsize
+    from memwise.bench.gguf_export import GGUF_TYPES
+    from memwise.dtypes import DTYPES, parse_dtype
+
+    if engine == "llama.cpp" and dtype.lower() in GGUF_TYPES:
+        gguf = GGUF_TYPES[dtype.lower()]
+        width = 4 if gguf == "F32" else 2       # its KV cache and activations
+        if weights_bytes is None:
+            weights_bytes = int(arch.parameters * GGUF_BYTES_PER_WEIGHT[gguf])
+    else:   # a GGUF type on another engine is skipped before it runs; 4 bytes keeps the estimate defined
+        width = parse_dtype(dtype).itemsize if dtype in DTYPES else 4
     if weights_bytes is None:
         weights_bytes = arch.parameters * width
     length = prompt_tokens + new_tokens
@@ -186,4 +201,8 @@ def estimate_cell_bytes(arch: Architecture, engine: str, dtype: str, batch_size:
 
 
 def available_memory_bytes() -> int:
+    import torch
+
+    from memwise.memory_gate import available_bytes
+
     return available_bytes(torch.device("cpu"))

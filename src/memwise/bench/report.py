@@ -44,6 +44,8 @@ FOLDABLE = {"dtype", "quantize", "device", "batch_size", "prompt_tokens", "new_t
 def _cell_text(record: dict[str, Any], key: str) -> str:
     if key == "peak":
         value: Any = peak_bytes(record)
+    elif key == "dtype":
+        value = record.get("weights_format") or record.get("dtype")     # a GGUF type says more than float32
     else:
         value = record.get(key)
     if value is None:

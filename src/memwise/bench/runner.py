@@ -30,6 +30,7 @@ from memwise.bench.cell import CellSpec, blank_record
 from memwise.bench.engines import engine_named
 from memwise.bench.sources import Source, resolve
 from memwise.bench.suites import Matrix
+from memwise.dtypes import DTYPES
 from memwise.errors import MemwiseError
 
 @dataclass
@@ -77,7 +78,13 @@ def prompt_ids(source: Source, prompts: list[str], vocab_size: int, seed: int) -
 
 def skip_reason(source: Source, engine: str, spec: CellSpec, arch: memory.Architecture) -> str | None:
     """Why this cell should not be started, or None."""
-    reason = engine_named(engine).can_run(source, spec.device)
+    runner = engine_named(engine)
+    if spec.dtype not in DTYPES and not hasattr(runner, "prepare"):
+        return f"dtype {spec.dtype} is a GGUF type: only llama.cpp cells run it"
+    reason = runner.can_run(source, spec.device)
+    cell_reason = getattr(runner, "cell_reason", None)
+    if not reason and cell_reason is not None:
+        reason = cell_reason(spec)
     if reason:
         return reason
     longest = spec.prompt_tokens + spec.new_tokens
@@ -108,7 +115,9 @@ def plan_cells(matrix: Matrix, sources: dict[str, Source],
             prompt = max(len(p) for p in ids)
             new = max((matrix.max_length or 0) - min(len(p) for p in ids), 1)
         quantize = options.quantize if engine == "memwise" else None
-        weights = memory.memwise_weights_bytes(source.config or {}, dtype, quantize) if engine.startswith("memwise") else None
+        weights = None
+        if engine.startswith("memwise") and dtype in DTYPES:
+            weights = memory.memwise_weights_bytes(source.config or {}, dtype, quantize)
         spec = CellSpec(
             model=source.name, source=asdict(source), engine=engine, dtype=dtype, quantize=quantize,
             device=options.device, batch_size=batch, prompt_tokens=prompt, new_tokens=new, runs=matrix.runs,
@@ -218,9 +227,10 @@ def run_matrix(matrix: Matrix, options: RunOptions,
         if on_start:
             on_start(i, len(planned), spec)
         reason = skip_reason(source, spec.engine, spec, arch)
-        if reason:
+        problem = None if reason else _prepare(spec, source)
+        if reason or problem:
             record = blank_record(spec)
-            record.update(status="skipped", reason=reason)
+            record.update(status="skipped" if reason else "error", reason=reason or problem)
         else:
             log_path = None
             if options.log_dir is not None:
@@ -231,6 +241,20 @@ def run_matrix(matrix: Matrix, options: RunOptions,
         if on_done:
             on_done(i, len(planned), record)
     return records
+
+
+def _prepare(spec: CellSpec, source: Source) -> str | None:
+    """Let the engine make what its cell loads (llama.cpp: the GGUF file), here and untimed; the one-line
+    reason when that fails."""
+    prepare = getattr(engine_named(spec.engine), "prepare", None)
+    if prepare is None:
+        return None
+    try:
+        spec.engine_file = prepare(source, spec)
+    except Exception as e:  # like a failed cell: this cell becomes an error record and the run goes on
+        lines = str(e).strip().splitlines()
+        return f"preparing the {spec.engine} cell failed: {lines[0] if lines else type(e).__name__}"
+    return None
 
 
 def _slug(text: str) -> str:

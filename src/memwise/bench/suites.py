@@ -6,6 +6,7 @@ Suites only choose its defaults; every flag the user gives overrides the suite's
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 DEFAULT_ENGINES = ("memwise", "transformers")
 
@@ -59,6 +60,19 @@ TERNARY_CELLS = (
 )
 
 
+# memwise against llama.cpp on the same work, batch 1 (llama.cpp cells run one sequence): each
+# MatMul-free model on memwise's packed kernels against its shape twin on llama.cpp (a Llama model whose
+# every matrix has the HGRN-Bit matrix's shape, ternary weights in TQ2_0: the same bytes per token), and
+# gpt2-medium on both engines at float32 and on llama.cpp at Q8_0. (model, engine, batch, dtype).
+PEERS_CELLS = (
+    ("mmfree-370m", "memwise", 1, "float32"), ("preset:mmfree-370m-shapes", "llama.cpp", 1, "tq2_0"),
+    ("mmfree-2.7b", "memwise", 1, "float32"), ("preset:mmfree-2.7b-shapes", "llama.cpp", 1, "tq2_0"),
+    ("gpt2-medium", "memwise", 1, "float32"), ("gpt2-medium", "llama.cpp", 1, "float32"),
+    ("gpt2-medium", "llama.cpp", 1, "q8_0"),
+    # BitNet b1.58 (memwise vs llama.cpp TQ2_0/TQ1_0) goes here when memwise runs it.
+)
+
+
 @dataclass
 class Matrix:
     models: list[str]
@@ -76,13 +90,14 @@ class Matrix:
     max_length: int | None = None
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
-    # (model, engine, batch) triples run instead of the cross product (the ternary suite).
-    explicit: list[tuple[str, str, int]] | None = None
+    # (model, engine, batch) triples run instead of the cross product (the ternary suite), or
+    # (model, engine, batch, dtype) where each cell has its own dtype (the peers suite).
+    explicit: list[tuple[Any, ...]] | None = None
 
     def cells(self) -> list[tuple[str, str, str, int, int, int]]:
         """(model, engine, dtype, batch, prompt, new) in run order: a model's cells together."""
         if self.explicit:
-            return [(m, e, d, b, p, n) for m, e, b in self.explicit for d in self.dtypes
+            return [(m, e, d, b, p, n) for m, e, b, *own in self.explicit for d in (own or self.dtypes)
                     for p in self.prompt_tokens for n in self.new_tokens]
         if self.prompts:   # prompt lengths and new tokens come from the prompts and max_length
             return [(m, e, d, b, 0, 0) for m in self.models for e in self.engines for d in self.dtypes
@@ -116,7 +131,11 @@ def ternary_suite() -> Matrix:
     return Matrix(models=sorted({m for m, _, _ in TERNARY_CELLS}), suite="ternary", explicit=list(TERNARY_CELLS))
 
 
-SUITES = {"default": default_suite, "seed": seed_suite, "ternary": ternary_suite}
+def peers_suite() -> Matrix:
+    return Matrix(models=list(dict.fromkeys(m for m, *_ in PEERS_CELLS)), suite="peers", explicit=list(PEERS_CELLS))
+
+
+SUITES = {"default": default_suite, "seed": seed_suite, "ternary": ternary_suite, "peers": peers_suite}
 SWEEPS = {"context": context_sweep, "batch": batch_sweep}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
+from typing import Iterator
 
 import torch
 
@@ -90,22 +91,38 @@ def _check_plan(plan: list[TensorSource], reader: CheckpointReader, spec: ModelS
 
 def synthetic(spec: ModelSpec, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
               seed: int = 0, quantize: str | None = None) -> Decoder:
-    """Random weights (normal, std 0.02; norms 1, biases 0), the same for a seed on any device and dtype.
-    Quantized linears draw their matrices after all parameters, so their values differ from the float model's."""
+    """Random weights (normal, std 0.02; norms 1, biases 0), the same for a seed on any device and dtype;
+    a quantized model holds the same matrices, quantized."""
     model = _build(dataclasses.replace(spec, synthetic=True), dtype, device, quantize)
-    generator = torch.Generator().manual_seed(seed)
+    parameters = dict(model.named_parameters())
+    quantized = int8_linears(model)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias"):
-                parameter.zero_()
-            elif parameter.dim() == 1:
-                parameter.fill_(1.0)
+        for name, tensor in synthetic_tensors(spec, seed):
+            if name in quantized:
+                quantized[name].fill_rows(0, tensor)
             else:
-                # drawn in float32 on the CPU, one matrix at a time, so values do not depend on dtype/device
-                parameter.copy_(torch.empty(parameter.shape).normal_(0.0, 0.02, generator=generator))
-        for name, linear in int8_linears(model).items():
-            if name != "lm_head.weight" or not spec.tie_word_embeddings:
-                linear.fill_rows(0, torch.empty(linear.out_features, linear.in_features).normal_(0.0, 0.02,
-                                                                                               generator=generator))
+                parameters[name].copy_(tensor)
         fill_tied_head(model)
     return model
+
+
+def parameter_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter of the Decoder, in named_parameters order (a tied matrix once)."""
+    with torch.device("meta"):
+        model = Decoder(spec)
+    model.tie_weights()
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+def synthetic_tensors(spec: ModelSpec, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """The random weights of `synthetic`, one float32 CPU tensor at a time, so that an exporter (GGUF)
+    can write the very weights memwise runs without holding the whole model."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, shape in parameter_shapes(spec):
+        if name.endswith("bias"):
+            yield name, torch.zeros(shape)
+        elif len(shape) == 1:
+            yield name, torch.ones(shape)
+        else:
+            # drawn in float32 on the CPU, one matrix at a time, so values do not depend on dtype/device
+            yield name, torch.empty(shape).normal_(0.0, 0.02, generator=generator)

@@ -1,0 +1,299 @@
+"""GGUF files of the weights memwise runs, so that llama.cpp can be measured on the same model.
+
+memwise writes the file itself, with the `gguf` package (pure Python), from the very tensors a memwise
+cell holds: a preset's seeded random weights (drawn again, one tensor at a time, by
+decoder.synthetic_tensors) or a checkpoint as memwise loads it. Files are cached per model and GGUF
+type under $XDG_CACHE_HOME/memwise/gguf (default ~/.cache/memwise/gguf) and written atomically.
+
+Types: F32 and F16 (1-d tensors always F32, as llama.cpp requires), Q8_0 and Q4_0 through gguf's own
+quantize functions, and TQ2_0 / TQ1_0: each matrix ternarized once as memwise ternarizes a latent
+matrix (t = clamp(round(W / m), -1, 1), m = mean |W|), written through gguf's quantizer, whose block
+scale is then max |t m| = m, so the codes are exact. Embedding tables stay F16 in ternary files (one row
+is read per token, like memwise's bf16 embedding of HGRN-Bit).
+
+Architectures: gpt2, phi (llama.cpp's "phi2", whose partial rotary is rotate-half like Hugging Face's),
+and llama / mistral (as llama.cpp's "llama": q and k rows permuted from Hugging Face's rotate-half order
+to llama.cpp's interleaved rotary). The vocabulary is memwise's byte tokenizer
+(ids 0-255 are the bytes, the rest placeholders) for every model: the bench feeds token ids, so no text
+tokenizer is needed; a real checkpoint's own tokenizer is not exported.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from memwise.errors import MemwiseError, UnsupportedError
+from memwise.spec import ModelSpec
+
+EXPORT_VERSION = 1      # part of every cached file's name: a change of layout writes new files
+
+# --dtype of a llama.cpp cell -> GGUF type name
+GGUF_TYPES = {"float32": "F32", "f32": "F32", "float16": "F16", "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0",
+              "tq2_0": "TQ2_0", "tq1_0": "TQ1_0"}
+TERNARY_TYPES = ("TQ2_0", "TQ1_0")
+_FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0",
+               "TQ2_0": "MOSTLY_TQ2_0", "TQ1_0": "MOSTLY_TQ1_0"}
+_ARCHES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "phi": "phi2"}
+_FUSED_QKV = ("gpt2", "phi")     # llama.cpp reads these q|k|v rows as one attn_qkv matrix
+_TABLES = ("token_embd.weight", "position_embd.weight")     # read one row per token
+
+
+def gguf_type(dtype: str) -> str:
+    """The GGUF type name a cell's dtype asks for (F32, F16, Q8_0, Q4_0, TQ2_0, TQ1_0)."""
+    try:
+        return GGUF_TYPES[dtype.lower()]
+    except KeyError:
+        raise UnsupportedError(f"dtype {dtype!r} has no GGUF type (one of: {', '.join(GGUF_TYPES)})") from None
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "memwise" / "gguf"
+
+
+def _model_key(source: str, directory: Path | None) -> str:
+    """A preset's name, or a local directory's name with a digest of its path and files' sizes and times,
+    so that a changed checkpoint gets a new file."""
+    if directory is None:
+        return f"preset-{source.removeprefix('preset:')}-seed0"
+    stats = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(directory.iterdir()) if p.is_file()]
+    digest = hashlib.sha1("\n".join([str(directory.resolve()), *stats]).encode()).hexdigest()[:12]
+    return f"{directory.name}-{digest}"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str                           # GGUF name
+    parameter: str                      # memwise Decoder parameter it comes from
+    shape: tuple[int, ...]              # as torch holds it: [rows, cols] or [n]
+    rows: tuple[int, int] | None        # row slice of the parameter
+    permute_heads: int                  # > 0: rotary rows permuted for llama.cpp with this many heads
+    ggml_type: str
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], wanted: str) -> str:
+    if len(shape) == 1:
+        return "F32"
+    if name == "position_embd.weight":
+        return "F32"    # as llama.cpp's converter keeps it: small, and added to every token's input
+    if wanted in TERNARY_TYPES and name in _TABLES:
+        return "F16"
+    return wanted
+
+
+def _names(spec: ModelSpec, parameter: str, shape: tuple[int, ...]) -> Iterator[tuple[str, tuple[int, int] | None, int]]:
+    """(GGUF name, row slice, heads to permute) of the tensors one Decoder parameter becomes."""
+    kind = parameter.rsplit(".", 1)[-1]     # weight | bias
+    fixed = {"embed.weight": "token_embd.weight", "positions.weight": "position_embd.weight",
+             "lm_head.weight": "output.weight", "lm_head.bias": "output.bias", "norm.weight": "output_norm.weight",
+             "norm.bias": "output_norm.bias"}
+    if parameter in fixed:
+        yield fixed[parameter], None, 0
+        return
+    if not parameter.startswith("layers."):
+        raise UnsupportedError(f"GGUF export: no GGUF tensor for memwise parameter {parameter!r}")
+    _, index, rest = parameter.split(".", 2)
+    blk = f"blk.{index}."
+    simple = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.out": "attn_output", "mlp.down": "ffn_down"}
+    module = rest.rsplit(".", 1)[0]
+    if module in simple:
+        yield f"{blk}{simple[module]}.{kind}", None, 0
+    elif module == "attn.qkv" and spec.model_type in _FUSED_QKV:
+        yield f"{blk}attn_qkv.{kind}", None, 0
+    elif module == "attn.qkv":
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        yield f"{blk}attn_q.{kind}", (0, q), spec.num_heads
+        yield f"{blk}attn_k.{kind}", (q, q + kv), spec.num_kv_heads
+        yield f"{blk}attn_v.{kind}", (q + kv, q + 2 * kv), 0
+    elif module == "mlp.up" and spec.gated_mlp:
+        inner = spec.intermediate_size
+        yield f"{blk}ffn_gate.{kind}", (0, inner), 0
+        yield f"{blk}ffn_up.{kind}", (inner, 2 * inner), 0
+    elif module == "mlp.up":
+        yield f"{blk}ffn_up.{kind}", None, 0
+    else:
+        raise UnsupportedError(f"GGUF export: no GGUF tensor for memwise parameter {parameter!r}")
+
+
+def plan(spec: ModelSpec, wanted: str) -> list[PlannedTensor]:
+    """Every GGUF tensor of a Decoder, in the order of its parameters, with its type."""
+    from memwise.models.decoder.build import parameter_shapes
+
+    if spec.model_type not in _ARCHES:
+        raise UnsupportedError(f"GGUF export supports {', '.join(_ARCHES)}, not model_type {spec.model_type!r}")
+    if spec.rope_scaling is not None:
+        raise UnsupportedError("GGUF export: rope scaling is not written yet")
+    planned = []
+    for parameter, shape in parameter_shapes(spec):
+        for name, rows, heads in _names(spec, parameter, shape):
+            part = shape if rows is None else (rows[1] - rows[0], *shape[1:])
+            planned.append(PlannedTensor(name, parameter, part, rows, heads, _tensor_type(name, part, wanted)))
+    return planned
+
+
+def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """Hugging Face's rotate-half rows of each head -> llama.cpp's interleaved pairs (its converter's permute)."""
+    return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def ternary_values(matrix: np.ndarray) -> tuple[np.ndarray, float]:
+    """(codes t in {-1, 0, 1} as int8, scale m) of a matrix, as memwise ternarizes a latent one."""
+    import torch
+
+    from memwise.kernels.packed import quantize_latent
+
+    codes, scale = quantize_latent(torch.from_numpy(matrix))
+    return codes.to(torch.int8).numpy(), float(scale)
+
+
+def encode(values: np.ndarray, ggml_type: str, name: str) -> np.ndarray:
+    """One tensor's data in a GGUF type: float32/float16 arrays, or the quantized bytes."""
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = GGMLQuantizationType[ggml_type]
+    block = quants.GGML_QUANT_SIZES[qtype][0]
+    if values.shape[-1] % block:
+        raise UnsupportedError(f"GGUF export: tensor {name!r} has rows of {values.shape[-1]} values, which {ggml_type} "
+                               f"cannot store (blocks of {block})")
+    if ggml_type in TERNARY_TYPES:
+        codes, scale = ternary_values(values)
+        values = codes.astype(np.float32) * np.float32(scale)
+    return quants.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)
+
+
+def _tensor_bytes(shape: tuple[int, ...], ggml_type: str) -> int:
+    from gguf import GGMLQuantizationType, quants
+
+    block, size = quants.GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
+    return int(np.prod(shape)) // block * size
+
+
+def byte_vocab(spec: ModelSpec) -> tuple[list[str], list[int]]:
+    """memwise's byte tokenizer as a SentencePiece-style vocabulary: ids 0-255 are the byte tokens
+    <0x00>..<0xFF> (llama.cpp maps text to them by byte fallback), the others placeholders; the
+    config's BOS/EOS ids above 255 are control tokens."""
+    from gguf import TokenType
+
+    tokens, types = [], []
+    specials = {spec.bos_token_id, *spec.eos_token_ids}
+    for i in range(spec.vocab_size):
+        if i < 256:
+            tokens.append(f"<0x{i:02X}>")
+            types.append(int(TokenType.BYTE))
+        else:
+            tokens.append(f"<memwise_{i}>")
+            types.append(int(TokenType.CONTROL if i in specials else TokenType.UNUSED))
+    return tokens, types
+
+
+def _metadata(writer: Any, spec: ModelSpec, wanted: str, name: str) -> None:
+    from gguf import LlamaFileType
+
+    writer.add_name(name)
+    writer.add_file_type(int(LlamaFileType[_FILE_TYPES[wanted]]))
+    writer.add_context_length(spec.max_positions)
+    writer.add_embedding_length(spec.hidden_size)
+    writer.add_block_count(spec.num_layers)
+    writer.add_feed_forward_length(spec.intermediate_size)
+    writer.add_head_count(spec.num_heads)
+    writer.add_head_count_kv(spec.num_kv_heads)
+    writer.add_vocab_size(spec.vocab_size)
+    if spec.norm == "rmsnorm":
+        writer.add_layer_norm_rms_eps(spec.norm_eps)
+    else:
+        writer.add_layer_norm_eps(spec.norm_eps)
+    if spec.positions == "rotary":
+        writer.add_rope_dimension_count(spec.rotary_dim)
+        writer.add_rope_freq_base(spec.rope_theta)
+    tokens, types = byte_vocab(spec)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    for token_id, add in ((spec.bos_token_id, writer.add_bos_token_id), (next(iter(spec.eos_token_ids), None),
+                                                                         writer.add_eos_token_id)):
+        if token_id is not None and 0 <= token_id < spec.vocab_size:
+            add(token_id)
+    writer.add_string("memwise.tokenizer", "byte ids: the bench feeds token ids, not text")
+
+
+def write_gguf(path: Path, spec: ModelSpec, dtype: str, tensors: Callable[[], Iterator[tuple[str, Any]]],
+               name: str = "memwise") -> list[PlannedTensor]:
+    """Write the Decoder's weights, as `tensors()` yields them (name, float tensor) in parameter order, to
+    a GGUF file at `path` (through a temporary file beside it). One tensor is held at a time: the
+    header is written from the plan, then each tensor's data as it comes."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    wanted = gguf_type(dtype)
+    planned = plan(spec, wanted)
+    by_parameter: dict[str, list[PlannedTensor]] = {}
+    for item in planned:
+        by_parameter.setdefault(item.parameter, []).append(item)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    writer = GGUFWriter(partial, _ARCHES[spec.model_type])
+    try:
+        _metadata(writer, spec, wanted, name)
+        for item in planned:
+            qtype = GGMLQuantizationType[item.ggml_type]
+            writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32), _tensor_bytes(item.shape, item.ggml_type),
+                                   raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        written = 0
+        for parameter, tensor in tensors():
+            values = tensor.detach().float().cpu().numpy()
+            for item in by_parameter[parameter]:
+                part = values if item.rows is None else values[item.rows[0]:item.rows[1]]
+                if item.permute_heads:
+                    part = _permute(part, item.permute_heads)
+                writer.write_tensor_data(encode(part, item.ggml_type, item.name))
+                written += 1
+        if written != len(planned):
+            raise MemwiseError(f"GGUF export: {written} of {len(planned)} tensors came from the model")
+        writer.close()
+        os.replace(partial, path)
+    finally:
+        writer.close()
+        partial.unlink(missing_ok=True)
+    return planned
+
+
+def export(source: str, dtype: str, directory: Path | None = None) -> Path:
+    """The cached GGUF file of a memwise source at a cell's dtype, written first if missing."""
+    from memwise.source import resolve_model
+
+    resolved = resolve_model(source)
+    spec = resolved.spec
+    if spec.model_type == "hgrn_bit":
+        raise UnsupportedError("llama.cpp has no hgrn_bit architecture; its same-work peer is the Llama model "
+                               "of the same matrix shapes, preset NAME-shapes (e.g. mmfree-2.7b-shapes)")
+    wanted = gguf_type(dtype)
+    key = _model_key(source, resolved.directory)
+    path = (directory or cache_dir()) / key / f"v{EXPORT_VERSION}-{wanted}.gguf"
+    if path.is_file():
+        return path
+    if resolved.synthetic:
+        from memwise.models.decoder.build import synthetic_tensors
+
+        def tensors() -> Iterator[tuple[str, Any]]:
+            return synthetic_tensors(spec, seed=0)     # memwise.load's seed for presets
+    else:
+        import memwise
+
+        model = memwise.load(source, dtype="float32")
+
+        def tensors() -> Iterator[tuple[str, Any]]:
+            return iter(model.module.named_parameters())
+    write_gguf(path, spec, dtype, tensors, name=key)
+    return path
