@@ -383,3 +383,35 @@ def test_ternary_targets_are_checked_on_the_cells_of_one_run(tmp_path, capsys):
     print_table(_ternary_records(), {"suite": "ternary"})
     out = capsys.readouterr().out
     assert "Targets (cells of this run):" in out and "16.4x  (goal >= 15x)" in out
+
+
+def test_peers_targets_pick_cells_by_dtype_and_compare_peaks(tmp_path):
+    from memwise.bench import targets
+    from memwise.bench.report import write_outputs
+
+    def record(model, engine, dtype, decode, prefill, peak_mib):
+        r = dict.fromkeys(RECORD_FIELDS)
+        r.update(model=model, engine=engine, dtype=dtype, batch_size=1, status="ok", decode_tok_s=decode,
+                 prefill_tok_s=prefill, peak_rss_bytes=peak_mib * 2**20, load_peak_rss_bytes=2**20)
+        return r
+
+    records = [record("mmfree-370m", "memwise", "float32", 140.0, 300.0, 400),
+               record("mmfree-370m-shapes", "llama.cpp", "tq2_0", 40.0, 100.0, 390),
+               record("mmfree-2.7b", "memwise", "float32", 30.0, 60.0, 1000),
+               record("mmfree-2.7b-shapes", "llama.cpp", "tq2_0", 20.0, 50.0, 1000),
+               record("gpt2-medium", "memwise", "float32", 12.0, 100.0, 1800),
+               record("gpt2-medium", "llama.cpp", "float32", 10.0, 90.0, 1700),
+               record("gpt2-medium", "llama.cpp", "q8_0", 24.0, 95.0, 800)]
+    verdicts = {v.target.what: v for v in targets.evaluate(records, targets.PEERS_TARGETS)}
+    assert verdicts["decode: mmfree-370m on memwise / mmfree-370m-shapes on llama.cpp (TQ2_0)"].value == 3.5
+    assert verdicts["decode: mmfree-2.7b on memwise / mmfree-2.7b-shapes on llama.cpp (TQ2_0)"].met is False
+    peak = verdicts["peak resident set: mmfree-370m on memwise / mmfree-370m-shapes on llama.cpp (TQ2_0)"]
+    assert peak.met is True and peak.measured() == "1.03x" and peak.target.goal() == "<= 1.05x"
+    # the two llama.cpp cells of gpt2-medium are told apart by their dtype
+    assert verdicts["decode: gpt2-medium float32, memwise / llama.cpp F32"].value == 1.2
+    assert verdicts["decode: gpt2-medium, memwise float32 / llama.cpp Q8_0"].value == 0.5
+    # the bitnet cells did not run: unmeasured, never met
+    assert verdicts["decode: bitnet-b1.58-large on memwise / bitnet-b1.58-large on llama.cpp (TQ2_0)"].met is None
+    write_outputs(tmp_path, {"suite": "peers"}, records)
+    assert "| prefill: mmfree-370m on memwise / mmfree-370m-shapes on llama.cpp (TQ2_0) | 3.0x | >= 1.5x | met |" \
+        in (tmp_path / "results.md").read_text()

@@ -240,6 +240,8 @@ def test_peers_suite_cells():
         ("gpt2-medium", "memwise", "float32", 1, 128, 128),
         ("gpt2-medium", "llama.cpp", "float32", 1, 128, 128),
         ("gpt2-medium", "llama.cpp", "q8_0", 1, 128, 128),
+        ("bitnet-b1.58-large", "memwise", "float32", 1, 128, 128),
+        ("bitnet-b1.58-large", "llama.cpp", "tq2_0", 1, 128, 128),
     ]
 
 
@@ -277,3 +279,78 @@ def test_llama_cpp_greedy_matches_memwise(tmp_path, model):
                                   torch.device("cpu"))
     expected = memwise_model.generate(torch.tensor(prompt), max_new_tokens=8, ignore_eos=True)[0, 6:].tolist()
     assert engine.last_tokens == expected
+
+
+# 1bitLLM's Llama-shaped BitNet b1.58, tied (llama.cpp's bitnet graph has no output matrix)
+TINY_ONE_BIT_LLM = {"model_type": "llama", "architectures": ["BitnetForCausalLM"], "vocab_size": 300,
+                    "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+                    "rope_theta": 10000.0, "hidden_act": "silu", "weight_bits": 1, "input_bits": 8,
+                    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": True}
+
+
+def _tiny_bitnet():
+    from memwise.models import bitnet
+
+    spec = family_and_spec(TINY_ONE_BIT_LLM, "tiny 1bitLLM")[1]
+    return spec, bitnet.synthetic(spec, seed=0)
+
+
+@pytest.mark.parametrize("dtype", ["tq2_0", "tq1_0"])
+def test_bitnet_gguf_holds_the_models_codes(tmp_path, dtype):
+    """Every ternary matrix of the file dequantizes to the model's codes times its scale in float16."""
+    from gguf import GGUFReader, quants
+
+    from memwise.bench.gguf_bitnet import write_bitnet_gguf
+
+    spec, model = _tiny_bitnet()
+    path = tmp_path / "bitnet.gguf"
+    write_bitnet_gguf(path, model, dtype, "tiny")
+    stored = {t.name: t for t in GGUFReader(str(path)).tensors}
+    assert "output.weight" not in stored and len(stored) == 2 + spec.num_layers * 11
+    layer = model.layers[1]
+    for name, projection, index in (("attn_k", layer.attn.qkv, 1), ("ffn_up", layer.mlp.gate_up, 1),
+                                    ("ffn_down", layer.mlp.down, 0)):
+        tensor = stored[f"blk.1.{name}.weight"]
+        assert tensor.tensor_type.name == gguf_export.gguf_type(dtype)
+        values = quants.dequantize(tensor.data, tensor.tensor_type).reshape(projection.rows[index], projection.cols)
+        weight = projection.weight(index)
+        expected = weight.ternary().numpy() * np.float32(np.float16(weight.scale))
+        np.testing.assert_array_equal(values, expected)
+    norm = stored["blk.1.ffn_sub_norm.weight"]
+    np.testing.assert_array_equal(norm.data, layer.mlp.down.norm_weight.numpy())
+
+
+def test_bitnet_gguf_runs_in_llama_cpp_like_memwise(tmp_path):
+    """llama.cpp's bitnet graph on the exported file: the logits of memwise's model within 5% of their
+    spread (llama.cpp multiplies float activations, memwise int8 ones), the same greedy tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from memwise.bench.gguf_bitnet import write_bitnet_gguf
+    from memwise.language_model import LanguageModel
+    from memwise.tokenizer import ByteTokenizer
+
+    spec, model = _tiny_bitnet()
+    path = tmp_path / "bitnet.gguf"
+    write_bitnet_gguf(path, model, "float32", "tiny")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, logits_all=True, verbose=False, n_threads=1)
+    prompt = [72, 101, 108, 108, 111, 33]
+    llm.eval(prompt)
+    theirs = np.array(llm.scores[:len(prompt)])
+    language_model = LanguageModel(spec, model, ByteTokenizer(spec.vocab_size), torch.float32, torch.device("cpu"))
+    ours = language_model.logits(torch.tensor([prompt]))[0].numpy()
+    assert np.abs(theirs - ours).max() <= 0.05 * (ours.max() - ours.min())
+    llm.reset()
+    tokens = [t for _, t in zip(range(6), llm.generate(prompt, temp=0.0))]
+    expected = language_model.generate(torch.tensor([prompt]), max_new_tokens=6, ignore_eos=True)[0, 6:].tolist()
+    assert tokens == expected
+
+
+def test_bitnet_2b_4t_is_refused_for_llama_cpp(tmp_path):
+    from memwise.bench.gguf_bitnet import write_bitnet_gguf
+    from memwise.errors import UnsupportedError
+    from memwise.models import bitnet
+
+    spec = resolve_model("preset:tiny-bitnet").spec
+    with pytest.raises(UnsupportedError, match="GLU is 'relu2'"):
+        write_bitnet_gguf(tmp_path / "x.gguf", bitnet.synthetic(spec), "tq2_0", "tiny")
+    assert not list(tmp_path.iterdir())

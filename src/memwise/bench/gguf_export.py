@@ -13,7 +13,8 @@ is read per token, like memwise's bf16 embedding of HGRN-Bit).
 
 Architectures: gpt2, phi (llama.cpp's "phi2", whose partial rotary is rotate-half like Hugging Face's),
 and llama / mistral (as llama.cpp's "llama": q and k rows permuted from Hugging Face's rotate-half order
-to llama.cpp's interleaved rotary). The vocabulary is memwise's byte tokenizer
+to llama.cpp's interleaved rotary); BitNet b1.58 of 1bitLLM's shape as llama.cpp's "bitnet"
+(bench/gguf_bitnet.py). The vocabulary is memwise's byte tokenizer
 (ids 0-255 are the bytes, the rest placeholders) for every model: the bench feeds token ids, so no text
 tokenizer is needed; a real checkpoint's own tokenizer is not exported.
 """
@@ -152,8 +153,9 @@ def ternary_values(matrix: np.ndarray) -> tuple[np.ndarray, float]:
     return codes.to(torch.int8).numpy(), float(scale)
 
 
-def encode(values: np.ndarray, ggml_type: str, name: str) -> np.ndarray:
-    """One tensor's data in a GGUF type: float32/float16 arrays, or the quantized bytes."""
+def encode(values: np.ndarray, ggml_type: str, name: str, ternarize: bool = True) -> np.ndarray:
+    """One tensor's data in a GGUF type: float32/float16 arrays, or the quantized bytes (a ternary type's
+    values ternarized first unless they are ternary already)."""
     from gguf import GGMLQuantizationType, quants
 
     qtype = GGMLQuantizationType[ggml_type]
@@ -161,7 +163,7 @@ def encode(values: np.ndarray, ggml_type: str, name: str) -> np.ndarray:
     if values.shape[-1] % block:
         raise UnsupportedError(f"GGUF export: tensor {name!r} has rows of {values.shape[-1]} values, which {ggml_type} "
                                f"cannot store (blocks of {block})")
-    if ggml_type in TERNARY_TYPES:
+    if ggml_type in TERNARY_TYPES and ternarize:
         codes, scale = ternary_values(values)
         values = codes.astype(np.float32) * np.float32(scale)
     return quants.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)
@@ -282,6 +284,13 @@ def export(source: str, dtype: str, directory: Path | None = None) -> Path:
     key = _model_key(source, resolved.directory)
     path = (directory or cache_dir()) / key / f"v{EXPORT_VERSION}-{wanted}.gguf"
     if path.is_file():
+        return path
+    if resolved.family.__name__ == "memwise.models.bitnet":
+        import memwise
+        from memwise.bench.gguf_bitnet import check_exportable, write_bitnet_gguf
+
+        check_exportable(spec)
+        write_bitnet_gguf(path, memwise.load(source).module, dtype, name=key)
         return path
     if resolved.synthetic:
         from memwise.models.decoder.build import synthetic_tensors

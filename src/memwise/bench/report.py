@@ -159,7 +159,7 @@ def print_table(records: list[dict[str, Any]], metadata: dict[str, Any], console
     for line in notes:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     if targets.applies(metadata):
-        for line in targets.text_lines(targets.evaluate(records)):
+        for line in targets.text_lines(targets.evaluate(records, targets.for_suite(metadata))):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -184,7 +184,7 @@ def markdown(records: list[dict[str, Any]], metadata: dict[str, Any]) -> str:
     out.write(f"\n{caption}\n\n")
     out.write("".join(f"- {_md_escape(line)}\n" for line in notes))
     if targets.applies(metadata):
-        out.write("\n" + targets.markdown(targets.evaluate(records)))
+        out.write("\n" + targets.markdown(targets.evaluate(records, targets.for_suite(metadata))))
     return out.getvalue()
 
 

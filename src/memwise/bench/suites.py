@@ -69,7 +69,8 @@ PEERS_CELLS = (
     ("mmfree-2.7b", "memwise", 1, "float32"), ("preset:mmfree-2.7b-shapes", "llama.cpp", 1, "tq2_0"),
     ("gpt2-medium", "memwise", 1, "float32"), ("gpt2-medium", "llama.cpp", 1, "float32"),
     ("gpt2-medium", "llama.cpp", 1, "q8_0"),
-    # BitNet b1.58 (memwise vs llama.cpp TQ2_0/TQ1_0) goes here when memwise runs it.
+    # BitNet b1.58 of 1bitLLM's shape (llama.cpp's "bitnet" graph), the same ternary codes on both engines.
+    ("bitnet-b1.58-large", "memwise", 1, "float32"), ("bitnet-b1.58-large", "llama.cpp", 1, "tq2_0"),
 )
 
 

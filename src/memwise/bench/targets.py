@@ -1,8 +1,8 @@
-"""The ternary suite's targets, checked on the records of one run.
+"""The ternary and peers suites' targets, checked on the records of one run.
 
 Each target compares cells of the same run (a ratio of decode or prefill speeds, or one cell's
 peak memory), so the verdict does not depend on how fast the machine happened to be that day.
-`memwise bench --suite ternary` prints them under its table and writes them into results.md.
+`memwise bench --suite ternary` (or `peers`) prints them under its table and writes them into results.md.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from memwise.bench.cell import peak_bytes
 
-Cell = tuple[str, str, int]  # (model, engine, batch size)
+Cell = tuple  # (model, engine, batch size) or (model, engine, batch size, dtype)
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class Target:
     def goal(self) -> str:
         if self.at_least is not None:
             return f">= {self.at_least:g}{self.unit}"
+        if self.at_most is not None and self.unit == "x":
+            return f"<= {self.at_most:g}x"
         if self.at_most is not None:
             return f"<= {self.at_most * 2**20 / 1e9:g} GB ({self.at_most:,.0f} {self.unit})"
         return "-"
@@ -56,6 +58,29 @@ TERNARY_TARGETS = (
 )
 
 
+def _peak_ratio(what: str, numerator: Cell, denominator: Cell, at_most: float) -> Target:
+    return Target(what, (numerator, denominator), lambda a, b: peak_bytes(a) / peak_bytes(b), "x", at_most=at_most)
+
+
+# memwise against llama.cpp on the same weights (bitnet) or the same bytes of ternary weights per token
+# (a MatMul-free model against its Llama twin of the same matrix shapes, TQ2_0).
+_PEER_PAIRS = (("mmfree-370m", "mmfree-370m-shapes", 2.0), ("mmfree-2.7b", "mmfree-2.7b-shapes", 2.0),
+               ("bitnet-b1.58-large", "bitnet-b1.58-large", 1.5))
+PEERS_TARGETS = (
+    *(_ratio(f"decode: {ours} on memwise / {theirs} on llama.cpp (TQ2_0)", (ours, "memwise", 1),
+             (theirs, "llama.cpp", 1, "tq2_0"), at_least=goal) for ours, theirs, goal in _PEER_PAIRS),
+    *(_ratio(f"prefill: {ours} on memwise / {theirs} on llama.cpp (TQ2_0)", (ours, "memwise", 1),
+             (theirs, "llama.cpp", 1, "tq2_0"), "prefill_tok_s", at_least=1.5) for ours, theirs, _ in _PEER_PAIRS),
+    *(_peak_ratio(f"peak resident set: {ours} on memwise / {theirs} on llama.cpp (TQ2_0)", (ours, "memwise", 1),
+                  (theirs, "llama.cpp", 1, "tq2_0"), at_most=1.05) for ours, theirs, _ in _PEER_PAIRS),
+    _ratio("decode: gpt2-medium float32, memwise / llama.cpp F32", ("gpt2-medium", "memwise", 1),
+           ("gpt2-medium", "llama.cpp", 1, "float32")),
+    _ratio("decode: gpt2-medium, memwise float32 / llama.cpp Q8_0", ("gpt2-medium", "memwise", 1),
+           ("gpt2-medium", "llama.cpp", 1, "q8_0")),
+)
+SUITE_TARGETS = {"ternary": TERNARY_TARGETS, "peers": PEERS_TARGETS}
+
+
 @dataclass(frozen=True)
 class Verdict:
     target: Target
@@ -66,7 +91,7 @@ class Verdict:
         if self.value is None:
             return "not measured"
         if self.target.unit == "x":
-            return f"{self.value:.1f}x"
+            return f"{self.value:.2f}x" if self.target.at_most is not None else f"{self.value:.1f}x"
         return f"{self.value:,.0f} {self.target.unit}"
 
     def status(self) -> str:
@@ -75,9 +100,14 @@ class Verdict:
 
 def _find(records: list[dict[str, Any]], cell: Cell) -> dict[str, Any] | None:
     for record in records:
-        if (record.get("model"), record.get("engine"), record.get("batch_size")) == cell:
+        key = (record.get("model"), record.get("engine"), record.get("batch_size"), record.get("dtype"))
+        if key[:len(cell)] == tuple(cell):
             return record if record.get("status") == "ok" else None
     return None
+
+
+def for_suite(metadata: dict[str, Any]) -> tuple[Target, ...]:
+    return SUITE_TARGETS.get(metadata.get("suite"), ())
 
 
 def evaluate(records: list[dict[str, Any]], targets: tuple[Target, ...] = TERNARY_TARGETS) -> list[Verdict]:
@@ -100,7 +130,7 @@ def evaluate(records: list[dict[str, Any]], targets: tuple[Target, ...] = TERNAR
 
 
 def applies(metadata: dict[str, Any]) -> bool:
-    return metadata.get("suite") == "ternary"
+    return bool(for_suite(metadata))
 
 
 def markdown(verdicts: list[Verdict]) -> str:
