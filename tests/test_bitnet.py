@@ -422,3 +422,21 @@ def test_one_bit_llm_bad_bits_are_refused(one_bit_llm, tmp_path):
     path, _ = one_bit_llm
     with pytest.raises(UnsupportedError, match=r"config.json: weight_bits 2 is not supported"):
         memwise.load(str(rewrite_config(path, tmp_path, weight_bits=2)))
+
+
+def test_one_bit_llm_without_lm_head_uses_the_embedding(one_bit_llm, tmp_path):
+    """1bitLLM's released checkpoints hold no lm_head: with tie_word_embeddings absent (LlamaConfig's
+    default false) the output is the embedding, as in the published math with a tied head."""
+    path, tensors = one_bit_llm
+    untied_config = {k: v for k, v in ONE_BIT_LLM.items() if k != "tie_word_embeddings"}
+    out = tmp_path / "no-head"
+    out.mkdir()
+    headless = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    save_file(headless, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(untied_config))
+    ids = ids_for(96, seed=4)
+    want = one_bit_llm_reference({**headless, "lm_head.weight": tensors["model.embed_tokens.weight"]},
+                                 ONE_BIT_LLM, ids)
+    got = load(out).logits(ids)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert ((got - want).abs().max() / (want.max() - want.min())) < 1e-4

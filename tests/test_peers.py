@@ -345,7 +345,7 @@ def test_bitnet_gguf_runs_in_llama_cpp_like_memwise(tmp_path):
     assert tokens == expected
 
 
-def test_bitnet_2b_4t_is_refused_for_llama_cpp(tmp_path):
+def test_bitnet_2b_4t_and_untied_models_are_refused_for_llama_cpp(tmp_path):
     from memwise.bench.gguf_bitnet import write_bitnet_gguf
     from memwise.errors import UnsupportedError
     from memwise.models import bitnet
@@ -353,4 +353,7 @@ def test_bitnet_2b_4t_is_refused_for_llama_cpp(tmp_path):
     spec = resolve_model("preset:tiny-bitnet").spec
     with pytest.raises(UnsupportedError, match="GLU is 'relu2'"):
         write_bitnet_gguf(tmp_path / "x.gguf", bitnet.synthetic(spec), "tq2_0", "tiny")
+    untied = family_and_spec({**TINY_ONE_BIT_LLM, "tie_word_embeddings": False}, "tiny")[1]
+    with pytest.raises(UnsupportedError, match="no output matrix"):
+        write_bitnet_gguf(tmp_path / "x.gguf", bitnet.synthetic(untied), "tq2_0", "tiny")
     assert not list(tmp_path.iterdir())

@@ -30,11 +30,13 @@ _MMFREE = {"model_type": "hgrn_bit", "vocab_size": 32000, "num_heads": 1, "expan
 _BITNET = {"model_type": "bitnet", "hidden_act": "relu2", "vocab_size": 128256, "rms_norm_eps": 1e-5,
            "rope_theta": 500000.0, "attention_bias": False, "bos_token_id": 128000, "eos_token_id": 128001,
            "tie_word_embeddings": True}
-# 1bitLLM's Llama-shaped BitNet b1.58 (their config.json: model_type llama + BitnetForCausalLM).
+# 1bitLLM's Llama-shaped BitNet b1.58 (their config.json: model_type llama + BitnetForCausalLM). Tied: the
+# released checkpoints have no lm_head (their published sizes, 729M and 3.32B parameters, count the
+# embedding once, and llama.cpp's converter has no output tensor for this architecture).
 _ONE_BIT_LLM = {"model_type": "llama", "architectures": ["BitnetForCausalLM"], "hidden_act": "silu",
                 "vocab_size": 32002, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
                 "weight_bits": 1, "input_bits": 8, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32000,
-                "tie_word_embeddings": False}
+                "tie_word_embeddings": True}
 _LLAMA = {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
           "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
 

@@ -9,9 +9,8 @@ not build (bitnet.cpp, a fork, does), so it is refused here.
 The tensors come from the loaded memwise model itself (a preset's packed random codes, or a checkpoint
 as memwise quantized it): every ternary matrix is written as its codes times its one scale m. Through
 gguf's TQ2_0 / TQ1_0 quantizer the block scale of such values is max |t m| = m, so the codes are exact
-and m is rounded to float16 (the block's scale type). Embedding F16, norm gains F32. An untied lm_head
-has no place in the file: llama.cpp's output is the embedding, so such a model's logits differ there
-(the bytes read per token are the same), and the record says so.
+and m is rounded to float16 (the block's scale type). Embedding F16, norm gains F32. 1bitLLM's models
+are tied; an untied lm_head would have no place in the file, so such a model is refused.
 """
 from __future__ import annotations
 
@@ -33,6 +32,9 @@ Tensor = tuple[str, tuple[int, ...], str, Callable[[], np.ndarray]]   # name, sh
 
 
 def check_exportable(spec: Any) -> None:
+    if not spec.tie_word_embeddings:
+        raise UnsupportedError("llama.cpp's bitnet graph has no output matrix (its logits use the embedding); "
+                               "this BitNet model has its own lm_head")
     if spec.activation != "silu":
         raise UnsupportedError(f"llama.cpp's bitnet architecture is 1bitLLM's (silu GLU); this BitNet model's "
                                f"GLU is {spec.activation!r} (BitNet b1.58 2B-4T runs on bitnet.cpp, a llama.cpp fork)")
@@ -90,10 +92,4 @@ def write_bitnet_gguf(path: Path, model: Any, dtype: str, name: str) -> None:
     finally:
         writer.close()
         partial.unlink(missing_ok=True)
-
-
-def untied_note(spec: Any) -> str | None:
-    if spec.tie_word_embeddings:
-        return None
-    return "llama.cpp's bitnet graph has no output matrix: its logits use token_embd, not this model's lm_head"
 

@@ -2,6 +2,8 @@
 memwise packed) streamed one tensor at a time, or random codes."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from memwise.checkpoint import CheckpointReader
@@ -84,6 +86,10 @@ def load(spec: ModelSpec, reader: CheckpointReader, dtype: torch.dtype | str = t
          device: torch.device | str = "cpu") -> BitNetForCausalLM:
     """The model from a latent, transformers-packed or memwise-packed checkpoint, one tensor at a time."""
     _check_dtype(dtype)
+    if spec.model_type == "llama" and not spec.tie_word_embeddings and "lm_head.weight" not in reader:
+        # 1bitLLM's checkpoints hold no lm_head (their output is the embedding: llama.cpp's bitnet graph has
+        # no output matrix either), whatever LlamaConfig's default for tie_word_embeddings says.
+        spec = dataclasses.replace(spec, tie_word_embeddings=True)
     source = weight_source(reader)
     check_layout(spec, reader, source)
     with torch.no_grad():

@@ -49,7 +49,7 @@ def checkpoint_layout(spec: ModelSpec) -> list[TensorSlot]:
 
 def parameter_count(spec: ModelSpec) -> int:
     """Parameters of the latent checkpoint: 2,412,820,480 for bitnet-b1.58-2B-4T (tied),
-    777,997,824 for the layout of 1bitLLM's bitnet_b1_58-large (untied, with its two sub-norms)."""
+    728,842,752 for 1bitLLM's bitnet_b1_58-large (tied, with its two sub-norms)."""
     return per_layer_linear(lambda s: sum(math.prod(slot.shape) for slot in checkpoint_layout(s)), spec)
 
 
