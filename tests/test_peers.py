@@ -161,6 +161,11 @@ def test_export_is_cached_under_xdg(tmp_path, monkeypatch):
     assert gguf_export.export("preset:tiny-llama", "q8_0") == path and path.stat().st_mtime_ns == stamp
     with pytest.raises(gguf_export.UnsupportedError, match="mmfree-2.7b-shapes"):
         gguf_export.export("preset:tiny-mmfree", "tq2_0")
+    # a preset whose config changes gets a new file
+    from memwise import presets
+    monkeypatch.setitem(presets.PRESETS, "tiny-llama", {**presets.PRESETS["tiny-llama"], "rms_norm_eps": 1e-6})
+    changed = gguf_export.export("preset:tiny-llama", "q8_0")
+    assert changed != path and changed.is_file()
 
 
 @pytest.mark.parametrize("size", ["370m", "1.3b", "2.7b"])

@@ -21,6 +21,7 @@ tokenizer is needed; a real checkpoint's own tokenizer is not exported.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,11 +58,12 @@ def cache_dir() -> Path:
     return Path(base) / "memwise" / "gguf"
 
 
-def _model_key(source: str, directory: Path | None) -> str:
-    """A preset's name, or a local directory's name with a digest of its path and files' sizes and times,
-    so that a changed checkpoint gets a new file."""
+def _model_key(source: str, directory: Path | None, config: dict[str, Any] | None = None) -> str:
+    """A preset's name with a digest of its config, or a local directory's name with a digest of its path
+    and files' sizes and times, so that a changed preset or checkpoint gets a new file."""
     if directory is None:
-        return f"preset-{source.removeprefix('preset:')}-seed0"
+        digest = hashlib.sha1(json.dumps(config or {}, sort_keys=True).encode()).hexdigest()[:8]
+        return f"preset-{source.removeprefix('preset:')}-{digest}-seed0"
     stats = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(directory.iterdir()) if p.is_file()]
     digest = hashlib.sha1("\n".join([str(directory.resolve()), *stats]).encode()).hexdigest()[:12]
     return f"{directory.name}-{digest}"
@@ -281,7 +283,7 @@ def export(source: str, dtype: str, directory: Path | None = None) -> Path:
         raise UnsupportedError("llama.cpp has no hgrn_bit architecture; its same-work peer is the Llama model "
                                "of the same matrix shapes, preset NAME-shapes (e.g. mmfree-2.7b-shapes)")
     wanted = gguf_type(dtype)
-    key = _model_key(source, resolved.directory)
+    key = _model_key(source, resolved.directory, resolved.config)
     path = (directory or cache_dir()) / key / f"v{EXPORT_VERSION}-{wanted}.gguf"
     if path.is_file():
         return path
