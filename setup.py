@@ -53,6 +53,8 @@ setup(
                   include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
         Extension("memwise.kernels._int8", sources=[os.path.join(KERNELS_C, "int8_module.c")],
                   include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
+        Extension("memwise.kernels._bf16", sources=[os.path.join(KERNELS_C, "bf16_module.c")],
+                  include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
         Extension("memwise.models.hgrn_bit._step", sources=[os.path.join(HGRN_C, "step_module.c")],
                   include_dirs=[KERNELS_C, HGRN_C],
                   depends=LIBRARY_HEADERS + sorted(glob.glob(os.path.join(HGRN_C, "*.h"))), optional=True),
