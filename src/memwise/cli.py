@@ -58,9 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("out", metavar="OUT", help="output directory (must not exist yet)")
     conv.set_defaults(func=cmd_convert)
 
+    from memwise.quality.compare import add_parser as add_eval_quant_parser
+    evalq = add_eval_quant_parser(sub)
+
     from memwise.bench.cli import add_parser as add_bench_parser
     add_bench_parser(sub)
-    for p in (parser, gen, info, conv):
+    for p in (parser, gen, info, conv, evalq):
         one_line_errors(p)
     return parser
 

@@ -75,7 +75,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-# GGUF types a llama.cpp cell's --dtype may name besides the torch dtypes (memwise.bench.gguf_export)
+# GGUF types a llama.cpp cell's --dtype may name besides the torch dtypes (memwise.bench.gguf_format)
 GGUF_DTYPES = ("q8_0", "q4_0", "tq2_0", "tq1_0")
 
 
