@@ -31,13 +31,24 @@ def default_dir() -> Path:
 
 
 def train(out: Path, minutes: float, seed: int = 0, threads: int | None = None) -> dict:
+    """Train for `minutes` on `threads` (torch's setting is restored after); the log of the run."""
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train(out, minutes, seed)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(out: Path, minutes: float, seed: int) -> dict:
     import torch
     import transformers
 
     from memwise.quality.corpus import split, token_ids
 
-    if threads:
-        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     training, held_out = split()
     data = torch.tensor(token_ids(training), dtype=torch.long)
