@@ -1,0 +1,144 @@
+"""Predicted peak resident memory of one inference run (load, then generate), from the config alone.
+
+The bench's peak (bench/cell.py) is max(load peak, generation peak) of the process's resident set.
+The prediction adds up, per component, what is resident at the generation peak (the larger of the two
+for every measured cell: the load's transients are one tensor at a time):
+
+    framework_baseline   the interpreter, torch and the engine's code, imported: a constant per engine
+                         and model family, measured (docs/estimate.md says how)
+    weights              the family's own figure (memory_gate.weights_bytes): dtype size, int8 scheme or
+                         packed ternary; parameter_count x dtype size for transformers
+    kv_cache / state     the spec-only twin of the model's cache_bytes(batch, prompt + new tokens)
+    activations          prefill: B x P x (hidden and MLP widths) x dtype size, and attention scores
+    logits, tokens       float32 logits of the last position and the token buffer
+    checkpoint_mapped    a real checkpoint read through a memory map (transformers' safetensors, torch .bin):
+                         its pages count in the resident set while mapped
+
+On CUDA the baseline is left out (the device holds no interpreter): the prediction is then what the
+device holds, weights + cache + activations.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from memwise.dtypes import parse_dtype
+from memwise.errors import MemwiseError, UnsupportedError, shown
+from memwise.estimate.breakdown import Estimate
+from memwise.memory_gate import weights_bytes
+from memwise.quantization import check_scheme
+from memwise.source import ModelSource, resolve_model
+from memwise.spec import ModelSpec
+
+ENGINES = ("memwise", "transformers")
+DEVICES = ("cpu", "cuda")
+MiB = 2**20
+
+# The resident set of a cell before its model exists: python + torch + the engine's code imported,
+# plus the allocator's arenas after a generation. Measured as the peak RSS of bench cells on the tiny
+# presets (tiny-gpt2, tiny-llama, tiny-mmfree: weights < 1 MiB) with 16 prompt + 8 new tokens, and
+# refined by the residual of the 370M cells (docs/estimate.md, "Calibration").
+BASELINE_BYTES = {
+    ("memwise", "decoder"): 377 * MiB,
+    ("memwise", "hgrn_bit"): 236 * MiB,
+    ("transformers", "decoder"): 460 * MiB,
+}
+# Activations live per token of the prefill: the residual stream, the normed input, q/k/v and the
+# attention output (hidden-sized) and the MLP's intermediate before and after its activation.
+HIDDEN_COPIES = 6
+INTERMEDIATE_COPIES = 2
+
+
+class EstimateError(MemwiseError):
+    """An estimate asked for with inputs that do not describe a run (engine, sizes, device)."""
+
+
+def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, prompt_tokens: int = 128,
+                       new_tokens: int = 128, dtype: str = "float32", quantize: str | None = None,
+                       engine: str = "memwise", device: str = "cpu") -> Estimate:
+    """Predicted peak memory of loading `model` and generating `new_tokens` after `prompt_tokens` for
+    `batch_size` sequences (no weights are read)."""
+    resolved = model if isinstance(model, ModelSource) else resolve_model(model)
+    spec, family = resolved.spec, resolved.family
+    family_name = family.__name__.rsplit(".", 1)[-1]
+    _check_numbers(batch_size=batch_size, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    engine, device_type = _check_engine(engine, device, family_name, quantize)
+    torch_dtype = parse_dtype(dtype)
+    quantize = check_scheme(quantize, spec.model_type)
+    length = prompt_tokens + new_tokens
+    width = torch_dtype.itemsize
+    parts: dict[str, int] = {}
+    if device_type == "cpu":
+        parts["framework_baseline"] = BASELINE_BYTES[(engine, family_name)]
+    if engine == "memwise":
+        parts["weights"] = weights_bytes(family, spec, torch_dtype, quantize)
+    else:
+        parts["weights"] = int(family.parameter_count(spec)) * width
+    cache_name = "state" if family_name == "hgrn_bit" else "kv_cache"
+    parts[cache_name] = spec_cache_bytes(spec, batch_size, length, torch_dtype)
+    parts["activations"] = activation_bytes(spec, batch_size, prompt_tokens, length, torch_dtype)
+    parts["logits_and_tokens"] = 2 * batch_size * spec.vocab_size * 4 + batch_size * length * 9
+    notes = []
+    if resolved.directory is not None and device_type == "cpu":
+        mapped = mapped_checkpoint_bytes(resolved.directory, engine)
+        if mapped:
+            parts["checkpoint_mapped"] = mapped
+            notes.append("checkpoint_mapped: the checkpoint is memory-mapped while loading; its pages count "
+                         "in the resident set until it is closed (not calibrated on real checkpoints)")
+    if spec.positions == "learned" and length > spec.max_positions:
+        notes.append(f"prompt + new tokens ({length}) exceed the model's {spec.max_positions} learned "
+                     "positions: the run would be refused")
+    settings = {"model": str(spec.source or model), "model_type": spec.model_type, "engine": engine,
+                "device": device_type, "dtype": str(torch_dtype).removeprefix("torch."), "quantize": quantize,
+                "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+    return Estimate("inference", settings, parts, notes=notes)
+
+
+def spec_cache_bytes(spec: ModelSpec, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
+    """What the model's cache_bytes(batch_size, max_length) returns, from the spec alone: keys and
+    values per layer at the model's dtype plus the cache's mask and positions, or a float32 recurrent
+    state of constant size."""
+    if spec.model_type == "hgrn_bit":
+        return spec.num_layers * batch_size * spec.hidden_size * spec.expand_ratio * 4
+    per_layer = 2 * batch_size * spec.num_kv_heads * max_length * spec.head_dim
+    return spec.num_layers * per_layer * dtype.itemsize + batch_size * (max_length + 8)
+
+
+def activation_bytes(spec: ModelSpec, batch_size: int, prompt_tokens: int, length: int, dtype: torch.dtype) -> int:
+    """The prefill's working set: one layer's activations for every prompt token, and the float32
+    attention scores of the prompt against the cache (none for a recurrent model)."""
+    widths = HIDDEN_COPIES * spec.hidden_size * max(spec.expand_ratio, 1) + INTERMEDIATE_COPIES * spec.intermediate_size
+    activations = batch_size * prompt_tokens * widths * dtype.itemsize
+    if spec.model_type != "hgrn_bit":
+        activations += batch_size * spec.num_heads * prompt_tokens * length * 4
+    return int(activations)
+
+
+def mapped_checkpoint_bytes(directory: Path, engine: str) -> int:
+    """Bytes of the checkpoint the engine maps into memory while loading: transformers maps safetensors
+    and .bin files; memwise reads safetensors tensor by tensor (nothing mapped) and maps .bin files."""
+    suffixes = (".safetensors", ".bin") if engine == "transformers" else (".bin",)
+    return sum(p.stat().st_size for p in Path(directory).iterdir() if p.suffix in suffixes and p.is_file())
+
+
+def _check_numbers(**values: object) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EstimateError(f"{name} should be a positive integer, found {shown(value)}")
+
+
+def _check_engine(engine: object, device: object, family_name: str, quantize: str | None) -> tuple[str, str]:
+    if engine not in ENGINES:
+        raise EstimateError(f"unknown engine {shown(engine)} (known: {', '.join(ENGINES)})")
+    device_type = str(device).split(":", 1)[0]
+    if device_type not in DEVICES:
+        raise EstimateError(f"unknown device {shown(device)} (use cpu, cuda or cuda:N)")
+    if engine == "transformers" and family_name == "hgrn_bit":
+        raise UnsupportedError("engine transformers cannot run hgrn_bit models (its package is GPU-only); "
+                               "use engine memwise")
+    if engine == "transformers" and quantize is not None:
+        raise UnsupportedError(f"quantize={quantize!r} is a memwise scheme; engine transformers runs float weights")
+    if quantize is not None and device_type != "cpu":
+        raise UnsupportedError(f"quantize={quantize!r} runs on the CPU for now (device {device!r} requested)")
+    return str(engine), device_type
