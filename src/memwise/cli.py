@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from memwise.bench.cli import add_parser as add_bench_parser
     add_bench_parser(sub)
+    from memwise.estimate.cli import add_parser as add_estimate_parser
+    add_estimate_parser(sub)
     for p in (parser, gen, info, conv):
         one_line_errors(p)
     return parser
