@@ -89,11 +89,18 @@ def _threads(text: str) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
-    import memwise
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if not args.force:
-        _gate_generate(args)
+    if args.force:
+        from memwise.estimate.gate import memory_checks_off
+        with memory_checks_off():
+            return _generate(args)
+    _gate_generate(args)
+    return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import memwise
     model = memwise.load(args.source, dtype=args.dtype, device=args.device, revision=args.revision,
                          quantize=args.quantize)
     ids, mask = model.encode_batch([args.prompt])

@@ -108,8 +108,8 @@ def _configurations(family_name: str, engine: str) -> list[tuple[str, str | None
     """(dtype, scheme) pairs an engine can run a family in."""
     if engine == "transformers":
         return [("float32", None), ("bfloat16", None)]
-    if family_name == "hgrn_bit":   # packed ternary weights whatever the activations' dtype
-        return [("float32", None), ("bfloat16", None)]
+    if family_name == "hgrn_bit":   # packed ternary weights, float32 activations
+        return [("float32", None)]
     return [("float32", None), ("bfloat16", None), ("float32", "int8")]
 
 

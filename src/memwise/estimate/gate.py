@@ -9,6 +9,8 @@ MEMWISE_NO_MEMORY_CHECK=1 turns both off.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -35,3 +37,18 @@ def check_predicted_peak(what: str, estimate: Estimate, device: str | torch.devi
         raise OutOfMemoryError(f"{what}: predicted peak {format_bytes(estimate.predicted_peak_bytes)} exceeds the "
                                f"{format_bytes(available)} of {device.type} memory available now "
                                "(`memwise estimate` shows the breakdown; --force runs it anyway)")
+
+
+@contextmanager
+def memory_checks_off() -> Iterator[None]:
+    """--force: the per-allocation checks (memory_gate.check_fits) off too while the command runs,
+    as MEMWISE_NO_MEMORY_CHECK=1 turns them off; the environment is restored afterwards."""
+    previous = os.environ.get("MEMWISE_NO_MEMORY_CHECK")
+    os.environ["MEMWISE_NO_MEMORY_CHECK"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MEMWISE_NO_MEMORY_CHECK", None)
+        else:
+            os.environ["MEMWISE_NO_MEMORY_CHECK"] = previous

@@ -65,6 +65,9 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
     _check_numbers(batch_size=batch_size, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     engine, device_type = _check_engine(engine, device, family_name, quantize)
     torch_dtype = parse_dtype(dtype)
+    if family_name == "hgrn_bit" and torch_dtype is not torch.float32:
+        raise UnsupportedError(f"hgrn_bit computes in float32 (its weights are 2-bit ternary codes); dtype "
+                               f"{str(torch_dtype).removeprefix('torch.')} is not supported")
     quantize = check_scheme(quantize, spec.model_type)
     length = prompt_tokens + new_tokens
     width = torch_dtype.itemsize
