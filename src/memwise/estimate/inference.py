@@ -19,6 +19,7 @@ device holds, weights + cache + activations.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,14 +36,21 @@ ENGINES = ("memwise", "transformers")
 DEVICES = ("cpu", "cuda")
 MiB = 2**20
 
-# The resident set of a cell before its model exists: python + torch + the engine's code imported,
-# plus the allocator's arenas after a generation. Measured as the peak RSS of bench cells on the tiny
-# presets (tiny-gpt2, tiny-llama, tiny-mmfree: weights < 1 MiB) with 16 prompt + 8 new tokens, and
-# refined by the residual of the 370M cells (docs/estimate.md, "Calibration").
-BASELINE_BYTES = {
-    ("memwise", "decoder"): 377 * MiB,
-    ("memwise", "hgrn_bit"): 236 * MiB,
-    ("transformers", "decoder"): 460 * MiB,
+# Measured constants per (engine, family), in bytes; docs/estimate.md says how they were measured.
+#   baseline: the resident set after loading, less the weights: python, torch, the engine's code and
+#             what loading leaves behind (bench cells of the tiny presets and the 370M presets)
+#   generation_slack: what a generation adds beyond cache, activations and logits (allocator arenas,
+#             thread pools' stacks, the fused decoder's plan and workspaces)
+@dataclass(frozen=True)
+class EngineConstants:
+    baseline: int
+    generation_slack: int
+
+
+CONSTANTS = {
+    ("memwise", "decoder"): EngineConstants(baseline=395 * MiB, generation_slack=10 * MiB),
+    ("memwise", "hgrn_bit"): EngineConstants(baseline=245 * MiB, generation_slack=10 * MiB),
+    ("transformers", "decoder"): EngineConstants(baseline=450 * MiB, generation_slack=20 * MiB),
 }
 # Activations live per token of the prefill: the residual stream, the normed input, q/k/v and the
 # attention output (hidden-sized) and the MLP's intermediate before and after its activation.
@@ -70,18 +78,23 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
                                f"{str(torch_dtype).removeprefix('torch.')} is not supported")
     quantize = check_scheme(quantize, spec.model_type)
     length = prompt_tokens + new_tokens
-    width = torch_dtype.itemsize
+    constants = CONSTANTS[(engine, family_name)]
     parts: dict[str, int] = {}
     if device_type == "cpu":
-        parts["framework_baseline"] = BASELINE_BYTES[(engine, family_name)]
+        parts["framework_baseline"] = constants.baseline
     if engine == "memwise":
         parts["weights"] = weights_bytes(family, spec, torch_dtype, quantize)
     else:
-        parts["weights"] = int(family.parameter_count(spec)) * width
+        parts["weights"] = int(family.parameter_count(spec)) * torch_dtype.itemsize
     cache_name = "state" if family_name == "hgrn_bit" else "kv_cache"
     parts[cache_name] = spec_cache_bytes(spec, batch_size, length, torch_dtype)
     parts["activations"] = activation_bytes(spec, batch_size, prompt_tokens, length, torch_dtype)
-    parts["logits_and_tokens"] = 2 * batch_size * spec.vocab_size * 4 + batch_size * length * 9
+    parts["logits_and_tokens"] = logits_bytes(spec, batch_size, prompt_tokens, engine) + batch_size * length * 9
+    parts["workspace"] = constants.generation_slack
+    # The peak is the larger of the load's and the generation's: what loading holds beyond the
+    # generation's parts is a part of its own, so that the parts still add up to the peak.
+    generation = sum(v for k, v in parts.items() if k not in ("framework_baseline", "weights"))
+    parts["load_transient_excess"] = max(load_transient_bytes(spec, engine, torch_dtype) - generation, 0)
     notes = []
     if resolved.directory is not None and device_type == "cpu":
         mapped = mapped_checkpoint_bytes(resolved.directory, engine)
@@ -116,6 +129,22 @@ def activation_bytes(spec: ModelSpec, batch_size: int, prompt_tokens: int, lengt
     if spec.model_type != "hgrn_bit":
         activations += batch_size * spec.num_heads * prompt_tokens * length * 4
     return int(activations)
+
+
+def logits_bytes(spec: ModelSpec, batch_size: int, prompt_tokens: int, engine: str) -> int:
+    """float32 logits at the prefill: memwise computes the last position only (and keeps two rows per
+    sequence while sampling); transformers' generate was measured to hold them for the whole prompt."""
+    rows = prompt_tokens if engine == "transformers" else 2
+    return batch_size * rows * spec.vocab_size * 4
+
+
+def load_transient_bytes(spec: ModelSpec, engine: str, dtype: torch.dtype) -> int:
+    """What loading holds for a moment beyond the loaded weights: transformers builds a separate output
+    embedding before tying it to the input one (one vocabulary x embedding table: measured on gpt2 and
+    opt, both tied); memwise streams tensor by tensor (a tensor at a time, freed before the next)."""
+    if engine != "transformers" or not spec.tie_word_embeddings:
+        return 0
+    return spec.vocab_size * (spec.embed_dim or spec.hidden_size) * dtype.itemsize
 
 
 def mapped_checkpoint_bytes(directory: Path, engine: str) -> int:
