@@ -48,8 +48,8 @@ class EngineConstants:
 
 
 CONSTANTS = {
-    ("memwise", "decoder"): EngineConstants(baseline=395 * MiB, generation_slack=10 * MiB),
-    ("memwise", "hgrn_bit"): EngineConstants(baseline=245 * MiB, generation_slack=10 * MiB),
+    ("memwise", "decoder"): EngineConstants(baseline=380 * MiB, generation_slack=10 * MiB),
+    ("memwise", "hgrn_bit"): EngineConstants(baseline=250 * MiB, generation_slack=1 * MiB),
     ("transformers", "decoder"): EngineConstants(baseline=450 * MiB, generation_slack=20 * MiB),
 }
 # Activations live per token of the prefill: the residual stream, the normed input, q/k/v and the
@@ -88,7 +88,7 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
         parts["weights"] = int(family.parameter_count(spec)) * torch_dtype.itemsize
     cache_name = "state" if family_name == "hgrn_bit" else "kv_cache"
     parts[cache_name] = spec_cache_bytes(spec, batch_size, length, torch_dtype)
-    parts["activations"] = activation_bytes(spec, batch_size, prompt_tokens, length, torch_dtype)
+    parts["activations"] = activation_bytes(spec, batch_size, prompt_tokens, length, torch_dtype, device_type)
     parts["logits_and_tokens"] = logits_bytes(spec, batch_size, prompt_tokens, engine) + batch_size * length * 9
     parts["workspace"] = constants.generation_slack
     # The peak is the larger of the load's and the generation's: what loading holds beyond the
@@ -121,14 +121,32 @@ def spec_cache_bytes(spec: ModelSpec, batch_size: int, max_length: int, dtype: t
     return spec.num_layers * per_layer * dtype.itemsize + batch_size * (max_length + 8)
 
 
-def activation_bytes(spec: ModelSpec, batch_size: int, prompt_tokens: int, length: int, dtype: torch.dtype) -> int:
-    """The prefill's working set: one layer's activations for every prompt token, and the float32
-    attention scores of the prompt against the cache (none for a recurrent model)."""
+def activation_bytes(spec: ModelSpec, batch_size: int, prompt_tokens: int, length: int, dtype: torch.dtype,
+                     device_type: str = "cpu") -> int:
+    """The prefill's working set: one layer's activations for the tokens in flight, and for attention
+    the float32 scores of the prompt against the cache. hgrn_bit runs a CPU prefill in slices of a
+    fixed token count (modules.PREFILL_SLICE_BYTES) and computes in float32, and its freed slices stay
+    in the heap (memwise.heap), so its measured working set is twice one slice's activations."""
     widths = HIDDEN_COPIES * spec.hidden_size * max(spec.expand_ratio, 1) + INTERMEDIATE_COPIES * spec.intermediate_size
+    if spec.model_type == "hgrn_bit":
+        return 2 * prefill_tokens_in_flight(spec, batch_size, prompt_tokens, device_type) * widths * 4
     activations = batch_size * prompt_tokens * widths * dtype.itemsize
-    if spec.model_type != "hgrn_bit":
-        activations += batch_size * spec.num_heads * prompt_tokens * length * 4
+    activations += batch_size * spec.num_heads * prompt_tokens * length * 4
     return int(activations)
+
+
+def prefill_tokens_in_flight(spec: ModelSpec, batch_size: int, prompt_tokens: int, device_type: str) -> int:
+    """batch x positions of one prefill slice of hgrn_bit (its modules' slicing, redone from the spec)."""
+    if device_type != "cpu":
+        return batch_size * prompt_tokens
+    from memwise.models.hgrn_bit.modules import PREFILL_SLICE_BYTES
+
+    slice_tokens = max(1, PREFILL_SLICE_BYTES // (8 * spec.intermediate_size))
+    most = max(1, slice_tokens // batch_size)
+    if prompt_tokens <= most:
+        return batch_size * prompt_tokens
+    count = -(-prompt_tokens // most)
+    return batch_size * -(-prompt_tokens // count)
 
 
 def logits_bytes(spec: ModelSpec, batch_size: int, prompt_tokens: int, engine: str) -> int:
