@@ -75,6 +75,8 @@ def estimate_command(args: argparse.Namespace) -> int:
     from memwise.source import resolve_model
 
     if args.budget is not None:
+        if args.task != "inference":
+            raise EstimateError("--budget lists inference configurations; it does not combine with --task finetune")
         budget = parse_bytes(args.budget)
         rows = fitting_configurations(resolve_model(args.source), budget, args)
         _print_budget(rows, budget, args)
