@@ -104,13 +104,12 @@ def predicted_peak(source: Source, engine: str, dtype: str, quantize: str | None
     from memwise.estimate import estimate_inference
     from memwise.source import ModelSource, family_and_spec
 
-    family_engine = "transformers" if engine == "transformers" else "memwise"
     try:
         family, spec = family_and_spec(source.config or {}, source.source)
         directory = Path(source.source) if source.kind == "local" else None
         model = ModelSource(source.config or {}, source.source, family, spec, directory)
         return estimate_inference(model, batch_size=batch, prompt_tokens=max(prompt, 1), new_tokens=max(new, 1),
-                                  dtype=dtype, quantize=quantize, engine=family_engine,
+                                  dtype=dtype, quantize=quantize, engine=engine,
                                   device=device).predicted_peak_bytes
     except MemwiseError:
         return None

@@ -54,7 +54,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=_positive, default=128, metavar="N")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--quantize", metavar="SCHEME", help="memwise engine: weights in SCHEME (int8)")
-    parser.add_argument("--engine", default="memwise", help="memwise (default) or transformers")
+    parser.add_argument("--engine", default="memwise",
+                        help="memwise (default), transformers, or memwise-reference (hgrn_bit, plain PyTorch path)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (no interpreter baseline)")
     parser.add_argument("--budget", metavar="BYTES", help="list the inference configurations that fit, fastest first")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

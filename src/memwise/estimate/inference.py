@@ -32,7 +32,7 @@ from memwise.quantization import check_scheme
 from memwise.source import ModelSource, resolve_model
 from memwise.spec import ModelSpec
 
-ENGINES = ("memwise", "transformers")
+ENGINES = ("memwise", "transformers", "memwise-reference")
 DEVICES = ("cpu", "cuda")
 MiB = 2**20
 
@@ -78,11 +78,11 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
                                f"{str(torch_dtype).removeprefix('torch.')} is not supported")
     quantize = check_scheme(quantize, spec.model_type)
     length = prompt_tokens + new_tokens
-    constants = CONSTANTS[(engine, family_name)]
+    constants = CONSTANTS[("transformers" if engine == "transformers" else "memwise", family_name)]
     parts: dict[str, int] = {}
     if device_type == "cpu":
         parts["framework_baseline"] = constants.baseline
-    if engine == "memwise":
+    if engine != "transformers":
         parts["weights"] = weights_bytes(family, spec, torch_dtype, quantize)
     else:
         parts["weights"] = int(family.parameter_count(spec)) * torch_dtype.itemsize
@@ -91,6 +91,8 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
     parts["activations"] = activation_bytes(spec, batch_size, prompt_tokens, length, torch_dtype, device_type)
     parts["logits_and_tokens"] = logits_bytes(spec, batch_size, prompt_tokens, engine) + batch_size * length * 9
     parts["workspace"] = constants.generation_slack
+    if engine == "memwise-reference":
+        parts["unpacked_matrices"] = reference_unpack_bytes(spec)
     # The peak is the larger of the load's and the generation's: what loading holds beyond the
     # generation's parts is a part of its own, so that the parts still add up to the peak.
     generation = sum(v for k, v in parts.items() if k not in ("framework_baseline", "weights"))
@@ -156,6 +158,13 @@ def logits_bytes(spec: ModelSpec, batch_size: int, prompt_tokens: int, engine: s
     return batch_size * rows * spec.vocab_size * 4
 
 
+def reference_unpack_bytes(spec: ModelSpec) -> int:
+    """memwise-reference unpacks each ternary matrix to float32 on every call; the largest is the
+    lm_head (V x H), and its codes' integer intermediates are as large again: measured +221 to +261 MiB
+    over the loaded set for mmfree-370m at prompts of 1 to 512 tokens, against 2 x 125 MiB here."""
+    return 2 * spec.vocab_size * spec.hidden_size * 4
+
+
 def load_transient_bytes(spec: ModelSpec, engine: str, dtype: torch.dtype) -> int:
     """What loading holds for a moment beyond the loaded weights: transformers builds a separate output
     embedding before tying it to the input one (one vocabulary x embedding table: measured on gpt2 and
@@ -187,8 +196,10 @@ def _check_engine(engine: object, device: object, family_name: str, quantize: st
     if engine == "transformers" and family_name == "hgrn_bit":
         raise UnsupportedError("engine transformers cannot run hgrn_bit models (its package is GPU-only); "
                                "use engine memwise")
-    if engine == "transformers" and quantize is not None:
-        raise UnsupportedError(f"quantize={quantize!r} is a memwise scheme; engine transformers runs float weights")
+    if engine == "memwise-reference" and family_name != "hgrn_bit":
+        raise UnsupportedError("engine memwise-reference runs MatMul-free (hgrn_bit) models only")
+    if engine != "memwise" and quantize is not None:
+        raise UnsupportedError(f"quantize={quantize!r} is a scheme of engine memwise; engine {engine} runs float or ternary weights")
     if quantize is not None and device_type != "cpu":
         raise UnsupportedError(f"quantize={quantize!r} runs on the CPU for now (device {device!r} requested)")
     return str(engine), device_type
