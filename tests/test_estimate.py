@@ -153,6 +153,11 @@ def test_model_whose_config_lacks_sizes(tmp_path, capsys):
 def test_engine_family_mismatch_and_finetune_pass_through(capsys):
     status, _, err = run_cli(capsys, "estimate", "preset:tiny-mmfree", "--engine", "transformers")
     assert status == 1 and "cannot run hgrn_bit" in err
+    status, _, err = run_cli(capsys, "estimate", "preset:tiny-gpt2", "--engine", "memwise-reference")
+    assert status == 1 and "hgrn_bit" in err and len(err.strip().splitlines()) == 1
+    packed = estimate_inference("preset:mmfree-370m")
+    unpacked = estimate_inference("preset:mmfree-370m", engine="memwise-reference")
+    assert unpacked.predicted_peak_bytes - packed.predicted_peak_bytes == unpacked.parts["unpacked_matrices"] > 0
     status, out, err = run_cli(capsys, "estimate", "preset:tiny-gpt2", "--task", "finetune", "--method", "lora",
                                "--seq-len", "64", "--json")
     try:
