@@ -85,7 +85,9 @@ def test_cuda_leaves_out_the_interpreter():
     cpu = estimate_inference("preset:gpt2-medium")
     cuda = estimate_inference("preset:gpt2-medium", device="cuda")
     assert "framework_baseline" in cpu.parts and "framework_baseline" not in cuda.parts
-    assert cpu.predicted_peak_bytes - cuda.predicted_peak_bytes == cpu.parts["framework_baseline"]
+    host_only = cpu.parts["framework_baseline"] + cpu.parts["workspace"]
+    assert cpu.predicted_peak_bytes - cuda.predicted_peak_bytes == host_only
+    assert cuda.parts["weights"] == cpu.parts["weights"] and cuda.parts["kv_cache"] == cpu.parts["kv_cache"]
 
 
 def test_cli_json_contract(capsys):

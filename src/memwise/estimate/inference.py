@@ -1,21 +1,23 @@
 """Predicted peak resident memory of one inference run (load, then generate), from the config alone.
 
 The bench's peak (bench/cell.py) is max(load peak, generation peak) of the process's resident set.
-The prediction adds up, per component, what is resident at the generation peak (the larger of the two
-for every measured cell: the load's transients are one tensor at a time):
+The prediction is the sum of its parts, each a formula of the spec or a measured constant:
 
-    framework_baseline   the interpreter, torch and the engine's code, imported: a constant per engine
-                         and model family, measured (docs/estimate.md says how)
-    weights              the family's own figure (memory_gate.weights_bytes): dtype size, int8 scheme or
-                         packed ternary; parameter_count x dtype size for transformers
-    kv_cache / state     the spec-only twin of the model's cache_bytes(batch, prompt + new tokens)
-    activations          prefill: B x P x (hidden and MLP widths) x dtype size, and attention scores
-    logits, tokens       float32 logits of the last position and the token buffer
-    checkpoint_mapped    a real checkpoint read through a memory map (transformers' safetensors, torch .bin):
-                         its pages count in the resident set while mapped
+    framework_baseline     the interpreter, torch and the engine's code: a constant per engine and
+                           model family, measured (docs/estimate.md says how)
+    weights                the family's own figure (memory_gate.weights_bytes): dtype size, int8 scheme
+                           or packed ternary; parameter_count x dtype size for transformers
+    kv_cache / state       the spec-only twin of the model's cache_bytes(batch, prompt + new tokens)
+    activations            the prefill's working set: hidden and MLP widths per token, attention scores
+    logits_and_tokens      float32 logits of the last position, and the token buffer
+    workspace              a measured constant: allocator arenas, thread pools, decode workspaces
+    unpacked_matrices      memwise-reference only: ternary matrices unpacked to float32 per call
+    load_transient_excess  what loading holds for a moment beyond all of the above, if anything
+    checkpoint_mapped      a real checkpoint read through a memory map (transformers' safetensors,
+                           torch .bin): its pages count in the resident set while mapped
 
-On CUDA the baseline is left out (the device holds no interpreter): the prediction is then what the
-device holds, weights + cache + activations.
+On CUDA the baseline and the workspace are left out (the device holds no interpreter): the
+prediction is then what the device holds, weights + cache + activations.+ logits.
 """
 from __future__ import annotations
 
@@ -90,7 +92,8 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
     parts[cache_name] = spec_cache_bytes(spec, batch_size, length, torch_dtype)
     parts["activations"] = activation_bytes(spec, batch_size, prompt_tokens, length, torch_dtype, device_type)
     parts["logits_and_tokens"] = logits_bytes(spec, batch_size) + batch_size * length * 9
-    parts["workspace"] = constants.generation_slack
+    if device_type == "cpu":
+        parts["workspace"] = constants.generation_slack
     if engine == "memwise-reference":
         parts["unpacked_matrices"] = reference_unpack_bytes(spec)
     # The peak is the larger of the load's and the generation's: what loading holds beyond the
