@@ -26,7 +26,9 @@ def estimate(model: Any, task: str = "inference", **settings: Any) -> Estimate:
     if task == "finetune":
         try:
             from memwise.estimate.finetune import estimate_finetune
-        except ImportError:
+        except ModuleNotFoundError as e:
+            if e.name != "memwise.estimate.finetune":
+                raise
             raise UnsupportedError(FINETUNE_MISSING) from None
         from memwise.source import resolve_model
 

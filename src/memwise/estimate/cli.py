@@ -99,7 +99,9 @@ def estimate_command(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> Estimate:
     try:
         from memwise.estimate.finetune import estimate_finetune
-    except ImportError:
+    except ModuleNotFoundError as e:   # only the module itself missing; its own import errors show
+        if e.name != "memwise.estimate.finetune":
+            raise
         raise UnsupportedError(FINETUNE_MISSING) from None
     from memwise.source import resolve_model
 
