@@ -38,21 +38,23 @@ ENGINES = ("memwise", "transformers", "memwise-reference")
 DEVICES = ("cpu", "cuda")
 MiB = 2**20
 
-# Measured constants per (engine, family), in bytes; docs/estimate.md says how they were measured.
+# Measured constants per (engine, family); docs/estimate.md says how they were measured.
 #   baseline: the resident set after loading, less the weights: python, torch, the engine's code and
 #             what loading leaves behind (bench cells of the tiny presets and the 370M presets)
-#   generation_slack: what a generation adds beyond cache, activations and logits (allocator arenas,
-#             thread pools' stacks, the fused decoder's plan and workspaces)
+#   workspace + workspace_per_weight x weights: what a generation adds beyond cache, activations and
+#             logits (allocator arenas, thread pools, decode workspaces); the part that grows with the
+#             model was fitted between the tiny presets and the 350M ones
 @dataclass(frozen=True)
 class EngineConstants:
     baseline: int
-    generation_slack: int
+    workspace: int
+    workspace_per_weight: float = 0.0
 
 
 CONSTANTS = {
-    ("memwise", "decoder"): EngineConstants(baseline=380 * MiB, generation_slack=10 * MiB),
-    ("memwise", "hgrn_bit"): EngineConstants(baseline=255 * MiB, generation_slack=1 * MiB),
-    ("transformers", "decoder"): EngineConstants(baseline=450 * MiB, generation_slack=45 * MiB),
+    ("memwise", "decoder"): EngineConstants(baseline=372 * MiB, workspace=1 * MiB, workspace_per_weight=0.01),
+    ("memwise", "hgrn_bit"): EngineConstants(baseline=255 * MiB, workspace=1 * MiB),
+    ("transformers", "decoder"): EngineConstants(baseline=450 * MiB, workspace=10 * MiB, workspace_per_weight=0.03),
 }
 # Activations live per token of the prefill: the residual stream, the normed input, q/k/v and the
 # attention output (hidden-sized) and the MLP's intermediate before and after its activation.
@@ -93,7 +95,7 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
     parts["activations"] = activation_bytes(spec, batch_size, prompt_tokens, length, torch_dtype, device_type)
     parts["logits_and_tokens"] = logits_bytes(spec, batch_size) + batch_size * length * 9
     if device_type == "cpu":
-        parts["workspace"] = constants.generation_slack
+        parts["workspace"] = constants.workspace + int(constants.workspace_per_weight * parts["weights"])
     if engine == "memwise-reference":
         parts["unpacked_matrices"] = reference_unpack_bytes(spec)
     # The peak is the larger of the load's and the generation's: what loading holds beyond the
