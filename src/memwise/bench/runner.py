@@ -2,8 +2,10 @@
 
 Before a cell starts, the parent answers three questions without loading anything: can the engine run
 this model at all (engines.can_run), do prompt + new tokens fit the model's learned positions, and
-does the estimated peak (memory.estimate_cell_bytes) fit the memory available now. A "no" becomes a
-skipped record with the reason. A cell that fails or dies becomes an error record; the run goes on.
+does the predicted peak (memwise.estimate; memory.estimate_cell_bytes for models it has no formulas
+for) fit the memory available now. A "no" becomes a skipped record with the reason; the CLI instead
+refuses the whole run before the first cell unless --force (RunOptions.over_memory). A cell that
+fails or dies becomes an error record; the run goes on. Every record carries predicted_peak_bytes.
 
 Each cell is started by a small launcher process (launcher.py says why) that samples the cell's
 resident set while it runs and reads its ru_maxrss with wait4 when it exits. The cell resets its own
