@@ -217,3 +217,17 @@ def test_bench_records_carry_predictions(capsys, tiny_memory, tmp_path):
         assert abs(record["predicted_peak_bytes"] / measured - 1) < 0.25
     table = (out_dir / "results.md").read_text()
     assert "Predicted error" in table and "%" in table
+
+
+def test_real_checkpoint_adds_what_the_engine_maps(tmp_path):
+    import transformers
+
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=96)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    size = sum(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
+    assert size > 0
+    mapped = estimate_inference(str(tmp_path), engine="transformers", prompt_tokens=8, new_tokens=4)
+    assert mapped.parts["checkpoint_mapped"] == size and mapped.notes
+    streamed = estimate_inference(str(tmp_path), prompt_tokens=8, new_tokens=4)   # memwise reads with pread
+    assert "checkpoint_mapped" not in streamed.parts
+    assert streamed.predicted_peak_bytes == sum(streamed.parts.values())
