@@ -111,6 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--busy-cores", type=_non_negative, default=0, metavar="N",
                      help="also time every run beside N busy-loop processes (unpinned), back to back with "
                           "the usual run; the report adds their speeds and the ratio busy/idle")
+    how.add_argument("--force", action="store_true",
+                     help="run cells predicted to exceed the memory available (without it the run is refused)")
     how.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="give up on a cell after this long")
     how.add_argument("--out", type=Path, metavar="DIR",
                      help="write results.json, results.csv, results.md, plots and cell logs here")
@@ -163,6 +165,7 @@ def measure_command(args: argparse.Namespace) -> int:
                                      "repetition_penalty": matrix.repetition_penalty,
                                      "no_repeat_ngram_size": matrix.no_repeat_ngram_size, "eos": "ignored"}
     options = RunOptions(threads=args.threads, device=args.device, quantize=args.quantize, timeout_s=args.timeout,
+                         over_memory="force" if args.force else "refuse",
                          log_dir=args.out / "logs" if args.out is not None else None, busy_cores=args.busy_cores)
     # Bandwidth is measured before and after the cells, never during one; other load on the machine
     # can only lower a reading, so the larger one is the better estimate of what the memory can do.
