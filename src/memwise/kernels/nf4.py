@@ -11,8 +11,9 @@ is W itself). Written here from the algorithm, checked against bitsandbytes in t
   NF4 values (ties to the lower index: `torch.bucketize` against the midpoints).
 * `codes` uint8 [N, Kp / 2]: two codes a byte, the even element in the high nibble.
 * Double quantization: offset = mean(absmax) (float32); absmax_b - offset is quantized to 8 bits in
-  blocks of 256 with bitsandbytes' dynamic map (`dynamic_map()`): per block absmax2 = max |d|, each
-  d / absmax2 takes the nearest map entry (ties to the lower one). `qabs` uint8 [N * Kp / 64],
+  blocks of 256 with bitsandbytes' dynamic map (`dynamic_map()`): per block absmax2 = max |d|, and
+  d * (1 / absmax2) takes its index through bitsandbytes' CPU lookup table of 65536 points
+  (`_quantize_8bit`; nearly, not exactly, the nearest entry). `qabs` uint8 [N * Kp / 64],
   `absmax2` float32 [ceil(N * Kp / 64 / 256)], `offset` float32.
 * Dequantized: absmax_b = code8[qabs_b] * absmax2[b // 256] + offset, w = NF4[code] * absmax_b, all
   float32 one operation at a time: what bitsandbytes' `dequantize_4bit` returns, bit for bit.
