@@ -84,8 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(real weights if cached, else synthetic)")
     what.add_argument("--engine", action="append", choices=sorted(ENGINES))
     what.add_argument("--dtype", action="append", choices=tuple(DTYPES))
-    what.add_argument("--quantize", choices=("int8",), metavar="SCHEME",
-                      help="memwise engine: store the decoder layers' weights in SCHEME (int8); other engines as given")
+    what.add_argument("--quantize", choices=("int8", "int4", "nf4"), metavar="SCHEME",
+                      help="memwise engine: store the decoder layers' weights in SCHEME (int8, int4, nf4); "
+                           "other engines as given")
     what.add_argument("--batch-size", action="append", type=_positive, metavar="N")
     what.add_argument("--prompt-tokens", action="append", type=_positive, metavar="N")
     what.add_argument("--new-tokens", action="append", type=_positive, metavar="N")
