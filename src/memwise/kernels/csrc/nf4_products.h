@@ -101,18 +101,19 @@ static T512 float nf4_row_avx512(const nf4_job_t *j, int64_t n, int64_t m) {
     const float *x = j->x + m * j->Kp;
     const __m512 table = _mm512_loadu_ps(NF4_VALUES);
     const __m512i low = _mm512_set1_epi32(15);
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    /* four accumulators: one FMA chain each per block, so their latency overlaps */
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t g = 0; g < j->G; ++g) {
         const __m512 a = _mm512_set1_ps(nf4_absmax(j, n * j->G + g));
         for (int h = 0; h < 2; ++h) {   /* 16 bytes: the 32 columns 64 g + 32 h .. + 31 */
             const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 32 * g + 16 * h)));
             const __m512 we = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), a);
             const __m512 wo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low), table), a);
-            acc0 = _mm512_fmadd_ps(we, _mm512_loadu_ps(x + 64 * g + 32 * h), acc0);
-            acc1 = _mm512_fmadd_ps(wo, _mm512_loadu_ps(x + 64 * g + 32 * h + 16), acc1);
+            acc[2 * h] = _mm512_fmadd_ps(we, _mm512_loadu_ps(x + 64 * g + 32 * h), acc[2 * h]);
+            acc[2 * h + 1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(x + 64 * g + 32 * h + 16), acc[2 * h + 1]);
         }
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 #endif
 
