@@ -131,7 +131,7 @@ LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "nf4": Nf4Linear}
 QuantizedLinear = Int8Linear | Int4Linear | Nf4Linear
 
 
-def quantize_layers(model: nn.Module, scheme: str = "int8") -> None:
+def quantize_layers(model: nn.Module, scheme: str) -> None:
     """Swap the decoder layers' nn.Linear for empty `scheme` linears and the lm_head for an empty
     Int8Linear (call on a meta model, before to_empty, so that float copies are never allocated)."""
     owners = [(getattr(block, path.split(".")[0]), path.split(".")[1]) for block in model.layers for path in QUANTIZED]
@@ -152,7 +152,7 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, tuple(LINEARS.values()))}
 
 
-int8_linears = quantized_linears    # the int8 branch's name
+int8_linears = quantized_linears    # the int8 branch's name, for code that still calls it
 
 
 def _quantized_part(parameter: str) -> str | None:
