@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("source", metavar="SOURCE")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--quantize", metavar="SCHEME", help="store the decoder layers' weights in SCHEME (int8)")
+    gen.add_argument("--quantize", metavar="SCHEME", help="store the decoder layers' weights in SCHEME (int8, int4, nf4)")
     _add_load_flags(gen)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0)

@@ -90,8 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--dtype", action="append", choices=tuple(DTYPES) + GGUF_DTYPES,
                       help="float32, float16, bfloat16; llama.cpp cells also take a GGUF type: q8_0, q4_0, "
                            "tq2_0, tq1_0 (float32 / float16 are F32 / F16 there)")
-    what.add_argument("--quantize", choices=("int8",), metavar="SCHEME",
-                      help="memwise engine: store the decoder layers' weights in SCHEME (int8); other engines as given")
+    what.add_argument("--quantize", choices=("int8", "int4", "nf4"), metavar="SCHEME",
+                      help="memwise engine: store the decoder layers' weights in SCHEME (int8, int4, nf4); "
+                           "other engines as given")
     what.add_argument("--batch-size", action="append", type=_positive, metavar="N")
     what.add_argument("--prompt-tokens", action="append", type=_positive, metavar="N")
     what.add_argument("--new-tokens", action="append", type=_positive, metavar="N")
