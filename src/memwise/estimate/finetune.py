@@ -37,10 +37,9 @@ Multi-device partitioning is in memwise.estimate.parallel (formulas in its docst
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 from memwise.errors import ConfigError, MemwiseError, UnsupportedError
 from memwise.estimate.breakdown import Estimate
+from memwise.estimate.parallel import check_parallel, layer_linears as _linears, per_device_parts
 from memwise.spec import ModelSpec
 
 MiB = 1 << 20
@@ -65,15 +64,6 @@ def _check_spec(spec: ModelSpec) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{where}: config lacks a usable '{name}' (found {value!r}); "
                               "a fine-tuning estimate needs the model's sizes")
-
-
-def _linears(spec: ModelSpec) -> list[tuple[str, int, int]]:
-    """(module name, rows, cols) of every layer matrix as the checkpoint stores it."""
-    from memwise.models.decoder.layout import checkpoint_plan
-
-    one = checkpoint_plan(replace(spec, num_layers=1))
-    return [(t.name.split(".")[-2], t.shape[0], t.shape[1]) for t in one
-            if t.name.endswith(".weight") and len(t.shape) == 2 and ".0." in t.name]
 
 
 def lora_parameters(spec: ModelSpec, rank: int, targets: tuple[str, ...]) -> int:
@@ -167,8 +157,6 @@ def estimate_finetune(spec: ModelSpec, *, method: str = "full", optimizer: str =
                       gradient_checkpointing: bool = False, dtype: str = "float32", devices: int = 1,
                       strategy: str = "dp") -> Estimate:
     """Predicted peak bytes of a training step; with devices > 1, per device under `strategy`."""
-    from memwise.estimate.parallel import check_parallel, per_device_parts
-
     _check_inputs(spec, method, optimizer, dtype, batch_size, seq_len, lora_rank)
     check_parallel(spec, devices, strategy)
     parts, counts = model_parts(spec, method, optimizer, dtype, lora_rank,

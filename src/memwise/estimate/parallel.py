@@ -69,6 +69,15 @@ def check_parallel(spec: ModelSpec, devices: int, strategy: str) -> None:
                            f"(model has {spec.num_layers})")
 
 
+def layer_linears(spec: ModelSpec) -> list[tuple[str, int, int]]:
+    """(module name, rows, cols) of every layer matrix as the checkpoint stores it."""
+    from memwise.models.decoder.layout import checkpoint_plan
+
+    one = checkpoint_plan(replace(spec, num_layers=1))
+    return [(t.name.split(".")[-2], t.shape[0], t.shape[1]) for t in one
+            if t.name.endswith(".weight") and len(t.shape) == 2 and ".0." in t.name]
+
+
 def _shares(spec: ModelSpec) -> dict[str, int]:
     from memwise.models import family_for
 
@@ -122,9 +131,7 @@ def _tensor_parallel(spec: ModelSpec, parts: dict[str, int], acts: dict[str, int
 
 
 def _layer_linear(spec: ModelSpec) -> int:
-    from memwise.estimate.finetune import _linears
-
-    return sum(rows * cols for _, rows, cols in _linears(spec))
+    return sum(rows * cols for _, rows, cols in layer_linears(spec))
 
 
 def _pipeline(spec: ModelSpec, parts: dict[str, int], acts: dict[str, int], p: int, shares: dict[str, int],
