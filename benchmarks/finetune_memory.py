@@ -221,6 +221,9 @@ def markdown(result: dict) -> str:
         lines.append(f"one process: median |error| {statistics.median(single):.1f}% over {len(single)} runs")
     if multi:
         lines.append(f"2 ranks (per rank): median |error| {statistics.median(multi):.1f}% over {len(multi)} rows")
+    for model in sorted({r["config"].split()[0] for r in result["rows"]}):
+        errors = [abs(r["error_pct"]) for r in result["rows"] if r["config"].split()[0] == model]
+        lines.append(f"{model}: median |error| {statistics.median(errors):.1f}% over {len(errors)} rows")
     lines.append(f"baseline (python + torch + transformers imported): {result['baseline_bytes'] / 2**20:.1f} MiB")
     lines += [f"skipped: {s}" for s in result["skipped"]]
     return "\n".join(lines) + "\n"
@@ -241,7 +244,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--no-dist", action="store_true")
+    parser.add_argument("--render", help="rewrite the markdown table from a saved finetune_memory.json")
     args = parser.parse_args()
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())))
+        return
     if args.child:
         job = json.loads(Path(args.child).read_text())
         print(json.dumps(dist_child(job) if job.get("dist") else child(job)))
