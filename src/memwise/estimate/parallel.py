@@ -1,0 +1,150 @@
+"""Per-device peak of a training step split over N devices.
+
+W, G, S, X = one device's weights, gradients, optimizer states, optimizer step temporaries (from
+memwise.estimate.finetune), A = activations, O = framework overhead, D = DIST_BYTES (torch.distributed
+and gloo loaded, measured). ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training
+Trillion Parameter Models") partitions the model states of data parallelism:
+
+    dp     W + G + S + X + A + O + D + G      DDP keeps its gradient buckets, a flat copy of G
+    zero1  W + G + (S + X)/N + A + O + D      optimizer states sharded
+    zero2  W + (G + S + X)/N + A + O + D + U_g    + gradients sharded; U_g = one unit's full gradient
+                                                  before its reduce-scatter
+    zero3  (W + G + S + X)/N + A + O + D + U_w + U_g   + parameters sharded; U_w = the gathered units:
+                                                  the root (embeddings, final norm, lm_head) + two layers
+                                                  (current and prefetched), as FSDP wraps per block
+
+Megatron-LM (Shoeybi et al. 2019; Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models"):
+
+    tp     column/row-parallel linears and the vocab-parallel embedding split t ways, norms and
+           position tables replicated: model states * (r + (1 - r)/t), r = replicated share of parameters.
+           Activations: per layer the norms' inputs and outputs (4 e h per token) stay whole, the rest / t;
+           logits / t (vocab-parallel cross entropy).
+    pp     ceil(L/p) layers per stage; the first stage also holds the embeddings, the last the final
+           norm and lm_head (a tied embedding is held by both). 1F1B keeps p micro-batches in flight on the
+           first stage: p * (L/p layers) = the whole model's layer activations of one micro-batch
+           (batch_size is the micro-batch); logits only on the last stage. Peak = the larger stage.
+    tpAxdpB  tp within groups of A devices, plain DDP across B groups (A * B = devices).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+
+from memwise.errors import MemwiseError, UnsupportedError
+from memwise.spec import ModelSpec
+
+MiB = 1 << 20
+DIST_BYTES = 4 * MiB    # measured: tiny DDP rank peak minus the one-process peak of the same step
+STRATEGIES = ("dp", "zero1", "zero2", "zero3", "tp", "pp", "tpAxdpB")
+
+
+def parse_strategy(strategy: str, devices: int) -> tuple[str, int, int]:
+    """(kind, tp degree, dp degree)."""
+    if not isinstance(strategy, str):
+        raise UnsupportedError(f"unknown parallel strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    hybrid = re.fullmatch(r"tp(\d+)xdp(\d+)", strategy)
+    if hybrid:
+        t, d = int(hybrid.group(1)), int(hybrid.group(2))
+        if t < 1 or d < 1 or t * d != devices:
+            raise MemwiseError(f"strategy {strategy}: tp x dp = {t * d} should equal devices = {devices}")
+        return "tpxdp", t, d
+    if strategy not in STRATEGIES[:-1]:
+        raise UnsupportedError(f"unknown parallel strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    return strategy, devices if strategy == "tp" else 1, devices
+
+
+def check_parallel(spec: ModelSpec, devices: int, strategy: str) -> None:
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise MemwiseError(f"devices should be a positive integer, found {devices!r}")
+    kind, t, _ = parse_strategy(strategy, devices)
+    if t > 1:
+        kv = spec.num_kv_heads or spec.num_heads
+        if spec.num_heads % t or kv % t:
+            raise MemwiseError(f"tensor parallelism over {t} devices needs the heads ({spec.num_heads}, "
+                               f"{kv} key/value) divisible by {t}")
+    if kind == "pp" and devices > spec.num_layers:
+        raise MemwiseError(f"pipeline parallelism over {devices} devices needs at least as many layers "
+                           f"(model has {spec.num_layers})")
+
+
+def layer_linears(spec: ModelSpec) -> list[tuple[str, int, int]]:
+    """(module name, rows, cols) of every layer matrix as the checkpoint stores it."""
+    from memwise.models.decoder.layout import checkpoint_plan
+
+    one = checkpoint_plan(replace(spec, num_layers=1))
+    return [(t.name.split(".")[-2], t.shape[0], t.shape[1]) for t in one
+            if t.name.endswith(".weight") and len(t.shape) == 2 and ".0." in t.name]
+
+
+def _shares(spec: ModelSpec) -> dict[str, int]:
+    from memwise.models import family_for
+
+    family = family_for(spec.model_type, spec.source or "model")
+    total = family.parameter_count(spec)
+    layer = family.parameter_count(replace(spec, num_layers=1)) - family.parameter_count(replace(spec, num_layers=0))
+    embed = spec.vocab_size * (spec.embed_dim or spec.hidden_size)
+    return {"total": total, "layer": layer, "embed": embed, "root": total - spec.num_layers * layer}
+
+
+def per_device_parts(spec: ModelSpec, parts: dict[str, int], acts: dict[str, int], devices: int, strategy: str,
+                     method: str, e: int, tokens: int) -> tuple[int, list[str]]:
+    """(bytes on each device, notes); e = compute dtype bytes, tokens = batch * seq_len."""
+    kind, t, d = parse_strategy(strategy, devices)
+    shares = _shares(spec)
+    W, G, S, X = parts["weights"], parts["gradients"], parts["optimizer_states"], parts["optimizer_step_temporaries"]
+    A, O = parts["activations"], parts["framework_overhead"] + DIST_BYTES
+    notes = [f"{strategy} over {devices} devices: per-device peak (formulas in memwise.estimate.parallel)"]
+    if kind == "pp":
+        return _pipeline(spec, parts, acts, devices, shares, method) + O, notes
+    if kind in ("tp", "tpxdp"):
+        W, G, S, X, A = _tensor_parallel(spec, parts, acts, t, shares, method, e, tokens)
+        if kind == "tp":
+            return W + G + S + X + A + O, notes
+        return W + 2 * G + S + X + A + O, notes  # DDP buckets across the dp groups
+    n = d
+    unit_w = W * shares["layer"] / shares["total"]
+    unit_g = G * (shares["layer"] if method != "full" else max(shares["layer"], shares["embed"])) / shares["total"]
+    if kind == "dp":
+        return W + 2 * G + S + X + A + O, notes
+    if kind == "zero1":
+        return W + G + (S + X) // n + A + O, notes
+    if kind == "zero2":
+        return int(W + (G + S + X) / n + unit_g + A + O), notes
+    root_w = W * shares["root"] / shares["total"]
+    return int((W + G + S + X) / n + root_w + 2 * unit_w + unit_g + A + O), notes
+
+
+def _tensor_parallel(spec: ModelSpec, parts: dict[str, int], acts: dict[str, int], t: int, shares: dict[str, int],
+                     method: str, e: int, tokens: int) -> tuple[int, ...]:
+    linear_and_embed = spec.num_layers * _layer_linear(spec) + shares["embed"]
+    r = max(0.0, 1 - linear_and_embed / shares["total"])
+    split = r + (1 - r) / t
+    trainable_split = split if method == "full" else 1 / t
+    replicated = min(acts["layers"], 4 * e * spec.hidden_size * spec.num_layers * tokens)
+    layers = replicated + (acts["layers"] - replicated) / t
+    A = layers + acts["logits"] / t + acts["other"] + acts.get("tied_embedding_gradient", 0) / t
+    W = parts["weights"] * split
+    G, S, X = (parts[k] * trainable_split for k in ("gradients", "optimizer_states", "optimizer_step_temporaries"))
+    return int(W), int(G), int(S), int(X), int(A)
+
+
+def _layer_linear(spec: ModelSpec) -> int:
+    return sum(rows * cols for _, rows, cols in layer_linears(spec))
+
+
+def _pipeline(spec: ModelSpec, parts: dict[str, int], acts: dict[str, int], p: int, shares: dict[str, int],
+              method: str) -> int:
+    per_stage_layers = math.ceil(spec.num_layers / p)
+    layer_fraction = per_stage_layers * shares["layer"] / shares["total"]
+    head = 0 if spec.tie_word_embeddings else shares["embed"]
+    first = layer_fraction + shares["embed"] / shares["total"]
+    last = layer_fraction + (shares["embed"] if spec.tie_word_embeddings else head) / shares["total"]
+    states = parts["gradients"] + parts["optimizer_states"] + parts["optimizer_step_temporaries"]
+    trainable = per_stage_layers / spec.num_layers if method != "full" else None
+    first_bytes = parts["weights"] * first + states * (trainable or first) + acts["layers"] + acts["other"]
+    last_layers = acts["layers"] * per_stage_layers / spec.num_layers
+    last_bytes = parts["weights"] * last + states * (trainable or last) + last_layers + acts["logits"] + \
+        acts.get("tied_embedding_gradient", 0)
+    return int(max(first_bytes, last_bytes))
