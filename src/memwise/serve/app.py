@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -129,8 +130,8 @@ async def _generate(request: Request, chat: bool) -> Response:
     try:
         while True:
             event = await events.get()
-            if event.finish_reason == "abort":
-                raise ApiError(503, "the server stopped before the completion was done", kind="server_error")
+            if event.finish_reason in ("abort", "error"):
+                raise _failure(event)
             texts.append(event.text)
             if event.finish_reason:
                 return JSONResponse(shape.whole("".join(texts), event))
@@ -177,6 +178,12 @@ class _Shape:
                 "usage": self.usage(event)}
 
 
+def _failure(event: Event) -> ApiError:
+    if event.finish_reason == "error":
+        return ApiError(400, event.text)
+    return ApiError(503, "the server stopped before the completion was done", kind="server_error")
+
+
 def _data(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -188,9 +195,8 @@ async def _sse(seq: Sequence, events: asyncio.Queue[Event], shape: _Shape, inclu
             yield _data(shape.chunk("", None, role=True))
         while True:
             event = await events.get()
-            if event.finish_reason == "abort":
-                yield _data(ApiError(503, "the server stopped before the completion was done",
-                                     kind="server_error").body())
+            if event.finish_reason in ("abort", "error"):
+                yield _data(_failure(event).body())
                 break
             if event.text or event.finish_reason:
                 yield _data(shape.chunk(event.text, event.finish_reason))
@@ -239,6 +245,28 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return JSONResponse(error.body(), status_code=500)
 
 
+class _CountRequests:
+    """Counts every HTTP request by route and status (unknown paths as "other")."""
+
+    def __init__(self, app: Starlette, metrics: ServeMetrics, paths: set[str]):
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope["path"] if scope["path"] in self.paths else "other"
+            self.metrics.requests.labels(route, str(status[0])).inc()
+
+
 def create_app(model: LanguageModel, config: ServeConfig) -> Starlette:
     """The app; the engine thread starts with the app's lifespan and stops (aborting what runs) with it."""
     server = Server(model, config)
@@ -257,6 +285,7 @@ def create_app(model: LanguageModel, config: ServeConfig) -> Starlette:
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected})
+                    exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _unexpected},
+                    middleware=[Middleware(_CountRequests, metrics=server.metrics, paths={r.path for r in routes})])
     app.state.server = server
     return app

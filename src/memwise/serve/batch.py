@@ -68,7 +68,7 @@ class RecurrentSlots:
     def _take(self, seq: Sequence, logits: torch.Tensor) -> None:
         if not seq.cancelled:
             seq.accept(seq.sample(logits))
-        if seq.done or seq.cancelled:
+        if seq.done:     # a cancelled one is the engine's to remove (it counts it)
             self.remove(seq)
 
 
@@ -108,7 +108,7 @@ class Interleaved:
                 seq.end("length")
             else:
                 seq.accept(int(token[0]))
-        if seq.done or seq.cancelled:
+        if seq.done:     # a cancelled one is the engine's to remove (it counts it)
             self.remove(seq)
 
 

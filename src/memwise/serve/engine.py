@@ -6,6 +6,10 @@ import logging
 import queue
 import threading
 
+import torch
+
+from memwise.errors import MemwiseError
+
 from memwise.language_model import LanguageModel
 from memwise.serve.batch import running_batch
 from memwise.serve.metrics import ServeMetrics
@@ -58,18 +62,13 @@ class Engine:
         self.metrics.queue_length.set(self.waiting.qsize())
 
     def _run(self) -> None:
+        # Inference mode for the whole loop: each interleaved generator enters and leaves it itself,
+        # and a generator that finishes restores the mode it found, which must stay on for the others.
         try:
-            while not self._stop.is_set():
-                self._admit()
-                self._leave_cancelled()
-                running = list(self.batch.running)
-                self.batch.step()
-                for seq in running:
-                    if seq.done:
-                        self.metrics.finished(seq)
-                self._count()
-        except BaseException as e:    # the server must answer, not hang: every waiter is told
-            log.exception("the engine stopped")
+            with torch.inference_mode():
+                self._loop()
+        except BaseException as e:
+            log.exception("the engine stopped")    # the server must answer, not hang: every waiter is told
             self.error = e
         finally:
             for seq in list(self.batch.running):
@@ -77,6 +76,17 @@ class Engine:
                 self.batch.remove(seq)
             while not self.waiting.empty():
                 self.waiting.get_nowait().end("abort")
+            self._count()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._admit()
+            self._leave_cancelled()
+            running = list(self.batch.running)
+            self.batch.step()
+            for seq in running:
+                if seq.done:
+                    self.metrics.finished(seq)
             self._count()
 
     def _admit(self) -> None:
@@ -90,7 +100,11 @@ class Engine:
             self.metrics.queue_length.set(self.waiting.qsize())
             if seq.cancelled:
                 continue
-            self.batch.add(seq)
+            try:
+                self.batch.add(seq)
+            except MemwiseError as e:    # e.g. the memory gate refused this one's cache: it alone fails
+                self.batch.remove(seq)
+                seq.end("error", str(e))
             if seq.done:
                 self.metrics.finished(seq)
 
@@ -98,6 +112,8 @@ class Engine:
         for seq in list(self.batch.running):
             if seq.cancelled:
                 self.batch.remove(seq)
+                self.metrics.cancelled.inc()
+                self.metrics.finished(seq)
 
     def _count(self) -> None:
         self.metrics.running.set(len(self.batch.running))

@@ -30,6 +30,8 @@ class ServeMetrics:
         self.e2e = Histogram("memwise_e2e_request_latency_seconds", "arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("memwise_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.cancelled = Counter("memwise_cancelled_sequences", "sequences dropped because the client went away",
+                                 registry=r)
         self.generation_tokens = Counter("memwise_generation_tokens", "tokens generated", registry=r)
         rss = Gauge("memwise_resident_memory_bytes", "resident memory of the server process", registry=r)
         process = psutil.Process()

@@ -19,7 +19,7 @@ class Event:
     """What a client receives: new text, and on the last event why the sequence ended."""
 
     text: str
-    finish_reason: str | None = None     # "stop", "length", or "abort" (server shutting down)
+    finish_reason: str | None = None     # "stop", "length", "abort" (server shutting down), "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -83,9 +83,10 @@ class Sequence:
         if ready:
             self.emit(Event(ready))
 
-    def end(self, reason: str) -> None:
-        """Finish from outside: "abort" when the server stops, "length" when the model's stream ran out."""
-        self._finish(reason, self._pending if reason != "abort" else "")
+    def end(self, reason: str, message: str = "") -> None:
+        """Finish from outside: "abort" when the server stops, "error" with why the model refused it,
+        "length" when the model's stream ran out."""
+        self._finish(reason, self._pending if reason == "length" else message)
 
     def _finish(self, reason: str, text: str) -> None:
         self.finish_reason = reason
