@@ -320,3 +320,45 @@ def test_sampling_with_a_seed_repeats(serve):
     a, b = (client.completions.create(model="tiny", prompt="x", max_tokens=10, temperature=0.8, top_p=0.9, seed=7)
             for _ in range(2))
     assert a.choices[0].text == b.choices[0].text
+
+
+def _cli(*args: str) -> list[str]:
+    import sys
+    return [sys.executable, "-c", "import sys; from memwise.cli import main; sys.exit(main())", "serve", *args]
+
+
+def test_cli_serves_and_stops_on_sigterm():
+    import os
+    import signal
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen(_cli("preset:tiny-mmfree", "--port", str(port), "--served-name", "tiny"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def healthy() -> bool:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            except httpx.TransportError:
+                return False
+        until(healthy, "the server answers", limit=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert client.completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_refuses_a_zero_batch():
+    import os
+    import subprocess
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    done = subprocess.run(_cli("preset:tiny-mmfree", "--max-batch", "0"), env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and "--max-batch must be >= 1" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
