@@ -173,6 +173,8 @@ def test_chat_without_template_is_a_400(serve):
     ({"model": "tiny", "prompt": [1, 99999]}, 400, "prompt"),
     ({"model": "tiny", "prompt": "x", "stop": ["a", ""]}, 400, "stop"),
     ({"model": "tiny"}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "seed": 2**64}, 400, "seed"),
+    ([1, 2], 400, None),
 ])
 def test_bad_requests_get_openai_errors(serve, body, status, param):
     running = serve()
@@ -362,3 +364,9 @@ def test_cli_refuses_a_zero_batch():
     done = subprocess.run(_cli("preset:tiny-mmfree", "--max-batch", "0"), env=env, capture_output=True, text=True)
     assert done.returncode == 1 and "--max-batch must be >= 1" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_without_tokenizer_is_refused_at_start(tmp_path):
+    write_hgrn_checkpoint(tmp_path / "bare", hgrn_config())
+    with pytest.raises(memwise.MemwiseError, match="no tokenizer.json"):
+        create_app(memwise.load(tmp_path / "bare"), ServeConfig("bare"))

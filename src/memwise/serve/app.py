@@ -44,6 +44,7 @@ class Server:
 
     def __init__(self, model: LanguageModel, config: ServeConfig):
         self.model, self.config = model, config
+        self.tokenizer = model.tokenizer     # a model without one cannot serve text: refused here, at start
         self.metrics = ServeMetrics(model.device)
         self.engine = Engine(model, config.max_batch, config.max_queue, self.metrics)
         self.context = model.spec.max_positions
@@ -71,7 +72,7 @@ class Server:
         else:
             text = req.prompt
         try:
-            ids = self.model.tokenizer.encode(text)
+            ids = self.tokenizer.encode(text)
         except MemwiseError as e:
             raise ApiError(400, str(e), "prompt") from None
         if not ids:
@@ -121,7 +122,7 @@ async def _generate(request: Request, chat: bool) -> Response:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     seq = Sequence(ids, req.sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                   decode_stream(server.model.tokenizer), server.model.spec.eos_token_ids)
+                   decode_stream(server.tokenizer), server.model.spec.eos_token_ids)
     server.engine.submit(seq)
     shape = _Shape(chat, req.model)
     if req.stream:

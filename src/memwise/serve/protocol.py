@@ -72,7 +72,7 @@ def parse_request(body: Any, chat: bool, default_max_tokens: int) -> CompletionR
     if top_p == 0.0:
         raise ApiError(400, "top_p must be > 0", "top_p")
     seed = body.get("seed")
-    seed = None if seed is None else _integer("seed", seed, low=0)
+    seed = None if seed is None else _integer("seed", seed, low=0, high=2**64 - 1)   # torch's seed range
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream")
@@ -82,9 +82,11 @@ def parse_request(body: Any, chat: bool, default_max_tokens: int) -> CompletionR
     return CompletionRequest(model, prompt, messages, sampling, stream, include_usage)
 
 
-def _integer(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ApiError(400, f"{name} must be an integer >= {low}, got {value!r}", name)
+def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low
+            or (high is not None and value > high)):
+        expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ApiError(400, f"{name} must be an integer {expected}, got {value!r}", name)
     return int(value)
 
 
