@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from memwise.kernels import greedy_tokens
 from memwise.language_model import LanguageModel
 from memwise.serve.sequence import Sequence
 
@@ -57,17 +58,18 @@ class RecurrentSlots:
         with torch.inference_mode():
             logits = self.module(last, cache, torch.ones_like(last, dtype=torch.bool), last_only=True)[:, -1].float()
         self.cache.state.index_copy_(1, slots, cache.state)
+        greedy = greedy_tokens(logits).tolist()      # one call for the batch: the common case
         for b, seq in enumerate(rows):
-            self._take(seq, logits[b:b + 1])
+            self._take(seq, logits[b:b + 1], greedy[b])
 
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
             self._free.append(self.slot_of.pop(id(seq)))
 
-    def _take(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _take(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
         if not seq.cancelled:
-            seq.accept(seq.sample(logits))
+            seq.accept(greedy if greedy is not None and seq.sampling.greedy else seq.sample(logits))
         if seq.done:     # a cancelled one is the engine's to remove (it counts it)
             self.remove(seq)
 
