@@ -2,6 +2,7 @@
 
 * memwise.kernels._ternary: the model-free kernel library (memwise/kernels/csrc).
 * memwise.kernels._int8: the library's int8-weight (W8A8) products, from the same folder.
+* memwise.kernels._fourbit: the 4-bit weight products (int4 W4A8, nf4), from the same folder.
 * memwise.models.hgrn_bit._step: the fused HGRN-Bit decode step, which compiles the library's
   headers into its own translation unit so that its per-instruction-set code inlines them.
 
@@ -52,6 +53,10 @@ setup(
         Extension("memwise.kernels._ternary", sources=[os.path.join(KERNELS_C, "ternary_module.c")],
                   include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
         Extension("memwise.kernels._int8", sources=[os.path.join(KERNELS_C, "int8_module.c")],
+                  include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
+        Extension("memwise.kernels._bf16", sources=[os.path.join(KERNELS_C, "bf16_module.c")],
+                  include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
+        Extension("memwise.kernels._fourbit", sources=[os.path.join(KERNELS_C, "fourbit_module.c")],
                   include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
         Extension("memwise.models.hgrn_bit._step", sources=[os.path.join(HGRN_C, "step_module.c")],
                   include_dirs=[KERNELS_C, HGRN_C],

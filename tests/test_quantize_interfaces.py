@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from memwise.bench.cell import CellSpec, run_cell
 from memwise.bench.sources import resolve
 
@@ -15,9 +17,10 @@ def memwise(*args, timeout=300):
                           timeout=timeout, env={**os.environ, "COLUMNS": "200"})
 
 
-def test_generate_with_int8():
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+def test_generate_with_a_scheme(scheme):
     run = memwise("generate", "preset:tiny-llama", "--prompt", "hi", "--max-new-tokens", "4", "--ignore-eos",
-                  "--quantize", "int8", "--threads", "1")
+                  "--quantize", scheme, "--threads", "1")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1].startswith("[4 tokens | TTFT")
 
@@ -25,7 +28,7 @@ def test_generate_with_int8():
 def test_generate_with_an_unknown_scheme_is_one_line():
     run = memwise("generate", "preset:tiny-gpt2", "--prompt", "hi", "--quantize", "int3")
     assert run.returncode == 1 and run.stderr.strip().count("\n") == 0
-    assert "unknown quantization scheme 'int3' (known: int8)" in run.stderr
+    assert "unknown quantization scheme 'int3' (known: int8, int4, nf4)" in run.stderr
     run = memwise("generate", "preset:tiny-mmfree", "--prompt", "hi", "--quantize", "int8")
     assert run.returncode == 1 and "already ternary" in run.stderr and "Traceback" not in run.stderr
 
@@ -35,20 +38,22 @@ def test_info_lists_bytes_per_parameter_and_schemes():
     assert run.returncode == 0, run.stderr
     text = " ".join(run.stdout.split())
     for expected in ("float32 (4 B/param)", "bfloat16 (2 B/param)", "quantize=int8", "540.69 MiB",
-                     "quantize=int4", "not yet implemented"):
+                     "quantize=int4", "431.01 MiB (0.625 B/weight", "quantize=nf4", "399.58 MiB (0.516 B/weight",
+                     "lm_head int8"):
         assert expected in text, expected
     text = " ".join(memwise("info", "preset:tiny-mmfree").stdout.split())
     assert "0.25 B/weight in ternary matrices" in text and "already ternary" in text
 
 
-def test_bench_engine_records_the_scheme():
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_bench_engine_records_the_scheme(scheme):
     source = resolve("preset:tiny-gpt2")
-    spec = CellSpec(model="tiny-gpt2", engine="memwise", quantize="int8", prompt_tokens=8, new_tokens=3, runs=1,
+    spec = CellSpec(model="tiny-gpt2", engine="memwise", quantize=scheme, prompt_tokens=8, new_tokens=3, runs=1,
                     warmup=0, threads=1, source=dict(name="tiny-gpt2", source="preset:tiny-gpt2", kind="preset",
                                                       weights="synthetic", config=source.config))
     record = run_cell(spec)
     assert record["status"] == "ok", record["reason"]
-    assert record["quantize"] == "int8"
+    assert record["quantize"] == scheme
     spec.quantize = None
     plain = run_cell(spec)
     assert plain["quantize"] is None and record["weights_bytes"] < plain["weights_bytes"]

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("source", metavar="SOURCE")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--quantize", metavar="SCHEME", help="store the decoder layers' weights in SCHEME (int8)")
+    gen.add_argument("--quantize", metavar="SCHEME", help="store the decoder layers' weights in SCHEME (int8, int4, nf4)")
     _add_load_flags(gen)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-new-tokens", type=int, default=0)
     gen.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT is generated (repeatable)")
+    gen.add_argument("--force", action="store_true",
+                     help="run even if the predicted peak memory exceeds the memory available now")
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="show a model's spec, parameter count and weight sizes (no weights are loaded)")
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (docs/serve.md)")
     serve.add_argument("source", metavar="SOURCE")
-    serve.add_argument("--quantize", metavar="SCHEME", help="store the decoder layers' weights in SCHEME (int8)")
+    serve.add_argument("--quantize", metavar="SCHEME", help="store the decoder layers' weights in SCHEME (int8, int4, nf4)")
     _add_load_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -71,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 
+    from memwise.quality.compare import add_parser as add_eval_quant_parser
+    evalq = add_eval_quant_parser(sub)
+
     from memwise.bench.cli import add_parser as add_bench_parser
     add_bench_parser(sub)
-    for p in (parser, gen, info, conv, serve):
+    from memwise.estimate.cli import add_parser as add_estimate_parser
+    add_estimate_parser(sub)
+    for p in (parser, gen, info, conv, evalq, serve):
         one_line_errors(p)
     return parser
 
@@ -98,9 +105,18 @@ def _threads(text: str) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
-    import memwise
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.force:
+        from memwise.estimate.gate import memory_checks_off
+        with memory_checks_off():
+            return _generate(args)
+    _gate_generate(args)
+    return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import memwise
     model = memwise.load(args.source, dtype=args.dtype, device=args.device, revision=args.revision,
                          quantize=args.quantize)
     ids, mask = model.encode_batch([args.prompt])
@@ -137,6 +153,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from memwise.serve.cli import cmd_serve as serve
     return serve(args)
+
+
+def _gate_generate(args: argparse.Namespace) -> None:
+    """Refuse a generation predicted not to fit, before loading. The prompt is not tokenized yet: its
+    UTF-8 bytes (plus a BOS) bound its token count for byte and BPE tokenizers alike."""
+    from memwise.bench.memory import current_rss_bytes
+    from memwise.estimate import estimate_inference
+    from memwise.estimate.gate import check_predicted_peak, gate_disabled
+    if gate_disabled():
+        return
+    prediction = estimate_inference(args.source, prompt_tokens=len(args.prompt.encode()) + 1,
+                                    new_tokens=max(args.max_new_tokens, 1), dtype=args.dtype,
+                                    quantize=args.quantize, device=args.device)
+    check_predicted_peak(f"generating {args.max_new_tokens} tokens with {args.source}", prediction, args.device,
+                         resident_now=current_rss_bytes())
 
 
 def cmd_info(args: argparse.Namespace) -> int:

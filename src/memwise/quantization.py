@@ -3,7 +3,9 @@
 
 A scheme applies to the conventional decoder family; MatMul-free (hgrn_bit) checkpoints are already
 ternary. The model code of each scheme lives with its family (memwise/models/decoder/quantized.py),
-its format and products in memwise/kernels (int8: memwise/kernels/int8.py).
+its format and products in memwise/kernels (int8.py, int4.py, nf4.py). Under every scheme the
+lm_head is int8 (llama.cpp keeps its output tensor at higher precision for the same reason: 4-bit
+rounding there moves the logits directly).
 """
 from __future__ import annotations
 
@@ -15,17 +17,19 @@ from memwise.errors import MemwiseError
 @dataclass(frozen=True)
 class Scheme:
     name: str
-    bytes_per_weight: float     # of the quantized matrices, before per-row scales
+    bytes_per_weight: float     # of the layers' quantized matrices with their group constants, before per-row ones
     implemented: bool
     summary: str
 
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("int8", 1.0, True, "int8 per output row (symmetric), int8 activations per token"),
-    Scheme("int4", 0.5, False, "4-bit blocks (not yet implemented)"),
+    Scheme("int4", 0.625, True, "4-bit codes in groups of 64 (asymmetric min/max, float32 scale and zero), "
+           "int8 activations per token (W4A8)"),
+    Scheme("nf4", 0.516, True, "bitsandbytes NF4, blocks of 64, double-quantized absmax; float activations"),
 )}
 # Storage sizes per weight that `memwise info` lists beside the schemes.
-BYTES_PER_PARAMETER = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5,
+BYTES_PER_PARAMETER = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.625, "nf4": 0.516,
                        "ternary (packed 2-bit)": 0.25}
 
 

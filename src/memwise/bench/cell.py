@@ -36,7 +36,7 @@ RECORD_FIELDS = (
     "model", "engine", "weights", "dtype", "quantize", "device", "batch_size", "prompt_tokens", "new_tokens",
     "status", "reason", "load_s",
     *[f"{m}{suffix}" for m in TIMED_METRICS for suffix in ("", "_min", "_max", "_samples")],
-    "peak_rss_bytes", "load_peak_rss_bytes", "rss_after_load_bytes", "weights_bytes",
+    "peak_rss_bytes", "predicted_peak_bytes", "load_peak_rss_bytes", "rss_after_load_bytes", "weights_bytes",
     "cuda_max_allocated_bytes", "decode_ceiling_tok_s", "decode_bytes_per_token",
     # beside the required fields: where the numbers come from
     "source", "model_type", "runs", "warmup", "threads", "import_s", "prompt_ids", "prompt_tokens_samples",
@@ -82,6 +82,7 @@ class CellSpec:
     repetition_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
     estimated_bytes: int | None = None
+    predicted_peak_bytes: int | None = None   # memwise.estimate's prediction of peak_bytes(record)
     busy_cores: int = 0                 # processes that keep cores busy beside each timed run (bench/busy.py)
     engine_file: str | None = None      # what the engine prepared in the parent (llama.cpp: the GGUF file)
 
@@ -102,6 +103,7 @@ def blank_record(spec: CellSpec) -> dict[str, Any]:
         new_tokens=spec.new_tokens, status="error", reason=None, source=spec.source.get("source"),
         model_type=(spec.source.get("config") or {}).get("model_type"), runs=spec.runs, warmup=spec.warmup,
         threads=spec.threads, estimated_bytes=spec.estimated_bytes,
+        predicted_peak_bytes=spec.predicted_peak_bytes,
         prompt_ids=spec.prompt_ids_note or "synthetic (seeded uniform ids)",
     )
     return record

@@ -75,7 +75,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-# GGUF types a llama.cpp cell's --dtype may name besides the torch dtypes (memwise.bench.gguf_export)
+# GGUF types a llama.cpp cell's --dtype may name besides the torch dtypes (memwise.bench.gguf_format)
 GGUF_DTYPES = ("q8_0", "q4_0", "tq2_0", "tq1_0")
 
 
@@ -90,8 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--dtype", action="append", choices=tuple(DTYPES) + GGUF_DTYPES,
                       help="float32, float16, bfloat16; llama.cpp cells also take a GGUF type: q8_0, q4_0, "
                            "tq2_0, tq1_0 (float32 / float16 are F32 / F16 there)")
-    what.add_argument("--quantize", choices=("int8",), metavar="SCHEME",
-                      help="memwise engine: store the decoder layers' weights in SCHEME (int8); other engines as given")
+    what.add_argument("--quantize", choices=("int8", "int4", "nf4"), metavar="SCHEME",
+                      help="memwise engine: store the decoder layers' weights in SCHEME (int8, int4, nf4); "
+                           "other engines as given")
     what.add_argument("--batch-size", action="append", type=_positive, metavar="N")
     what.add_argument("--prompt-tokens", action="append", type=_positive, metavar="N")
     what.add_argument("--new-tokens", action="append", type=_positive, metavar="N")
@@ -111,6 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--busy-cores", type=_non_negative, default=0, metavar="N",
                      help="also time every run beside N busy-loop processes (unpinned), back to back with "
                           "the usual run; the report adds their speeds and the ratio busy/idle")
+    how.add_argument("--force", action="store_true",
+                     help="run cells predicted to exceed the memory available (without it the run is refused)")
     how.add_argument("--timeout", type=_seconds, metavar="SECONDS", help="give up on a cell after this long")
     how.add_argument("--out", type=Path, metavar="DIR",
                      help="write results.json, results.csv, results.md, plots and cell logs here")
@@ -163,6 +166,7 @@ def measure_command(args: argparse.Namespace) -> int:
                                      "repetition_penalty": matrix.repetition_penalty,
                                      "no_repeat_ngram_size": matrix.no_repeat_ngram_size, "eos": "ignored"}
     options = RunOptions(threads=args.threads, device=args.device, quantize=args.quantize, timeout_s=args.timeout,
+                         over_memory="force" if args.force else "refuse",
                          log_dir=args.out / "logs" if args.out is not None else None, busy_cores=args.busy_cores)
     # Bandwidth is measured before and after the cells, never during one; other load on the machine
     # can only lower a reading, so the larger one is the better estimate of what the memory can do.

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from memwise.bench.gguf_export import TERNARY_TYPES, _metadata, _tensor_bytes, encode, gguf_type
+from memwise.bench.gguf_format import TERNARY_TYPES, write_metadata, tensor_bytes, encode, gguf_type
 from memwise.errors import UnsupportedError
 
 ARCH = "bitnet"
@@ -77,9 +77,9 @@ def write_bitnet_gguf(path: Path, model: Any, dtype: str, name: str) -> None:
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     writer = GGUFWriter(partial, ARCH)
     try:
-        _metadata(writer, spec, wanted, name)
+        write_metadata(writer, spec, wanted, name)
         for tensor_name, shape, ggml_type, _ in planned:
-            writer.add_tensor_info(tensor_name, shape, np.dtype(np.float32), _tensor_bytes(shape, ggml_type),
+            writer.add_tensor_info(tensor_name, shape, np.dtype(np.float32), tensor_bytes(shape, ggml_type),
                                    raw_dtype=GGMLQuantizationType[ggml_type])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

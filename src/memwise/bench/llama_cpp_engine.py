@@ -70,7 +70,7 @@ class LlamaCppEngine:
 
     def cell_reason(self, spec: Any) -> str | None:
         """Why a cell of this engine is skipped beyond the model: shapes and settings it does not run."""
-        from memwise.bench.gguf_export import GGUF_TYPES
+        from memwise.bench.gguf_format import GGUF_TYPES
 
         if spec.batch_size != 1:
             return "the llama.cpp engine runs batch 1 only (one sequence per run)"
@@ -101,7 +101,7 @@ class LlamaCppEngine:
 
         import llama_cpp
 
-        from memwise.bench.gguf_export import gguf_type
+        from memwise.bench.gguf_format import gguf_type
 
         # llama-cpp-python prints every llama.cpp message by default; its debug ones (a line per graph
         # input at context creation) bury the load summary in the cell's log.

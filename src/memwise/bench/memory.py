@@ -175,7 +175,7 @@ def estimate_cell_bytes(arch: Architecture, engine: str, dtype: str, batch_size:
 
     Deliberately a little generous: it only decides whether a cell is run at all.
     """
-    from memwise.bench.gguf_export import GGUF_TYPES
+    from memwise.bench.gguf_format import GGUF_TYPES
     from memwise.dtypes import DTYPES, parse_dtype
 
     if engine == "llama.cpp" and dtype.lower() in GGUF_TYPES:

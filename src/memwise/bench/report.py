@@ -27,7 +27,8 @@ COLUMNS: list[tuple[str, str]] = [
     ("Batch", "batch_size"), ("Prompt", "prompt_tokens"), ("New", "new_tokens"), ("Load s", "load_s"),
     ("TTFT s", "ttft_s"), ("Prefill tok/s", "prefill_tok_s"), ("TPOT ms", "tpot_s"),
     ("Decode tok/s", "decode_tok_s"), ("Ceiling tok/s", "decode_ceiling_tok_s"), ("E2E s", "e2e_s"),
-    ("Peak MiB", "peak"), ("Load peak MiB", "load_peak_rss_bytes"), ("Weights MiB", "weights_bytes"),
+    ("Peak MiB", "peak"), ("Predicted MiB", "predicted_peak_bytes"), ("Predicted error", "prediction_error"),
+    ("Load peak MiB", "load_peak_rss_bytes"), ("Weights MiB", "weights_bytes"),
     ("Status", "status"),
 ]
 # With --busy-cores: speeds beside busy processes and their ratio to the usual run's (cell.py).
@@ -46,6 +47,8 @@ def _cell_text(record: dict[str, Any], key: str) -> str:
         value: Any = peak_bytes(record)
     elif key == "dtype":
         value = record.get("weights_format") or record.get("dtype")     # a GGUF type says more than float32
+    elif key == "prediction_error":
+        return prediction_error_text(record)
     else:
         value = record.get(key)
     if value is None:
@@ -54,7 +57,7 @@ def _cell_text(record: dict[str, Any], key: str) -> str:
         return "synthetic*" if value == "synthetic" else str(value)
     if key == "status":
         return "ok" if value == "ok" else f"{value} [{record.get('_note', '')}]"
-    if key in ("peak", "load_peak_rss_bytes", "weights_bytes", "cuda_max_allocated_bytes"):
+    if key in ("peak", "predicted_peak_bytes", "load_peak_rss_bytes", "weights_bytes", "cuda_max_allocated_bytes"):
         return f"{value / 2**20:,.0f}"
     if key.endswith("_ratio"):
         return f"{value:.2f}"
@@ -65,6 +68,19 @@ def _cell_text(record: dict[str, Any], key: str) -> str:
     if key.endswith("_s"):
         return f"{value:.2f}" if value < 100 else f"{value:.0f}"
     return str(value)
+
+
+def prediction_error(record: dict[str, Any]) -> float | None:
+    """predicted / measured peak - 1 (memwise.estimate against the cell), or None without both."""
+    measured, predicted = peak_bytes(record), record.get("predicted_peak_bytes")
+    if not measured or predicted is None or record.get("status") != "ok":
+        return None
+    return predicted / measured - 1
+
+
+def prediction_error_text(record: dict[str, Any]) -> str:
+    error = prediction_error(record)
+    return "-" if error is None else f"{error * 100:+.1f}%"
 
 
 def _annotate(records: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
@@ -88,6 +104,9 @@ def _columns(records: list[dict[str, Any]], published: dict[str, Any] | None) ->
         values = {json.dumps(r.get(key)) for r in records}
         if key == "quantize" and values <= {"null"}:
             continue    # no cell quantized: nothing to say
+        if key in ("predicted_peak_bytes", "prediction_error") and \
+                all(r.get("predicted_peak_bytes") is None for r in records):
+            continue    # results written before predictions, or models without formulas
         if key in FOLDABLE and len(values) == 1 and records:
             fixed.append(f"{header.lower()} {records[0].get(key)}")
             continue

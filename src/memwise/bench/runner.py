@@ -2,8 +2,10 @@
 
 Before a cell starts, the parent answers three questions without loading anything: can the engine run
 this model at all (engines.can_run), do prompt + new tokens fit the model's learned positions, and
-does the estimated peak (memory.estimate_cell_bytes) fit the memory available now. A "no" becomes a
-skipped record with the reason. A cell that fails or dies becomes an error record; the run goes on.
+does the predicted peak (memwise.estimate; memory.estimate_cell_bytes for models it has no formulas
+for) fit the memory available now. A "no" becomes a skipped record with the reason; the CLI instead
+refuses the whole run before the first cell unless --force (RunOptions.over_memory). A cell that
+fails or dies becomes an error record; the run goes on. Every record carries predicted_peak_bytes.
 
 Each cell is started by a small launcher process (launcher.py says why) that samples the cell's
 resident set while it runs and reads its ru_maxrss with wait4 when it exits. The cell resets its own
@@ -42,6 +44,9 @@ class RunOptions:
     seed: int = 0
     busy_cores: int = 0                 # busy processes beside each timed run (bench/busy.py)
     quantize: str | None = None         # weight scheme of the memwise engines' cells
+    # A cell predicted not to fit the memory available: "skip" it (a skipped record), "refuse" the
+    # whole run before any cell starts (the CLI), or "force" it to run anyway (the CLI's --force).
+    over_memory: str = "skip"
 
 
 def resolve_sources(models: list[str]) -> dict[str, Source]:
@@ -76,7 +81,8 @@ def prompt_ids(source: Source, prompts: list[str], vocab_size: int, seed: int) -
     return ids, "random ids of each prompt's approximate length (no tokenizer for synthetic weights)"
 
 
-def skip_reason(source: Source, engine: str, spec: CellSpec, arch: memory.Architecture) -> str | None:
+def skip_reason(source: Source, engine: str, spec: CellSpec, arch: memory.Architecture,
+                force: bool = False) -> str | None:
     """Why this cell should not be started, or None."""
     runner = engine_named(engine)
     if spec.dtype not in DTYPES and not hasattr(runner, "prepare"):
@@ -93,10 +99,43 @@ def skip_reason(source: Source, engine: str, spec: CellSpec, arch: memory.Archit
     if arch.max_positions and longest > arch.max_positions:
         return (f"prompt + new tokens ({longest}) exceed the model's {arch.max_positions} learned positions")
     available = memory.available_memory_bytes()
-    if spec.estimated_bytes is not None and spec.estimated_bytes > available:
-        return (f"estimated peak {spec.estimated_bytes / 2**30:.1f} GiB exceeds the "
+    needed = spec.predicted_peak_bytes or spec.estimated_bytes
+    if not force and needed is not None and needed > available:
+        return (f"estimated peak {needed / 2**30:.1f} GiB exceeds the "
                 f"{available / 2**30:.1f} GiB of memory available")
     return None
+
+
+def predicted_peak(source: Source, engine: str, dtype: str, quantize: str | None, batch: int, prompt: int,
+                   new: int, device: str) -> int | None:
+    """memwise.estimate's predicted peak of a cell (computed here, in the parent: nothing is loaded),
+    or None for a model or engine it has no formulas for."""
+    from memwise.estimate import estimate_inference
+    from memwise.source import ModelSource, family_and_spec
+
+    try:
+        family, spec = family_and_spec(source.config or {}, source.source)
+        directory = Path(source.source) if source.kind == "local" else None
+        model = ModelSource(source.config or {}, source.source, family, spec, directory)
+        return estimate_inference(model, batch_size=batch, prompt_tokens=max(prompt, 1), new_tokens=max(new, 1),
+                                  dtype=dtype, quantize=quantize, engine=engine,
+                                  device=device).predicted_peak_bytes
+    except MemwiseError:
+        return None
+
+
+def refuse_over_memory(planned: list[tuple[CellSpec, Source, memory.Architecture]]) -> None:
+    """The memory gate of a whole run: one line naming the first runnable cell predicted not to fit."""
+    from memwise.estimate.breakdown import Estimate
+    from memwise.estimate.gate import check_predicted_peak
+
+    for spec, source, arch in planned:
+        if spec.predicted_peak_bytes is None or engine_named(spec.engine).can_run(source, spec.device):
+            continue
+        what = (f"bench cell {spec.model} · {spec.engine} · {spec.dtype} · batch {spec.batch_size} · "
+                f"{spec.prompt_tokens}+{spec.new_tokens} tokens")
+        device = "cuda" if spec.device.startswith("cuda") else "cpu"
+        check_predicted_peak(what, Estimate("inference", {}, {"predicted": spec.predicted_peak_bytes}), device)
 
 
 def plan_cells(matrix: Matrix, sources: dict[str, Source],
@@ -126,6 +165,7 @@ def plan_cells(matrix: Matrix, sources: dict[str, Source],
             no_repeat_ngram_size=matrix.no_repeat_ngram_size,
             estimated_bytes=memory.estimate_cell_bytes(arch, engine, dtype, batch, prompt, new, weights),
             busy_cores=options.busy_cores,
+            predicted_peak_bytes=predicted_peak(source, engine, dtype, quantize, batch, prompt, new, options.device),
         )
         planned.append((spec, source, arch))
     return planned
@@ -222,11 +262,13 @@ def run_matrix(matrix: Matrix, options: RunOptions,
     """Every cell of the matrix, run or skipped, in order. Callbacks drive the progress display."""
     sources = resolve_sources(list(dict.fromkeys(matrix.models)))
     planned = plan_cells(matrix, sources, options)
+    if options.over_memory == "refuse":
+        refuse_over_memory(planned)
     records = []
     for i, (spec, source, arch) in enumerate(planned):
         if on_start:
             on_start(i, len(planned), spec)
-        reason = skip_reason(source, spec.engine, spec, arch)
+        reason = skip_reason(source, spec.engine, spec, arch, force=options.over_memory == "force")
         problem = None if reason else _prepare(spec, source)
         if reason or problem:
             record = blank_record(spec)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memwise import kernels
+from memwise.kernels import bf16
 from memwise.kernels.packed import TernaryMatrix, rmsnorm
 from memwise.models.decoder.modules import (Attention, DecoderCache, attention_mask_for, rotary_angles,
                                             rotary_inv_freq)
@@ -155,6 +156,8 @@ class BitNetForCausalLM(nn.Module):
         head = self.embeddings if self.lm_head is None else self.lm_head
         if head.dtype == torch.float32:
             return F.linear(x, head)
+        if head.dtype == torch.bfloat16 and x.device.type == "cpu" and x[..., 0].numel() <= bf16.MAX_ROWS:
+            return bf16.bf16_linear(x.contiguous(), head)     # a decode step: the head read once, at 2 bytes
         out = torch.empty((*x.shape[:-1], head.shape[0]), dtype=torch.float32, device=x.device)
         step = max(1, LOGITS_CHUNK_ELEMENTS // head.shape[1])
         for r in range(0, head.shape[0], step):

@@ -13,19 +13,19 @@ from memwise.dtypes import parse_dtype
 from memwise.errors import CheckpointError
 from memwise.models.decoder.layout import TensorSource, checkpoint_plan
 from memwise.models.decoder.modules import Decoder
-from memwise.models.decoder.quantized import fill_tied_head, int8_linears, quantize_layers
+from memwise.models.decoder.quantized import fill_tied_head, quantize_layers, quantized_linears
 from memwise.spec import ModelSpec
 
 
 def _build(spec: ModelSpec, dtype: str | torch.dtype, device: str | torch.device,
            quantize: str | None = None) -> Decoder:
     """The model with uninitialized weights in `dtype` on `device`, never allocated twice; with
-    quantize="int8" its layers' linears are int8 (quantized.py) and never exist in float."""
+    quantize=SCHEME its layers' linears are quantized (quantized.py) and never exist in float."""
     with torch.device("meta"):
         model = Decoder(spec)
     model = model.to(parse_dtype(dtype))
     if quantize is not None:
-        quantize_layers(model)
+        quantize_layers(model, quantize)
     model = model.to_empty(device=torch.device(device))
     model.tie_weights()     # to_empty gives each module its own new tensor, breaking the tie
     model.init_rotary()
@@ -39,7 +39,7 @@ def load(spec: ModelSpec, reader: CheckpointReader, dtype: str | torch.dtype = "
     _check_plan(plan, reader, spec)
     model = _build(spec, dtype, device, quantize)
     parameters = dict(model.named_parameters())
-    quantized = int8_linears(model)
+    quantized = quantized_linears(model)
     sizes = {name: p.numel() for name, p in parameters.items()}
     sizes.update({name: m.out_features * m.in_features for name, m in quantized.items()})
     filled: dict[str, int] = {}
@@ -95,7 +95,7 @@ def synthetic(spec: ModelSpec, dtype: str | torch.dtype = "float32", device: str
     a quantized model holds the same matrices, quantized."""
     model = _build(dataclasses.replace(spec, synthetic=True), dtype, device, quantize)
     parameters = dict(model.named_parameters())
-    quantized = int8_linears(model)
+    quantized = quantized_linears(model)
     with torch.no_grad():
         for name, tensor in synthetic_tensors(spec, seed):
             if name in quantized:

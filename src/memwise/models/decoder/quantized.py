@@ -1,28 +1,35 @@
-"""The Decoder with int8 linears (scheme "int8", issue 19): which layers are quantized, the module
-that holds them, and the bytes the quantized model holds.
+"""The Decoder with quantized linears (schemes "int8", "int4", "nf4"; issue 19): which layers are
+quantized, the modules that hold them, and the bytes the quantized model holds.
 
-Quantized: every Linear of the decoder layers (attn.qkv, attn.out, mlp.up, mlp.down) and the
-lm_head (kept at 8 bits like llama.cpp's output tensor), each in the format of memwise.kernels.int8
-(int8 [N, K padded to 64], a float32 scale and an int32 row sum per output row; biases stay
-float32). Kept at the model's dtype for now: the embeddings, the position table, norms and
+Quantized: every Linear of the decoder layers (attn.qkv, attn.out, mlp.up, mlp.down) in the
+scheme's format (memwise.kernels.int8, .int4 or .nf4; Int8Linear, Int4Linear, Nf4Linear), and the
+lm_head, which is int8 under every scheme (HEAD_SCHEME): like llama.cpp's output tensor, the last
+projection is kept at 8 bits because 4-bit rounding there moves every logit directly, and at int8
+it is a small share of a decode step's bytes for models of a few hundred million parameters and up.
+Biases stay float32. Kept at the model's dtype for now: the embeddings, the position table, norms and
 project_in/out. Where the checkpoint ties the lm_head to the input embedding (gpt2, opt, llama3),
 the lookup keeps the float table and the lm_head is an int8 copy of it: the model holds 1 more byte
 per embedding weight, and a decode step reads that byte instead of the float table.
 
 Weights are quantized while the checkpoint streams, one tensor (or row slice of a fused matrix) at
-a time: per-row scales make a row slice quantize the same alone as inside the whole matrix.
+a time: int8's per-row and int4's per-row-group constants make a row slice quantize the same alone
+as inside the whole matrix. nf4 cannot (its double quantization subtracts the mean absmax of the
+whole matrix), so an Nf4Linear gathers a fused matrix's slices in float32 and quantizes it once the
+last slice arrives: one float matrix at a time, the largest layer matrix, never the model.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from memwise.kernels import int4, nf4
 from memwise.kernels.int8 import Int8Matrix, int8_linear, padded_cols, quantize_weight
 from memwise.models.decoder.layout import checkpoint_plan
 from memwise.spec import ModelSpec, per_layer_linear
 
 QUANTIZED = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")     # in each layer; and the lm_head
 ROW_CHUNK = 4096    # rows quantized at a time: float temporaries stay small for a 50k-row lm_head
+HEAD_SCHEME = "int8"
 
 
 class Int8Linear(nn.Module):
@@ -54,14 +61,84 @@ class Int8Linear(nn.Module):
         return int8_linear(x, self.matrix(), self.bias).to(x.dtype)
 
 
-def quantize_layers(model: nn.Module) -> None:
-    """Swap the decoder layers' nn.Linear and the lm_head for empty Int8Linear (call on a meta model,
-    before to_empty, so that float copies of these matrices are never allocated)."""
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W in 4-bit groups (memwise.kernels.int4) and x quantized per token to int8."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        kp = int4.padded_cols(in_features)
+        self.register_buffer("codes", torch.empty((out_features, kp // 2), dtype=torch.uint8))
+        self.register_buffer("params", torch.empty((out_features, kp // int4.GROUP, 2), dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=torch.float32)) if bias else None
+
+    def matrix(self) -> int4.Int4Matrix:
+        return int4.Int4Matrix(self.codes, self.params, self.out_features, self.in_features)
+
+    def fill_rows(self, start: int, w: torch.Tensor) -> None:
+        for at in range(0, w.shape[0], ROW_CHUNK):
+            codes, params = int4.quantize_weight(w[at:at + ROW_CHUNK])
+            first, end = start + at, start + at + codes.shape[0]
+            self.codes[first:end] = int4.pack_codes(codes)
+            self.params[first:end] = params
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4.int4_linear(x, self.matrix(), self.bias).to(x.dtype)
+
+
+class Nf4Linear(nn.Module):
+    """y = x W^T + b with W in bitsandbytes' NF4 (memwise.kernels.nf4), x in float32."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        blocks = out_features * nf4.padded_cols(in_features) // nf4.BLOCK
+        self.register_buffer("codes", torch.empty((out_features, nf4.padded_cols(in_features) // 2), dtype=torch.uint8))
+        self.register_buffer("qabs", torch.empty(blocks, dtype=torch.uint8))
+        self.register_buffer("absmax2", torch.empty(-(-blocks // nf4.BLOCK2), dtype=torch.float32))
+        self.register_buffer("offset", torch.empty(1, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=torch.float32)) if bias else None
+        self._staged: torch.Tensor | None = None   # float rows of a fused matrix until the last arrives
+        self._filled = 0
+
+    def matrix(self) -> nf4.Nf4Matrix:
+        return nf4.Nf4Matrix(self.codes, self.qabs, self.absmax2, self.offset, self.out_features, self.in_features)
+
+    def fill_rows(self, start: int, w: torch.Tensor) -> None:
+        if start == 0 and w.shape[0] == self.out_features:
+            self._quantize(w)
+            return
+        if self._staged is None:
+            self._staged = torch.empty((self.out_features, self.in_features), dtype=torch.float32)
+        self._staged[start:start + w.shape[0]] = w
+        self._filled += w.shape[0]
+        if self._filled >= self.out_features:
+            staged, self._staged, self._filled = self._staged, None, 0
+            self._quantize(staged)
+
+    def _quantize(self, w: torch.Tensor) -> None:
+        codes, qabs, absmax2, offset = nf4.quantize_weight(w)
+        self.codes.copy_(codes)
+        self.qabs.copy_(qabs)
+        self.absmax2.copy_(absmax2)
+        self.offset.copy_(offset.reshape(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4.nf4_linear(x, self.matrix(), self.bias).to(x.dtype)
+
+
+LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "nf4": Nf4Linear}
+QuantizedLinear = Int8Linear | Int4Linear | Nf4Linear
+
+
+def quantize_layers(model: nn.Module, scheme: str) -> None:
+    """Swap the decoder layers' nn.Linear for empty `scheme` linears and the lm_head for an empty
+    Int8Linear (call on a meta model, before to_empty, so that float copies are never allocated)."""
     owners = [(getattr(block, path.split(".")[0]), path.split(".")[1]) for block in model.layers for path in QUANTIZED]
-    for owner, attr in owners + [(model, "lm_head")]:
+    for (owner, attr), kind in [(o, scheme) for o in owners] + [((model, "lm_head"), HEAD_SCHEME)]:
         linear = getattr(owner, attr)
         with torch.device(linear.weight.device):
-            setattr(owner, attr, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None))
+            setattr(owner, attr, LINEARS[kind](linear.in_features, linear.out_features, linear.bias is not None))
 
 
 def fill_tied_head(model: nn.Module) -> None:
@@ -70,9 +147,12 @@ def fill_tied_head(model: nn.Module) -> None:
         model.lm_head.fill_rows(0, model.embed.weight)
 
 
-def int8_linears(model: nn.Module) -> dict[str, Int8Linear]:
-    """"layers.i.attn.qkv.weight" (the checkpoint plan's parameter names) -> its Int8Linear."""
-    return {f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, Int8Linear)}
+def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """"layers.i.attn.qkv.weight" (the checkpoint plan's parameter names) -> its quantized linear."""
+    return {f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, tuple(LINEARS.values()))}
+
+
+int8_linears = quantized_linears    # the int8 branch's name, for code that still calls it
 
 
 def _quantized_part(parameter: str) -> str | None:
@@ -85,26 +165,43 @@ def _quantized_part(parameter: str) -> str | None:
     return None
 
 
-def int8_weights_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
-    """Bytes the int8 model holds (what weights_bytes() returns): per quantized matrix N * Kp + 8 N,
-    its bias in float32, everything else at `dtype`."""
+def matrix_bytes(scheme: str, n: int, k: int) -> int:
+    """Bytes one quantized [n, k] matrix holds in `scheme` (its bias not included)."""
+    if scheme == "int8":
+        return n * padded_cols(k) + 8 * n
+    if scheme == "int4":
+        return n * int4.padded_cols(k) // 2 + 8 * n * (int4.padded_cols(k) // int4.GROUP)
+    blocks = n * nf4.padded_cols(k) // nf4.BLOCK
+    return n * nf4.padded_cols(k) // 2 + blocks + 4 * -(-blocks // nf4.BLOCK2) + 4
+
+
+def scheme_weights_bytes(spec: ModelSpec, scheme: str, dtype: torch.dtype) -> int:
+    """Bytes the model loaded with quantize=scheme holds (what weights_bytes() returns): the layers'
+    matrices in `scheme`, the lm_head in int8, biases in float32, everything else at `dtype`."""
     def count(s: ModelSpec) -> int:
-        total = 0
+        total, shapes = 0, {}
         for source in checkpoint_plan(s):
             part = _quantized_part(source.parameter)
-            if part == "weight":
+            if part == "weight":   # a fused matrix's row slices add up to one matrix (nf4's constants are per matrix)
                 n, k = (source.shape[1], source.shape[0]) if source.transpose else source.shape
-                total += n * padded_cols(k) + 8 * n
+                rows = shapes.get(source.parameter, (0, k))[0]
+                shapes[source.parameter] = (rows + n, k)
             else:
                 total += source.loaded_numel() * (4 if part == "bias" else dtype.itemsize)
+        for parameter, (n, k) in shapes.items():
+            total += matrix_bytes(HEAD_SCHEME if parameter.startswith("lm_head") else scheme, n, k)
         if s.tie_word_embeddings:   # the int8 copy of the tied embedding
-            total += s.vocab_size * padded_cols(s.embed_dim) + 8 * s.vocab_size
+            total += matrix_bytes(HEAD_SCHEME, s.vocab_size, s.embed_dim)
         return total
     return per_layer_linear(count, spec)
 
 
+def int8_weights_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+    return scheme_weights_bytes(spec, "int8", dtype)
+
+
 def quantized_weights_bytes(spec: ModelSpec, scheme: str, dtype: torch.dtype) -> int:
     """Bytes the model loaded with quantize=scheme holds (the family's size for the memory check and info)."""
-    if scheme != "int8":
+    if scheme not in LINEARS:
         raise ValueError(f"no {scheme!r} layout in the decoder family")
-    return int8_weights_bytes(spec, dtype)
+    return scheme_weights_bytes(spec, scheme, dtype)

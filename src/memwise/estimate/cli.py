@@ -1,0 +1,188 @@
+"""`memwise estimate MODEL`: the predicted peak memory of a run and its breakdown, as a table or JSON,
+and with --budget the inference configurations that fit in a given amount of memory.
+
+memwise/cli.py calls add_parser(subparsers). No weights are loaded: MODEL is resolved to its config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from typing import Any
+
+from memwise.cli_support import one_line_errors
+from memwise.errors import UnsupportedError, shown
+from memwise.estimate import FINETUNE_MISSING, Estimate, EstimateError, estimate_inference
+
+UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+         "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+BUDGET_BATCHES = (1, 2, 4, 8, 16, 32)
+FINETUNE_FLAGS = ("method", "optimizer", "batch_size", "seq_len", "lora_rank", "gradient_checkpointing",
+                  "devices", "strategy")
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '1.5 GB', '512M', '1e9' -> bytes (K, M, G, T alone are binary, like free -h)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not match or match.group(2) not in UNITS:
+        raise EstimateError(f"--budget {shown(text)}: not an amount of memory (examples: 2GiB, 1.5GB, 512MiB)")
+    value = float(match.group(1)) * UNITS[match.group(2)]
+    if value < 1:
+        raise EstimateError(f"--budget {shown(text)}: should be at least one byte")
+    return int(value)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "estimate", help="predict a run's peak memory and its breakdown (no weights are loaded)",
+        description="Predict the peak memory of inference or fine-tuning on MODEL (a model directory, a hub id "
+                    "or preset:NAME) by component. --budget lists the inference configurations that fit.")
+    parser.add_argument("source", metavar="MODEL")
+    parser.add_argument("--task", choices=("inference", "finetune"), default="inference")
+    parser.add_argument("--batch-size", type=_positive, default=1, metavar="B")
+    parser.add_argument("--prompt-tokens", type=_positive, default=128, metavar="P")
+    parser.add_argument("--new-tokens", type=_positive, default=128, metavar="N")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--quantize", metavar="SCHEME", help="memwise engine: weights in SCHEME (int8)")
+    parser.add_argument("--engine", default="memwise",
+                        help="memwise (default), transformers, or memwise-reference (hgrn_bit, plain PyTorch path)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (no interpreter baseline)")
+    parser.add_argument("--budget", metavar="BYTES", help="list the inference configurations that fit, fastest first")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    tune = parser.add_argument_group("fine-tuning (--task finetune)")
+    tune.add_argument("--method", choices=("full", "lora", "qlora"), default="full")
+    tune.add_argument("--optimizer", choices=("adamw", "sgd", "adamw8bit"), default="adamw")
+    tune.add_argument("--seq-len", type=_positive, default=512, metavar="S")
+    tune.add_argument("--lora-rank", type=_positive, default=8, metavar="R")
+    tune.add_argument("--gradient-checkpointing", action="store_true")
+    tune.add_argument("--devices", type=_positive, default=1, metavar="N")
+    tune.add_argument("--strategy", choices=("dp", "zero1", "zero2", "zero3", "tp", "pp"), default="dp")
+    parser.set_defaults(func=estimate_command)
+    one_line_errors(parser)
+    return parser
+
+
+def estimate_command(args: argparse.Namespace) -> int:
+    from memwise.source import resolve_model
+
+    if args.budget is not None:
+        if args.task != "inference":
+            raise EstimateError("--budget lists inference configurations; it does not combine with --task finetune")
+        budget = parse_bytes(args.budget)
+        rows = fitting_configurations(resolve_model(args.source), budget, args)
+        _print_budget(rows, budget, args)
+        return 0
+    if args.task == "finetune":
+        result = _finetune(args)
+    else:
+        result = estimate_inference(resolve_model(args.source), batch_size=args.batch_size,
+                                    prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                    dtype=args.dtype, quantize=args.quantize, engine=args.engine,
+                                    device=args.device)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        _print_estimate(result, args.source)
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> Estimate:
+    try:
+        from memwise.estimate.finetune import estimate_finetune
+    except ModuleNotFoundError as e:   # only the module itself missing; its own import errors show
+        if e.name != "memwise.estimate.finetune":
+            raise
+        raise UnsupportedError(FINETUNE_MISSING) from None
+    from memwise.source import resolve_model
+
+    spec = resolve_model(args.source).spec
+    return estimate_finetune(spec, **{name: getattr(args, name) for name in FINETUNE_FLAGS})
+
+
+def _configurations(family_name: str, engine: str) -> list[tuple[str, str | None]]:
+    """(dtype, scheme) pairs an engine can run a family in."""
+    if engine == "transformers":
+        return [("float32", None), ("bfloat16", None)]
+    if family_name == "hgrn_bit":   # packed ternary weights, float32 activations
+        return [("float32", None)]
+    return [("float32", None), ("bfloat16", None), ("float32", "int8")]
+
+
+def fitting_configurations(resolved: Any, budget: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (dtype or scheme) x batch whose predicted peak fits `budget`, fastest first: decoding is
+    bound by the bytes each step reads (weights and the cache at full length), shared by the batch's
+    tokens, so fewer bytes per generated token is faster; at equal bytes the larger batch first."""
+    family_name = resolved.family.__name__.rsplit(".", 1)[-1]
+    rows = []
+    for dtype, scheme in _configurations(family_name, args.engine):
+        for batch in BUDGET_BATCHES:
+            result = estimate_inference(resolved, batch_size=batch, prompt_tokens=args.prompt_tokens,
+                                        new_tokens=args.new_tokens, dtype=dtype, quantize=scheme,
+                                        engine=args.engine, device=args.device)
+            if result.predicted_peak_bytes > budget:
+                continue
+            read = sum(result.parts.get(k, 0) for k in ("weights", "kv_cache", "state"))
+            rows.append({"dtype": dtype, "quantize": scheme, "batch_size": batch,
+                         "predicted_peak_bytes": result.predicted_peak_bytes, "bytes_read_per_step": read})
+    rows.sort(key=lambda r: (r["bytes_read_per_step"] / r["batch_size"], -r["batch_size"]))
+    return rows
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _print_estimate(result: Estimate, source: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    settings = ", ".join(f"{k} {v}" for k, v in result.settings.items() if v is not None and k != "model")
+    table = Table(title=f"{source}: {result.task}", caption=settings)
+    table.add_column("component")
+    table.add_column("bytes", justify="right")
+    table.add_column("MiB", justify="right")
+    for name, size in result.parts.items():
+        table.add_row(name, f"{size:,}", _mib(size))
+    if result.per_device is not None:
+        table.add_row("per device", f"{result.per_device:,}", _mib(result.per_device), style="bold")
+    table.add_row("predicted peak", f"{result.predicted_peak_bytes:,}", _mib(result.predicted_peak_bytes),
+                  style="bold")
+    console = Console()
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+
+
+def _print_budget(rows: list[dict[str, Any]], budget: int, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps({"budget_bytes": budget, "engine": args.engine, "device": args.device,
+                          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "fits": rows}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        print(f"no configuration of {args.source} fits in {_mib(budget)} "
+              f"({args.prompt_tokens} prompt + {args.new_tokens} new tokens, engine {args.engine})")
+        return
+    table = Table(title=f"{args.source} in {_mib(budget)}: fastest first",
+                  caption=f"engine {args.engine}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens; "
+                          "speed ranked by bytes read per generated token")
+    for column in ("dtype", "quantize", "batch", "predicted peak", "read per step", "read per token"):
+        table.add_column(column, justify="left" if column in ("dtype", "quantize") else "right")
+    for row in rows:
+        table.add_row(row["dtype"], row["quantize"] or "-", str(row["batch_size"]), _mib(row["predicted_peak_bytes"]),
+                      _mib(row["bytes_read_per_step"]), _mib(row["bytes_read_per_step"] // row["batch_size"]))
+    Console().print(table)
+
+

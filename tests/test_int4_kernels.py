@@ -1,0 +1,117 @@
+"""The int4 weight format (W4A8, groups of 64) and its C products against the plain PyTorch reference."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from memwise import kernels
+from memwise.kernels import int4
+from memwise.kernels.int4 import Int4Matrix
+
+PATHS = kernels.isa_paths() if not os.environ.get("MEMWISE_ISA") else kernels._machine_isas()
+# K below one group, K padded (65, 127, 300), several groups not a multiple of the 4 reduced together,
+# N not a multiple of the 4-row tile, M of 1 (GEMV) and more
+SHAPES = [(1, 1, 1), (1, 5, 3), (3, 7, 65), (2, 13, 127), (5, 9, 300), (17, 33, 1000), (1, 64, 4096)]
+
+
+def _matrix(n: int, k: int, seed: int) -> Int4Matrix:
+    return Int4Matrix.from_float(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_group_dots_exact_on_every_isa(isa: str, m: int, n: int, k: int) -> None:
+    weight = _matrix(n, k, seed=m * 1000 + k)
+    q = torch.randint(-128, 128, (m, k), generator=torch.Generator().manual_seed(k), dtype=torch.int8)
+    assert torch.equal(int4.int4_group_dots(q, weight, isa=isa), int4.int4_group_dots_reference(q, weight))
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_group_dots_extremes(isa: str) -> None:
+    """Codes 15 against q = -128 and 127 over many groups: the largest per-group sums, and sign."""
+    k = 64 * 9
+    weight = Int4Matrix(int4.pack_codes(torch.full((2, k), 15, dtype=torch.uint8)), torch.ones(2, 9, 2), 2, k)
+    q = torch.stack([torch.full((k,), -128, dtype=torch.int8), torch.full((k,), 127, dtype=torch.int8)])
+    dots = int4.int4_group_dots(q, weight, isa=isa)
+    assert dots[0].eq(-128 * 15 * 64).all() and dots[1].eq(127 * 15 * 64).all()
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("m,n,k", [(1, 37, 300), (4, 9, 64), (2, 130, 1024)])
+def test_linear_equals_reference_bit_for_bit(isa: str, m: int, n: int, k: int) -> None:
+    """The float combine is done in the documented order on every path: not close, equal."""
+    g = torch.Generator().manual_seed(n + k)
+    w, x, bias = torch.randn(n, k, generator=g), torch.randn(m, 3, k, generator=g) * 4, torch.randn(n, generator=g)
+    weight = Int4Matrix.from_float(w)
+    out = int4.int4_linear(x, weight, bias, isa=isa)
+    assert out.shape == (m, 3, n)
+    assert torch.equal(out, int4.int4_linear_reference(x, weight, bias))
+
+
+def test_weight_quantization_is_asymmetric_min_max_per_group() -> None:
+    w = torch.zeros(2, 70)
+    w[0, :64] = torch.linspace(-1.0, 2.0, 64)     # one full group: min -1, max 2
+    w[0, 64:] = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.5])   # a constant, padded group
+    w[1, :64] = 3.0
+    codes, params = int4.quantize_weight(w)
+    assert codes.shape == (2, 128) and params.shape == (2, 2, 2)
+    assert params[0, 0].tolist() == pytest.approx([3.0 / 15, -1.0])
+    assert codes[0, 0] == 0 and codes[0, 63] == 15
+    assert params[0, 1].tolist() == [0.0, 0.5] and codes[0, 64:].eq(0).all()   # scale 0, padding code 0
+    assert params[1, 0].tolist() == [0.0, 3.0] and params[1, 1].tolist() == [0.0, 0.0]
+    m = Int4Matrix.from_float(w)
+    assert torch.equal(m.dequantize()[0, 64:], w[0, 64:]) and torch.equal(m.dequantize()[1], w[1])
+    assert m.nbytes == 2 * 64 + 4 * 2 * 2 * 2
+
+
+def test_packed_layout_low_nibbles_first_half_high_nibbles_second() -> None:
+    codes = (torch.arange(128) % 16).to(torch.uint8).view(1, 128)
+    packed = int4.pack_codes(codes)
+    assert packed.shape == (1, 64)
+    assert int(packed[0, 0]) == (codes[0, 0] | (codes[0, 32] << 4))
+    assert int(packed[0, 32 + 5]) == (codes[0, 64 + 5] | (codes[0, 96 + 5] << 4))
+    assert torch.equal(int4.unpack_codes(packed), codes)
+
+
+def test_dequantized_weights_are_within_half_a_step() -> None:
+    w = torch.randn(16, 200, generator=torch.Generator().manual_seed(3))
+    m = Int4Matrix.from_float(w)
+    step = m.params[..., 0].repeat_interleave(64, dim=1)[:, :200]
+    assert bool(((m.dequantize() - w).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all())
+
+
+def test_bad_inputs_are_one_clear_error() -> None:
+    weight = _matrix(4, 10, seed=0)
+    with pytest.raises(kernels.KernelInputError, match="K=11 columns.*expects 10"):
+        int4.int4_group_dots(torch.zeros(1, 11, dtype=torch.int8), weight)
+    with pytest.raises(kernels.KernelInputError, match=r"float tensor \[\.\.\., 10\]"):
+        int4.int4_linear(torch.zeros(1, 11), weight)
+    with pytest.raises(kernels.KernelInputError, match=r"bias must be float32 \[4\]"):
+        int4.int4_linear(torch.zeros(1, 10), weight, torch.zeros(5))
+    with pytest.raises(kernels.KernelInputError, match=r"codes of a 4x10 matrix must be contiguous uint8 \[4, 32\]"):
+        int4.int4_linear(torch.zeros(1, 10), Int4Matrix(weight.codes[:, :16], weight.params, 4, 10))
+
+
+def test_zero_rows_and_reference_without_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = _matrix(6, 70, seed=4)
+    assert int4.int4_linear(torch.zeros(0, 70), weight).shape == (0, 6)
+    x = torch.randn(3, 70)
+    with_c = int4.int4_linear(x, weight)
+    monkeypatch.setattr(int4, "_c", None)
+    assert torch.equal(int4.int4_linear(x, weight), with_c)
+
+
+def test_result_does_not_depend_on_thread_count() -> None:
+    weight = _matrix(50, 500, seed=5)
+    x = torch.randn(3, 500, generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(int4.int4_linear(x, weight))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs)
