@@ -60,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("out", metavar="OUT", help="output directory (must not exist yet)")
     conv.set_defaults(func=cmd_convert)
 
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (docs/serve.md)")
+    serve.add_argument("source", metavar="SOURCE")
+    serve.add_argument("--quantize", metavar="SCHEME", help="store the decoder layers' weights in SCHEME (int8, int4, nf4)")
+    _add_load_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY")
+    serve.add_argument("--served-name", help="the model name clients send (default SOURCE)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+
     from memwise.quality.compare import add_parser as add_eval_quant_parser
     evalq = add_eval_quant_parser(sub)
 
@@ -67,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from memwise.estimate.cli import add_parser as add_estimate_parser
     add_estimate_parser(sub)
-    for p in (parser, gen, info, conv, evalq):
+    for p in (parser, gen, info, conv, evalq, serve):
         one_line_errors(p)
     return parser
 
@@ -135,6 +148,11 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"[{n} tokens | TTFT {ttft or 0:.3f} s | prefill {ids.shape[1] / (ttft or 1):.1f} tok/s | "
           f"decode {decode_rate} tok/s | peak RSS {peak / 2**30:.2f} GiB]")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from memwise.serve.cli import cmd_serve as serve
+    return serve(args)
 
 
 def _gate_generate(args: argparse.Namespace) -> None:

@@ -1,0 +1,1 @@
+"""`memwise serve`: an OpenAI-compatible HTTP server over one loaded model (docs/serve.md)."""
