@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
