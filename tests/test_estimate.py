@@ -162,12 +162,12 @@ def test_engine_family_mismatch_and_finetune_pass_through(capsys):
     assert unpacked.predicted_peak_bytes - packed.predicted_peak_bytes == unpacked.parts["unpacked_matrices"] > 0
     status, out, err = run_cli(capsys, "estimate", "preset:tiny-gpt2", "--task", "finetune", "--method", "lora",
                                "--seq-len", "64", "--json")
-    try:
-        import memwise.estimate.finetune  # noqa: F401  (another part of issue 20; may not be merged yet)
-    except ImportError:
-        assert status == 1 and err.strip() == "memwise: error: fine-tuning estimates are not available in this build"
-    else:
-        assert status == 0 and json.loads(out)["task"] == "finetune"
+    from memwise.estimate.finetune import estimate_finetune
+    from memwise.source import resolve_model
+
+    want = estimate_finetune(resolve_model("preset:tiny-gpt2").spec, method="lora", seq_len=64)
+    assert status == 0 and json.loads(out)["task"] == "finetune"
+    assert json.loads(out)["predicted_peak_bytes"] == want.predicted_peak_bytes
 
 
 @pytest.fixture
