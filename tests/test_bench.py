@@ -389,9 +389,9 @@ def test_peers_targets_pick_cells_by_dtype_and_compare_peaks(tmp_path):
     from memwise.bench import targets
     from memwise.bench.report import write_outputs
 
-    def record(model, engine, dtype, decode, prefill, peak_mib):
+    def record(model, engine, dtype, decode, prefill, peak_mib, quantize=None):
         r = dict.fromkeys(RECORD_FIELDS)
-        r.update(model=model, engine=engine, dtype=dtype, batch_size=1, status="ok", decode_tok_s=decode,
+        r.update(model=model, engine=engine, dtype=dtype, quantize=quantize, batch_size=1, status="ok", decode_tok_s=decode,
                  prefill_tok_s=prefill, peak_rss_bytes=peak_mib * 2**20, load_peak_rss_bytes=2**20)
         return r
 
@@ -401,6 +401,7 @@ def test_peers_targets_pick_cells_by_dtype_and_compare_peaks(tmp_path):
                record("mmfree-2.7b-shapes", "llama.cpp", "tq2_0", 20.0, 50.0, 1000),
                record("gpt2-medium", "memwise", "float32", 12.0, 100.0, 1800),
                record("gpt2-medium", "llama.cpp", "float32", 10.0, 90.0, 1700),
+               record("gpt2-medium", "memwise", "float32", 30.0, 100.0, 600, quantize="int8"),
                record("gpt2-medium", "llama.cpp", "q8_0", 24.0, 95.0, 800)]
     verdicts = {v.target.what: v for v in targets.evaluate(records, targets.PEERS_TARGETS)}
     assert verdicts["decode: mmfree-370m on memwise / mmfree-370m-shapes on llama.cpp (TQ2_0)"].value == 3.5
@@ -409,9 +410,23 @@ def test_peers_targets_pick_cells_by_dtype_and_compare_peaks(tmp_path):
     assert peak.met is True and peak.measured() == "1.03x" and peak.target.goal() == "<= 1.05x"
     # the two llama.cpp cells of gpt2-medium are told apart by their dtype
     assert verdicts["decode: gpt2-medium float32, memwise / llama.cpp F32"].value == 1.2
-    assert verdicts["decode: gpt2-medium, memwise float32 / llama.cpp Q8_0"].value == 0.5
+    # a quantized memwise cell is found by its scheme, not by its float32 activations
+    assert verdicts["decode: gpt2-medium, memwise int8 / llama.cpp Q8_0"].value == 1.25
+    assert verdicts["decode: gpt2-medium, memwise int4 / llama.cpp Q4_0"].met is None
     # the bitnet cells did not run: unmeasured, never met
     assert verdicts["decode: bitnet-b1.58-large on memwise / bitnet-b1.58-large on llama.cpp (TQ2_0)"].met is None
     write_outputs(tmp_path, {"suite": "peers"}, records)
     assert "| prefill: mmfree-370m on memwise / mmfree-370m-shapes on llama.cpp (TQ2_0) | 3.0x | >= 1.5x | met |" \
         in (tmp_path / "results.md").read_text()
+
+
+def test_a_suites_memwise_cell_may_name_a_weight_scheme_in_its_dtype_slot():
+    from memwise.bench.runner import RunOptions, plan_cells
+    from memwise.bench.sources import resolve as resolve_source
+    from memwise.bench.suites import Matrix
+    matrix = Matrix(models=["preset:tiny-gpt2"], explicit=[("preset:tiny-gpt2", "memwise", 1, "int8"),
+                                                          ("preset:tiny-gpt2", "memwise", 1, "float32")])
+    planned = plan_cells(matrix, {"preset:tiny-gpt2": resolve_source("preset:tiny-gpt2")}, RunOptions())
+    (int8, _, _), (plain, _, _) = planned
+    assert (int8.dtype, int8.quantize) == ("float32", "int8") and (plain.dtype, plain.quantize) == ("float32", None)
+    assert int8.predicted_peak_bytes < plain.predicted_peak_bytes

@@ -231,3 +231,16 @@ def test_real_checkpoint_adds_what_the_engine_maps(tmp_path):
     streamed = estimate_inference(str(tmp_path), prompt_tokens=8, new_tokens=4)   # memwise reads with pread
     assert "checkpoint_mapped" not in streamed.parts
     assert streamed.predicted_peak_bytes == sum(streamed.parts.values())
+
+
+def test_preset_name_without_a_cached_checkpoint_uses_the_presets_config(capsys, monkeypatch, tmp_path):
+    # an empty hub cache and no network: the name falls back to the preset, as `memwise bench` does
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    status, out, err = run_cli(capsys, "estimate", "bitnet-b1.58-large", "--json")
+    by_name = json.loads(out)
+    assert status == 0 and "preset:bitnet-b1.58-large" in err
+    _, out, _ = run_cli(capsys, "estimate", "preset:bitnet-b1.58-large", "--json")
+    assert by_name["predicted_peak_bytes"] == json.loads(out)["predicted_peak_bytes"]
+    status, _, err = run_cli(capsys, "estimate", "no-such-org/no-such-model")   # neither: still an error
+    assert status != 0 and "no-such-org/no-such-model" in err

@@ -33,6 +33,7 @@ from memwise.bench.engines import engine_named
 from memwise.bench.sources import Source, resolve
 from memwise.bench.suites import Matrix
 from memwise.dtypes import DTYPES
+from memwise.quantization import SCHEMES
 from memwise.errors import MemwiseError
 
 @dataclass
@@ -154,6 +155,8 @@ def plan_cells(matrix: Matrix, sources: dict[str, Source],
             prompt = max(len(p) for p in ids)
             new = max((matrix.max_length or 0) - min(len(p) for p in ids), 1)
         quantize = options.quantize if engine == "memwise" else None
+        if engine == "memwise" and dtype in SCHEMES:   # a suite's quantized cell: the scheme in the dtype slot
+            dtype, quantize = "float32", dtype
         weights = None
         if engine.startswith("memwise") and dtype in DTYPES:
             weights = memory.memwise_weights_bytes(source.config or {}, dtype, quantize)

@@ -63,14 +63,18 @@ TERNARY_CELLS = (
 # memwise against llama.cpp on the same work, batch 1 (llama.cpp cells run one sequence): each
 # MatMul-free model on memwise's packed kernels against its shape twin on llama.cpp (a Llama model whose
 # every matrix has the HGRN-Bit matrix's shape, ternary weights in TQ2_0: the same bytes per token), and
-# gpt2-medium on both engines at float32 and on llama.cpp at Q8_0. (model, engine, batch, dtype).
+# gpt2-medium on both engines at float32, memwise's int8 / int4 weights against llama.cpp's Q8_0 / Q4_0.
+# (model, engine, batch, dtype); a memwise cell's dtype slot may name a weight scheme (float32 activations).
 PEERS_CELLS = (
     ("mmfree-370m", "memwise", 1, "float32"), ("preset:mmfree-370m-shapes", "llama.cpp", 1, "tq2_0"),
     ("mmfree-2.7b", "memwise", 1, "float32"), ("preset:mmfree-2.7b-shapes", "llama.cpp", 1, "tq2_0"),
     ("gpt2-medium", "memwise", 1, "float32"), ("gpt2-medium", "llama.cpp", 1, "float32"),
-    ("gpt2-medium", "llama.cpp", 1, "q8_0"),
-    # BitNet b1.58 of 1bitLLM's shape (llama.cpp's "bitnet" graph), the same ternary codes on both engines.
+    ("gpt2-medium", "memwise", 1, "int8"), ("gpt2-medium", "llama.cpp", 1, "q8_0"),
+    ("gpt2-medium", "memwise", 1, "int4"), ("gpt2-medium", "llama.cpp", 1, "q4_0"),
+    # BitNet b1.58 of 1bitLLM's shape (llama.cpp's "bitnet" graph), the same ternary codes on both engines;
+    # transformers runs its config as a float32 Llama (what AutoModelForCausalLM gives without remote code).
     ("bitnet-b1.58-large", "memwise", 1, "float32"), ("bitnet-b1.58-large", "llama.cpp", 1, "tq2_0"),
+    ("bitnet-b1.58-large", "transformers", 1, "float32"),
 )
 
 

@@ -73,10 +73,15 @@ PEERS_TARGETS = (
              (theirs, "llama.cpp", 1, "tq2_0"), "prefill_tok_s", at_least=1.5) for ours, theirs, _ in _PEER_PAIRS),
     *(_peak_ratio(f"peak resident set: {ours} on memwise / {theirs} on llama.cpp (TQ2_0)", (ours, "memwise", 1),
                   (theirs, "llama.cpp", 1, "tq2_0"), at_most=1.05) for ours, theirs, _ in _PEER_PAIRS),
-    _ratio("decode: gpt2-medium float32, memwise / llama.cpp F32", ("gpt2-medium", "memwise", 1),
+    _ratio("decode: gpt2-medium float32, memwise / llama.cpp F32", ("gpt2-medium", "memwise", 1, "float32"),
            ("gpt2-medium", "llama.cpp", 1, "float32")),
-    _ratio("decode: gpt2-medium, memwise float32 / llama.cpp Q8_0", ("gpt2-medium", "memwise", 1),
-           ("gpt2-medium", "llama.cpp", 1, "q8_0")),
+    # issue 19: memwise's int8 / int4 against llama.cpp's Q8_0 / Q4_0 on the same model, >= 1.0x
+    _ratio("decode: gpt2-medium, memwise int8 / llama.cpp Q8_0", ("gpt2-medium", "memwise", 1, "int8"),
+           ("gpt2-medium", "llama.cpp", 1, "q8_0"), at_least=1.0),
+    _ratio("decode: gpt2-medium, memwise int4 / llama.cpp Q4_0", ("gpt2-medium", "memwise", 1, "int4"),
+           ("gpt2-medium", "llama.cpp", 1, "q4_0"), at_least=1.0),
+    _ratio("decode: bitnet-b1.58-large, memwise / transformers (float32 Llama)",
+           ("bitnet-b1.58-large", "memwise", 1, "float32"), ("bitnet-b1.58-large", "transformers", 1)),
 )
 SUITE_TARGETS = {"ternary": TERNARY_TARGETS, "peers": PEERS_TARGETS}
 
@@ -100,7 +105,9 @@ class Verdict:
 
 def _find(records: list[dict[str, Any]], cell: Cell) -> dict[str, Any] | None:
     for record in records:
-        key = (record.get("model"), record.get("engine"), record.get("batch_size"), record.get("dtype"))
+        # a quantized memwise cell is named by its scheme, as the suites list it
+        key = (record.get("model"), record.get("engine"), record.get("batch_size"),
+               record.get("quantize") or record.get("dtype"))
         if key[:len(cell)] == tuple(cell):
             return record if record.get("status") == "ok" else None
     return None

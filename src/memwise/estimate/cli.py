@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from typing import Any
 
 from memwise.cli_support import one_line_errors
-from memwise.errors import UnsupportedError, shown
+from memwise.errors import SourceError, UnsupportedError, shown
 from memwise.estimate import FINETUNE_MISSING, Estimate, EstimateError, estimate_inference
+from memwise.source import ModelSource
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -73,19 +75,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def estimate_command(args: argparse.Namespace) -> int:
-    from memwise.source import resolve_model
-
     if args.budget is not None:
         if args.task != "inference":
             raise EstimateError("--budget lists inference configurations; it does not combine with --task finetune")
         budget = parse_bytes(args.budget)
-        rows = fitting_configurations(resolve_model(args.source), budget, args)
+        rows = fitting_configurations(_resolve(args.source), budget, args)
         _print_budget(rows, budget, args)
         return 0
     if args.task == "finetune":
         result = _finetune(args)
     else:
-        result = estimate_inference(resolve_model(args.source), batch_size=args.batch_size,
+        result = estimate_inference(_resolve(args.source), batch_size=args.batch_size,
                                     prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                     dtype=args.dtype, quantize=args.quantize, engine=args.engine,
                                     device=args.device)
@@ -103,10 +103,26 @@ def _finetune(args: argparse.Namespace) -> Estimate:
         if e.name != "memwise.estimate.finetune":
             raise
         raise UnsupportedError(FINETUNE_MISSING) from None
+    spec = _resolve(args.source).spec
+    return estimate_finetune(spec, **{name: getattr(args, name) for name in FINETUNE_FLAGS})
+
+
+def _resolve(source: str) -> ModelSource:
+    """The source's config. A preset name (or its hub id) whose checkpoint is not cached falls back
+    to the preset's config, as `memwise bench` does: an estimate needs the shapes, not the weights."""
+    from memwise.presets import HUB_IDS, PRESET_PREFIX
     from memwise.source import resolve_model
 
-    spec = resolve_model(args.source).spec
-    return estimate_finetune(spec, **{name: getattr(args, name) for name in FINETUNE_FLAGS})
+    try:
+        return resolve_model(source)
+    except SourceError:
+        wanted = source.strip().lower()
+        names = [name for name, hub_id in HUB_IDS.items() if wanted in (name.lower(), hub_id.lower())]
+        if not names:
+            raise
+        print(f"{source}: no cached checkpoint; estimating from the preset's config (preset:{names[0]})",
+              file=sys.stderr)
+        return resolve_model(PRESET_PREFIX + names[0])
 
 
 def _configurations(family_name: str, engine: str) -> list[tuple[str, str | None]]:

@@ -56,6 +56,10 @@ CONSTANTS = {
     ("memwise", "hgrn_bit"): EngineConstants(baseline=255 * MiB, workspace=1 * MiB),
     ("transformers", "decoder"): EngineConstants(baseline=450 * MiB, workspace=10 * MiB, workspace_per_weight=0.03),
 }
+# BitNet b1.58: memwise's baseline from the bitnet-b1.58-large cell of the peers suite (606 MiB peak,
+# 2026-12-05); transformers runs it as a Llama, so the decoder's constants (not yet checked on bitnet).
+CONSTANTS[("memwise", "bitnet")] = EngineConstants(baseline=263 * MiB, workspace=1 * MiB, workspace_per_weight=0.01)
+CONSTANTS[("transformers", "bitnet")] = CONSTANTS[("transformers", "decoder")]
 # Activations live per token of the prefill: the residual stream, the normed input, q/k/v and the
 # attention output (hidden-sized) and the MLP's intermediate before and after its activation.
 HIDDEN_COPIES = 6
