@@ -69,7 +69,7 @@ def finetune_rows(results: list[dict]) -> list[list[str]]:
             total, largest, adam = accelerate_sizes(MODELS[model])
             stage, devices = DEEPSPEED_STAGE[kind]
             ds = deepspeed_per_device(stage, total // 4, largest // 4, devices)
-            rows.append([model, f"train {rest.replace(' rank0', ' (per rank)')}", _mib(r["measured"]),
+            rows.append([model, f"train {rest.replace(' rank0', ' (rank 0)')}", _mib(r["measured"]),
                          _cell(r["predicted"], r["measured"]), _cell(adam if devices == 1 else None, r["measured"]),
                          _cell(ds, r["measured"])])
     return rows
