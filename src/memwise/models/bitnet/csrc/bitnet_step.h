@@ -14,6 +14,7 @@
 #define MEMWISE_BITNET_STEP_H
 
 #include "bitnet_model.h"
+#include "barrier.h"
 #include "bitnet_ops.h"
 #include "jobs.h"
 
@@ -31,6 +32,7 @@ typedef struct {
     float *rs;       /* [N_SLOTS][3]: each stacked matrix's m / s */
     float *qkv, *attn, *y, *u, *e, *cs, *sn;
     float *scores;   /* per thread: max_length scores, then max_length exps */
+    int *barrier;    /* spin_barrier's count; its generation and sleepers a line further */
     void *mem;
 } bitnet_ws_t;
 
@@ -60,6 +62,7 @@ static bitnet_ws_t *bitnet_ws_make(int isa, int64_t H, int64_t Q, int64_t KV, in
     const int64_t floats[] = {N_SLOTS, 3 * N_SLOTS, Q + 2 * KV, Q, 2 * I, I, I, hd / 2, hd / 2,
                               2 * max_length * w->nthreads};
     for (int k = 0; k < 10; ++k) sizes[n++] = sizeof(float) * (size_t)floats[k];
+    sizes[n++] = 128;
     for (int k = 0; k < n; ++k) total += (sizes[k] + 63) & ~(size_t)63;
     w->mem = alloc64(total);
     if (!w->mem) {
@@ -85,6 +88,7 @@ static bitnet_ws_t *bitnet_ws_make(int isa, int64_t H, int64_t Q, int64_t KV, in
     TAKE(w->cs, float *);
     TAKE(w->sn, float *);
     TAKE(w->scores, float *);
+    TAKE(w->barrier, int *);
 #undef TAKE
     return w;
 }
@@ -103,17 +107,22 @@ typedef struct {
     const bitnet_ops_t *ops;
     size_t far;
     int id, nt;
+    int my_gen;      /* spin_barrier's generation */
 } bitnet_thread_t;
 
-static inline void bitnet_sync(void) {
-#ifdef _OPENMP
+/* The end of a phase: every thread waits for every other. */
+static inline void bitnet_sync(bitnet_thread_t *t) {
+#if MW_SPIN_BARRIER
+    spin_barrier(t->w->barrier, t->w->barrier + 16, t->w->barrier + 17, t->nt, &t->my_gen);
+#elif defined(_OPENMP)
 #pragma omp barrier
 #endif
+    (void)t;
 }
 
 /* Thread 0: x (K values) normalized with p's gain and quantized into slot s, each stacked
  * matrix's rescale m / s stored; then every thread waits for it. */
-static void quantize_input(const bitnet_thread_t *t, int s, const float *x, int64_t K, const bitnet_projection_t *p) {
+static void quantize_input(bitnet_thread_t *t, int s, const float *x, int64_t K, const bitnet_projection_t *p) {
     if (t->id == 0) {
         const bitnet_ws_t *w = t->w;
         float sc;
@@ -121,12 +130,12 @@ static void quantize_input(const bitnet_thread_t *t, int s, const float *x, int6
         w->sumq[s] = quantize_row_lv(w->level, x, r, p->gain, K, w->layout, 0, w->q[s], &sc);
         for (int k = 0; k < p->count; ++k) w->rs[3 * s + k] = p->scales[k] / sc;
     }
-    bitnet_sync();
+    bitnet_sync(t);
 }
 
 /* This thread's share of the weight tiles of p's stacked matrices times slot s, matrix k's outputs
  * at out[k] (added to them with residual); then every thread waits. */
-static void multiply(const bitnet_thread_t *t, int s, const bitnet_projection_t *p, float *const *out,
+static void multiply(bitnet_thread_t *t, int s, const bitnet_projection_t *p, float *const *out,
                      int residual) {
     const bitnet_ws_t *w = t->w;
     const int64_t tr = tile_rows(w->isa);
@@ -149,12 +158,12 @@ static void multiply(const bitnet_thread_t *t, int s, const bitnet_projection_t 
         codes += (size_t)p->rows[k] * (size_t)w->nb[s] * BLOCK_BYTES;
         off += tiles[k];
     }
-    bitnet_sync();
+    bitnet_sync(t);
 }
 
 /* Key/value heads [g0, g1): rotate the new key, write key and value into the cache at pos, then
  * attend with every query head of those groups (rotated here too). */
-static void attend_heads(const bitnet_thread_t *t, const bitnet_layer_t *layer) {
+static void attend_heads(bitnet_thread_t *t, const bitnet_layer_t *layer) {
     const bitnet_ws_t *w = t->w;
     const bitnet_model_t *m = t->m;
     const int64_t hd = m->head_dim, kvh = m->kv_heads, group = m->heads / kvh, pos = t->io->pos;
@@ -172,11 +181,11 @@ static void attend_heads(const bitnet_thread_t *t, const bitnet_layer_t *layer) 
             t->ops->attend(q, keys, values, pos + 1, hd, scores, scores + w->max_length, w->attn + h * hd);
         }
     }
-    bitnet_sync();
+    bitnet_sync(t);
 }
 
 /* u = act(gate) * up over this thread's span of I; then every thread waits. */
-static void glu(const bitnet_thread_t *t) {
+static void glu(bitnet_thread_t *t) {
     const bitnet_ws_t *w = t->w;
     int64_t k0, k1;
     my_span(w->I, t->id, t->nt, &k0, &k1);
@@ -189,10 +198,10 @@ static void glu(const bitnet_thread_t *t) {
             t->ops->glu_silu(gate, up, w->e + k0, w->u + k0, k1 - k0);
         }
     }
-    bitnet_sync();
+    bitnet_sync(t);
 }
 
-static void bitnet_layer(const bitnet_thread_t *t, const bitnet_layer_t *layer) {
+static void bitnet_layer(bitnet_thread_t *t, const bitnet_layer_t *layer) {
     const bitnet_ws_t *w = t->w;
     float *x = t->io->x;
     float *qkv_out[3] = {w->qkv, w->qkv + w->Q, w->qkv + w->Q + w->KV};
@@ -221,10 +230,14 @@ static void bitnet_step_run(const bitnet_ws_t *w, const bitnet_model_t *m, const
 #pragma omp parallel num_threads(w->nthreads)
 #endif
     {
-        bitnet_thread_t t = {w, m, io, bitnet_ops(w->level), m->weights_from_dram ? PF_FAR_BYTES : 0, 0, 1};
+        bitnet_thread_t t = {w, m, io, bitnet_ops(w->level), m->weights_from_dram ? PF_FAR_BYTES : 0, 0, 1, 0};
 #ifdef _OPENMP
         t.id = omp_get_thread_num();
         t.nt = omp_get_num_threads();
+#endif
+#if MW_SPIN_BARRIER
+        /* Every thread reads the generation before its first arrival, so all start equal. */
+        t.my_gen = __atomic_load_n(w->barrier + 16, __ATOMIC_ACQUIRE);
 #endif
         for (int64_t l = 0; l < m->num_layers; ++l) bitnet_layer(&t, m->layers + l);
     }
