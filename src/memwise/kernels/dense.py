@@ -71,9 +71,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dty
 
 
 def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               isa: str | None = None) -> torch.Tensor:
+               isa: str | None = None, threads: int | None = None) -> torch.Tensor:
     """x [..., K] float32 @ W [N, K] float32 (+ b [N]) -> float32 [..., N] on the path `isa` (default:
-    MEMWISE_ISA or the best). Any number of rows works; MAX_ROWS is where a model stops calling it."""
+    MEMWISE_ISA or the best) with `threads` threads (default: torch's count). Any number of rows
+    works; MAX_ROWS is where a model stops calling it."""
     _check(x, weight, bias, torch.float32)
     name = resolve_isa(isa)
     n, k = weight.shape
@@ -82,16 +83,18 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         return f32_linear_reference(x, weight, bias)
     out = torch.empty((rows.shape[0], n), dtype=torch.float32)
     _c.linear(isa_id(name), weight.data_ptr(), n, k, rows.data_ptr(), rows.shape[0],
-              0 if bias is None else bias.data_ptr(), out.data_ptr(), num_threads())
+              0 if bias is None else bias.data_ptr(), out.data_ptr(), threads or num_threads())
     return out.reshape(*x.shape[:-1], n)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the decode kernels where they apply (module docstring)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           threads: int | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through the decode kernels where they apply (module docstring), the
+    float32 one on `threads` threads (default: torch's count)."""
     if x.device.type != "cpu" or x.numel() > MAX_ROWS * x.shape[-1] or _c is None or weight.requires_grad:
         return F.linear(x, weight, bias)
     if weight.dtype == torch.float32 and x.dtype == torch.float32 and weight.is_contiguous():
-        return f32_linear(x, weight, bias)
+        return f32_linear(x, weight, bias, threads=threads)
     if weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and weight.is_contiguous() \
             and x.shape[-1] == weight.shape[1] and bf16._c is not None:
         # float32 sums rounded once to bfloat16, as torch's bfloat16 GEMM does
