@@ -3,6 +3,7 @@
 * memwise.kernels._ternary: the model-free kernel library (memwise/kernels/csrc).
 * memwise.kernels._int8: the library's int8-weight (W8A8) products, from the same folder.
 * memwise.kernels._fourbit: the 4-bit weight products (int4 W4A8, nf4), from the same folder.
+* memwise.kernels._bf16, memwise.kernels._dense: bfloat16- and float32-weight products for decode.
 * memwise.models.hgrn_bit._step: the fused HGRN-Bit decode step, which compiles the library's
   headers into its own translation unit so that its per-instruction-set code inlines them.
 * memwise.models.bitnet._step: the fused BitNet decode step, built the same way.
@@ -57,6 +58,8 @@ setup(
         Extension("memwise.kernels._int8", sources=[os.path.join(KERNELS_C, "int8_module.c")],
                   include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
         Extension("memwise.kernels._bf16", sources=[os.path.join(KERNELS_C, "bf16_module.c")],
+                  include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
+        Extension("memwise.kernels._dense", sources=[os.path.join(KERNELS_C, "dense_module.c")],
                   include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
         Extension("memwise.kernels._fourbit", sources=[os.path.join(KERNELS_C, "fourbit_module.c")],
                   include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
