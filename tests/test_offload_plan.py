@@ -18,7 +18,8 @@ MODEL = "preset:opt-2.7b"       # 32 layers of 300 MiB in float32; only its conf
 
 def costs(disk: float = 2e9, kernels: float = 2e10, gemm: float = 2e10) -> Costs:
     return Costs(machine="test", disk_read_bytes_per_s=disk, memory_read_bytes_per_s=2e10,
-                 gemv_bytes_per_s={s: kernels for s in KERNEL_SCHEMES}, gemm_bytes_per_s={s: gemm for s in KERNEL_SCHEMES})
+                 gemv_bytes_per_s={s: kernels for s in KERNEL_SCHEMES}, gemm_bytes_per_s={s: gemm for s in KERNEL_SCHEMES},
+                 prefill_gemm_bytes_per_s={s: gemm / 4 for s in KERNEL_SCHEMES})
 
 
 def test_everything_stays_resident_when_the_budget_allows():
@@ -133,7 +134,7 @@ def test_cost_file_round_trip(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("{", "malformed JSON"), ('{"format_version": 99}', "not a memwise cost file"),
-    ('{"format_version": 1, "machine": "x"}', "malformed cost file"),
+    ('{"format_version": 2, "machine": "x"}', "malformed cost file"),
 ])
 def test_bad_cost_files(tmp_path, text, message):
     path = tmp_path / "costs.json"

@@ -5,12 +5,15 @@
     memory_read_bytes_per_s    memwise.kernels.bandwidth's all-thread read bandwidth
     gemv_bytes_per_s[S]        weight bytes per second of one token through a layer's linear in
                                scheme S (float32, int8, int4, nf4): the decode product at batch 1
-    gemm_bytes_per_s[S]        weight bytes per second of `gemm_batch` tokens through the same
+    gemm_bytes_per_s[S]        weight bytes per second of `gemm_batch` (32) tokens through the same
                                matrices: a matrix of W bytes takes W / gemm_bytes_per_s seconds for
                                gemm_batch tokens, so one token costs W / (gemm_batch x gemm_bytes_per_s)
+    prefill_gemm_bytes_per_s[S]  the same at `prefill_batch` (256) tokens: a prefill's products are
+                               that large, and per token they run 2-3x faster than at 32 here
 
-The kernels run on matrices whose total size is at least twice the last-level cache, so that the
-figures are those of weights streamed from memory, as a model's are. The figures are written to
+The batch-1 and batch-32 products run over matrices whose total size is at least twice the
+last-level cache, so that the figures are those of weights streamed from memory, as a model's are
+(the prefill-sized product is compute-bound: two copies suffice). The figures are written to
 $XDG_CACHE_HOME/memwise/costs-<machine>.json (~/.cache when unset; <machine>: the CPU model and core
 count) and read back by later runs; `memwise plan --remeasure` measures again. The planner itself
 (memwise.offload.plan) takes a Costs: tests build one by hand.
@@ -32,11 +35,12 @@ from memwise.errors import MemwiseError
 
 KERNEL_SCHEMES = ("float32", "int8", "int4", "nf4")
 GEMM_BATCH = 32
+PREFILL_BATCH = 256
 DISK_FILE_BYTES = 256 << 20
 DISK_CHUNK = 16 << 20
 ALIGN = 4096
 MATRIX_SHAPE = (4096, 4096)     # a 7B model's attention projection: rows x columns
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CostsError(MemwiseError):
@@ -50,7 +54,9 @@ class Costs:
     memory_read_bytes_per_s: float
     gemv_bytes_per_s: dict[str, float]
     gemm_bytes_per_s: dict[str, float]
+    prefill_gemm_bytes_per_s: dict[str, float]
     gemm_batch: int = GEMM_BATCH
+    prefill_batch: int = PREFILL_BATCH
     disk_direct: bool = True            # False: the filesystem refused O_DIRECT (the figure may include cache)
     disk_directory: str = ""
     measured_at: str = ""
@@ -66,10 +72,11 @@ class Costs:
             raise CostsError(f"{where}: not a memwise cost file of format {FORMAT_VERSION}")
         try:
             rates = {name: {str(k): float(v) for k, v in data[name].items()}
-                     for name in ("gemv_bytes_per_s", "gemm_bytes_per_s")}
+                     for name in ("gemv_bytes_per_s", "gemm_bytes_per_s", "prefill_gemm_bytes_per_s")}
             costs = cls(machine=str(data["machine"]), disk_read_bytes_per_s=float(data["disk_read_bytes_per_s"]),
                         memory_read_bytes_per_s=float(data["memory_read_bytes_per_s"]), **rates,
-                        gemm_batch=int(data["gemm_batch"]), disk_direct=bool(data["disk_direct"]),
+                        gemm_batch=int(data["gemm_batch"]), prefill_batch=int(data["prefill_batch"]),
+                        disk_direct=bool(data["disk_direct"]),
                         disk_directory=str(data.get("disk_directory", "")),
                         measured_at=str(data.get("measured_at", "")), notes=[str(n) for n in data.get("notes", [])])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -81,12 +88,14 @@ class Costs:
         figures = {"disk_read_bytes_per_s": self.disk_read_bytes_per_s,
                    "memory_read_bytes_per_s": self.memory_read_bytes_per_s,
                    **{f"gemv_bytes_per_s[{k}]": v for k, v in self.gemv_bytes_per_s.items()},
-                   **{f"gemm_bytes_per_s[{k}]": v for k, v in self.gemm_bytes_per_s.items()}}
+                   **{f"gemm_bytes_per_s[{k}]": v for k, v in self.gemm_bytes_per_s.items()},
+                   **{f"prefill_gemm_bytes_per_s[{k}]": v for k, v in self.prefill_gemm_bytes_per_s.items()}}
         for name, value in figures.items():
             if not (math.isfinite(value) and value > 0):
                 raise CostsError(f"{where}: {name} should be a positive number of bytes/s, found {value!r}")
-        missing = [s for s in KERNEL_SCHEMES if s not in self.gemv_bytes_per_s or s not in self.gemm_bytes_per_s]
-        if missing or self.gemm_batch < 1:
+        missing = [s for s in KERNEL_SCHEMES if not all(s in rates for rates in (
+            self.gemv_bytes_per_s, self.gemm_bytes_per_s, self.prefill_gemm_bytes_per_s))]
+        if missing or not 1 <= self.gemm_batch < self.prefill_batch:
             raise CostsError(f"{where}: kernel figures missing for {', '.join(missing) or 'gemm_batch'}")
 
 
@@ -150,12 +159,12 @@ def measure_costs(disk_directory: Path) -> Costs:
     from memwise.kernels.bandwidth import read_bandwidth_bytes_per_s
 
     disk, direct = disk_read_bandwidth(disk_directory)
-    gemv, gemm = kernel_rates()
+    gemv, gemm, prefill = kernel_rates()
     notes = [] if direct else [f"{disk_directory}: O_DIRECT refused; the file's pages were dropped from the "
                                "cache before reading instead"]
     return Costs(machine=machine_id(), disk_read_bytes_per_s=disk,
                  memory_read_bytes_per_s=read_bandwidth_bytes_per_s(refresh=True), gemv_bytes_per_s=gemv,
-                 gemm_bytes_per_s=gemm, gemm_batch=GEMM_BATCH, disk_direct=direct,
+                 gemm_bytes_per_s=gemm, prefill_gemm_bytes_per_s=prefill, disk_direct=direct,
                  disk_directory=str(disk_directory), measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  notes=notes)
 
@@ -240,28 +249,33 @@ def _module_bytes(module: Any) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def kernel_rates(schemes: tuple[str, ...] = KERNEL_SCHEMES, repeats: int = 3) -> tuple[dict[str, float], dict[str, float]]:
-    """({scheme: batch-1 weight bytes/s}, {scheme: batch-GEMM_BATCH weight bytes/s}), best of `repeats`
-    passes over copies of one matrix that together exceed twice the last-level cache."""
+def kernel_rates(schemes: tuple[str, ...] = KERNEL_SCHEMES, repeats: int = 3) -> tuple[dict[str, float], ...]:
+    """Weight bytes/s of each scheme at batch 1, GEMM_BATCH and PREFILL_BATCH: best of `repeats`
+    passes over copies of one matrix that together exceed twice the last-level cache (two copies
+    for the compute-bound prefill size)."""
     import torch
     from memwise.kernels.bandwidth import dram_buffer_bytes
 
-    gemv, gemm = {}, {}
+    rates: tuple[dict[str, float], ...] = ({}, {}, {})
     with torch.inference_mode():
         for scheme in schemes:
             first = _linear(scheme)
             size = _module_bytes(first)
-            copies = [first] + [copy.deepcopy(first) for _ in range(max(1, -(-dram_buffer_bytes() // size)) - 1)]
-            for rates, batch in ((gemv, 1), (gemm, GEMM_BATCH)):
-                x = torch.randn(batch, MATRIX_SHAPE[1])
-                for linear in copies[:2]:     # warm-up: thread pools, lazily built tables
-                    linear(x)
-                best = math.inf
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    for linear in copies:
-                        linear(x)
-                    best = min(best, time.perf_counter() - start)
-                rates[scheme] = size * len(copies) / best
+            copies = [first] + [copy.deepcopy(first) for _ in range(max(2, -(-dram_buffer_bytes() // size)) - 1)]
+            for found, batch in zip(rates, (1, GEMM_BATCH, PREFILL_BATCH)):
+                used = copies if batch < PREFILL_BATCH else copies[:2]
+                found[scheme] = size * len(used) / _best_pass(used, torch.randn(batch, MATRIX_SHAPE[1]), repeats)
             del copies, first
-    return gemv, gemm
+    return rates
+
+
+def _best_pass(linears: list[Any], x: Any, repeats: int) -> float:
+    for linear in linears[:2]:     # warm-up: thread pools, lazily built tables
+        linear(x)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for linear in linears:
+            linear(x)
+        best = min(best, time.perf_counter() - start)
+    return best

@@ -17,9 +17,11 @@ Figures of the model (scheme S: float32 or a quantization scheme):
     Kd = B (P + N/2) k + B k    bytes of one layer's KV a decode step reads (mean length) and writes
     Kp = B P k              bytes of one layer's KV the prefill writes
 Rates of this machine: R_disk (O_DIRECT read), R_mem (memory read), g_S (weight bytes/s of a batch-1
-product), G_S (weight bytes/s of a batch-b0 product, b0 = costs.gemm_batch). One layer's product
-over t tokens takes  c_S(t) = max(W / g_S, t W / (b0 G_S)): streaming bound at small t, compute
-bound at large t.
+product), G_S (weight bytes/s of a batch-b0 product, b0 = costs.gemm_batch = 32), G'_S (the same at
+b1 = costs.prefill_batch = 256). One layer's product over t tokens takes
+    c_S(t) = max(W / g_S, t W u(t)),   u(t) = 1 / (b0 G_S) for t <= b0, 1 / (b1 G'_S) for t >= b1,
+                                        linear in t between
+memory-bound at small t, compute-bound at large t.
 
 Decision variables (integers r, q in [0, L], binaries y, z; times Tp, Td >= 0):
     r resident layers (L - r stream), q layers whose KV cache lives on disk (L - q in memory),
@@ -29,7 +31,7 @@ Times (seconds):
     Td >= Cd = L m c_S(s) + m c_H(s) + L Kd / R_mem                     decode step: compute
     Td >= ((L - r) W + q Kd) / R_disk                                  decode step: disk (overlapped)
     Tp >= Cp = L m c_S(s P) + m c_H(s) + 4 B P^2 hidden L / F32        prefill: compute (F32: float
-                                                                       FLOP/s from G_float32)
+                                                                       FLOP/s from G'_float32)
     Tp >= ((L - r) W + q Kp) / R_disk                                  prefill: disk
 Memory (bytes; the budget counts what memwise allocates, not the interpreter's own base):
     E + r W (1 + w) + 2 W y + (L - q) K + 2 Kb z + A(s) + X(B) + O <= budget
@@ -146,9 +148,14 @@ def model_figures(model: Any, scheme: str | None = None) -> ModelFigures:
 
 
 def _product_s(costs: Costs, scheme: str, nbytes: float, tokens: int) -> float:
-    """c_S(t): seconds of `tokens` tokens through `nbytes` of weights in `scheme`."""
-    return max(nbytes / costs.gemv_bytes_per_s[scheme],
-               tokens * nbytes / (costs.gemm_batch * costs.gemm_bytes_per_s[scheme]))
+    """c_S(t): seconds of `tokens` tokens through `nbytes` of weights in `scheme`, with the cost per
+    token interpolated between the batch-b0 and the prefill-sized measurement."""
+    small, large = costs.gemm_batch, costs.prefill_batch
+    per_small = 1 / (small * costs.gemm_bytes_per_s[scheme])
+    per_large = 1 / (large * costs.prefill_gemm_bytes_per_s[scheme])
+    share = min(max((tokens - small) / (large - small), 0.0), 1.0)
+    per_token = per_small + share * (per_large - per_small)
+    return max(nbytes / costs.gemv_bytes_per_s[scheme], tokens * nbytes * per_token)
 
 
 @dataclass(frozen=True)
@@ -176,7 +183,7 @@ def _case(fig: ModelFigures, costs: Costs, batch: int, micro: int, prompt: int, 
     s, L, k = batch // micro, fig.layers, fig.kv_bytes_per_token
     head_scheme = "int8" if fig.scheme != "float32" else "float32"
     attention_flops = 4 * batch * prompt * prompt * fig.hidden_size * L
-    float_flops = 2 * costs.gemm_batch * costs.gemm_bytes_per_s["float32"] / 4
+    float_flops = 2 * costs.prefill_batch * costs.prefill_gemm_bytes_per_s["float32"] / 4
     kv_decode = batch * (prompt + new // 2) * k + batch * k
     compute_decode = (L * micro * _product_s(costs, fig.scheme, fig.layer_bytes, s)
                       + micro * _product_s(costs, head_scheme, fig.head_bytes, s)
