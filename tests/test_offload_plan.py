@@ -158,6 +158,26 @@ def test_disk_read_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_another_offload_dir_gets_its_own_disk_figure(tmp_path):
+    cache, disk = tmp_path / "cache", tmp_path / "disk"
+    save_costs(costs(disk=1.5e9), cache_path(cache))
+    measured = machine_costs(disk, cache_dir=cache)
+    assert measured.disk_directory == str(disk) and measured.disk_read_bytes_per_s != 1.5e9
+    assert measured.gemv_bytes_per_s == costs().gemv_bytes_per_s     # the kernels are not measured again
+    assert load_costs(cache_path(cache)) == measured
+    assert list(disk.iterdir()) == []
+
+
+def test_an_offload_dir_that_cannot_be_a_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    save_costs(costs(), cache_path())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["plan", "preset:opt-350m", "--max-memory", "2GiB", "--offload-dir", str(blocker / "sub")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"memwise: error: {blocker / 'sub'}: cannot create the directory for the disk test")
+
+
 def _cost_file(tmp_path):
     path = tmp_path / "costs.json"
     save_costs(costs(), path)

@@ -27,7 +27,7 @@ import mmap
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -144,10 +144,20 @@ def machine_costs(disk_directory: Path | None = None, remeasure: bool = False, c
     path = cache_path(cache_dir)
     if path.exists() and not remeasure:
         try:
-            return load_costs(path)
+            costs = load_costs(path)
         except CostsError as e:
             if log:
                 log(f"{e}; measuring again")
+        else:
+            if disk_directory is None or Path(costs.disk_directory) == Path(disk_directory):
+                return costs
+            # another directory may be another disk: its read figure is its own
+            if log:
+                log(f"measuring the disk read bandwidth of {disk_directory} (cached in {path})")
+            disk, direct = disk_read_bandwidth(Path(disk_directory))
+            costs = replace(costs, disk_read_bytes_per_s=disk, disk_direct=direct, disk_directory=str(disk_directory))
+            save_costs(costs, path)
+            return costs
     if log:
         log(f"measuring this machine's disk, memory and kernel figures (cached in {path})")
     costs = measure_costs(disk_directory or path.parent)
