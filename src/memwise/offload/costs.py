@@ -172,6 +172,9 @@ def measure_costs(disk_directory: Path) -> Costs:
     gemv, gemm, prefill = kernel_rates()
     notes = [] if direct else [f"{disk_directory}: O_DIRECT refused; the file's pages were dropped from the "
                                "cache before reading instead"]
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores / 2:    # other processes took cores: every rate below is low by as much
+        notes.append(f"measured while busy: load average {load:.1f} on {cores} cores")
     return Costs(machine=machine_id(), disk_read_bytes_per_s=disk,
                  memory_read_bytes_per_s=read_bandwidth_bytes_per_s(refresh=True), gemv_bytes_per_s=gemv,
                  gemm_bytes_per_s=gemm, prefill_gemm_bytes_per_s=prefill, disk_direct=direct,

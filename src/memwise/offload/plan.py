@@ -18,10 +18,9 @@ Figures of the model (scheme S: float32 or a quantization scheme):
     Kp = B P k              bytes of one layer's KV the prefill writes
 Rates of this machine: R_disk (O_DIRECT read), R_mem (memory read), g_S (weight bytes/s of a batch-1
 product), G_S (weight bytes/s of a batch-b0 product, b0 = costs.gemm_batch = 32), G'_S (the same at
-b1 = costs.prefill_batch = 256). One layer's product over t tokens takes
-    c_S(t) = max(W / g_S, t W u(t)),   u(t) = 1 / (b0 G_S) for t <= b0, 1 / (b1 G'_S) for t >= b1,
-                                        linear in t between
-memory-bound at small t, compute-bound at large t.
+b1 = costs.prefill_batch = 256). One layer's product over t tokens takes c_S(t), the piecewise linear
+function of t through the measured times (1, W / g_S), (b0, W / G_S), (b1, W / G'_S), and
+c_S(b1) t / b1 beyond: memory-bound at small t, compute-bound at large t.
 
 Decision variables (integers r, q in [0, L], binaries y, z; times Tp, Td >= 0):
     r resident layers (L - r stream), q layers whose KV cache lives on disk (L - q in memory),
@@ -148,14 +147,19 @@ def model_figures(model: Any, scheme: str | None = None) -> ModelFigures:
 
 
 def _product_s(costs: Costs, scheme: str, nbytes: float, tokens: int) -> float:
-    """c_S(t): seconds of `tokens` tokens through `nbytes` of weights in `scheme`, with the cost per
-    token interpolated between the batch-b0 and the prefill-sized measurement."""
+    """c_S(t): seconds of `tokens` tokens through `nbytes` of weights in `scheme`, piecewise linear
+    through the three measured points (1, b0, b1 tokens), proportional beyond the last."""
     small, large = costs.gemm_batch, costs.prefill_batch
-    per_small = 1 / (small * costs.gemm_bytes_per_s[scheme])
-    per_large = 1 / (large * costs.prefill_gemm_bytes_per_s[scheme])
-    share = min(max((tokens - small) / (large - small), 0.0), 1.0)
-    per_token = per_small + share * (per_large - per_small)
-    return max(nbytes / costs.gemv_bytes_per_s[scheme], tokens * nbytes * per_token)
+    one = nbytes / costs.gemv_bytes_per_s[scheme]
+    at_small = max(nbytes / costs.gemm_bytes_per_s[scheme], one)     # noisy figures must not make more tokens cheaper
+    at_large = max(nbytes / costs.prefill_gemm_bytes_per_s[scheme], at_small)
+    if tokens <= 1:
+        return one
+    if tokens <= small:
+        return one + (tokens - 1) / (small - 1) * (at_small - one)
+    if tokens <= large:
+        return at_small + (tokens - small) / (large - small) * (at_large - at_small)
+    return at_large * tokens / large
 
 
 @dataclass(frozen=True)

@@ -115,3 +115,5 @@ def _print_plan(result: Plan, costs: Costs, costs_file: Path) -> None:
     console.print(table)
     parts = ", ".join(f"{name} {_size(size)}" for name, size in p.memory.items() if size)
     console.print(f"budgeted memory: {parts}", markup=False, highlight=False)
+    for note in costs.notes:
+        console.print(f"note on the figures ({costs.measured_at}): {note}", markup=False, highlight=False)
