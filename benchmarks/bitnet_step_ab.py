@@ -3,7 +3,7 @@
 Both run in this one process, in alternating rounds over the same cache length, so that the
 minute-to-minute drift of a shared machine hits both alike:
 
-    PYTHONPATH=src python benchmarks/bitnet_step_ab.py bitnet-b1.58-large --rounds 5 --steps 20
+    PYTHONPATH=src python benchmarks/bitnet_step_ab.py bitnet-b1.58-large --rounds 5 --steps 20 [--threads 1]
 
 "unfused" is backend "c-unfused" (the C products one TernaryProjection at a time, torch for the
 rest), "fused" is backend "auto" (one C call for all layers). Each round prefills a 128-token prompt,
@@ -40,7 +40,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0, help="torch / C threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = memwise.load(f"preset:{args.preset}").module
     prompt = torch.randint(0, model.spec.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {"unfused": [], "fused": []}
