@@ -221,7 +221,9 @@ async def health(request: Request) -> Response:
     engine = request.app.state.server.engine
     if engine.error is not None:
         return JSONResponse({"status": "error", "error": str(engine.error)}, status_code=503)
-    return JSONResponse({"status": "ok", "free_slots": engine.free_slots, "capacity": engine.capacity})
+    # running and queued: what a load test reads afterwards to see that nothing leaked
+    return JSONResponse({"status": "ok", "free_slots": engine.free_slots, "capacity": engine.capacity,
+                         "running": engine.running, "queued": engine.queued})
 
 
 async def metrics(request: Request) -> Response:
