@@ -54,6 +54,7 @@ class RequestResult:
     e2e_s: float | None = None
     output_tokens: int = 0                # completion_tokens from usage (else the chunks with text)
     prompt_tokens: int | None = None      # from usage, when the server sends it
+    replica: str | None = None            # X-Memwise-Replica: which Ray Serve replica answered
     chunks: int = 0
     itl_s: list[float] = field(default_factory=list)
     error: str | None = None
@@ -123,6 +124,7 @@ async def _one(client: Any, config: LoadConfig, result: RequestResult, prompt: s
     last = None
     async with client.stream("POST", config.url + "/v1/completions", json=body, headers=_headers(config)) as r:
         result.http_status = r.status_code
+        result.replica = r.headers.get("x-memwise-replica")
         if r.status_code != 200:
             text = (await r.aread()).decode(errors="replace")
             result.state = "rejected" if r.status_code == 429 else "failed"
@@ -142,13 +144,14 @@ async def _one(client: Any, config: LoadConfig, result: RequestResult, prompt: s
             if chunk.get("usage"):
                 result.output_tokens = int(chunk["usage"].get("completion_tokens") or 0)
                 result.prompt_tokens = chunk["usage"].get("prompt_tokens")
-            choices = chunk.get("choices") or []
-            if not choices or not (choices[0].get("text") or choices[0].get("finish_reason")):
+            # A chunk with a choice is a token (memwise sends one per token, with empty text while
+            # it holds text back); usage-only chunks are not.
+            if not chunk.get("choices"):
                 continue
             now = time.perf_counter()
             if last is None:
                 result.ttft_s = now - sent
-            elif choices[0].get("text"):
+            else:
                 result.itl_s.append(now - last)
             last = now
             result.chunks += 1

@@ -49,11 +49,21 @@ def summarize(requests: list[dict[str, Any]], duration_s: float, slo_ttft_ms: fl
         "goodput": good_count / duration_s if duration_s > 0 else None,
         "good_requests": good_count,
         "slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms,
+        "by_replica": _by_replica(requests),
         "ttft_s": percentiles([r["ttft_s"] for r in done if r["ttft_s"] is not None]),
         "tpot_s": percentiles([r["tpot_s"] for r in done if r["tpot_s"] is not None]),
         "itl_s": percentiles([gap for r in done for gap in r["itl_s"]]),
         "e2e_s": percentiles([r["e2e_s"] for r in done if r["e2e_s"] is not None]),
     }
+
+
+def _by_replica(requests: list[dict[str, Any]]) -> dict[str, int]:
+    """Requests answered per replica (X-Memwise-Replica); empty for a server that does not say."""
+    counts: dict[str, int] = {}
+    for r in requests:
+        if r.get("replica"):
+            counts[r["replica"]] = counts.get(r["replica"], 0) + 1
+    return counts
 
 
 def _ms(value: float | None) -> str:
@@ -83,6 +93,8 @@ def markdown(metadata: dict[str, Any], summary: dict[str, Any]) -> str:
              f"output token throughput {_num(s['output_throughput'], 1)} tok/s",
              f"- goodput {_num(s['goodput'])} req/s ({s['good_requests']} completed requests within "
              f"{_slo_text(s)})"]
+    if s.get("by_replica"):
+        lines.append("- answered by replica: " + ", ".join(f"{k}: {v}" for k, v in sorted(s["by_replica"].items())))
     ref = metadata.get("offline_reference")
     if ref:
         ratio = (s["output_throughput"] / ref["decode_tok_s"]) if ref.get("decode_tok_s") and s["output_throughput"] else None

@@ -199,8 +199,7 @@ async def _sse(seq: Sequence, events: asyncio.Queue[Event], shape: _Shape, inclu
             if event.finish_reason in ("abort", "error"):
                 yield _data(_failure(event).body())
                 break
-            if event.text or event.finish_reason:
-                yield _data(shape.chunk(event.text, event.finish_reason))
+            yield _data(shape.chunk(event.text, event.finish_reason))
             if event.finish_reason:
                 if include_usage:
                     yield _data(shape.usage_chunk(event))
