@@ -43,15 +43,17 @@ def test_every_request_is_accounted_and_nothing_leaks(model, tmp_path):
 
 
 def test_summary_counts_percentiles_and_goodput():
-    def req(state, ttft=None, tpot=None, tokens=0, itl=()):
-        return {"state": state, "ttft_s": ttft, "tpot_s": tpot, "e2e_s": ttft, "output_tokens": tokens,
-                "itl_s": list(itl)}
-    requests = [req("completed", 0.1, 0.01, 10, [0.01, 0.02]), req("completed", 0.3, 0.05, 20),
+    def req(state, ttft=None, tpot=None, tokens=0, itl=(), start=0.0, e2e=None):
+        return {"state": state, "ttft_s": ttft, "tpot_s": tpot, "e2e_s": e2e, "output_tokens": tokens,
+                "itl_s": list(itl), "start_s": start}
+    # decode spans [0.1, 1.1] and [0.8, 1.5]: 9 + 19 tokens over 1.4 s of decoding
+    requests = [req("completed", 0.1, 0.01, 10, [0.01, 0.02], 0.0, 1.1), req("completed", 0.3, 0.05, 20, (), 0.5, 1.0),
                 req("cancelled"), req("rejected"), req("failed")]
     s = summarize(requests, 2.0, slo_ttft_ms=200, slo_tpot_ms=None)
     assert (s["completed"], s["cancelled"], s["rejected"], s["failed"]) == (2, 1, 1, 1) and s["accounted"]
     assert s["output_tokens"] == 30 and s["output_throughput"] == 15.0 and s["request_throughput"] == 1.0
     assert s["good_requests"] == 1 and s["goodput"] == 0.5
+    assert s["decode_throughput"] == pytest.approx(28 / 1.4)
     assert percentiles([1.0, 2.0, 3.0])["p50"] == 2.0 and percentiles([0.0, 10.0])["p90"] == pytest.approx(9.0)
     assert percentiles([])["p99"] is None
 

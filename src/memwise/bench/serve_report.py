@@ -46,6 +46,7 @@ def summarize(requests: list[dict[str, Any]], duration_s: float, slo_ttft_ms: fl
         "request_throughput": len(done) / duration_s if duration_s > 0 else None,
         "output_tokens": out_tokens,
         "output_throughput": out_tokens / duration_s if duration_s > 0 else None,
+        "decode_throughput": decode_throughput(done),
         "goodput": good_count / duration_s if duration_s > 0 else None,
         "good_requests": good_count,
         "slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms,
@@ -55,6 +56,21 @@ def summarize(requests: list[dict[str, Any]], duration_s: float, slo_ttft_ms: fl
         "itl_s": percentiles([gap for r in done for gap in r["itl_s"]]),
         "e2e_s": percentiles([r["e2e_s"] for r in done if r["e2e_s"] is not None]),
     }
+
+
+def decode_throughput(done: list[dict[str, Any]]) -> float | None:
+    """Tokens after the first, over the time in which at least one request was past its first token
+    (the union of [first token, last token] across requests). Prefills of newcomers that stall the
+    running batch fall inside that time: they count as the scheduler's cost. None without such tokens."""
+    spans = sorted((r["start_s"] + r["ttft_s"], r["start_s"] + r["e2e_s"]) for r in done
+                   if r["ttft_s"] is not None and r["e2e_s"] is not None and r["output_tokens"] >= 2)
+    tokens = sum(r["output_tokens"] - 1 for r in done
+                 if r["ttft_s"] is not None and r["e2e_s"] is not None and r["output_tokens"] >= 2)
+    covered, end = 0.0, float("-inf")
+    for a, b in spans:
+        covered += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return tokens / covered if covered > 0 else None
 
 
 def _by_replica(requests: list[dict[str, Any]]) -> dict[str, int]:
@@ -90,17 +106,19 @@ def markdown(metadata: dict[str, Any], summary: dict[str, Any]) -> str:
              f"- outcomes: {s['completed']} completed, {s['cancelled']} cancelled, {s['rejected']} rejected (429), "
              f"{s['failed']} failed; every request accounted: {'yes' if s['accounted'] else 'NO'}",
              f"- duration {s['duration_s']:.2f} s; request throughput {_num(s['request_throughput'])} req/s; "
-             f"output token throughput {_num(s['output_throughput'], 1)} tok/s",
+             f"output token throughput {_num(s['output_throughput'], 1)} tok/s; decode throughput "
+             f"{_num(s['decode_throughput'], 1)} tok/s",
              f"- goodput {_num(s['goodput'])} req/s ({s['good_requests']} completed requests within "
              f"{_slo_text(s)})"]
     if s.get("by_replica"):
         lines.append("- answered by replica: " + ", ".join(f"{k}: {v}" for k, v in sorted(s["by_replica"].items())))
     ref = metadata.get("offline_reference")
     if ref:
-        ratio = (s["output_throughput"] / ref["decode_tok_s"]) if ref.get("decode_tok_s") and s["output_throughput"] else None
+        offline = ref.get("decode_tok_s")
+        ratio = s["decode_throughput"] / offline if offline and s["decode_throughput"] else None
         lines.append(f"- offline reference: memwise bench {ref.get('model')} batch {ref.get('batch_size')}, "
                      f"{ref.get('prompt_tokens')}+{ref.get('new_tokens')} tokens: decode "
-                     f"{_num(ref.get('decode_tok_s'), 1)} tok/s; served / offline = {_num(ratio)}"
+                     f"{_num(offline, 1)} tok/s; served decode / offline decode = {_num(ratio)}"
                      + (f" ({ref['reason']})" if ref.get("reason") else ""))
     server = metadata.get("server") or {}
     if server:
