@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from memwise.estimate.cli import add_parser as add_estimate_parser
     add_estimate_parser(sub)
+    from memwise.offload.plan_cli import add_parser as add_plan_parser
+    add_plan_parser(sub)
     for p in (parser, gen, info, conv, evalq, serve):
         one_line_errors(p)
     return parser
