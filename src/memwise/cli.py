@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY")
     serve.add_argument("--served-name", help="the model name clients send (default SOURCE)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--ray", action="store_true",
+                       help="run as Ray Serve replicas on a local Ray instance (the serve-ray extra)")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, each its own engine")
     serve.set_defaults(func=cmd_serve)
 
     from memwise.quality.compare import add_parser as add_eval_quant_parser
