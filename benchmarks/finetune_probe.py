@@ -106,7 +106,8 @@ def _saved_bytes(model, loss_fn) -> tuple[object, dict[str, int]]:
     return loss, {"saved_bytes": sum(sizes), "saved_tensors": len(sizes), "largest_saved": sizes[:6], **per_layer}
 
 
-def probe(name: str, label: str, batch: int, seq: int, steps: int, hooks: bool = True) -> dict:
+def probe(name: str, label: str, batch: int, seq: int, steps: int, hooks: bool = True,
+          drop_loss: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -139,6 +140,8 @@ def probe(name: str, label: str, batch: int, seq: int, steps: int, hooks: bool =
         loss, saved = timeline.phase(f"{step} forward", lambda: _saved_bytes(model, forward) if hooks else
                                      (forward(), saved))
         timeline.phase(f"{step} backward", loss.backward)
+        if drop_loss:  # the harness's loop keeps it (and its graph's nodes) until the next forward ends
+            del loss
         first = first or saved
         timeline.phase(f"{step} step", opt.step)
         timeline.phase(f"{step} zero_grad", lambda: opt.zero_grad(set_to_none=True))
@@ -156,20 +159,24 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--drop-loss", action="store_true", help="del loss after backward (the harness keeps it)")
     parser.add_argument("--no-hooks", action="store_true", help="no saved-tensor or layer hooks (does counting move "
                         "the peak?)")
     args = parser.parse_args()
-    result = probe(args.config, args.run, args.batch, args.seq, args.steps, not args.no_hooks)
+    result = probe(args.config, args.run, args.batch, args.seq, args.steps, not args.no_hooks, args.drop_loss)
     if args.json:
         print(json.dumps(result))
         return
+    peak = max(r["hwm"] for r in result["timeline"])
     print(f"{result['config']} {result['run']} b{args.batch} s{args.seq}: P {result['parameters']:,} "
-          f"T {result['trainable']:,}; start {result['rss_at_start'] / MiB:.1f} MiB; saved by autograd "
-          f"{result['saved_bytes'] / MiB:.1f} MiB in {result['saved_tensors']} storages, largest "
-          f"{[round(b / MiB, 1) for b in result['largest_saved']]}")
-    print(f"per decoder layer: saved {result['saved_per_layer'] / MiB:.2f} MiB; heap growth in the forward "
-          f"{result['first_step_heap_growth_per_layer'] / MiB:.2f} MiB (first step, fresh heap), "
-          f"{result['heap_growth_per_layer'] / MiB:.2f} MiB (last step)")
+          f"T {result['trainable']:,}; start {result['rss_at_start'] / MiB:.1f} MiB; peak {peak / MiB:.1f} MiB")
+    if "saved_bytes" in result:
+        print(f"saved by autograd {result['saved_bytes'] / MiB:.1f} MiB in {result['saved_tensors']} storages, "
+              f"largest {[round(b / MiB, 1) for b in result['largest_saved']]}")
+    if "saved_per_layer" in result:
+        print(f"per decoder layer: saved {result['saved_per_layer'] / MiB:.2f} MiB; heap growth in the forward "
+              f"{result['first_step_heap_growth_per_layer'] / MiB:.2f} MiB (first step, fresh heap), "
+              f"{result['heap_growth_per_layer'] / MiB:.2f} MiB (last step)")
     print(f"{'phase':14} {'rss before':>10} {'peak':>9} {'rss after':>10} {'heap used':>10} {'heap free':>10} "
           f"{'mmapped':>9}  (MiB)")
     for r in result["timeline"]:
