@@ -78,6 +78,57 @@ def test_lora_parameter_count_equals_pefts(preset):
     assert estimate_finetune(s, method="lora", lora_rank=4).settings["trainable"] == trainable
 
 
+def _largest_elements(s) -> int:
+    from memwise.estimate.parallel import layer_linears
+
+    return max([s.vocab_size * (s.embed_dim or s.hidden_size)] + [r * c for _, r, c in layer_linears(s)])
+
+
+def test_cpu_adamw_temporaries_are_two_copies_of_the_largest_tensor_less_what_backward_returned():
+    # torch's single-tensor AdamW (its foreach path is not taken for CPU tensors): sqrt(v) and its quotient
+    import torch.utils._foreach_utils as foreach
+
+    assert "cpu" not in foreach._get_foreach_kernels_supported_devices()
+    s = spec("preset:opt-350m")
+    largest = _largest_elements(s)
+    assert largest == s.vocab_size * 512  # opt-350m's embedding is word_embed_proj_dim wide
+    for tokens in (1, 2):
+        e = estimate_finetune(s, batch_size=1, seq_len=tokens)
+        acts = e.settings["activations_detail"]
+        returned = acts["logits"] + acts["tied_embedding_gradient"]
+        assert e.parts["optimizer_step_temporaries"] == 8 * largest - returned
+    # at 256 tokens the logits buffers and the tied gradient the backward gave back exceed the step's
+    assert estimate_finetune(s, batch_size=2, seq_len=128).parts["optimizer_step_temporaries"] == 0
+    # LoRA: the largest tensor is an adapter matrix, and the base's size no longer matters
+    lora = estimate_finetune(s, method="lora", lora_rank=4, batch_size=1, seq_len=1)
+    assert lora.parts["optimizer_step_temporaries"] == max(0, 8 * 4 * 1024 - lora.settings["activations_detail"]["logits"])
+
+
+def test_cpu_adamw8bit_temporaries_are_20_bytes_per_element_of_the_largest_tensor():
+    for name in ("preset:opt-350m", "preset:gpt2-medium"):
+        s = spec(name)
+        e = estimate_finetune(s, optimizer="adamw8bit", batch_size=2, seq_len=128)
+        assert e.parts["optimizer_step_temporaries"] == 20 * _largest_elements(s)
+
+
+@pytest.mark.parametrize("name, outputs", [("preset:opt-350m", lambda h: 2 * h),   # q_proj, v_proj
+                                           ("preset:gpt2-medium", lambda h: 3 * h)])  # c_attn's q, k, v
+def test_lora_counts_peft_out_of_place_temporaries_per_adapted_output(name, outputs):
+    from memwise.estimate.finetune import activation_bytes
+
+    s = spec(name)
+    h, b, t, r = s.hidden_size, 2, 128, 8
+    full = estimate_finetune(s, batch_size=b, seq_len=t).settings["activations_detail"]["layers"]
+    lora = estimate_finetune(s, method="lora", lora_rank=r, batch_size=b, seq_len=t)
+    adapted = len(lora.settings["lora_targets"]) if s.model_type != "gpt2" else 1
+    per_token = 4 * (r * adapted + 3 * outputs(h))  # saved rank-r intermediates + 3 freed outputs each
+    assert lora.settings["activations_detail"]["layers"] - full == s.num_layers * b * t * per_token
+    # the term scales with the tokens and the adapted outputs, not with the rank
+    one = activation_bytes(s, 1, 1, 4, False, (r, adapted, outputs(h)))
+    two = activation_bytes(s, 2, 1, 4, False, (r, adapted, 2 * outputs(h)))
+    assert two["layers"] - 2 * one["layers"] == s.num_layers * 2 * 4 * 3 * outputs(h)
+
+
 def test_zero_stages_shrink_per_device_memory():
     s, n = spec(), 8
     runs = {k: estimate_finetune(s, devices=n, strategy=k, seq_len=128) for k in ("dp", "zero1", "zero2", "zero3")}

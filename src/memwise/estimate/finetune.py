@@ -22,13 +22,27 @@ activations (what autograd saves, measured by counting saved tensors on gpt2/opt
     outside the layers per token: e * 2h + (held logits e*V + loss log-softmax 4V + two fp32 gradient
     buffers 8V at the start of backward).
     Gradient checkpointing: layer inputs only (e * h per layer and token) + one layer recomputed.
-    LoRA/QLoRA: the same (the frozen base still saves its inputs) + the adapters' rank-r intermediates.
+    LoRA/QLoRA: the same (the frozen base still saves its inputs) + the adapters' rank-r intermediates
+    + per adapted linear 3 * out * e per token: peft computes base(x) + B(A(x)) * scaling out of place,
+    so the base output, B's output and the scaled copy are freed temporaries lying between saved
+    tensors; glibc keeps such holes in its heap, and in LoRA no weight gradient comes in backward to
+    reuse them, so they are resident at the peak (measured: the forward's heap growth per opt-350m layer
+    is 6.9 MiB above full fine-tuning's at b2 s128, 3 * 2 * h * 4 * 256 tokens = 6 MiB).
     Full fine-tuning of a tied embedding: the embedding's gradient is computed twice (lm_head and
     lookup) and summed, one more V x h gradient held at that moment.
-step_temporaries: torch's foreach AdamW holds one fp32 copy of the trainable parameters during the
-    step, in memory the freed activations leave behind: max(0, 4T - activations) (measured: AdamW minus
-    SGD peak = the states alone on gpt2); bitsandbytes' CPU AdamW8bit dequantizes the largest tensor's
-    two moments to fp32 beside their fp32 updates, 4 * 4 bytes per element of it, on top (measured).
+step_temporaries (the optimizer step runs after backward, per parameter tensor):
+    torch's AdamW picks its foreach path only for cuda/xpu/mtia tensors
+    (torch.utils._foreach_utils._get_foreach_kernels_supported_devices), so on CPU it runs the
+    single-tensor loop: sqrt(v) and its quotient by the bias correction, 8 bytes per element of one
+    tensor at a time, the largest (the embedding) at the peak. Those buffers exceed glibc's mmap
+    threshold (32 MiB at most), so they take fresh pages, and the only memory the step gets back is
+    what the backward returned to the OS: the logits-sized buffers and the tied embedding's second
+    gradient: max(0, 8 * largest - logits - tied_gradient) (measured: post-backward RSS + 2 embedding
+    copies on opt-350m, the same transient as its backward's; the old 4T term was the CUDA foreach
+    path and over-predicted opt-350m by 8-12%). bitsandbytes' CPU AdamW8bit dequantizes the largest
+    tensor's two moments to fp32 and makes an fp32 scaled gradient and the denominator (sqrt and
+    quotient): 20 bytes per element of it, on top (measured on opt-350m: the step adds 490 MiB =
+    20 x its 25.7M-element embedding over the post-backward RSS).
 framework_overhead: the process after one training step of a tiny model (python, torch, transformers,
     autograd and kernels loaded) measured at FRAMEWORK_BYTES on the 2-core AMD EPYC VM (Linux, torch
     2.13 CPU, transformers 5.25); peft and bitsandbytes imports add PEFT_BYTES and BNB_BYTES.
@@ -55,6 +69,7 @@ ACTIVATION_COEFFICIENTS = {"gpt2": (10, 5), "opt": (8, 1), "llama": (10, 4), "mi
 LORA_TARGETS = {"gpt2": ("c_attn",), "opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"),
                 "mistral": ("q_proj", "v_proj"), "phi": ("q_proj", "v_proj", "fc1", "fc2")}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+LORA_TEMPORARIES = 3  # peft's base output, B's output and B's scaled output per adapted linear
 
 
 def _check_spec(spec: ModelSpec) -> None:
@@ -81,15 +96,16 @@ def _layer_linear_parameters(spec: ModelSpec) -> int:
 
 
 def activation_bytes(spec: ModelSpec, batch: int, seq: int, e: int, checkpointing: bool,
-                     lora: tuple[int, int] | None = None) -> dict[str, int]:
+                     lora: tuple[int, int, int] | None = None) -> dict[str, int]:
     """Bytes autograd keeps at the start of backward: {"layers": ..., "logits": ..., "other": ...}.
-    lora = (rank, number of adapted linears per layer) adds each adapter's saved rank-r intermediate."""
+    lora = (rank, number of adapted linears per layer, sum of their output widths) adds each adapter's
+    saved rank-r intermediate and the freed out-of-place temporaries of peft's forward (module docstring)."""
     c_h, c_i = ACTIVATION_COEFFICIENTS[spec.model_type]
     tokens = batch * seq
     h, i = spec.hidden_size, spec.intermediate_size
     per_layer = tokens * (e * (c_h * h + c_i * i) + 4 * spec.num_heads + 16)
     if lora is not None:
-        per_layer += tokens * e * lora[0] * lora[1]
+        per_layer += tokens * e * (lora[0] * lora[1] + LORA_TEMPORARIES * lora[2])
     layers = spec.num_layers * per_layer
     if checkpointing:
         layers = spec.num_layers * tokens * e * h + per_layer
@@ -135,15 +151,15 @@ def model_parts(spec: ModelSpec, method: str, optimizer: str, dtype: str, lora_r
         weights = int(linear * NF4_BYTES) + (total - linear) * 2 + adapters * 4
     grad_bytes = e if method == "full" else 4
     states = OPTIMIZERS[optimizer] + (4 if mixed and method == "full" else 0)
-    if optimizer == "adamw":
-        temporaries = trainable * 4
-    elif optimizer == "adamw8bit":
-        temporaries = _largest_trainable(spec, method, targets, lora_rank) * 4 * 4
-    else:
-        temporaries = 0
+    largest = _largest_trainable(spec, method, targets, lora_rank)
+    temporaries = {"adamw": 8 * largest, "adamw8bit": 20 * largest}.get(optimizer, 0)
     parts = {"weights": weights, "gradients": trainable * grad_bytes,
              "optimizer_states": int(trainable * states), "optimizer_step_temporaries": temporaries}
     return parts, {"parameters": total, "trainable": trainable, "lora_adapters": adapters}
+
+
+def _output_width(spec: ModelSpec, rows: int, cols: int) -> int:
+    return cols if spec.model_type == "gpt2" else rows  # gpt2's Conv1D stores (in, out)
 
 
 def _largest_trainable(spec: ModelSpec, method: str, targets: tuple[str, ...], rank: int) -> int:
@@ -163,15 +179,17 @@ def estimate_finetune(spec: ModelSpec, *, method: str = "full", optimizer: str =
                                 tuple(lora_targets) if lora_targets else None)
     e = 2 if method == "qlora" else DTYPES[dtype]
     targets = tuple(lora_targets) if lora_targets else LORA_TARGETS[spec.model_type]
-    adapted = sum(1 for name, _, _ in _linears(spec) if name in targets) if method != "full" else 0
+    adapted = [_output_width(spec, rows, cols) for name, rows, cols in _linears(spec)
+               if name in targets] if method != "full" else []
     acts = activation_bytes(spec, batch_size, seq_len, e, gradient_checkpointing,
-                            (lora_rank, adapted) if adapted else None)
+                            (lora_rank, len(adapted), sum(adapted)) if adapted else None)
     if method == "full" and spec.tie_word_embeddings:
         acts["tied_embedding_gradient"] = spec.vocab_size * (spec.embed_dim or spec.hidden_size) * e
     overhead = FRAMEWORK_BYTES + (PEFT_BYTES if method != "full" else 0) + \
         (BNB_BYTES if optimizer == "adamw8bit" or method == "qlora" else 0)
-    if optimizer == "adamw":  # foreach AdamW's buffers reuse the freed activations' memory (measured)
-        parts["optimizer_step_temporaries"] = max(0, parts["optimizer_step_temporaries"] - sum(acts.values()))
+    if optimizer == "adamw":  # the step's fresh pages come after backward returned these (module docstring)
+        returned = acts["logits"] + acts.get("tied_embedding_gradient", 0)
+        parts["optimizer_step_temporaries"] = max(0, parts["optimizer_step_temporaries"] - returned)
     parts = {**parts, "activations": sum(acts.values()), "framework_overhead": overhead}
     settings = {"model": spec.source or spec.model_type, "method": method, "optimizer": optimizer,
                 "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
