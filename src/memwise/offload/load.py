@@ -1,6 +1,7 @@
 """memwise.load's offloaded path: the request checked, then the family's offloaded model built."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -28,5 +29,7 @@ def load_offloaded_model(resolved, reader: CheckpointReader | None, dtype: torch
         raise UnsupportedError(f"{resolved.where}: offloading supports the decoder family (gpt2, opt, phi, llama, "
                                f"mistral), not {resolved.spec.model_type} yet")
     from memwise.offload.decoder import OffloadRequest, load_offloaded
-    request = OffloadRequest(budget, Path(offload_dir).expanduser())
+    # MEMWISE_OFFLOAD_DIRECT=0: ordinary reads (pages dropped after each), for comparisons and odd filesystems
+    direct = os.environ.get("MEMWISE_OFFLOAD_DIRECT", "1") != "0"
+    request = OffloadRequest(budget, Path(offload_dir).expanduser(), direct)
     return load_offloaded(resolved.spec, reader, dtype, quantize, seed, request)

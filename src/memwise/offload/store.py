@@ -163,7 +163,6 @@ class StoreWriter:
         self._file = open(self.temporary, "wb")
         self._crcs: dict[int, int] = {}
         self._rest_crc: int | None = None
-        self._file.truncate(file_size(header))
 
     def write_region(self, index: int | None, data: memoryview) -> None:
         """Layer `index`'s region (None: the rest), `data` exactly the region's size."""

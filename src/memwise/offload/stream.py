@@ -44,7 +44,7 @@ class RegionReader:
 
     def __init__(self, path: Path, direct: bool = True):
         self.path = path
-        self.fallback_reason: str | None = None if direct else "O_DIRECT not requested"
+        self.fallback_reason: str | None = None if direct else "O_DIRECT not requested (MEMWISE_OFFLOAD_DIRECT=0)"
         self.fd = -1
         if direct and hasattr(os, "O_DIRECT"):
             try:
@@ -126,6 +126,7 @@ class LayerStream:
         for slot in range(count):
             self._free.put(slot)
         self._thread = None
+        self._failed: BaseException | None = None
         if self.streamed:
             self._thread = threading.Thread(target=self._read_ahead, name="memwise-offload-io", daemon=True)
             self._thread.start()
@@ -165,9 +166,12 @@ class LayerStream:
         # Reads arrive in cyclic order; a pass that stopped midway (an exception in a layer) leaves
         # the reads of the layers it skipped, which are handed back until this layer's read arrives.
         while True:
+            if self._failed is not None:
+                raise self._failed
             got, slot, error = self._ready.get()
             if error is not None:
-                raise error
+                self._failed = _read_failure(self.reader.path, self.regions[got], error)
+                raise self._failed
             if got == index:
                 return slot
             self._free.put(slot)
@@ -178,3 +182,12 @@ class LayerStream:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.reader.close()
+
+
+def _read_failure(path: Path, region: Region, error: BaseException) -> BaseException:
+    """An OSError of the I/O thread as the one-line error a user sees (the file went away, a disk error)."""
+    from memwise.offload.store import OffloadError
+    if isinstance(error, OSError):
+        return OffloadError(f"{path}: reading {region.size} bytes at offset {region.offset} failed ({error}); "
+                            "the offload file is rebuilt on the next load if it is damaged")
+    return error
