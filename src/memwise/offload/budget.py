@@ -35,7 +35,9 @@ def parse_size(text: str | int, what: str = "max_memory") -> int:
 
 
 def format_size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,12 @@ def store_path(directory: Path, source: str, dtype: str, scheme: str) -> Path:
 def check_directory(directory: Path) -> None:
     """The directory exists (or is created), takes a file, and has room for one that must be written."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OffloadError(f"offload_dir {directory}: not a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OffloadError(f"offload_dir {directory}: cannot be created ({e.strerror})") from None
-    if not directory.is_dir():
-        raise OffloadError(f"offload_dir {directory}: not a directory")
     try:
         with tempfile.TemporaryFile(dir=directory):
             pass
