@@ -13,7 +13,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from memwise.models.decoder.modules import Decoder
 from memwise.models.decoder.quantized import fill_tied_head, quantized_linears
 from memwise.offload.budget import WORKSPACE_TOKENS, BudgetPlan, plan_budget
 from memwise.offload.files import check_directory, check_free_space, store_path
-from memwise.offload.store import (FORMAT_VERSION, StaleStoreError, StoreHeader, StoreWriter, layout, pack_region,
+from memwise.offload.store import (FORMAT_VERSION, StaleStoreError, StoreHeader, StoreWriter, layout,
                                    read_header, remove_abandoned, tensor_table, verify_regions, views)
 from memwise.offload.stream import AlignedBuffer, LayerStream, RegionReader, bind
 from memwise.spec import ModelSpec
@@ -78,6 +78,14 @@ def workspace_bytes(model: Decoder) -> int:
     return model.cache_bytes(1, tokens) + activations + tokens * spec.vocab_size * 4
 
 
+def budget_plan(spec: ModelSpec, dtype: torch.dtype, quantize: str | None, budget: int) -> BudgetPlan:
+    """How an offloaded load of `spec` would spend `budget` (no weights read, nothing written)."""
+    model = meta_model(spec, dtype, quantize)
+    header = expected_header(model, spec.source, dtype, quantize, 0, None)
+    return plan_budget(budget, header.rest.size, header.layers[0].size, workspace_bytes(model),
+                       spec.num_layers, spec.source)
+
+
 def load_offloaded(spec: ModelSpec, reader: CheckpointReader | None, dtype: torch.dtype, quantize: str | None,
                    seed: int, request: OffloadRequest) -> Decoder:
     """The Decoder whose layers stream from `request.directory` within `request.budget` bytes."""
@@ -118,44 +126,46 @@ def _verify(path: Path, header: StoreHeader, direct: bool) -> None:
 
 def write_store(path: Path, header: StoreHeader, model: Decoder, reader: CheckpointReader | None,
                 seed: int) -> StoreHeader:
-    """Write the offload file one layer at a time: a layer is materialized, filled (quantized), packed
-    into one region and written, then freed; the non-layer weights last (a tied lm_head needs them)."""
+    """Write the offload file one layer at a time. The tensors being filled are views of the region
+    buffers themselves (a layer's, reused, and the non-layer weights'), so a layer is quantized or
+    copied straight into the bytes that are written: the writer holds the non-layer weights, one
+    layer, and one source tensor at a time. The non-layer weights are written last (a tied int8
+    lm_head is made from the embedding)."""
     writer = StoreWriter(path, header)
     try:
-        for name, child in model.named_children():
-            if name != "layers":
-                child.to_empty(device="cpu")
+        rest = AlignedBuffer.allocate(header.rest.size)
+        bind(model, views(rest.tensor, header.rest_tensors))
         model.tie_weights()
-        buffer = AlignedBuffer.allocate(max(header.layers[0].size, header.rest.size))
-        for index in _filled_layers(model, reader, seed):
-            block = model.layers[index]
-            pack_region(memoryview(buffer.memory)[:header.layers[index].size], header.layer_tensors,
-                        dict(state_tensors(block)))
-            writer.write_region(index, memoryview(buffer.memory)[:header.layers[index].size])
-            block.to_empty(device="meta")
+        layer = AlignedBuffer.allocate(header.layers[0].size)
+
+        def materialize(index: int) -> None:
+            layer.tensor.zero_()        # the gaps between tensors: zeros, so that the CRC is the file's
+            bind(model.layers[index], views(layer.tensor, header.layer_tensors))
+
+        for index in _filled_layers(model, reader, seed, materialize):
+            writer.write_region(index, memoryview(layer.memory)[:header.layers[index].size])
+            model.layers[index].to_empty(device="meta")
         with torch.no_grad():
             fill_tied_head(model)
-        rest = {n: t for n, t in state_tensors(model) if not _LAYER.match(n)}
-        pack_region(memoryview(buffer.memory)[:header.rest.size], header.rest_tensors, rest)
-        writer.write_region(None, memoryview(buffer.memory)[:header.rest.size])
+        writer.write_region(None, memoryview(rest.memory)[:header.rest.size])
         return writer.commit()
     except BaseException:
         writer.abort()
         raise
     finally:
-        for name, child in model.named_children():
-            child.to_empty(device="meta")
+        model.to_empty(device="meta")
 
 
-def _filled_layers(model: Decoder, reader: CheckpointReader | None, seed: int) -> Iterator[int]:
-    """Fill the non-layer weights and the layers, one layer at a time: yields a layer's index once it
-    is complete (materialized on the CPU), for the caller to write and free."""
+def _filled_layers(model: Decoder, reader: CheckpointReader | None, seed: int,
+                   materialize: Callable[[int], None]) -> Iterator[int]:
+    """Fill the non-layer weights and the layers, one layer at a time: `materialize(i)` gives layer i
+    its memory before it is filled; yields i once it is complete, for the caller to write and free."""
     current = None
     if reader is not None:
         plan = checkpoint_plan(model.spec, reader)
         fill_from_checkpoint(model, [s for s in plan if not _LAYER.match(s.parameter)], reader)
         for index in range(model.spec.num_layers):
-            model.layers[index].to_empty(device="cpu")
+            materialize(index)
             fill_from_checkpoint(model, [s for s in plan if s.parameter.startswith(f"layers.{index}.")], reader)
             yield index
         return
@@ -168,7 +178,7 @@ def _filled_layers(model: Decoder, reader: CheckpointReader | None, seed: int) -
                 if current is not None:
                     yield current
                 current = index
-                model.layers[index].to_empty(device="cpu")
+                materialize(index)
             if name in quantized:
                 quantized[name].fill_rows(0, tensor)
             else:

@@ -133,17 +133,6 @@ def layout(header: StoreHeader, num_layers: int, layer_size: int, rest_size: int
     return dataclasses.replace(header, layers=layers, rest=Region(start + num_layers * layer_size, rest_size, 0))
 
 
-def pack_region(buffer: memoryview, slots: list[TensorSlot], tensors: dict[str, torch.Tensor]) -> None:
-    """Copy `tensors` into `buffer` at their slots (zeros elsewhere)."""
-    region = torch.frombuffer(buffer, dtype=torch.uint8)
-    region.zero_()
-    for slot in slots:
-        tensor = tensors[slot.name].detach().contiguous()
-        if tuple(tensor.shape) != slot.shape or str(tensor.dtype).removeprefix("torch.") != slot.dtype:
-            raise ValueError(f"{slot.name}: {tuple(tensor.shape)} {tensor.dtype} does not match its slot {slot}")
-        region[slot.offset:slot.offset + slot.nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
-
-
 def views(buffer: torch.Tensor, slots: list[TensorSlot]) -> dict[str, torch.Tensor]:
     """Zero-copy tensors over a region's bytes (`buffer`: a uint8 tensor over the region)."""
     out = {}
