@@ -14,6 +14,8 @@ from memwise.offload.budget import BudgetPlan
 from tiny_models import VOCAB, one_thread, randomize  # noqa: F401 (one_thread: autouse fixture)
 
 LAYERS = 6
+# a rebuild warning would mean a file this run wrote failed its own checks
+pytestmark = pytest.mark.filterwarnings("error:.*rebuilding it:UserWarning")
 
 
 def tiny_config(name: str):
@@ -183,3 +185,14 @@ def test_a_refused_o_direct_read_falls_back_to_ordinary_reads(checkpoints, tmp_p
     assert not reader.direct and "O_DIRECT read failed" in reader.fallback_reason
     assert bytes(data) == path.read_bytes()[4096:4096 + 8192]
     reader.close()
+
+
+def test_the_header_never_runs_into_layer_zero():
+    import dataclasses
+    from memwise.offload.store import _PREAMBLE, Region, StoreHeader, TensorSlot, layout
+    slots = [TensorSlot(f"t{i}", "float32", (3, 5), 64 * i) for i in range(40)]
+    header = layout(StoreHeader("m", "d" * 64, "f" * 64, "int8", "float32", slots, slots, [], None), 300, 4096 * 10**5, 4096)
+    widest = dataclasses.replace(header, layers=[dataclasses.replace(r, crc32=2**32 - 1) for r in header.layers],
+                                 rest=dataclasses.replace(header.rest, crc32=2**32 - 1))
+    assert _PREAMBLE.size + len(widest.to_json()) <= header.layers[0].offset
+    assert isinstance(header.rest, Region) and header.rest.offset == header.layers[0].offset + 300 * 4096 * 10**5

@@ -116,7 +116,7 @@ def tensor_table(tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]) ->
 
 
 def header_bytes(header: StoreHeader) -> int:
-    """Bytes before the first region (the JSON's length does not depend on the CRC values)."""
+    """Bytes before the first region: the preamble and the JSON, rounded up to ALIGN."""
     return round_up(_PREAMBLE.size + len(header.to_json()), ALIGN)
 
 
@@ -126,8 +126,10 @@ def file_size(header: StoreHeader) -> int:
 
 def layout(header: StoreHeader, num_layers: int, layer_size: int, rest_size: int) -> StoreHeader:
     """The header with every region placed (CRCs zero until written)."""
-    placeholder = dataclasses.replace(header, layers=[Region(0, layer_size, 0)] * num_layers,
-                                      rest=Region(0, rest_size, 0))
+    # the widest values every field can take, so that the final JSON is never longer than the space
+    # reserved for it (it would run into layer 0)
+    widest = Region(10**15, layer_size, 0xFFFFFFFF)
+    placeholder = dataclasses.replace(header, layers=[widest] * num_layers, rest=Region(10**15, rest_size, 0xFFFFFFFF))
     start = header_bytes(placeholder)
     layers = [Region(start + i * layer_size, layer_size, 0) for i in range(num_layers)]
     return dataclasses.replace(header, layers=layers, rest=Region(start + num_layers * layer_size, rest_size, 0))
@@ -173,6 +175,8 @@ class StoreWriter:
             self.header, layers=[dataclasses.replace(r, crc32=self._crcs[i]) for i, r in enumerate(self.header.layers)],
             rest=dataclasses.replace(self.header.rest, crc32=self._rest_crc))
         data = header.to_json()
+        if _PREAMBLE.size + len(data) > header.layers[0].offset:
+            raise ValueError(f"{self.temporary}: the header outgrew its {header.layers[0].offset} bytes")
         self._file.seek(0)
         self._file.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(data), zlib.crc32(data)) + data)
         self._file.flush()
