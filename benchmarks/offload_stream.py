@@ -7,7 +7,8 @@ and batch-1 decode speed against the disk-read bound.
 For each scheme, three fresh processes: one writes the offload file (once; its peak is reported
 too), one loads it under the budget and generates (prompt of --prompt-tokens, --new-tokens greedy
 tokens), and one measures the O_DIRECT read bandwidth of the file (every layer region once, one read
-per region, as the stream reads them). The base is the RSS after importing torch and memwise and
+per region, as the stream reads them); where the file fits --resident-limit, a fourth decodes with
+every layer resident (the compute bound) and checks its logits equal the streamed run's. The base is the RSS after importing torch and memwise and
 building the empty model (meta tensors, no weights). The disk-read bound is that bandwidth over the
 bytes the stream read per decoded token. Other processes on the machine move these figures.
 """
@@ -69,6 +70,20 @@ def child_run(args: argparse.Namespace) -> dict:
             "fallback_reason": model.module.offload.fallback_reason}
 
 
+def child_resident(args: argparse.Namespace) -> dict:
+    """Decode speed with every layer in memory (budget: the whole file plus 1 GiB): the compute bound."""
+    import torch
+    import memwise
+    size = next(Path(args.offload_dir).glob(f"*-{args.scheme or 'none'}.mwoff")).stat().st_size
+    model = memwise.load(args.model, quantize=args.scheme, max_memory=size + 2**30, offload_dir=args.offload_dir)
+    prompt = torch.arange(10, 10 + args.prompt_tokens)[None]
+    times, start = [], time.perf_counter()
+    for _ in model.stream(prompt, args.new_tokens, ignore_eos=True):
+        times.append(time.perf_counter() - start)
+    same = torch.equal(model.logits(prompt), torch.load(Path(args.offload_dir) / f"logits-{args.scheme}.pt"))
+    return {"resident_decode_tok_s": (len(times) - 1) / (times[-1] - times[0]), "logits_equal_all_resident": same}
+
+
 def child_bandwidth(args: argparse.Namespace) -> dict:
     from memwise.offload.store import _PREAMBLE, StoreHeader
     from memwise.offload.stream import AlignedBuffer, RegionReader
@@ -107,11 +122,14 @@ def main() -> None:
     parser.add_argument("--offload-dir", default="/var/tmp/memwise-offload")
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=5)
+    parser.add_argument("--resident-limit", default="6GiB", help="also time decoding with every layer resident "
+                        "(the compute bound; logits compared with the streamed run's) when the file + 1 GiB fits this")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         args.scheme = None if args.quantize[0] == "none" else args.quantize[0]
-        handler = {"build": child_build, "run": child_run, "bandwidth": child_bandwidth}[args.child]
+        handler = {"build": child_build, "run": child_run, "bandwidth": child_bandwidth,
+                   "resident": child_resident}[args.child]
         print(json.dumps(handler(args)))
         return
     from memwise.offload.budget import parse_size
@@ -120,6 +138,8 @@ def main() -> None:
         row = {"model": args.model, "scheme": scheme, "max_memory": args.max_memory}
         for kind in ("build", "run", "bandwidth"):
             row.update(in_child(kind, args, scheme))
+        if row["file_bytes"] + 2**30 <= parse_size(args.resident_limit):
+            row.update(in_child("resident", args, scheme))
         row["disk_bound_tok_s"] = row["read_bandwidth"] / max(row["bytes_read_per_token"], 1)
         row["peak_minus_base_over_budget"] = (row["peak_rss"] - row["base_rss"]) / budget
         print(json.dumps(row, indent=1), flush=True)
@@ -127,7 +147,8 @@ def main() -> None:
         print(f"| {args.model} | {scheme} | {args.max_memory} | {mib(row['base_rss'])} | {mib(row['peak_rss'])} | "
               f"{mib(row['peak_rss'] - row['base_rss'])} | {row['decode_tok_s']:.3f} | "
               f"{row['bytes_read_per_token'] / 1e9:.2f} GB | {row['read_bandwidth'] / 1e9:.2f} GB/s | "
-              f"{row['disk_bound_tok_s']:.3f} | {row['decode_tok_s'] / row['disk_bound_tok_s']:.2f} |", flush=True)
+              f"{row['disk_bound_tok_s']:.3f} | {row['decode_tok_s'] / row['disk_bound_tok_s']:.2f} | "
+              f"{row.get('resident_decode_tok_s', float('nan')):.3f} |", flush=True)
 
 
 if __name__ == "__main__":
