@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import warnings
+import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -196,6 +197,8 @@ def _open(model: Decoder, path: Path, header: StoreHeader, plan: BudgetPlan, dir
     model.init_rotary()
     resident = range(plan.resident)
     model.layer_stream = LayerStream(reader, header.layers, header.layer_tensors, resident, plan.buffers)
+    # the I/O thread and the file end with the model (the stream holds no reference back to it)
+    weakref.finalize(model, model.layer_stream.close)
     model.offload = OffloadInfo(path, plan, reader.fallback_reason, FORMAT_VERSION)
     model._offload_rest = rest       # the non-layer weights' memory lives as long as the model
     return model
