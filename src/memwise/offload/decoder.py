@@ -144,11 +144,11 @@ def write_store(path: Path, header: StoreHeader, model: Decoder, reader: Checkpo
             bind(model.layers[index], views(layer.tensor, header.layer_tensors))
 
         for index in _filled_layers(model, reader, seed, materialize):
-            writer.write_region(index, memoryview(layer.memory)[:header.layers[index].size])
+            writer.write_region(index, layer.view[:header.layers[index].size])
             model.layers[index].to_empty(device="meta")
         with torch.no_grad():
             fill_tied_head(model)
-        writer.write_region(None, memoryview(rest.memory)[:header.rest.size])
+        writer.write_region(None, rest.view[:header.rest.size])
         return writer.commit()
     except BaseException:
         writer.abort()

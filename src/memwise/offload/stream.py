@@ -23,18 +23,35 @@ from torch import nn
 from memwise.offload.store import Region, TensorSlot, views
 
 READ_CHUNK = 64 * 2**20     # bytes per read call: large reads, bounded so a single one is not huge
+HUGE_PAGE = 2 << 20
 
 
 @dataclass
 class AlignedBuffer:
-    """Page-aligned anonymous memory (what O_DIRECT needs) and a uint8 tensor over it."""
-    memory: mmap.mmap
+    """Page-aligned anonymous memory (what O_DIRECT needs): `view` over it and a uint8 `tensor` of it.
+
+    Private memory, 2 MiB-aligned and advised to use transparent huge pages where it is that large:
+    the products stream every byte of a layer, and on 4 KiB pages they measured twice as slow (TLB
+    misses) as on the memory torch allocates. Shared anonymous memory (mmap's default) gets no huge pages."""
+    view: memoryview
     tensor: torch.Tensor
+    memory: object = None       # what `view` is cut from, kept alive with it
 
     @staticmethod
     def allocate(size: int) -> "AlignedBuffer":
-        memory = mmap.mmap(-1, size)
-        return AlignedBuffer(memory, torch.frombuffer(memory, dtype=torch.uint8))
+        if size < HUGE_PAGE or os.environ.get("MEMWISE_HUGE_PAGES", "1") == "0":
+            memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+            start = 0
+        else:
+            memory = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                try:
+                    memory.madvise(mmap.MADV_HUGEPAGE)
+                except OSError:
+                    pass        # THP disabled: small pages, slower products, same results
+            start = -torch.frombuffer(memory, dtype=torch.uint8).data_ptr() % HUGE_PAGE
+        view = memoryview(memory)[start:start + size]
+        return AlignedBuffer(view, torch.frombuffer(view, dtype=torch.uint8), memory)
 
 
 class RegionReader:
@@ -61,7 +78,7 @@ class RegionReader:
         return self.fallback_reason is None
 
     def read_into(self, region: Region, buffer: AlignedBuffer) -> memoryview:
-        view = memoryview(buffer.memory)[:region.size]
+        view = buffer.view[:region.size]
         done = 0
         while done < region.size:
             end = min(done + READ_CHUNK, region.size)
