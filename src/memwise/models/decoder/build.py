@@ -11,19 +11,23 @@ import torch
 from memwise.checkpoint import CheckpointReader
 from memwise.dtypes import parse_dtype
 from memwise.errors import CheckpointError
+from memwise.models.decoder.dense import use_dense_kernels
 from memwise.models.decoder.layout import TensorSource, checkpoint_plan
 from memwise.models.decoder.modules import Decoder
 from memwise.models.decoder.quantized import fill_tied_head, quantize_layers, quantized_linears
 from memwise.spec import ModelSpec
 
 
-def meta_model(spec: ModelSpec, dtype: str | torch.dtype, quantize: str | None = None) -> Decoder:
-    """The model on the meta device (shapes and dtypes, no memory), its linears quantized when asked."""
+def meta_model(spec: ModelSpec, dtype: str | torch.dtype, quantize: str | None = None,
+               device: str | torch.device = "cpu") -> Decoder:
+    """The model on the meta device (shapes and dtypes, no memory), its linears quantized when asked,
+    the float linears left on the dense kernels where they apply on `device` (dense.py)."""
     with torch.device("meta"):
         model = Decoder(spec)
     model = model.to(parse_dtype(dtype))
     if quantize is not None:
         quantize_layers(model, quantize)
+    use_dense_kernels(model, parse_dtype(dtype), torch.device(device))
     model.tie_weights()
     return model
 
@@ -31,8 +35,9 @@ def meta_model(spec: ModelSpec, dtype: str | torch.dtype, quantize: str | None =
 def _build(spec: ModelSpec, dtype: str | torch.dtype, device: str | torch.device,
            quantize: str | None = None) -> Decoder:
     """The model with uninitialized weights in `dtype` on `device`, never allocated twice; with
-    quantize=SCHEME its layers' linears are quantized (quantized.py) and never exist in float."""
-    model = meta_model(spec, dtype, quantize).to_empty(device=torch.device(device))
+    quantize=SCHEME its layers' linears are quantized (quantized.py) and never exist in float; the
+    float linears left run decode steps on the dense kernels (dense.py)."""
+    model = meta_model(spec, dtype, quantize, device).to_empty(device=torch.device(device))
     model.tie_weights()     # to_empty gives each module its own new tensor, breaking the tie
     model.init_rotary()
     return model.eval().requires_grad_(False)
