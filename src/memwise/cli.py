@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-new-tokens", type=int, default=0)
     gen.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT is generated (repeatable)")
+    gen.add_argument("--max-memory", metavar="BYTES", help="keep the weights within BYTES (2GiB, 512MiB): the "
+                     "layers that do not fit stream from --offload-dir (docs/offload.md)")
+    gen.add_argument("--offload-dir", metavar="DIR", help="where --max-memory keeps the offloaded weights")
     gen.add_argument("--force", action="store_true",
                      help="run even if the predicted peak memory exceeds the memory available now")
     gen.set_defaults(func=cmd_generate)
@@ -123,13 +126,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import memwise
     model = memwise.load(args.source, dtype=args.dtype, device=args.device, revision=args.revision,
-                         quantize=args.quantize)
+                         quantize=args.quantize, max_memory=args.max_memory, offload_dir=args.offload_dir)
     ids, mask = model.encode_batch([args.prompt])
     steps = model.stream(ids, args.max_new_tokens, mask, do_sample=args.sample, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                          min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos, stop_strings=tuple(args.stop))
     # After stream() has checked the options, so that a bad option is the only line on stderr.
+    offload = getattr(model.module, "offload", None)
+    if offload is not None:
+        direct = "O_DIRECT reads" if offload.fallback_reason is None else f"ordinary reads: {offload.fallback_reason}"
+        print(f"[offloaded to {offload.path}: {offload.plan.describe()}; {direct}]", file=sys.stderr)
     if model.synthetic:
         print(f"[{args.source}: synthetic random weights, the text is meaningless]", file=sys.stderr)
     from memwise.tokenizer import decode_stream
@@ -166,8 +173,8 @@ def _gate_generate(args: argparse.Namespace) -> None:
     from memwise.bench.memory import current_rss_bytes
     from memwise.estimate import estimate_inference
     from memwise.estimate.gate import check_predicted_peak, gate_disabled
-    if gate_disabled():
-        return
+    if gate_disabled() or args.max_memory is not None:
+        return      # an offloaded run is held to its own budget (memwise.offload.budget)
     prediction = estimate_inference(args.source, prompt_tokens=len(args.prompt.encode()) + 1,
                                     new_tokens=max(args.max_new_tokens, 1), dtype=args.dtype,
                                     quantize=args.quantize, device=args.device)

@@ -37,11 +37,13 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 
 def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-         revision: str | None = None, seed: int = 0, quantize: str | None = None) -> "LanguageModel":
+         revision: str | None = None, seed: int = 0, quantize: str | None = None,
+         max_memory: str | int | None = None, offload_dir: str | Path | None = None) -> "LanguageModel":
     """Load a model from a local Hugging Face directory, a hub id, or "preset:NAME" (synthetic weights).
 
     quantize="int8" stores the decoder layers' linear weights in int8 (memwise.quantization); `dtype`
-    is then the dtype of everything else."""
+    is then the dtype of everything else. max_memory="2GiB" with offload_dir=DIR keeps the weights
+    that do not fit in DIR and streams them in layer by layer (docs/offload.md)."""
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     if check_scheme(quantize) and torch_device.type != "cpu":
         raise UnsupportedError(f"quantize={quantize!r} runs on the CPU for now (device {device!r} requested)")
@@ -54,18 +56,35 @@ def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str |
     if directory is not None:
         reader = CheckpointReader(directory)
         reader.check_layer_count(spec.num_layers, resolved.where)
+    if max_memory is not None or offload_dir is not None:
+        from memwise.offload.load import load_offloaded_model
+        module = load_offloaded_model(resolved, reader, torch_dtype, torch_device, quantize, seed, max_memory, offload_dir)
+        return _language_model(resolved, spec, module, torch_dtype, torch_device)
     check_fits(f"loading {source} as {str(torch_dtype).removeprefix('torch.')}" + (f" ({quantize})" if quantize else ""),
                {"weights": weights_bytes(family, spec, torch_dtype, quantize)}, torch_device)
     if reader is None:
         module = family.synthetic(spec, torch_dtype, torch_device, seed, **options)
         return LanguageModel(spec, module, ByteTokenizer(spec.vocab_size), torch_dtype, torch_device)
+    spec = _with_special_tokens(spec, directory)
+    module = family.load(spec, reader, torch_dtype, torch_device, **options)
+    return LanguageModel(spec, module, load_tokenizer(directory, spec.bos_token_id), torch_dtype, torch_device)
+
+
+def _with_special_tokens(spec: ModelSpec, directory: Path) -> ModelSpec:
     specials = special_token_ids(directory)
-    spec = dataclasses.replace(
+    return dataclasses.replace(
         spec,
         pad_token_id=spec.pad_token_id if spec.pad_token_id is not None else specials.get("pad_token"),
         eos_token_ids=spec.eos_token_ids or ((specials["eos_token"],) if "eos_token" in specials else ()))
-    module = family.load(spec, reader, torch_dtype, torch_device, **options)
-    return LanguageModel(spec, module, load_tokenizer(directory, spec.bos_token_id), torch_dtype, torch_device)
+
+
+def _language_model(resolved, spec: ModelSpec, module: torch.nn.Module, dtype: torch.dtype,
+                    device: torch.device) -> "LanguageModel":
+    if resolved.directory is None:
+        return LanguageModel(spec, module, ByteTokenizer(spec.vocab_size), dtype, device)
+    spec = _with_special_tokens(spec, resolved.directory)
+    module.spec = spec
+    return LanguageModel(spec, module, load_tokenizer(resolved.directory, spec.bos_token_id), dtype, device)
 
 
 class LanguageModel:

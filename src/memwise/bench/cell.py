@@ -85,6 +85,8 @@ class CellSpec:
     predicted_peak_bytes: int | None = None   # memwise.estimate's prediction of peak_bytes(record)
     busy_cores: int = 0                 # processes that keep cores busy beside each timed run (bench/busy.py)
     engine_file: str | None = None      # what the engine prepared in the parent (llama.cpp: the GGUF file)
+    max_memory: str | None = None       # memwise engine: offloaded under this budget into offload_dir
+    offload_dir: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -106,6 +108,8 @@ def blank_record(spec: CellSpec) -> dict[str, Any]:
         predicted_peak_bytes=spec.predicted_peak_bytes,
         prompt_ids=spec.prompt_ids_note or "synthetic (seeded uniform ids)",
     )
+    if spec.max_memory is not None:
+        record["max_memory"] = spec.max_memory
     return record
 
 
@@ -174,7 +178,10 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
         configure(spec)
     source = Source(**{k: v for k, v in spec.source.items() if k in Source.__dataclass_fields__})
     record["import_s"] = time.time() - start
-    engine.load(source, spec.dtype, spec.device, **({"quantize": spec.quantize} if spec.quantize else {}))
+    options = {"quantize": spec.quantize} if spec.quantize else {}
+    if spec.max_memory is not None:
+        options.update(max_memory=spec.max_memory, offload_dir=spec.offload_dir)
+    engine.load(source, spec.dtype, spec.device, **options)
     _wait(spec.device)
     record["load_s"] = time.time() - start
     record["rss_after_load_bytes"] = memory.current_rss_bytes()

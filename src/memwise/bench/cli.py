@@ -97,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--quantize", choices=("int8", "int4", "nf4"), metavar="SCHEME",
                       help="memwise engine: store the decoder layers' weights in SCHEME (int8, int4, nf4); "
                            "other engines as given")
+    what.add_argument("--max-memory", metavar="BYTES", help="memwise engine: offload the weights that do not fit "
+                      "BYTES to --offload-dir and stream them in layer by layer (docs/offload.md)")
+    what.add_argument("--offload-dir", metavar="DIR", help="where --max-memory keeps the offloaded weights")
     what.add_argument("--batch-size", action="append", type=_positive, metavar="N")
     what.add_argument("--prompt-tokens", action="append", type=_positive, metavar="N")
     what.add_argument("--new-tokens", action="append", type=_positive, metavar="N")
@@ -169,7 +172,11 @@ def measure_command(args: argparse.Namespace) -> int:
         metadata["seed_settings"] = {"prompts": matrix.prompts, "max_length": matrix.max_length,
                                      "repetition_penalty": matrix.repetition_penalty,
                                      "no_repeat_ngram_size": matrix.no_repeat_ngram_size, "eos": "ignored"}
+    if (args.max_memory is None) != (args.offload_dir is None):
+        from memwise.errors import MemwiseError
+        raise MemwiseError("--max-memory and --offload-dir go together: offloading needs both")
     options = RunOptions(threads=args.threads, device=args.device, quantize=args.quantize, timeout_s=args.timeout,
+                         max_memory=args.max_memory, offload_dir=args.offload_dir,
                          over_memory="force" if args.force else "refuse",
                          log_dir=args.out / "logs" if args.out is not None else None, busy_cores=args.busy_cores)
     # Bandwidth is measured before and after the cells, never during one; other load on the machine

@@ -59,6 +59,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--engine", default="memwise",
                         help="memwise (default), transformers, or memwise-reference (hgrn_bit, plain PyTorch path)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (no interpreter baseline)")
+    parser.add_argument("--max-memory", metavar="BYTES", help="an offloaded run under this budget (weights: "
+                        "what the offload plan keeps resident plus its read-ahead buffers)")
     parser.add_argument("--budget", metavar="BYTES", help="list the inference configurations that fit, fastest first")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     tune = parser.add_argument_group("fine-tuning (--task finetune)")
@@ -88,12 +90,19 @@ def estimate_command(args: argparse.Namespace) -> int:
         result = estimate_inference(_resolve(args.source), batch_size=args.batch_size,
                                     prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                     dtype=args.dtype, quantize=args.quantize, engine=args.engine,
-                                    device=args.device)
+                                    device=args.device, max_memory=_max_memory(args.max_memory))
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         _print_estimate(result, args.source)
     return 0
+
+
+def _max_memory(text: str | None) -> int | None:
+    if text is None:
+        return None
+    from memwise.offload.budget import parse_size
+    return parse_size(text, "--max-memory")
 
 
 def _finetune(args: argparse.Namespace) -> Estimate:

@@ -72,9 +72,10 @@ class EstimateError(MemwiseError):
 
 def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, prompt_tokens: int = 128,
                        new_tokens: int = 128, dtype: str = "float32", quantize: str | None = None,
-                       engine: str = "memwise", device: str = "cpu") -> Estimate:
+                       engine: str = "memwise", device: str = "cpu", max_memory: int | None = None) -> Estimate:
     """Predicted peak memory of loading `model` and generating `new_tokens` after `prompt_tokens` for
-    `batch_size` sequences (no weights are read)."""
+    `batch_size` sequences (no weights are read). With max_memory (bytes: an offloaded load, memwise
+    engine, decoder family) the weights are what the offload plan keeps resident plus its buffers."""
     resolved = model if isinstance(model, ModelSource) else resolve_model(model)
     spec, family = resolved.spec, resolved.family
     family_name = family.__name__.rsplit(".", 1)[-1]
@@ -90,7 +91,10 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
     parts: dict[str, int] = {}
     if device_type == "cpu":
         parts["framework_baseline"] = constants.baseline
-    if engine != "transformers":
+    notes = []
+    if max_memory is not None:
+        parts["weights"] = _offloaded_weights(resolved, engine, torch_dtype, quantize, max_memory, notes)
+    elif engine != "transformers":
         parts["weights"] = weights_bytes(family, spec, torch_dtype, quantize)
     else:
         parts["weights"] = int(family.parameter_count(spec)) * torch_dtype.itemsize
@@ -106,7 +110,6 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
     # generation's parts is a part of its own, so that the parts still add up to the peak.
     generation = sum(v for k, v in parts.items() if k not in ("framework_baseline", "weights"))
     parts["load_transient_excess"] = max(load_transient_bytes(spec, engine, torch_dtype) - generation, 0)
-    notes = []
     if resolved.directory is not None and device_type == "cpu":
         mapped = mapped_checkpoint_bytes(resolved.directory, engine)
         if mapped:
@@ -120,6 +123,18 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
                 "device": device_type, "dtype": str(torch_dtype).removeprefix("torch."), "quantize": quantize,
                 "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
     return Estimate("inference", settings, parts, notes=notes)
+
+
+def _offloaded_weights(resolved: ModelSource, engine: str, dtype: torch.dtype, quantize: str | None,
+                       max_memory: int, notes: list[str]) -> int:
+    """Resident weights of an offloaded run: the non-layer weights, the resident layers, the buffers."""
+    if engine != "memwise" or resolved.family.__name__ != "memwise.models.decoder":
+        raise EstimateError("--max-memory (offloading) is estimated for the memwise engine on the decoder "
+                            f"family, not {engine} on {resolved.spec.model_type}")
+    from memwise.offload.decoder import budget_plan
+    plan = budget_plan(resolved.spec, dtype, quantize, max_memory)
+    notes.append(f"offloaded: {plan.describe()}")
+    return plan.resident_bytes
 
 
 def spec_cache_bytes(spec: ModelSpec, batch_size: int, max_length: int, dtype: torch.dtype) -> int:

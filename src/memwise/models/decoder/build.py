@@ -18,18 +18,26 @@ from memwise.models.decoder.quantized import fill_tied_head, quantize_layers, qu
 from memwise.spec import ModelSpec
 
 
-def _build(spec: ModelSpec, dtype: str | torch.dtype, device: str | torch.device,
-           quantize: str | None = None) -> Decoder:
-    """The model with uninitialized weights in `dtype` on `device`, never allocated twice; with
-    quantize=SCHEME its layers' linears are quantized (quantized.py) and never exist in float; the
-    float linears left run decode steps on the dense kernels (dense.py)."""
+def meta_model(spec: ModelSpec, dtype: str | torch.dtype, quantize: str | None = None,
+               device: str | torch.device = "cpu") -> Decoder:
+    """The model on the meta device (shapes and dtypes, no memory), its linears quantized when asked,
+    the float linears left on the dense kernels where they apply on `device` (dense.py)."""
     with torch.device("meta"):
         model = Decoder(spec)
     model = model.to(parse_dtype(dtype))
     if quantize is not None:
         quantize_layers(model, quantize)
     use_dense_kernels(model, parse_dtype(dtype), torch.device(device))
-    model = model.to_empty(device=torch.device(device))
+    model.tie_weights()
+    return model
+
+
+def _build(spec: ModelSpec, dtype: str | torch.dtype, device: str | torch.device,
+           quantize: str | None = None) -> Decoder:
+    """The model with uninitialized weights in `dtype` on `device`, never allocated twice; with
+    quantize=SCHEME its layers' linears are quantized (quantized.py) and never exist in float; the
+    float linears left run decode steps on the dense kernels (dense.py)."""
+    model = meta_model(spec, dtype, quantize, device).to_empty(device=torch.device(device))
     model.tie_weights()     # to_empty gives each module its own new tensor, breaking the tie
     model.init_rotary()
     return model.eval().requires_grad_(False)
@@ -39,15 +47,28 @@ def load(spec: ModelSpec, reader: CheckpointReader, dtype: str | torch.dtype = "
          device: str | torch.device = "cpu", quantize: str | None = None) -> Decoder:
     """The model with the checkpoint's weights, read and converted (or quantized) one tensor at a time."""
     plan = checkpoint_plan(spec, reader)
-    _check_plan(plan, reader, spec)
+    check_plan(plan, reader, spec)
     model = _build(spec, dtype, device, quantize)
-    parameters = dict(model.named_parameters())
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    sizes.update({name: m.out_features * m.in_features for name, m in quantized_linears(model).items()})
+    filled = fill_from_checkpoint(model, plan, reader)
+    with torch.no_grad():
+        fill_tied_head(model)
+    if model.spec.tie_word_embeddings:
+        filled["lm_head.weight"] = sizes.get("lm_head.weight", 0)
+    unfilled = [name for name, size in sizes.items() if filled.get(name, 0) != size]
+    if unfilled:  # a mapping bug, not a user's mistake, but never run on uninitialized memory
+        raise CheckpointError(f"{reader.directory}: no checkpoint tensor for {', '.join(unfilled)}")
+    return model
+
+
+def fill_from_checkpoint(model: Decoder, sources: list[TensorSource], reader: CheckpointReader) -> dict[str, int]:
+    """Read `sources` into `model`'s (allocated) parameters, quantizing into quantized linears;
+    elements filled per parameter. The offloaded load calls it one layer at a time."""
     quantized = quantized_linears(model)
-    sizes = {name: p.numel() for name, p in parameters.items()}
-    sizes.update({name: m.out_features * m.in_features for name, m in quantized.items()})
     filled: dict[str, int] = {}
     with torch.no_grad():
-        for source in plan:
+        for source in sources:
             tensor = reader.read(source.name, source.shape)
             if source.transpose:
                 tensor = tensor.t()
@@ -58,26 +79,20 @@ def load(spec: ModelSpec, reader: CheckpointReader, dtype: str | torch.dtype = "
                 filled[source.parameter] = filled.get(source.parameter, 0) + tensor.numel()
                 del tensor
                 continue
-            target = parameters[source.parameter]
+            target = model.get_parameter(source.parameter)
             if source.rows is not None:
                 target = target[source.rows[0]:source.rows[1]]
             target.copy_(tensor)
             filled[source.parameter] = filled.get(source.parameter, 0) + target.numel()
             del tensor
-        fill_tied_head(model)
-        if model.spec.tie_word_embeddings:
-            filled["lm_head.weight"] = sizes.get("lm_head.weight", 0)
-    unfilled = [name for name, size in sizes.items() if filled.get(name, 0) != size]
-    if unfilled:  # a mapping bug, not a user's mistake, but never run on uninitialized memory
-        raise CheckpointError(f"{reader.directory}: no checkpoint tensor for {', '.join(unfilled)}")
-    return model
+    return filled
 
 
 # Buffers that older transformers versions saved with the weights: never parameters.
 _SAVED_BUFFERS = re.compile(r"(attn\.(masked_)?bias|rotary_emb\.inv_freq)$")
 
 
-def _check_plan(plan: list[TensorSource], reader: CheckpointReader, spec: ModelSpec) -> None:
+def check_plan(plan: list[TensorSource], reader: CheckpointReader, spec: ModelSpec) -> None:
     """Every tensor the model needs is in the checkpoint with its shape and a floating-point dtype
     (an integer tensor would load as huge values), checked before the model is allocated; tensors the
     model does not read are a sign that the config does not describe the weights, and are reported."""

@@ -173,6 +173,8 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(embed, spec.vocab_size, bias=spec.lm_head_bias)
         self.tie_weights()
         self.inv_freq: torch.Tensor | None = None
+        # set by an offloaded load (memwise.offload): yields each layer with its weights read in
+        self.layer_stream = None
 
     def tie_weights(self) -> None:
         # an int8 lm_head (quantized.py) holds its own copy: the lookup keeps the float table
@@ -233,7 +235,8 @@ class Decoder(nn.Module):
             rope = self._rope(positions, x.dtype)
         mask, causal = attention_mask_for(cache, start, length, self.spec.sliding_window)
 
-        for layer in self.layers:
+        layers = self.layers if self.layer_stream is None else self.layer_stream.layers(self.layers)
+        for layer in layers:
             x = layer(x, rope, cache, mask, causal)
         cache.length = end
 
