@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--quantize", metavar="SCHEME", help="store the decoder layers' weights in SCHEME (int8, int4, nf4)")
+    gen.add_argument("--kv-cache", metavar="SCHEME", help="store the KV cache in SCHEME (int8, int4)")
     _add_load_flags(gen)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -118,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import memwise
     model = memwise.load(args.source, dtype=args.dtype, device=args.device, revision=args.revision,
-                         quantize=args.quantize)
+                         quantize=args.quantize, kv_cache=args.kv_cache)
     ids, mask = model.encode_batch([args.prompt])
     steps = model.stream(ids, args.max_new_tokens, mask, do_sample=args.sample, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -165,7 +166,7 @@ def _gate_generate(args: argparse.Namespace) -> None:
         return
     prediction = estimate_inference(args.source, prompt_tokens=len(args.prompt.encode()) + 1,
                                     new_tokens=max(args.max_new_tokens, 1), dtype=args.dtype,
-                                    quantize=args.quantize, device=args.device)
+                                    quantize=args.quantize, device=args.device, kv_cache=args.kv_cache)
     check_predicted_peak(f"generating {args.max_new_tokens} tokens with {args.source}", prediction, args.device,
                          resident_now=current_rss_bytes())
 

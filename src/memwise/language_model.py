@@ -13,9 +13,10 @@ import torch
 from memwise.checkpoint import CheckpointReader
 from memwise.dtypes import parse_dtype
 from memwise.errors import MemwiseError, UnsupportedError, shown
+from memwise.kernels import kv_quant
 from memwise.generate import GenerationOptions, generate_steps
 from memwise.memory_gate import check_fits, weights_bytes
-from memwise.quantization import check_scheme
+from memwise.quantization import check_kv_scheme, check_scheme
 from memwise.source import resolve_model
 from memwise.spec import ModelSpec
 from memwise.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, special_token_ids
@@ -37,17 +38,22 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 
 def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-         revision: str | None = None, seed: int = 0, quantize: str | None = None) -> "LanguageModel":
+         revision: str | None = None, seed: int = 0, quantize: str | None = None,
+         kv_cache: str | None = None) -> "LanguageModel":
     """Load a model from a local Hugging Face directory, a hub id, or "preset:NAME" (synthetic weights).
 
     quantize="int8" stores the decoder layers' linear weights in int8 (memwise.quantization); `dtype`
-    is then the dtype of everything else."""
+    is then the dtype of everything else. kv_cache="int8" | "int4" stores the KV cache of every
+    generation and logits call quantized (memwise.kernels.kv_quant)."""
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     if check_scheme(quantize) and torch_device.type != "cpu":
         raise UnsupportedError(f"quantize={quantize!r} runs on the CPU for now (device {device!r} requested)")
     resolved = resolve_model(source, revision)
     spec, family, directory = resolved.spec, resolved.family, resolved.directory
     quantize = check_scheme(quantize, spec.model_type)
+    kv_cache = check_kv_scheme(kv_cache, spec.model_type)
+    if kv_cache is not None:
+        kv_quant.bytes_per_vector(kv_cache, spec.head_dim)    # refuses a head_dim the layout cannot hold
     # hgrn_bit's loaders take no quantize argument: pass it only when there is one
     options = {"quantize": quantize} if quantize else {}
     reader = None
@@ -58,6 +64,7 @@ def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str |
                {"weights": weights_bytes(family, spec, torch_dtype, quantize)}, torch_device)
     if reader is None:
         module = family.synthetic(spec, torch_dtype, torch_device, seed, **options)
+        module.kv_cache = kv_cache
         return LanguageModel(spec, module, ByteTokenizer(spec.vocab_size), torch_dtype, torch_device)
     specials = special_token_ids(directory)
     spec = dataclasses.replace(
@@ -65,6 +72,7 @@ def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str |
         pad_token_id=spec.pad_token_id if spec.pad_token_id is not None else specials.get("pad_token"),
         eos_token_ids=spec.eos_token_ids or ((specials["eos_token"],) if "eos_token" in specials else ()))
     module = family.load(spec, reader, torch_dtype, torch_device, **options)
+    module.kv_cache = kv_cache
     return LanguageModel(spec, module, load_tokenizer(directory, spec.bos_token_id), torch_dtype, torch_device)
 
 
@@ -85,6 +93,11 @@ class LanguageModel:
             raise MemwiseError(f"{self.spec.source}: no tokenizer.json, so text cannot be encoded; "
                                "pass token ids instead")
         return self._tokenizer
+
+    @property
+    def kv_cache(self) -> str | None:
+        """The KV cache scheme chosen at load (None: the model's dtype)."""
+        return getattr(self.module, "kv_cache", None)
 
     @property
     def synthetic(self) -> bool:
@@ -195,8 +208,10 @@ class LanguageModel:
 
     def __repr__(self) -> str:
         kind = "synthetic" if self.synthetic else "real"
+        kv = self.kv_cache
         return (f"LanguageModel({self.spec.model_type}, source={self.spec.source!r}, {kind} weights, "
-                f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})")
+                f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device}"
+                + (f", kv_cache={kv}" if kv else "") + ")")
 
 
 def _normalize(options: dict) -> dict:

@@ -93,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--quantize", choices=("int8", "int4", "nf4"), metavar="SCHEME",
                       help="memwise engine: store the decoder layers' weights in SCHEME (int8, int4, nf4); "
                            "other engines as given")
+    what.add_argument("--kv-cache", choices=("int8", "int4"), metavar="SCHEME",
+                      help="memwise engine: store the KV cache in SCHEME (int8, int4); other engines as given")
     what.add_argument("--batch-size", action="append", type=_positive, metavar="N")
     what.add_argument("--prompt-tokens", action="append", type=_positive, metavar="N")
     what.add_argument("--new-tokens", action="append", type=_positive, metavar="N")
@@ -165,7 +167,8 @@ def measure_command(args: argparse.Namespace) -> int:
         metadata["seed_settings"] = {"prompts": matrix.prompts, "max_length": matrix.max_length,
                                      "repetition_penalty": matrix.repetition_penalty,
                                      "no_repeat_ngram_size": matrix.no_repeat_ngram_size, "eos": "ignored"}
-    options = RunOptions(threads=args.threads, device=args.device, quantize=args.quantize, timeout_s=args.timeout,
+    options = RunOptions(threads=args.threads, device=args.device, quantize=args.quantize, kv_cache=args.kv_cache,
+                         timeout_s=args.timeout,
                          over_memory="force" if args.force else "refuse",
                          log_dir=args.out / "logs" if args.out is not None else None, busy_cores=args.busy_cores)
     # Bandwidth is measured before and after the cells, never during one; other load on the machine

@@ -45,6 +45,7 @@ class RunOptions:
     seed: int = 0
     busy_cores: int = 0                 # busy processes beside each timed run (bench/busy.py)
     quantize: str | None = None         # weight scheme of the memwise engines' cells
+    kv_cache: str | None = None         # KV cache scheme of the memwise engines' cells
     # A cell predicted not to fit the memory available: "skip" it (a skipped record), "refuse" the
     # whole run before any cell starts (the CLI), or "force" it to run anyway (the CLI's --force).
     over_memory: str = "skip"
@@ -108,7 +109,7 @@ def skip_reason(source: Source, engine: str, spec: CellSpec, arch: memory.Archit
 
 
 def predicted_peak(source: Source, engine: str, dtype: str, quantize: str | None, batch: int, prompt: int,
-                   new: int, device: str) -> int | None:
+                   new: int, device: str, kv_cache: str | None = None) -> int | None:
     """memwise.estimate's predicted peak of a cell (computed here, in the parent: nothing is loaded),
     or None for a model or engine it has no formulas for."""
     from memwise.estimate import estimate_inference
@@ -120,7 +121,7 @@ def predicted_peak(source: Source, engine: str, dtype: str, quantize: str | None
         model = ModelSource(source.config or {}, source.source, family, spec, directory)
         return estimate_inference(model, batch_size=batch, prompt_tokens=max(prompt, 1), new_tokens=max(new, 1),
                                   dtype=dtype, quantize=quantize, engine=engine,
-                                  device=device).predicted_peak_bytes
+                                  device=device, kv_cache=kv_cache).predicted_peak_bytes
     except MemwiseError:
         return None
 
@@ -155,6 +156,7 @@ def plan_cells(matrix: Matrix, sources: dict[str, Source],
             prompt = max(len(p) for p in ids)
             new = max((matrix.max_length or 0) - min(len(p) for p in ids), 1)
         quantize = options.quantize if engine == "memwise" else None
+        kv_cache = options.kv_cache if engine == "memwise" else None
         if engine == "memwise" and dtype in SCHEMES:   # a suite's quantized cell: the scheme in the dtype slot
             dtype, quantize = "float32", dtype
         weights = None
@@ -162,13 +164,14 @@ def plan_cells(matrix: Matrix, sources: dict[str, Source],
             weights = memory.memwise_weights_bytes(source.config or {}, dtype, quantize)
         spec = CellSpec(
             model=source.name, source=asdict(source), engine=engine, dtype=dtype, quantize=quantize,
-            device=options.device, batch_size=batch, prompt_tokens=prompt, new_tokens=new, runs=matrix.runs,
+            kv_cache=kv_cache, device=options.device, batch_size=batch, prompt_tokens=prompt, new_tokens=new, runs=matrix.runs,
             warmup=matrix.warmup, threads=options.threads, seed=options.seed, prompts=ids,
             prompt_ids_note=note, max_length=matrix.max_length, repetition_penalty=matrix.repetition_penalty,
             no_repeat_ngram_size=matrix.no_repeat_ngram_size,
             estimated_bytes=memory.estimate_cell_bytes(arch, engine, dtype, batch, prompt, new, weights),
             busy_cores=options.busy_cores,
-            predicted_peak_bytes=predicted_peak(source, engine, dtype, quantize, batch, prompt, new, options.device),
+            predicted_peak_bytes=predicted_peak(source, engine, dtype, quantize, batch, prompt, new, options.device,
+                                                kv_cache),
         )
         planned.append((spec, source, arch))
     return planned

@@ -25,8 +25,8 @@ from torch import nn
 from memwise import kernels
 from memwise.kernels import bf16
 from memwise.kernels.packed import TernaryMatrix, rmsnorm
-from memwise.models.decoder.modules import (Attention, DecoderCache, attention_mask_for, rotary_angles,
-                                            rotary_inv_freq)
+from memwise.models.decoder.cache import DecoderCache, decoder_cache_bytes, new_decoder_cache
+from memwise.models.decoder.modules import Attention, attention_mask_for, rotary_angles, rotary_inv_freq
 from memwise.spec import ModelSpec
 
 BACKENDS = kernels.BACKENDS
@@ -129,12 +129,14 @@ class BitNetForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.embeddings.device
 
+    kv_cache: str | None = None    # a kv_quant scheme, set at load (memwise.load(kv_cache=...))
+
     def new_cache(self, batch_size: int, max_length: int) -> DecoderCache:
-        return DecoderCache(self.spec, batch_size, max_length, torch.float32, self.device)
+        return new_decoder_cache(self.spec, batch_size, max_length, torch.float32, self.device, self.kv_cache)
 
     def cache_bytes(self, batch_size: int, max_length: int) -> int:
         """What new_cache(batch_size, max_length) allocates, computed without allocating it."""
-        return DecoderCache.nbytes(self.spec, batch_size, max_length, torch.float32)
+        return decoder_cache_bytes(self.spec, batch_size, max_length, torch.float32, self.kv_cache)
 
     def forward(self, input_ids: torch.Tensor, cache: DecoderCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
