@@ -56,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--revision")
     info.set_defaults(func=cmd_info)
 
-    conv = sub.add_parser("convert", help="write a MatMul-free checkpoint packed at 2 bits per weight")
+    conv = sub.add_parser("convert", help="write a MatMul-free checkpoint packed at 2 bits per weight, or a "
+                                          "decoder's quantized checkpoint (--quantize)")
     conv.add_argument("source", metavar="SOURCE")
     conv.add_argument("out", metavar="OUT", help="output directory (must not exist yet)")
+    conv.add_argument("--quantize", metavar="SCHEME", help="conventional decoders: write weights quantized in "
+                                                           "SCHEME (int8, int4, nf4)")
     conv.set_defaults(func=cmd_convert)
 
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (docs/serve.md)")
@@ -181,7 +184,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
     from memwise.convert import convert
-    out = convert(args.source, Path(args.out))
+    out = convert(args.source, Path(args.out), quantize=args.quantize)
     print(f"wrote {out}")
     return 0
 

@@ -51,6 +51,7 @@ def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str |
     resolved = resolve_model(source, revision)
     spec, family, directory = resolved.spec, resolved.family, resolved.directory
     quantize = check_scheme(quantize, spec.model_type)
+    stored = None
     kv_cache = check_kv_scheme(kv_cache, spec.model_type)
     if kv_cache is not None:
         kv_quant.bytes_per_vector(kv_cache, spec.head_dim)    # refuses a head_dim the layout cannot hold
@@ -60,6 +61,15 @@ def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str |
     if directory is not None:
         reader = CheckpointReader(directory)
         reader.check_layer_count(spec.num_layers, resolved.where)
+        if hasattr(family, "stored_scheme"):
+            stored = family.stored_scheme(resolved.config, reader, resolved.where)
+        if stored is not None and quantize not in (None, stored):
+            raise UnsupportedError(f"{source}: a checkpoint quantized as {stored} cannot load as quantize={quantize!r}")
+        quantize = stored or quantize
+        if stored is not None and torch_device.type != "cpu":
+            raise UnsupportedError(f"{source}: a checkpoint quantized as {stored} runs on the CPU for now "
+                                   f"(device {device!r} requested)")
+        options = {"quantize": quantize} if quantize else {}
     check_fits(f"loading {source} as {str(torch_dtype).removeprefix('torch.')}" + (f" ({quantize})" if quantize else ""),
                {"weights": weights_bytes(family, spec, torch_dtype, quantize)}, torch_device)
     if reader is None:
@@ -71,7 +81,10 @@ def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str |
         spec,
         pad_token_id=spec.pad_token_id if spec.pad_token_id is not None else specials.get("pad_token"),
         eos_token_ids=spec.eos_token_ids or ((specials["eos_token"],) if "eos_token" in specials else ()))
-    module = family.load(spec, reader, torch_dtype, torch_device, **options)
+    if stored is not None:
+        module = family.load_quantized(spec, reader, torch_dtype, torch_device, stored)
+    else:
+        module = family.load(spec, reader, torch_dtype, torch_device, **options)
     module.kv_cache = kv_cache
     return LanguageModel(spec, module, load_tokenizer(directory, spec.bos_token_id), torch_dtype, torch_device)
 
