@@ -57,12 +57,18 @@ def test_cache_allocates_what_it_reports(preset, scheme):
     model = memwise.load(f"preset:{preset}", kv_cache=scheme)
     cache = model.module.new_cache(3, 40)
     assert isinstance(cache, QuantizedDecoderCache)
-    held = sum(t.numel() * t.element_size() for pair in (*cache.keys, *cache.values) for t in pair)
-    held += cache.mask.numel() + cache.real_count.numel() * 8
+    tensors = [*cache.codes, *cache.params, cache.workspace] + ([cache.scratch] if scheme == "int4" else [])
+    held = sum(t.numel() * t.element_size() for t in tensors) + cache.mask.numel() + cache.real_count.numel() * 8
     assert held == model.module.cache_bytes(3, 40) == spec_cache_bytes(model.spec, 3, 40, torch.float32, scheme)
     plain = memwise.load(f"preset:{preset}").module
     assert isinstance(plain.new_cache(3, 40), DecoderCache)
-    assert plain.cache_bytes(3, 40) > 3 * model.module.cache_bytes(3, 40)
+    # per layer: keys and values of 3 x 40 slots, quantized; plus one layer in float32 (and int4's unpacked codes)
+    spec = model.spec
+    vectors = 2 * 3 * spec.num_kv_heads * 40
+    layer_float = vectors * spec.head_dim * 4
+    assert model.module.cache_bytes(3, 40) == (3 * 48 + spec.num_layers * vectors * kv_quant.bytes_per_vector(
+        scheme, spec.head_dim) + layer_float + (vectors * spec.head_dim if scheme == "int4" else 0))
+    assert plain.cache_bytes(3, 40) == 3 * 48 + spec.num_layers * layer_float
 
 
 def prompts() -> torch.Tensor:
@@ -132,13 +138,14 @@ def test_estimate_counts_the_quantized_cache():
     for scheme, per_vector in (("int8", 64 + 4), ("int4", 32 + 8)):
         quantized = estimate_inference("preset:gpt2-medium", prompt_tokens=512, new_tokens=512, kv_cache=scheme)
         # gpt2-medium: 24 layers x 16 heads x head_dim 64, keys and values, 1024 slots
-        assert quantized.parts["kv_cache"] == 24 * 2 * 16 * 1024 * per_vector + 1024 + 8
+        workspace = 2 * 16 * 1024 * 64 * (4 if scheme == "int8" else 5)     # one layer float32 (+ int4's unpacked codes)
+        assert quantized.parts["kv_cache"] == 24 * 2 * 16 * 1024 * per_vector + workspace + 1024 + 8
         assert quantized.settings["kv_cache"] == scheme
         assert plain.predicted_peak_bytes - quantized.predicted_peak_bytes == \
             plain.parts["kv_cache"] - quantized.parts["kv_cache"]
     run = run_cli("estimate", "preset:gpt2-medium", "--kv-cache", "int4", "--json")
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["breakdown"]["kv_cache"] == 24 * 2 * 16 * 256 * 40 + 256 + 8
+    assert json.loads(run.stdout)["breakdown"]["kv_cache"] == 24 * 2 * 16 * 256 * 40 + 2 * 16 * 256 * 64 * 5 + 256 + 8
     with pytest.raises(MemwiseError, match="no KV cache"):
         estimate_inference("preset:tiny-mmfree", kv_cache="int8")
 
@@ -151,3 +158,18 @@ def test_bench_records_the_kv_cache_scheme():
     record = run_cell(spec)
     assert record["status"] == "ok", record["reason"]
     assert record["kv_cache"] == "int8" and record["quantize"] is None
+
+
+def test_info_lists_kv_cache_bytes_per_token():
+    run = run_cli("info", "preset:gpt2-medium")
+    assert run.returncode == 0, run.stderr
+    text = " ".join(run.stdout.split())
+    # 24 layers x 2 (keys, values) x 16 heads x 64 numbers: 192 KiB at 4 bytes, (64 + 4) and (32 + 8) bytes per vector
+    for expected in ("KV cache per token, float32 │ 192.00 KiB", "kv_cache=int8 │ 51.00 KiB (1.062 B/number)",
+                     "kv_cache=int4 │ 30.00 KiB (0.625 B/number)"):
+        assert expected in text, expected
+    assert "KV cache" not in memwise_info_text("preset:tiny-mmfree")
+
+
+def memwise_info_text(source: str) -> str:
+    return " ".join(run_cli("info", source).stdout.split())

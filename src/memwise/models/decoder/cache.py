@@ -59,8 +59,9 @@ class DecoderCache:
 
 
 class QuantizedDecoderCache(DecoderCache):
-    """Keys and values of every layer as kv_quant codes [B, kv_heads, max_length, codes_width] and
-    group constants [B, kv_heads, max_length, groups, params_width]."""
+    """Keys and values of every layer as kv_quant codes [2, B, kv_heads, max_length, codes_width] and
+    group constants [2, B, kv_heads, max_length, groups, params_width] (index 0: keys, 1: values; one
+    tensor for both, so that a step quantizes and dequantizes them in one call each)."""
 
     def __init__(self, spec: ModelSpec, batch_size: int, max_length: int, dtype: torch.dtype,
                  device: torch.device, scheme: str):
@@ -72,22 +73,24 @@ class QuantizedDecoderCache(DecoderCache):
         codes = (*lead, kv_quant.codes_width(self.scheme, head_dim))
         params = (*lead, head_dim // kv_quant.group_size(head_dim), kv_quant.params_width(self.scheme))
         code_dtype = torch.int8 if self.scheme == "int8" else torch.uint8
-        self.keys = [(torch.empty(codes, dtype=code_dtype, device=device),
-                      torch.empty(params, dtype=torch.float32, device=device)) for _ in range(spec.num_layers)]
-        self.values = [(torch.empty(codes, dtype=code_dtype, device=device),
-                        torch.empty(params, dtype=torch.float32, device=device)) for _ in range(spec.num_layers)]
+        self.codes = [torch.empty((2, *codes), dtype=code_dtype, device=device) for _ in range(spec.num_layers)]
+        self.params = [torch.empty((2, *params), dtype=torch.float32, device=device) for _ in range(spec.num_layers)]
+        # What attention reads: one layer's keys and values dequantized, reused by every layer (a layer's
+        # attention is done before the next layer writes), and int4's unpacked codes.
+        self.workspace = torch.empty((2, *shape), dtype=dtype, device=device)
+        self.scratch = torch.empty((2, *codes, 2), dtype=torch.uint8, device=device) if self.scheme == "int4" else None
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize the new tokens' keys/values into the current slots; all keys/values so far,
         dequantized (a temporary in the model's dtype, of the slots in use only)."""
         end = self.length + keys.shape[2]
-        out = []
-        for stored, new in ((self.keys[layer], keys), (self.values[layer], values)):
-            codes, params = kv_quant.quantize_kv(new, self.scheme)
-            stored[0][:, :, self.length:end] = codes
-            stored[1][:, :, self.length:end] = params
-            out.append(kv_quant.dequantize_kv(stored[0][:, :, :end], stored[1][:, :, :end], self.scheme, self.dtype))
-        return out[0], out[1]
+        codes, params = kv_quant.quantize_kv(torch.stack((keys, values)), self.scheme)
+        self.codes[layer][:, :, :, self.length:end] = codes
+        self.params[layer][:, :, :, self.length:end] = params
+        scratch = self.scratch[:, :, :, :end] if self.scratch is not None else None
+        both = kv_quant.dequantize_kv(self.codes[layer][:, :, :, :end], self.params[layer][:, :, :, :end],
+                                      self.scheme, self.dtype, self.workspace[:, :, :, :end], scratch)
+        return both[0], both[1]
 
 
 def new_decoder_cache(spec: ModelSpec, batch_size: int, max_length: int, dtype: torch.dtype,
@@ -100,10 +103,15 @@ def new_decoder_cache(spec: ModelSpec, batch_size: int, max_length: int, dtype: 
 def decoder_cache_bytes(spec: ModelSpec, batch_size: int, max_length: int, dtype: torch.dtype,
                         scheme: str | None = None) -> int:
     """What new_decoder_cache allocates, from the spec alone: keys and values of every layer, the
-    mask of real slots and the per-row token counts."""
-    vector = spec.head_dim * dtype.itemsize if scheme is None else kv_quant.bytes_per_vector(scheme, spec.head_dim)
-    per_layer = 2 * batch_size * spec.num_kv_heads * max_length * vector
-    return spec.num_layers * per_layer + batch_size * (max_length + 8)
+    mask of real slots and the per-row token counts; quantized, also one layer's keys and values in
+    `dtype` (the workspace attention reads) and, for int4, one layer's unpacked codes."""
+    vectors = 2 * batch_size * spec.num_kv_heads * max_length
+    total = batch_size * (max_length + 8)
+    if scheme is None:
+        return total + spec.num_layers * vectors * spec.head_dim * dtype.itemsize
+    total += spec.num_layers * vectors * kv_quant.bytes_per_vector(scheme, spec.head_dim)
+    total += vectors * spec.head_dim * dtype.itemsize
+    return total + (vectors * spec.head_dim if scheme == "int4" else 0)
 
 
 def record_tokens(cache: DecoderCache, attention_mask: torch.Tensor | None, length: int,
