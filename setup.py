@@ -3,8 +3,10 @@
 * memwise.kernels._ternary: the model-free kernel library (memwise/kernels/csrc).
 * memwise.kernels._int8: the library's int8-weight (W8A8) products, from the same folder.
 * memwise.kernels._fourbit: the 4-bit weight products (int4 W4A8, nf4), from the same folder.
+* memwise.kernels._bf16, memwise.kernels._dense: bfloat16- and float32-weight products for decode.
 * memwise.models.hgrn_bit._step: the fused HGRN-Bit decode step, which compiles the library's
   headers into its own translation unit so that its per-instruction-set code inlines them.
+* memwise.models.bitnet._step: the fused BitNet decode step, built the same way.
 
 Both are optional: without a C compiler the install still succeeds and memwise runs its PyTorch
 reference kernels. Instruction sets are chosen per function at run time, so there is no
@@ -22,6 +24,7 @@ from setuptools.command.build_ext import build_ext
 
 KERNELS_C = os.path.join("src", "memwise", "kernels", "csrc")
 HGRN_C = os.path.join("src", "memwise", "models", "hgrn_bit", "csrc")
+BITNET_C = os.path.join("src", "memwise", "models", "bitnet", "csrc")
 LIBRARY_HEADERS = sorted(glob.glob(os.path.join(KERNELS_C, "*.h")))
 
 # -fno-math-errno lets sqrtf compile to one instruction.  -Wno-unused-function: each extension
@@ -56,11 +59,16 @@ setup(
                   include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
         Extension("memwise.kernels._bf16", sources=[os.path.join(KERNELS_C, "bf16_module.c")],
                   include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
+        Extension("memwise.kernels._dense", sources=[os.path.join(KERNELS_C, "dense_module.c")],
+                  include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
         Extension("memwise.kernels._fourbit", sources=[os.path.join(KERNELS_C, "fourbit_module.c")],
                   include_dirs=[KERNELS_C], depends=LIBRARY_HEADERS, optional=True),
         Extension("memwise.models.hgrn_bit._step", sources=[os.path.join(HGRN_C, "step_module.c")],
                   include_dirs=[KERNELS_C, HGRN_C],
                   depends=LIBRARY_HEADERS + sorted(glob.glob(os.path.join(HGRN_C, "*.h"))), optional=True),
+        Extension("memwise.models.bitnet._step", sources=[os.path.join(BITNET_C, "step_module.c")],
+                  include_dirs=[KERNELS_C, BITNET_C],
+                  depends=LIBRARY_HEADERS + sorted(glob.glob(os.path.join(BITNET_C, "*.h"))), optional=True),
     ],
     cmdclass={"build_ext": BuildExt},
 )

@@ -69,23 +69,29 @@ def finetune_rows(results: list[dict]) -> list[list[str]]:
             total, largest, adam = accelerate_sizes(MODELS[model])
             stage, devices = DEEPSPEED_STAGE[kind]
             ds = deepspeed_per_device(stage, total // 4, largest // 4, devices)
-            rows.append([model, f"train {rest.replace(' rank0', ' (per rank)')}", _mib(r["measured"]),
+            rows.append([model, f"train {rest.replace(' rank0', ' (rank 0)')}", _mib(r["measured"]),
                          _cell(r["predicted"], r["measured"]), _cell(adam if devices == 1 else None, r["measured"]),
                          _cell(ds, r["measured"])])
     return rows
 
 
 def inference_rows(bench: dict) -> list[list[str]]:
+    """Cells of a bench run (synthetic presets), predicted by today's estimator."""
+    from memwise.estimate import estimate_inference
+
     rows = []
     for r in bench["results"]:
         if r.get("status") != "ok" or r.get("engine") not in ("memwise", "transformers") or r.get("quantize"):
             continue
         name = r["model"]
-        config = MODELS.get(name)
-        weights = accelerate_sizes(config)[0] if config else r.get("weights_bytes")
+        config = MODELS.get(name)    # accelerate needs a transformers class: the harness's configs only
+        weights = accelerate_sizes(config)[0] if config else None
         measured = max(r.get("peak_rss_bytes") or 0, r.get("load_peak_rss_bytes") or 0)
+        predicted = estimate_inference(f"preset:{name}", batch_size=r["batch_size"], prompt_tokens=r["prompt_tokens"],
+                                       new_tokens=r["new_tokens"], dtype=r["dtype"],
+                                       engine=r["engine"]).predicted_peak_bytes
         rows.append([name, f"inference {r['engine']} b{r['batch_size']} p{r['prompt_tokens']} n{r['new_tokens']}",
-                     _mib(measured), _cell(r.get("predicted_peak_bytes"), measured), _cell(weights, measured), "-"])
+                     _mib(measured), _cell(predicted, measured), _cell(weights, measured), "-"])
     return rows
 
 
@@ -102,13 +108,13 @@ def _cell(value: int | None, measured: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("finetune_json", nargs="+")
-    parser.add_argument("--bench", help="a memwise bench results.json for inference rows")
+    parser.add_argument("--bench", action="append", default=[], help="a memwise bench results.json (repeatable)")
     parser.add_argument("--out")
     args = parser.parse_args()
     results = [json.loads(Path(p).read_text()) for p in args.finetune_json]
     rows = finetune_rows(results)
-    if args.bench:
-        rows += inference_rows(json.loads(Path(args.bench).read_text()))
+    for bench in args.bench:
+        rows += inference_rows(json.loads(Path(bench).read_text()))
     lines = ["| model | run | measured MiB | memwise estimate | accelerate estimate-memory | DeepSpeed model states |",
              "|---|---|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY")
     serve.add_argument("--served-name", help="the model name clients send (default SOURCE)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--ray", action="store_true",
+                       help="run as Ray Serve replicas on a local Ray instance (the serve-ray extra)")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, each its own engine")
     serve.set_defaults(func=cmd_serve)
 
     from memwise.quality.compare import add_parser as add_eval_quant_parser
@@ -84,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from memwise.estimate.cli import add_parser as add_estimate_parser
     add_estimate_parser(sub)
+    from memwise.offload.plan_cli import add_parser as add_plan_parser
+    add_plan_parser(sub)
     for p in (parser, gen, info, conv, evalq, serve):
         one_line_errors(p)
     return parser

@@ -64,14 +64,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "gpt2-medium, opt-350m) on memwise and transformers, batch 1, 128 prompt + 128 new tokens.")
     add_arguments(parser)
     parser.set_defaults(func=measure_command)
-    nested = parser.add_subparsers(dest="bench_command", title="re-rendering", metavar="report DIR")
+    nested = parser.add_subparsers(dest="bench_command", title="subcommands", metavar="{report DIR, serve MODEL}")
     report = nested.add_parser("report", help="re-render table, results.csv/.md and plots from DIR/results.json",
                                description="Re-render the table, results.csv, results.md and the plots of a "
                                            "bench output directory from its results.json.")
     report.add_argument("directory", metavar="DIR", type=Path)
     report.set_defaults(func=report_command)
+    from memwise.bench.serve_bench import add_serve_parser
+
+    serve = add_serve_parser(nested, _positive)
     one_line_errors(parser)
     one_line_errors(report)
+    one_line_errors(serve)
     return parser
 
 

@@ -199,8 +199,7 @@ async def _sse(seq: Sequence, events: asyncio.Queue[Event], shape: _Shape, inclu
             if event.finish_reason in ("abort", "error"):
                 yield _data(_failure(event).body())
                 break
-            if event.text or event.finish_reason:
-                yield _data(shape.chunk(event.text, event.finish_reason))
+            yield _data(shape.chunk(event.text, event.finish_reason))
             if event.finish_reason:
                 if include_usage:
                     yield _data(shape.usage_chunk(event))
@@ -221,7 +220,9 @@ async def health(request: Request) -> Response:
     engine = request.app.state.server.engine
     if engine.error is not None:
         return JSONResponse({"status": "error", "error": str(engine.error)}, status_code=503)
-    return JSONResponse({"status": "ok", "free_slots": engine.free_slots, "capacity": engine.capacity})
+    # running and queued: what a load test reads afterwards to see that nothing leaked
+    return JSONResponse({"status": "ok", "free_slots": engine.free_slots, "capacity": engine.capacity,
+                         "running": engine.running, "queued": engine.queued})
 
 
 async def metrics(request: Request) -> Response:

@@ -40,6 +40,14 @@ class Engine:
     def capacity(self) -> int:
         return self.batch.capacity
 
+    @property
+    def running(self) -> int:
+        return len(self.batch.running)
+
+    @property
+    def queued(self) -> int:
+        return self.waiting.qsize()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="memwise-engine", daemon=True)
         self._thread.start()

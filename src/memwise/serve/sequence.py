@@ -80,8 +80,9 @@ class Sequence:
         keep = max((len(s) for s in stops), default=1) - 1
         ready = self._pending[:len(self._pending) - keep] if keep else self._pending
         self._pending = self._pending[len(ready):]
-        if ready:
-            self.emit(Event(ready))
+        # One event per token, empty while text is held back (a stop string's start, part of a UTF-8
+        # character): a streaming client can time every token, as a load test must.
+        self.emit(Event(ready))
 
     def end(self, reason: str, message: str = "") -> None:
         """Finish from outside: "abort" when the server stops, "error" with why the model refused it,

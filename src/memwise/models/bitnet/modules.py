@@ -13,10 +13,14 @@ of them reads the output of an RMSNorm. So each projection here is RMSNorm -> in
 product -> one rescale (memwise.kernels), and the matrices that read the same norm (q, k, v; gate,
 up) share one quantization and one product over their stacked rows. Attention (float32, grouped
 query, over a preallocated KV cache with left padding) is the decoder family's.
+
+A decode step of one sequence (one token, no padding in the cache) on CPU with the C extension runs
+all layers as one C call (fused_step.py) under the backends "auto" and "c"; "c-unfused" keeps
+these modules for every step, with the C products.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +29,15 @@ from torch import nn
 from memwise import kernels
 from memwise.kernels import bf16
 from memwise.kernels.packed import TernaryMatrix, rmsnorm
+from memwise.kernels.threads import CpuBudget
+from memwise.models.bitnet import fused_step
 from memwise.models.decoder.cache import DecoderCache, decoder_cache_bytes, new_decoder_cache
 from memwise.models.decoder.modules import Attention, attention_mask_for, rotary_angles, rotary_inv_freq
 from memwise.spec import ModelSpec
 
-BACKENDS = kernels.BACKENDS
+# The kernel backends, plus "c-unfused": the C products through these modules even for the decode
+# steps that "auto" and "c" run as one fused C call.
+BACKENDS = kernels.BACKENDS + ("c-unfused",)
 
 # The full-precision lm_head of a bf16 checkpoint is made float32 this many weights at a time, so
 # the logits are float32 products without a float32 copy of the whole matrix (1.3 GB for 2B-4T).
@@ -111,6 +119,17 @@ class BitNetForCausalLM(nn.Module):
         self.register_buffer("lm_head", lm_head)      # None: tied to the embeddings
         self.register_buffer("inv_freq", rotary_inv_freq(spec, device=embeddings.device), persistent=False)
         self._backend = "auto"
+        self._fused_decoder = None
+        self._cpu_budget = CpuBudget()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .float() and friends may replace the buffers the fused decoder points into.
+        self._fused_decoder = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The fused decoder holds raw pointers into this instance's buffers: copies build their own.
+        return {**super().__getstate__(), "_fused_decoder": None}
 
     @property
     def backend(self) -> str:
@@ -123,7 +142,7 @@ class BitNetForCausalLM(nn.Module):
         self._backend = name
         for module in self.modules():
             if isinstance(module, TernaryProjection):
-                module.backend = name
+                module.backend = "c" if name == "c-unfused" else name
 
     @property
     def device(self) -> torch.device:
@@ -142,6 +161,12 @@ class BitNetForCausalLM(nn.Module):
                 attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         if cache is None:
             cache = self.new_cache(*input_ids.shape)
+        decoder = self._fused_step(input_ids, cache, attention_mask)
+        if decoder is not None:
+            cache.begin(input_ids, attention_mask)
+            x = decoder.step(self.embeddings[input_ids].float(), cache)
+            cache.length += 1
+            return self._logits(rmsnorm(x, self.norm, self.spec.norm_eps))
         start, length = cache.length, input_ids.shape[1]
         positions = cache.begin(input_ids, attention_mask)
         rope = rotary_angles(positions, self.inv_freq.to(input_ids.device), torch.float32)
@@ -153,6 +178,20 @@ class BitNetForCausalLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self._logits(rmsnorm(x, self.norm, self.spec.norm_eps))
+
+    def _fused_step(self, input_ids: torch.Tensor, cache: DecoderCache,
+                    attention_mask: torch.Tensor | None) -> Any:
+        """The fused decoder when this step can use it (one token of one sequence, no padding in the
+        cache nor in this token, CPU, float32 cache (not a quantized one), backend auto or c), else None."""
+        if (input_ids.shape != (1, 1) or self._backend not in ("auto", "c") or not fused_step.available()
+                or input_ids.device.type != "cpu" or self.embeddings.device.type != "cpu" or cache.padded
+                or cache.batch_size != 1 or cache.length >= cache.max_length or cache.scheme is not None
+                or cache.keys[0].dtype != torch.float32
+                or (attention_mask is not None and not bool(attention_mask.all()))):
+            return None
+        if self._fused_decoder is None:
+            self._fused_decoder = fused_step.FusedDecoder(self, self._cpu_budget)
+        return self._fused_decoder
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         head = self.embeddings if self.lm_head is None else self.lm_head

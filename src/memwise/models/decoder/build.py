@@ -11,6 +11,7 @@ import torch
 from memwise.checkpoint import CheckpointReader
 from memwise.dtypes import parse_dtype
 from memwise.errors import CheckpointError
+from memwise.models.decoder.dense import use_dense_kernels
 from memwise.models.decoder.layout import TensorSource, checkpoint_plan
 from memwise.models.decoder.modules import Decoder
 from memwise.models.decoder.quantized import fill_tied_head, quantize_layers, quantized_linears
@@ -20,12 +21,14 @@ from memwise.spec import ModelSpec
 def _build(spec: ModelSpec, dtype: str | torch.dtype, device: str | torch.device,
            quantize: str | None = None) -> Decoder:
     """The model with uninitialized weights in `dtype` on `device`, never allocated twice; with
-    quantize=SCHEME its layers' linears are quantized (quantized.py) and never exist in float."""
+    quantize=SCHEME its layers' linears are quantized (quantized.py) and never exist in float; the
+    float linears left run decode steps on the dense kernels (dense.py)."""
     with torch.device("meta"):
         model = Decoder(spec)
     model = model.to(parse_dtype(dtype))
     if quantize is not None:
         quantize_layers(model, quantize)
+    use_dense_kernels(model, parse_dtype(dtype), torch.device(device))
     model = model.to_empty(device=torch.device(device))
     model.tie_weights()     # to_empty gives each module its own new tensor, breaking the tie
     model.init_rotary()

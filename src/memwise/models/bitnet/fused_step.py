@@ -1,0 +1,221 @@
+"""Fused decode step of BitNet b1.58 models: one C call per generated token for all layers.
+
+Decoding one token through the PyTorch modules costs, per layer, four C products (each with its
+Python checks and its own OpenMP region), torch's SDPA and about fifteen small torch operations
+(rope, cache writes, splits, residuals, the GLU); on a small CPU that overhead is a third of the
+step. ``FusedDecoder.step`` instead runs every layer in one OpenMP parallel region of the extension
+``memwise.models.bitnet._step`` (csrc/bitnet_step.h): the BitLinears (RMSNorm, int8 per token, the
+kernel library's ternary products), rotary embedding, the cache writes, attention of the one query
+and the GLU. The embedding lookup, the final norm and the lm_head stay with the model.
+
+Only a batch of one sequence with no padding in its cache takes this path (the model decides);
+its keys and values go straight into the DecoderCache's float32 tensors, whose `length` and
+`mask` the model keeps up to date as for any step.
+
+What crosses into C is typed: ``ModelView`` (with ``LayerView`` and ``ProjectionView``) mirrors
+the C structs of csrc/bitnet_model.h field for field, and ``layout_mismatches()`` compares them
+with the sizes and offsets the extension reports before a decoder is built.
+
+Exactness. The products are exact integer arithmetic, the kernel library's. The float work between
+them (norms, quantization, rotary, softmax, GLU) is the model's math in the C code's own order, so
+the hidden states agree with the PyTorch path to rounding; tests check the logits within a
+tolerance relative to their spread, and greedy tokens equal.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from memwise import kernels
+from memwise.kernels import MAX_COLS, KernelInputError
+from memwise.kernels.packed import padded_cols
+from memwise.kernels.threads import CpuBudget
+
+try:
+    from memwise.models.bitnet import _step
+except ImportError:  # built without a C compiler: decode steps run the PyTorch modules
+    _step = None
+
+__all__ = ["available", "layout_mismatches", "FusedDecoder", "ProjectionView", "LayerView", "ModelView"]
+
+
+# --------------------------------------------------------------------------------------------
+# Mirrors of csrc/bitnet_model.h
+
+
+class ProjectionView(ctypes.Structure):
+    """bitnet_projection_t: stacked ternary matrices, their input-norm gain, rows and scales."""
+    _fields_ = [("codes", ctypes.c_void_p), ("gain", ctypes.c_void_p), ("rows", ctypes.c_int64 * 3),
+                ("scales", ctypes.c_float * 3), ("count", ctypes.c_int32)]
+
+
+class LayerView(ctypes.Structure):
+    """bitnet_layer_t: one layer's projections and its cache tensors."""
+    _fields_ = [("qkv", ProjectionView), ("o", ProjectionView), ("gate_up", ProjectionView),
+                ("down", ProjectionView), ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
+
+
+class ModelView(ctypes.Structure):
+    """bitnet_model_t: sizes, rotary frequencies and the layers."""
+    _fields_ = [("num_layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64),
+                ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
+                ("max_length", ctypes.c_int64), ("eps", ctypes.c_float), ("relu2", ctypes.c_int32),
+                ("weights_from_dram", ctypes.c_int32), ("inv_freq", ctypes.c_void_p),
+                ("layers", ctypes.POINTER(LayerView))]
+
+
+MIRRORS = {"bitnet_projection_t": ProjectionView, "bitnet_layer_t": LayerView, "bitnet_model_t": ModelView}
+
+
+def layout_mismatches() -> list[str]:
+    """How the ctypes mirrors differ from the C structs of the built extension (empty: they agree)."""
+    found = []
+    for name, (size, offsets) in _step.struct_layout().items():
+        mirror = MIRRORS[name]
+        if ctypes.sizeof(mirror) != size:
+            found.append(f"sizeof({name}) is {size}, {mirror.__name__} has {ctypes.sizeof(mirror)}")
+        fields = [field[0] for field in mirror._fields_]
+        if fields != list(offsets):
+            found.append(f"{name} has fields {list(offsets)}, {mirror.__name__} has {fields}")
+        for field, offset in offsets.items():
+            if field in fields and getattr(mirror, field).offset != offset:
+                found.append(f"{name}.{field} is at {offset}, {mirror.__name__} has it at "
+                             f"{getattr(mirror, field).offset}")
+    return found
+
+
+@functools.cache
+def _checked_layout() -> None:
+    mismatches = layout_mismatches()
+    if mismatches:
+        raise RuntimeError("memwise.models.bitnet._step was built from other structs than fused_step.py "
+                           f"mirrors (rebuild with python setup.py build_ext): {'; '.join(mismatches)}")
+
+
+def available() -> bool:
+    """Whether the fused step can run here (both C extensions built)."""
+    return _step is not None and kernels.HAVE_C
+
+
+# --------------------------------------------------------------------------------------------
+# Pointers into the model and the cache, checked
+
+
+def _floats(t: torch.Tensor, shape: tuple[int, ...], what: str) -> int:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
+        raise KernelInputError(f"fused step: {what} must be a contiguous float32 CPU tensor {list(shape)}, "
+                               f"got {t.dtype} {list(t.shape)} on {t.device}")
+    return t.data_ptr()
+
+
+def _projection(module: Any, rows: tuple[int, ...], cols: int, what: str) -> ProjectionView:
+    packed = module.packed
+    want = (sum(rows), padded_cols(cols) // 4)
+    if (packed.dtype != torch.uint8 or tuple(packed.shape) != want or not packed.is_contiguous()
+            or packed.device.type != "cpu" or tuple(module.rows) != rows or module.cols != cols):
+        raise KernelInputError(f"fused step: {what} must be packed codes uint8 {list(want)} of matrices with "
+                               f"rows {list(rows)} and {cols} columns, got {packed.dtype} {list(packed.shape)}")
+    if cols >= MAX_COLS:
+        raise KernelInputError(f"fused step: K={cols} of {what} is too large for the C kernels")
+    view = ProjectionView(codes=packed.data_ptr(), gain=_floats(module.norm_weight, (cols,), f"{what} norm"),
+                          count=len(rows))
+    for k, (n, m) in enumerate(zip(rows, module.scales)):
+        view.rows[k], view.scales[k] = n, m
+    return view
+
+
+def _layer_view(layer: Any, n: int, spec: Any) -> LayerView:
+    h, i = spec.hidden_size, spec.intermediate_size
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    attn, mlp, where = layer.attn, layer.mlp, f"layer {n}"
+    return LayerView(qkv=_projection(attn.qkv, (q, kv, kv), h, f"{where} q/k/v"),
+                     o=_projection(attn.out, (h,), q, f"{where} o_proj"),
+                     gate_up=_projection(mlp.gate_up, (i, i), h, f"{where} gate/up"),
+                     down=_projection(mlp.down, (h,), i, f"{where} down_proj"))
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder
+
+
+class FusedDecoder:
+    """The fused decode step of one BitNetForCausalLM (modules.py), on CPU, for batch 1.
+
+    Its views hold raw pointers to the model's buffers: build a new decoder when those are
+    replaced (the model drops its decoder in `_apply`). The cache's tensors are pointed to per
+    cache (kept while the same cache comes back). One step at a time per decoder (a lock).
+    """
+
+    def __init__(self, model: Any, budget: CpuBudget | None = None):
+        if not available():
+            raise KernelInputError("the C extensions with the fused step are not built")
+        _checked_layout()
+        spec = model.spec
+        if spec.rotary_dim != spec.head_dim or spec.head_dim % 2 or spec.num_heads % spec.num_kv_heads:
+            raise KernelInputError(f"fused step: rotary over {spec.rotary_dim} of {spec.head_dim} dimensions, "
+                                   f"{spec.num_heads} heads over {spec.num_kv_heads} key/value heads")
+        self.spec = spec
+        layers = list(model.layers)
+        self._layers = (LayerView * len(layers))(*[_layer_view(layer, n, spec) for n, layer in enumerate(layers)])
+        self._inv_freq = model.inv_freq.to(torch.float32).contiguous()
+        _floats(self._inv_freq, (spec.head_dim // 2,), "inv_freq")
+        # Far prefetches speed up weights streaming from DRAM and slow down ones the last-level
+        # cache keeps between steps (PF_FAR_BYTES in the kernel library).
+        self.streams_from_dram = model.decode_bytes_per_token() > kernels.last_level_cache_bytes()
+        self.view = ModelView(num_layers=len(layers), hidden=spec.hidden_size, intermediate=spec.intermediate_size,
+                              heads=spec.num_heads, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                              max_length=0, eps=spec.norm_eps, relu2=int(spec.activation == "relu2"),
+                              weights_from_dram=int(self.streams_from_dram), inv_freq=self._inv_freq.data_ptr(),
+                              layers=self._layers)
+        # The tensors the views point into stay alive as long as the decoder.
+        self._model_buffers = list(model.buffers())
+        self._cache: Any = None     # a weak reference to the cache the layer views point into
+        self._workspaces: dict[tuple[str, int, int], Any] = {}
+        self._lock = threading.Lock()
+        self._budget = budget or CpuBudget()
+
+    def _point_at(self, cache: Any) -> None:
+        """The layer views' key/value pointers at `cache`'s tensors (checked)."""
+        spec = self.spec
+        shape = (1, spec.num_kv_heads, cache.max_length, spec.head_dim)
+        for n in range(len(self._layers)):
+            self._layers[n].keys = _floats(cache.keys[n], shape, f"cache keys of layer {n}")
+            self._layers[n].values = _floats(cache.values[n], shape, f"cache values of layer {n}")
+        self.view.max_length = cache.max_length
+        self._cache = weakref.ref(cache)
+
+    def _workspace(self, isa: str, threads: int, max_length: int) -> Any:
+        key = (isa, threads, max_length)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            if len(self._workspaces) >= 4:  # cache lengths come and go; keep the recent few
+                self._workspaces.pop(next(iter(self._workspaces)))
+            s = self.spec
+            ws = _step.workspace(kernels.isa_id(isa), s.hidden_size, s.num_heads * s.head_dim,
+                                 s.num_kv_heads * s.head_dim, s.intermediate_size, s.head_dim, max_length, threads)
+            self._workspaces[key] = ws
+        return ws
+
+    def step(self, x: torch.Tensor, cache: Any, isa: str | None = None) -> torch.Tensor:
+        """The hidden state [1, 1, H] after the last layer for the embedded token x [1, 1, H] (float32),
+        whose key and value go into `cache` at slot cache.length (the caller records the token in
+        the cache and advances its length)."""
+        h = self.spec.hidden_size
+        if cache.batch_size != 1 or cache.padded or cache.length >= cache.max_length:
+            raise KernelInputError(f"fused step: needs a cache of one unpadded sequence with a free slot, got "
+                                   f"{cache.batch_size} sequences, {cache.length} of {cache.max_length} slots")
+        x = x.to(torch.float32).contiguous().clone()
+        _floats(x, (1, 1, h), "x")
+        name = kernels.resolve_isa(isa)
+        threads = self._budget.threads(kernels.num_threads())
+        with self._lock:
+            if self._cache is None or self._cache() is not cache:
+                self._point_at(cache)
+            ws = self._workspace(name, threads, cache.max_length)
+            _step.step(ws, ctypes.addressof(self.view), x.data_ptr(), cache.length)
+        return x

@@ -1,0 +1,220 @@
+"""The offload planner (memwise.offload.plan), its cost file and `memwise plan`, on preset shapes
+(no weights are read) and cost figures the tests write: nothing depends on this machine's speed."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from memwise.cli import main
+from memwise.offload.costs import (KERNEL_SCHEMES, Costs, CostsError, cache_path, disk_read_bandwidth, load_costs,
+                                   machine_costs, save_costs)
+from memwise.offload.plan import STREAM_BUFFERS, PlanError, _case, model_figures, plan
+
+GiB = 2**30
+MODEL = "preset:opt-2.7b"       # 32 layers of 300 MiB in float32; only its config is read
+
+
+def costs(disk: float = 2e9, kernels: float = 2e10, gemm: float = 2e10) -> Costs:
+    return Costs(machine="test", disk_read_bytes_per_s=disk, memory_read_bytes_per_s=2e10,
+                 gemv_bytes_per_s={s: kernels for s in KERNEL_SCHEMES}, gemm_bytes_per_s={s: gemm for s in KERNEL_SCHEMES},
+                 prefill_gemm_bytes_per_s={s: gemm / 4 for s in KERNEL_SCHEMES})
+
+
+def test_everything_stays_resident_when_the_budget_allows():
+    policy = plan(MODEL, 64 * GiB, costs(), batch_sizes=(1, 8), prompt_tokens=16, new_tokens=8).policy
+    assert (policy.resident_layers, policy.streamed_layers) == (32, 0)
+    assert policy.kv_placement == "memory" and policy.kv_disk_layers == 0
+    assert policy.disk_bytes_per_token == 0
+    assert policy.memory["stream_buffers"] == 0 and policy.memory["kv_buffers"] == 0
+
+
+def test_layers_stream_when_the_budget_is_short_and_the_budget_holds():
+    fig = model_figures(MODEL)
+    budget = 3 * GiB                                  # a third of the float32 weights
+    policy = plan(MODEL, budget, costs(), batch_sizes=(1, 8, 32), prompt_tokens=16, new_tokens=8).policy
+    assert 0 < policy.streamed_layers < 32
+    assert policy.resident_layers + policy.streamed_layers == 32
+    assert policy.budgeted_bytes <= budget
+    assert policy.predicted_peak_bytes == policy.budgeted_bytes + fig.runtime_base
+    assert policy.memory["resident_weights"] == policy.resident_layers * fig.layer_bytes
+    assert policy.memory["stream_buffers"] == STREAM_BUFFERS * fig.layer_bytes
+    # what each token reads from disk: the streamed layers shared by the batch (and any KV on disk)
+    assert policy.disk_bytes_per_token >= policy.streamed_layers * fig.layer_bytes / policy.batch_size
+
+
+def test_the_milp_finds_the_best_of_every_placement():
+    """Brute force over every (resident layers, KV layers on disk) against the solver's choice."""
+    c, budget, prompt, new = costs(disk=1e9, kernels=4e10, gemm=1e10), int(2.5 * GiB), 32, 8
+    fig = model_figures(MODEL, "int8")
+    policy = plan(MODEL, budget, c, scheme="int8", batch_sizes=(4,), prompt_tokens=prompt, new_tokens=new).policy
+    case = _case(fig, c, 4, policy.micro_batches, prompt, new)
+    L, W, R = fig.layers, fig.layer_bytes, c.disk_read_bytes_per_s
+    best = None
+    for r, q in itertools.product(range(L + 1), repeat=2):
+        memory = (sum(case.fixed.values()) + r * W * (1 + fig.workspace_per_weight) + 2 * W * (r < L)
+                  + (L - q) * case.kv_full + 2 * case.kv_buffer * (q > 0))
+        if memory > budget:
+            continue
+        time = (max(case.compute_prefill, ((L - r) * W + q * case.kv_prefill) / R)
+                + new * max(case.compute_decode, ((L - r) * W + q * case.kv_decode) / R))
+        best = time if best is None else min(best, time)
+    assert best is not None
+    assert policy.predicted_prefill_s + new * policy.predicted_step_s == pytest.approx(best, rel=1e-6)
+
+
+@pytest.mark.parametrize("disk, kernels, gemm, scheme", [(5e8, 1e11, 1e11, "int4"), (2e8, 1e11, 1e11, None),
+                                                         (2.4e9, 4.4e9, 1.2e9, "int8")])
+def test_throughput_never_falls_as_the_budget_grows(disk, kernels, gemm, scheme):
+    """A larger budget only adds feasible policies, so the best predicted throughput cannot fall
+    (with slow kernels it is compute-bound, and flat, from a small budget on)."""
+    c = costs(disk, kernels, gemm)
+    rates = [plan(MODEL, int(gib * GiB), c, scheme=scheme, batch_sizes=(1, 4, 16, 64, 256), prompt_tokens=128,
+                  new_tokens=32).policy.predicted_tokens_per_s for gib in (1.25, 1.5, 2, 3, 4, 6, 8, 12, 16)]
+    assert all(later >= earlier * (1 - 1e-9) for earlier, later in zip(rates, rates[1:]))
+    assert rates[-1] > rates[0]
+
+
+def test_the_batch_grows_with_the_budget_while_layers_stream():
+    """Disk-bound figures: each streamed layer is read once per step for the whole batch, so while
+    layers stream a larger budget buys a larger batch. (Once every layer is resident the batch may
+    fall again: a small batch is then as fast and leaves room; docs/offload-plan.md.)"""
+    c = costs(disk=2e8, kernels=1e11, gemm=1e11)
+    policies = [plan(MODEL, int(gib * GiB), c, batch_sizes=(1, 4, 16, 64, 256), prompt_tokens=128,
+                     new_tokens=32).policy for gib in (1.5, 2, 3, 4, 6, 8)]
+    assert all(p.streamed_layers > 0 for p in policies)
+    batches = [p.batch_size for p in policies]
+    assert batches == sorted(batches) and batches[-1] > batches[0]
+
+
+def test_micro_batches_split_the_batch_when_memory_is_short():
+    c = costs(disk=2.4e9, kernels=4.4e9, gemm=1.2e9)
+    short, roomy = (plan(MODEL, int(gib * GiB), c, scheme="int8", batch_sizes=(32,), prompt_tokens=128,
+                         new_tokens=32).policy for gib in (1, 16))
+    assert short.micro_batches > 1 and short.streamed_layers == 32
+    assert roomy.micro_batches == 1 and roomy.streamed_layers == 0
+
+
+def test_a_budget_below_the_minimum_says_the_minimum():
+    result = plan(MODEL, 4 * GiB, costs(), scheme="int8", batch_sizes=(2, 8), prompt_tokens=16, new_tokens=8)
+    minimum = result.minimum_budget_bytes
+    at_minimum = plan(MODEL, minimum, costs(), scheme="int8", batch_sizes=(2, 8), prompt_tokens=16, new_tokens=8)
+    assert at_minimum.policy.resident_layers == 0 and at_minimum.policy.kv_placement == "disk"
+    assert at_minimum.policy.batch_size == 2 and at_minimum.policy.micro_batches == 2
+    with pytest.raises(PlanError, match=rf"below the minimum of {minimum / 2**20:.1f} MiB"):
+        plan(MODEL, minimum - 1, costs(), scheme="int8", batch_sizes=(2, 8), prompt_tokens=16, new_tokens=8)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_sizes": (0,)}, "batch sizes"), ({"prompt_tokens": 0}, "prompt_tokens"),
+    ({"new_tokens": 5000}, "exceed"), ({"scheme": "int9"}, "unknown quantization scheme"),
+])
+def test_bad_plan_inputs(kwargs, message):
+    with pytest.raises(Exception, match=message):
+        plan(MODEL, 4 * GiB, costs(), **kwargs)
+
+
+def test_ternary_models_are_refused():
+    with pytest.raises(Exception, match="conventional decoders"):
+        plan("preset:tiny-mmfree", 4 * GiB, costs())
+
+
+def test_cost_file_round_trip(tmp_path):
+    figures = costs(disk=1.5e9)
+    path = tmp_path / "costs.json"
+    save_costs(figures, path)
+    assert load_costs(path) == figures
+    assert [p.name for p in tmp_path.iterdir()] == ["costs.json"]    # no temporary left behind
+    # a cached file is used as it is: nothing is measured
+    cached = cache_path(tmp_path / "cache")
+    save_costs(figures, cached)
+    assert machine_costs(cache_dir=tmp_path / "cache") == figures
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "malformed JSON"), ('{"format_version": 99}', "not a memwise cost file"),
+    ('{"format_version": 2, "machine": "x"}', "malformed cost file"),
+])
+def test_bad_cost_files(tmp_path, text, message):
+    path = tmp_path / "costs.json"
+    path.write_text(text)
+    with pytest.raises(CostsError, match=message):
+        load_costs(path)
+
+
+def test_negative_figures_are_refused(tmp_path):
+    data = costs().to_json()
+    data["disk_read_bytes_per_s"] = -1
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CostsError, match="disk_read_bytes_per_s should be a positive"):
+        load_costs(path)
+
+
+def test_disk_read_leaves_nothing_behind(tmp_path):
+    rate, _direct = disk_read_bandwidth(tmp_path, size=32 << 20, passes=1)
+    assert rate > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_offload_dir_gets_its_own_disk_figure(tmp_path):
+    cache, disk = tmp_path / "cache", tmp_path / "disk"
+    save_costs(costs(disk=1.5e9), cache_path(cache))
+    measured = machine_costs(disk, cache_dir=cache)
+    assert measured.disk_directory == str(disk) and measured.disk_read_bytes_per_s != 1.5e9
+    assert measured.gemv_bytes_per_s == costs().gemv_bytes_per_s     # the kernels are not measured again
+    assert load_costs(cache_path(cache)) == measured
+    assert list(disk.iterdir()) == []
+
+
+def test_an_offload_dir_that_cannot_be_a_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    save_costs(costs(), cache_path())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["plan", "preset:opt-350m", "--max-memory", "2GiB", "--offload-dir", str(blocker / "sub")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"memwise: error: {blocker / 'sub'}: cannot create the directory for the disk test")
+
+
+def _cost_file(tmp_path):
+    path = tmp_path / "costs.json"
+    save_costs(costs(), path)
+    return str(path)
+
+
+def test_plan_cli_json(tmp_path, capsys):
+    assert main(["plan", "preset:opt-350m", "--max-memory", "700MiB", "--batch", "1", "8", "--prompt-tokens", "32",
+                 "--new-tokens", "8", "--costs", _cost_file(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    policy = out["policy"]
+    assert {"resident_layers", "streamed_layers", "kv_placement", "batch_size", "micro_batches",
+            "predicted_tokens_per_s", "predicted_peak_bytes", "disk_bytes_per_token", "memory"} <= set(policy)
+    assert policy["resident_layers"] + policy["streamed_layers"] == 24
+    assert policy["budget_bytes"] == 700 * 2**20 and policy["budgeted_bytes"] <= 700 * 2**20
+    assert policy["batch_size"] in (1, 8) and policy["kv_placement"] in ("memory", "disk", "split")
+    assert [(c["batch_size"], c["micro_batches"]) for c in out["candidates"]] == [(1, 1), (8, 1), (8, 2), (8, 4), (8, 8)]
+    assert out["costs"]["machine"] == "test"
+
+
+def test_plan_cli_table(tmp_path, capsys):
+    assert main(["plan", "preset:opt-350m", "--max-memory", "4GiB", "--costs", _cost_file(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "resident layers" in out and "24 of 24" in out and "tokens/s" in out
+
+
+@pytest.mark.parametrize("flags, status, message", [
+    (["--max-memory", "lots"], 1, "--max-memory 'lots': not an amount of memory"),
+    (["--max-memory", "10MiB"], 1, "is below the minimum of"),
+    (["--max-memory", "2GiB", "--quantize", "int9"], 1, "unknown quantization scheme"),
+    (["--max-memory", "2GiB", "--batch", "0"], 2, "expected a positive integer"),
+])
+def test_plan_cli_bad_input(tmp_path, capsys, flags, status, message):
+    try:
+        code = main(["plan", "preset:opt-350m", *flags, "--costs", _cost_file(tmp_path)])
+    except SystemExit as e:     # argparse's usage errors
+        code = e.code
+    assert code == status
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
