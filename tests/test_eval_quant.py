@@ -58,6 +58,16 @@ def test_eval_quant_json(trained, capsys):
     assert result["perplexity"] == pytest.approx(result["perplexity_float32"], rel=0.05)
 
 
+def test_eval_quant_kv_cache_rows(trained, capsys):
+    assert main(["eval-quant", str(trained), "--tokens", "300", "--kv-cache", "int8", "--kv-cache", "int4",
+                 "--json"]) == 0
+    int8, int4 = json.loads(capsys.readouterr().out)["results"]
+    assert (int8["scheme"], int4["scheme"]) == ("kv-int8", "kv-int4")
+    # a quantized cache moves the distributions (KL > 0), and int4 moves them more than int8
+    assert 0 < int8["kl_mean"] < int4["kl_mean"] < 0.5 and int8["top1_agreement"] > 0.9
+    assert int8["perplexity_float32"] == int4["perplexity_float32"]
+
+
 def test_eval_quant_bad_input(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert main(["eval-quant"]) == 1
@@ -67,3 +77,5 @@ def test_eval_quant_bad_input(tmp_path, monkeypatch, capsys):
     assert "--tokens must be positive" in capsys.readouterr().err
     assert main(["eval-quant", "preset:tiny-gpt2", "--quantize", "bogus", "--tokens", "256"]) == 1
     assert "bogus" in capsys.readouterr().err
+    assert main(["eval-quant", "preset:tiny-gpt2", "--kv-cache", "int3", "--tokens", "256"]) == 1
+    assert "unknown KV cache scheme 'int3'" in capsys.readouterr().err

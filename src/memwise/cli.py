@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--quantize", metavar="SCHEME", help="store the decoder layers' weights in SCHEME (int8, int4, nf4)")
+    gen.add_argument("--kv-cache", metavar="SCHEME", help="store the KV cache in SCHEME (int8, int4)")
     _add_load_flags(gen)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -58,9 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--revision")
     info.set_defaults(func=cmd_info)
 
-    conv = sub.add_parser("convert", help="write a MatMul-free checkpoint packed at 2 bits per weight")
+    conv = sub.add_parser("convert", help="write a MatMul-free checkpoint packed at 2 bits per weight, or a "
+                                          "decoder's quantized checkpoint (--quantize)")
     conv.add_argument("source", metavar="SOURCE")
     conv.add_argument("out", metavar="OUT", help="output directory (must not exist yet)")
+    conv.add_argument("--quantize", metavar="SCHEME", help="conventional decoders: write weights quantized in "
+                                                           "SCHEME (int8, int4, nf4)")
     conv.set_defaults(func=cmd_convert)
 
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (docs/serve.md)")
@@ -126,7 +130,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import memwise
     model = memwise.load(args.source, dtype=args.dtype, device=args.device, revision=args.revision,
-                         quantize=args.quantize, max_memory=args.max_memory, offload_dir=args.offload_dir)
+                         quantize=args.quantize, kv_cache=args.kv_cache, max_memory=args.max_memory,
+                         offload_dir=args.offload_dir)
     ids, mask = model.encode_batch([args.prompt])
     steps = model.stream(ids, args.max_new_tokens, mask, do_sample=args.sample, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -177,7 +182,7 @@ def _gate_generate(args: argparse.Namespace) -> None:
         return      # an offloaded run is held to its own budget (memwise.offload.budget)
     prediction = estimate_inference(args.source, prompt_tokens=len(args.prompt.encode()) + 1,
                                     new_tokens=max(args.max_new_tokens, 1), dtype=args.dtype,
-                                    quantize=args.quantize, device=args.device)
+                                    quantize=args.quantize, device=args.device, kv_cache=args.kv_cache)
     check_predicted_peak(f"generating {args.max_new_tokens} tokens with {args.source}", prediction, args.device,
                          resident_now=current_rss_bytes())
 
@@ -192,7 +197,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
     from memwise.convert import convert
-    out = convert(args.source, Path(args.out))
+    out = convert(args.source, Path(args.out), quantize=args.quantize)
     print(f"wrote {out}")
     return 0
 

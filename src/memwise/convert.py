@@ -1,7 +1,11 @@
-"""`memwise convert SOURCE OUT`: a model's checkpoint rewritten in the form memwise runs it from.
+"""`memwise convert SOURCE OUT [--quantize SCHEME]`: a model's checkpoint rewritten in the form memwise
+runs it from.
 
-Only families with a packed form convert (the ternary ones, hgrn_bit and bitnet: ternary matrices
-at 2 bits, see memwise/models/ternary/writer.py); the family writes the weights and config.
+Without --quantize, families with a packed form convert (the ternary ones, hgrn_bit and bitnet:
+ternary matrices at 2 bits, see memwise/models/ternary/writer.py). With --quantize int8 | int4 | nf4,
+conventional decoders convert to memwise's quantized checkpoint
+(memwise/models/decoder/quantized_checkpoint.py), which memwise.load reads without quantizing again.
+The family writes the weights and config.
 
 What a conversion guarantees about OUT:
 
@@ -29,6 +33,7 @@ from memwise.checkpoint import CheckpointReader
 from memwise.errors import MemwiseError, SourceError, UnsupportedError
 from memwise.presets import is_preset
 from memwise.models import family_for_config
+from memwise.quantization import check_scheme
 from memwise.source import read_source
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -37,7 +42,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 OUT_TAKEN = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
 
 
-def convert(source: str, out_dir: Path, progress: bool = True) -> Path:
+def convert(source: str, out_dir: Path, progress: bool = True, quantize: str | None = None) -> Path:
     """Write the converted checkpoint of `source` (directory or hub id) into the new directory `out_dir`."""
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -48,12 +53,18 @@ def convert(source: str, out_dir: Path, progress: bool = True) -> Path:
     if is_preset(str(source)):
         raise SourceError(f"{source}: presets have random weights; convert needs a checkpoint "
                           "(a model directory or hub id)")
+    if quantize is not None:
+        check_scheme(quantize)
     config, where, directory = read_source(source)
     family = family_for_config(config, where)
-    if not hasattr(family, "write_packed"):    # refused from the model type alone, before the config's fields
+    if quantize is not None and not hasattr(family, "write_quantized"):
+        check_scheme(quantize, config.get("model_type"))    # hgrn_bit: already ternary
+        raise UnsupportedError(f"{where}: convert --quantize supports conventional decoders (gpt2, opt, phi, llama, "
+                               f"mistral); this is model_type {config.get('model_type')!r}")
+    if quantize is None and not hasattr(family, "write_packed"):    # refused from the model type alone, before the config's fields
         raise UnsupportedError(f"{where}: convert supports hgrn_bit and bitnet (ternary) models only; this is "
                                f"model_type {config.get('model_type')!r}, which memwise runs from its own "
-                               "checkpoint without conversion")
+                               "checkpoint without conversion (or convert it with --quantize int8|int4|nf4)")
     spec = family.spec_from_config(config, where)
     reader = CheckpointReader(directory)
 
@@ -61,7 +72,12 @@ def convert(source: str, out_dir: Path, progress: bool = True) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)     # a dead process's, whose PID this one now has
     try:
         tmp.mkdir()
-        family.write_packed(spec, reader, config, tmp, progress)
+        if quantize is not None:
+            if hasattr(family, "stored_scheme") and family.stored_scheme(config, reader, where) is not None:
+                raise UnsupportedError(f"{where}: the checkpoint is quantized already; convert its float source")
+            family.write_quantized(spec, reader, config, tmp, check_scheme(quantize, spec.model_type))
+        else:
+            family.write_packed(spec, reader, config, tmp, progress)
         for name in TOKENIZER_FILES:
             if (directory / name).is_file():
                 shutil.copyfile(directory / name, tmp / name)

@@ -30,11 +30,28 @@ def describe(source: str, revision: str | None = None) -> Table:
         table.add_row(f"weights, {kind}{per}", human_bytes(nbytes))
     for name, text in scheme_sizes(family, spec).items():
         table.add_row(f"weights, quantize={name}", text)
+    if spec.model_type != "hgrn_bit":
+        for name, text in kv_cache_sizes(spec).items():
+            table.add_row(f"KV cache per token, {name}", text)
     skip = {"source", "synthetic"}
     for name, value in spec.to_dict().items():
         if name not in skip:
             table.add_row(name, str(value))
     return table
+
+
+def kv_cache_sizes(spec) -> dict[str, str]:
+    """Bytes one token adds to the KV cache (all layers, keys and values) at float32 and each KV scheme."""
+    from memwise.kernels import kv_quant
+
+    vectors = 2 * spec.num_layers * spec.num_kv_heads
+    rows = {"float32": f"{human_bytes(vectors * spec.head_dim * 4)} (4 B/number)"}
+    for scheme in kv_quant.KV_SCHEMES:
+        if scheme == "int4" and spec.head_dim % 2:
+            continue
+        per_vector = kv_quant.bytes_per_vector(scheme, spec.head_dim)
+        rows[f"kv_cache={scheme}"] = f"{human_bytes(vectors * per_vector)} ({per_vector / spec.head_dim:.4g} B/number)"
+    return rows
 
 
 def scheme_sizes(family, spec) -> dict[str, str]:

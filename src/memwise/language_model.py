@@ -13,9 +13,10 @@ import torch
 from memwise.checkpoint import CheckpointReader
 from memwise.dtypes import parse_dtype
 from memwise.errors import MemwiseError, UnsupportedError, shown
+from memwise.kernels import kv_quant
 from memwise.generate import GenerationOptions, generate_steps
 from memwise.memory_gate import check_fits, weights_bytes
-from memwise.quantization import check_scheme
+from memwise.quantization import check_kv_scheme, check_scheme
 from memwise.source import resolve_model
 from memwise.spec import ModelSpec
 from memwise.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, special_token_ids
@@ -37,37 +38,63 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 
 def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-         revision: str | None = None, seed: int = 0, quantize: str | None = None,
+         revision: str | None = None, seed: int = 0, quantize: str | None = None, kv_cache: str | None = None,
          max_memory: str | int | None = None, offload_dir: str | Path | None = None) -> "LanguageModel":
     """Load a model from a local Hugging Face directory, a hub id, or "preset:NAME" (synthetic weights).
 
     quantize="int8" stores the decoder layers' linear weights in int8 (memwise.quantization); `dtype`
-    is then the dtype of everything else. max_memory="2GiB" with offload_dir=DIR keeps the weights
-    that do not fit in DIR and streams them in layer by layer (docs/offload.md)."""
+    is then the dtype of everything else. kv_cache="int8" | "int4" stores the KV cache of every
+    generation and logits call quantized (memwise.kernels.kv_quant). max_memory="2GiB" with
+    offload_dir=DIR keeps the weights that do not fit in DIR and streams them in layer by layer
+    (docs/offload.md)."""
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     if check_scheme(quantize) and torch_device.type != "cpu":
         raise UnsupportedError(f"quantize={quantize!r} runs on the CPU for now (device {device!r} requested)")
     resolved = resolve_model(source, revision)
     spec, family, directory = resolved.spec, resolved.family, resolved.directory
     quantize = check_scheme(quantize, spec.model_type)
-    # hgrn_bit's loaders take no quantize argument: pass it only when there is one
-    options = {"quantize": quantize} if quantize else {}
-    reader = None
+    kv_cache = check_kv_scheme(kv_cache, spec.model_type)
+    if kv_cache is not None:
+        kv_quant.bytes_per_vector(kv_cache, spec.head_dim)    # refuses a head_dim the layout cannot hold
+    reader, stored = None, None
     if directory is not None:
         reader = CheckpointReader(directory)
         reader.check_layer_count(spec.num_layers, resolved.where)
+        stored = _stored_scheme(source, resolved, reader, quantize, torch_device)
+        quantize = stored or quantize
+    # hgrn_bit's loaders take no quantize argument: pass it only when there is one
+    options = {"quantize": quantize} if quantize else {}
     if max_memory is not None or offload_dir is not None:
         from memwise.offload.load import load_offloaded_model
         module = load_offloaded_model(resolved, reader, torch_dtype, torch_device, quantize, seed, max_memory, offload_dir)
+        module.kv_cache = kv_cache
         return _language_model(resolved, spec, module, torch_dtype, torch_device)
     check_fits(f"loading {source} as {str(torch_dtype).removeprefix('torch.')}" + (f" ({quantize})" if quantize else ""),
                {"weights": weights_bytes(family, spec, torch_dtype, quantize)}, torch_device)
     if reader is None:
         module = family.synthetic(spec, torch_dtype, torch_device, seed, **options)
+        module.kv_cache = kv_cache
         return LanguageModel(spec, module, ByteTokenizer(spec.vocab_size), torch_dtype, torch_device)
     spec = _with_special_tokens(spec, directory)
-    module = family.load(spec, reader, torch_dtype, torch_device, **options)
+    if stored is not None:
+        module = family.load_quantized(spec, reader, torch_dtype, torch_device, stored)
+    else:
+        module = family.load(spec, reader, torch_dtype, torch_device, **options)
+    module.kv_cache = kv_cache
     return LanguageModel(spec, module, load_tokenizer(directory, spec.bos_token_id), torch_dtype, torch_device)
+
+
+def _stored_scheme(source: str | Path, resolved, reader: CheckpointReader, quantize: str | None,
+                   device: torch.device) -> str | None:
+    """The scheme a `memwise convert --quantize` checkpoint was written in (None for a float one)."""
+    family = resolved.family
+    stored = family.stored_scheme(resolved.config, reader, resolved.where) if hasattr(family, "stored_scheme") else None
+    if stored is not None and quantize not in (None, stored):
+        raise UnsupportedError(f"{source}: a checkpoint quantized as {stored} cannot load as quantize={quantize!r}")
+    if stored is not None and device.type != "cpu":
+        raise UnsupportedError(f"{source}: a checkpoint quantized as {stored} runs on the CPU for now "
+                               f"(device {str(device)!r} requested)")
+    return stored
 
 
 def _with_special_tokens(spec: ModelSpec, directory: Path) -> ModelSpec:
@@ -104,6 +131,11 @@ class LanguageModel:
             raise MemwiseError(f"{self.spec.source}: no tokenizer.json, so text cannot be encoded; "
                                "pass token ids instead")
         return self._tokenizer
+
+    @property
+    def kv_cache(self) -> str | None:
+        """The KV cache scheme chosen at load (None: the model's dtype)."""
+        return getattr(self.module, "kv_cache", None)
 
     @property
     def synthetic(self) -> bool:
@@ -214,8 +246,10 @@ class LanguageModel:
 
     def __repr__(self) -> str:
         kind = "synthetic" if self.synthetic else "real"
+        kv = self.kv_cache
         return (f"LanguageModel({self.spec.model_type}, source={self.spec.source!r}, {kind} weights, "
-                f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})")
+                f"dtype={str(self.dtype).removeprefix('torch.')}, device={self.device}"
+                + (f", kv_cache={kv}" if kv else "") + ")")
 
 
 def _normalize(options: dict) -> dict:

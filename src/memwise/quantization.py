@@ -52,3 +52,20 @@ def check_scheme(name: object, model_type: str | None = None) -> str | None:
         raise QuantizeError(f"hgrn_bit models are already ternary (packed 2-bit); quantize={scheme.name!r} applies "
                             "to conventional decoders (gpt2, opt, phi, llama, mistral)")
     return scheme.name
+
+
+KV_CACHE_BYTES_PER_NUMBER = {"int8": 1.0625, "int4": 0.625}   # at head_dim 64 (memwise.kernels.kv_quant)
+
+
+def check_kv_scheme(name: object, model_type: str | None = None) -> str | None:
+    """The KV cache scheme's name (None: the cache keeps the model's dtype), or one clear error for an
+    unknown scheme or a model without a KV cache."""
+    if name is None:
+        return None
+    known = ", ".join(KV_CACHE_BYTES_PER_NUMBER)
+    if not isinstance(name, str) or name.strip().lower() not in KV_CACHE_BYTES_PER_NUMBER:
+        raise QuantizeError(f"unknown KV cache scheme {name!r} (known: {known})")
+    if model_type == "hgrn_bit":
+        raise QuantizeError(f"hgrn_bit models have no KV cache (their recurrent state has a fixed size); "
+                            f"kv_cache={name.strip().lower()!r} applies to attention models")
+    return name.strip().lower()

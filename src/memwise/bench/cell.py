@@ -33,7 +33,7 @@ from memwise.bench import memory
 # The record's fields, in the order results.csv and the docs list them.
 TIMED_METRICS = ("ttft_s", "prefill_tok_s", "tpot_s", "decode_tok_s", "e2e_s")
 RECORD_FIELDS = (
-    "model", "engine", "weights", "dtype", "quantize", "device", "batch_size", "prompt_tokens", "new_tokens",
+    "model", "engine", "weights", "dtype", "quantize", "kv_cache", "device", "batch_size", "prompt_tokens", "new_tokens",
     "status", "reason", "load_s",
     *[f"{m}{suffix}" for m in TIMED_METRICS for suffix in ("", "_min", "_max", "_samples")],
     "peak_rss_bytes", "predicted_peak_bytes", "load_peak_rss_bytes", "rss_after_load_bytes", "weights_bytes",
@@ -66,6 +66,7 @@ class CellSpec:
     engine: str
     dtype: str = "float32"
     quantize: str | None = None         # memwise engines: a weight scheme (memwise.quantization)
+    kv_cache: str | None = None         # memwise engines: a KV cache scheme (memwise.kernels.kv_quant)
     device: str = "cpu"
     batch_size: int = 1
     prompt_tokens: int = 128
@@ -101,7 +102,7 @@ def blank_record(spec: CellSpec) -> dict[str, Any]:
     record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
     record.update(
         model=spec.model, engine=spec.engine, weights=spec.source.get("weights"), dtype=spec.dtype, quantize=spec.quantize,
-        device=spec.device, batch_size=spec.batch_size, prompt_tokens=spec.prompt_tokens,
+        kv_cache=spec.kv_cache, device=spec.device, batch_size=spec.batch_size, prompt_tokens=spec.prompt_tokens,
         new_tokens=spec.new_tokens, status="error", reason=None, source=spec.source.get("source"),
         model_type=(spec.source.get("config") or {}).get("model_type"), runs=spec.runs, warmup=spec.warmup,
         threads=spec.threads, estimated_bytes=spec.estimated_bytes,
@@ -178,7 +179,7 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
         configure(spec)
     source = Source(**{k: v for k, v in spec.source.items() if k in Source.__dataclass_fields__})
     record["import_s"] = time.time() - start
-    options = {"quantize": spec.quantize} if spec.quantize else {}
+    options = {name: value for name, value in (("quantize", spec.quantize), ("kv_cache", spec.kv_cache)) if value}
     if spec.max_memory is not None:
         options.update(max_memory=spec.max_memory, offload_dir=spec.offload_dir)
     engine.load(source, spec.dtype, spec.device, **options)

@@ -97,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--quantize", choices=("int8", "int4", "nf4"), metavar="SCHEME",
                       help="memwise engine: store the decoder layers' weights in SCHEME (int8, int4, nf4); "
                            "other engines as given")
+    what.add_argument("--kv-cache", choices=("int8", "int4"), metavar="SCHEME",
+                      help="memwise engine: store the KV cache in SCHEME (int8, int4); other engines as given")
     what.add_argument("--max-memory", metavar="BYTES", help="memwise engine: offload the weights that do not fit "
                       "BYTES to --offload-dir and stream them in layer by layer (docs/offload.md)")
     what.add_argument("--offload-dir", metavar="DIR", help="where --max-memory keeps the offloaded weights")
@@ -175,8 +177,8 @@ def measure_command(args: argparse.Namespace) -> int:
     if (args.max_memory is None) != (args.offload_dir is None):
         from memwise.errors import MemwiseError
         raise MemwiseError("--max-memory and --offload-dir go together: offloading needs both")
-    options = RunOptions(threads=args.threads, device=args.device, quantize=args.quantize, timeout_s=args.timeout,
-                         max_memory=args.max_memory, offload_dir=args.offload_dir,
+    options = RunOptions(threads=args.threads, device=args.device, quantize=args.quantize, kv_cache=args.kv_cache,
+                         timeout_s=args.timeout, max_memory=args.max_memory, offload_dir=args.offload_dir,
                          over_memory="force" if args.force else "refuse",
                          log_dir=args.out / "logs" if args.out is not None else None, busy_cores=args.busy_cores)
     # Bandwidth is measured before and after the cells, never during one; other load on the machine

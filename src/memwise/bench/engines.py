@@ -77,11 +77,13 @@ class MemwiseEngine(_LoadedEngine):
             return f"memwise does not support model_type {source.model_type!r}"
         return None
 
-    def load(self, source: Source, dtype: str, device: str, quantize: str | None = None, **offload: Any) -> None:
+    def load(self, source: Source, dtype: str, device: str, quantize: str | None = None,
+             kv_cache: str | None = None, **offload: Any) -> None:
         import memwise
 
         self.device = device
-        self.model = memwise.load(source.source, dtype=dtype, device=device, quantize=quantize, **offload)
+        self.model = memwise.load(source.source, dtype=dtype, device=device, quantize=quantize, kv_cache=kv_cache,
+                                  **offload)
 
     def generate(self, input_ids: Any, options: GenerationOptions) -> GenerationTiming:
         _sync(self.device)

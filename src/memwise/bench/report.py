@@ -23,7 +23,8 @@ SYNTHETIC_NOTE = ("synthetic: random weights of the identical architecture (no r
 
 # (header, record key) of the table, in order; "peak" is peak_bytes(record). None prints as "-".
 COLUMNS: list[tuple[str, str]] = [
-    ("Model", "model"), ("Engine", "engine"), ("Weights", "weights"), ("dtype", "dtype"), ("Quantize", "quantize"), ("Device", "device"),
+    ("Model", "model"), ("Engine", "engine"), ("Weights", "weights"), ("dtype", "dtype"), ("Quantize", "quantize"), ("KV cache", "kv_cache"),
+    ("Device", "device"),
     ("Batch", "batch_size"), ("Prompt", "prompt_tokens"), ("New", "new_tokens"), ("Load s", "load_s"),
     ("TTFT s", "ttft_s"), ("Prefill tok/s", "prefill_tok_s"), ("TPOT ms", "tpot_s"),
     ("Decode tok/s", "decode_tok_s"), ("Ceiling tok/s", "decode_ceiling_tok_s"), ("E2E s", "e2e_s"),
@@ -37,9 +38,9 @@ BUSY_COLUMNS: list[tuple[str, str]] = [
     ("Busy decode tok/s", "busy_decode_tok_s"), ("Prefill busy/idle", "busy_prefill_ratio"),
     ("Decode busy/idle", "busy_decode_ratio"),
 ]
-TEXT_COLUMNS = {"Model", "Engine", "Weights", "dtype", "Quantize", "Device", "Status"}
+TEXT_COLUMNS = {"Model", "Engine", "Weights", "dtype", "Quantize", "KV cache", "Device", "Status"}
 # Shown in the caption instead of a column when every row has the same value.
-FOLDABLE = {"dtype", "quantize", "device", "batch_size", "prompt_tokens", "new_tokens"}
+FOLDABLE = {"dtype", "quantize", "kv_cache", "device", "batch_size", "prompt_tokens", "new_tokens"}
 
 
 def _cell_text(record: dict[str, Any], key: str) -> str:
@@ -102,7 +103,7 @@ def _columns(records: list[dict[str, Any]], published: dict[str, Any] | None) ->
     columns, fixed = [], []
     for header, key in COLUMNS:
         values = {json.dumps(r.get(key)) for r in records}
-        if key == "quantize" and values <= {"null"}:
+        if key in ("quantize", "kv_cache") and values <= {"null"}:
             continue    # no cell quantized: nothing to say
         if key in ("predicted_peak_bytes", "prediction_error") and \
                 all(r.get("predicted_peak_bytes") is None for r in records):

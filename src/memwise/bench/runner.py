@@ -45,6 +45,7 @@ class RunOptions:
     seed: int = 0
     busy_cores: int = 0                 # busy processes beside each timed run (bench/busy.py)
     quantize: str | None = None         # weight scheme of the memwise engines' cells
+    kv_cache: str | None = None         # KV cache scheme of the memwise engines' cells
     max_memory: str | None = None       # memwise cells: offloaded under this budget (memwise.offload)
     offload_dir: str | None = None
     # A cell predicted not to fit the memory available: "skip" it (a skipped record), "refuse" the
@@ -110,7 +111,7 @@ def skip_reason(source: Source, engine: str, spec: CellSpec, arch: memory.Archit
 
 
 def predicted_peak(source: Source, engine: str, dtype: str, quantize: str | None, batch: int, prompt: int,
-                   new: int, device: str, max_memory: str | None = None) -> int | None:
+                   new: int, device: str, max_memory: str | None = None, kv_cache: str | None = None) -> int | None:
     """memwise.estimate's predicted peak of a cell (computed here, in the parent: nothing is loaded),
     or None for a model or engine it has no formulas for."""
     from memwise.estimate import estimate_inference
@@ -126,7 +127,7 @@ def predicted_peak(source: Source, engine: str, dtype: str, quantize: str | None
             budget = parse_size(max_memory, "--max-memory")
         return estimate_inference(model, batch_size=batch, prompt_tokens=max(prompt, 1), new_tokens=max(new, 1),
                                   dtype=dtype, quantize=quantize, engine=engine,
-                                  device=device, max_memory=budget).predicted_peak_bytes
+                                  device=device, max_memory=budget, kv_cache=kv_cache).predicted_peak_bytes
     except MemwiseError:
         return None
 
@@ -161,6 +162,7 @@ def plan_cells(matrix: Matrix, sources: dict[str, Source],
             prompt = max(len(p) for p in ids)
             new = max((matrix.max_length or 0) - min(len(p) for p in ids), 1)
         quantize = options.quantize if engine == "memwise" else None
+        kv_cache = options.kv_cache if engine == "memwise" else None
         offload = {"max_memory": options.max_memory, "offload_dir": options.offload_dir} if engine == "memwise" else {}
         if engine == "memwise" and dtype in SCHEMES:   # a suite's quantized cell: the scheme in the dtype slot
             dtype, quantize = "float32", dtype
@@ -169,14 +171,14 @@ def plan_cells(matrix: Matrix, sources: dict[str, Source],
             weights = memory.memwise_weights_bytes(source.config or {}, dtype, quantize)
         spec = CellSpec(
             model=source.name, source=asdict(source), engine=engine, dtype=dtype, quantize=quantize,
-            device=options.device, batch_size=batch, prompt_tokens=prompt, new_tokens=new, runs=matrix.runs,
+            kv_cache=kv_cache, device=options.device, batch_size=batch, prompt_tokens=prompt, new_tokens=new, runs=matrix.runs,
             warmup=matrix.warmup, threads=options.threads, seed=options.seed, prompts=ids,
             prompt_ids_note=note, max_length=matrix.max_length, repetition_penalty=matrix.repetition_penalty,
             no_repeat_ngram_size=matrix.no_repeat_ngram_size,
             estimated_bytes=memory.estimate_cell_bytes(arch, engine, dtype, batch, prompt, new, weights),
             busy_cores=options.busy_cores, **offload,
             predicted_peak_bytes=predicted_peak(source, engine, dtype, quantize, batch, prompt, new, options.device,
-                                                offload.get("max_memory")),
+                                                offload.get("max_memory"), kv_cache),
         )
         planned.append((spec, source, arch))
     return planned

@@ -55,7 +55,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--prompt-tokens", type=_positive, default=128, metavar="P")
     parser.add_argument("--new-tokens", type=_positive, default=128, metavar="N")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    parser.add_argument("--quantize", metavar="SCHEME", help="memwise engine: weights in SCHEME (int8)")
+    parser.add_argument("--quantize", metavar="SCHEME", help="memwise engine: weights in SCHEME (int8, int4, nf4)")
+    parser.add_argument("--kv-cache", metavar="SCHEME", help="memwise engine: KV cache in SCHEME (int8, int4)")
     parser.add_argument("--engine", default="memwise",
                         help="memwise (default), transformers, or memwise-reference (hgrn_bit, plain PyTorch path)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (no interpreter baseline)")
@@ -90,7 +91,8 @@ def estimate_command(args: argparse.Namespace) -> int:
         result = estimate_inference(_resolve(args.source), batch_size=args.batch_size,
                                     prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                     dtype=args.dtype, quantize=args.quantize, engine=args.engine,
-                                    device=args.device, max_memory=_max_memory(args.max_memory))
+                                    device=args.device, max_memory=_max_memory(args.max_memory),
+                                    kv_cache=args.kv_cache)
     if args.json:
         print(json.dumps(result.to_json()))
     else:

@@ -30,7 +30,7 @@ from memwise.dtypes import parse_dtype
 from memwise.errors import MemwiseError, UnsupportedError, shown
 from memwise.estimate.breakdown import Estimate
 from memwise.memory_gate import weights_bytes
-from memwise.quantization import check_scheme
+from memwise.quantization import check_kv_scheme, check_scheme
 from memwise.source import ModelSource, resolve_model
 from memwise.spec import ModelSpec
 
@@ -72,7 +72,8 @@ class EstimateError(MemwiseError):
 
 def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, prompt_tokens: int = 128,
                        new_tokens: int = 128, dtype: str = "float32", quantize: str | None = None,
-                       engine: str = "memwise", device: str = "cpu", max_memory: int | None = None) -> Estimate:
+                       engine: str = "memwise", device: str = "cpu", max_memory: int | None = None,
+                       kv_cache: str | None = None) -> Estimate:
     """Predicted peak memory of loading `model` and generating `new_tokens` after `prompt_tokens` for
     `batch_size` sequences (no weights are read). With max_memory (bytes: an offloaded load, memwise
     engine, decoder family) the weights are what the offload plan keeps resident plus its buffers."""
@@ -86,6 +87,9 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
         raise UnsupportedError(f"hgrn_bit computes in float32 (its weights are 2-bit ternary codes); dtype "
                                f"{str(torch_dtype).removeprefix('torch.')} is not supported")
     quantize = check_scheme(quantize, spec.model_type)
+    kv_cache = check_kv_scheme(kv_cache, spec.model_type)
+    if kv_cache is not None and engine != "memwise":
+        raise UnsupportedError(f"kv_cache={kv_cache!r} is a scheme of engine memwise; engine {engine} keeps a float cache")
     length = prompt_tokens + new_tokens
     constants = CONSTANTS[("transformers" if engine == "transformers" else "memwise", family_name)]
     parts: dict[str, int] = {}
@@ -99,7 +103,7 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
     else:
         parts["weights"] = int(family.parameter_count(spec)) * torch_dtype.itemsize
     cache_name = "state" if family_name == "hgrn_bit" else "kv_cache"
-    parts[cache_name] = spec_cache_bytes(spec, batch_size, length, torch_dtype)
+    parts[cache_name] = spec_cache_bytes(spec, batch_size, length, torch_dtype, kv_cache)
     parts["activations"] = activation_bytes(spec, batch_size, prompt_tokens, length, torch_dtype, device_type)
     parts["logits_and_tokens"] = logits_bytes(spec, batch_size) + batch_size * length * 9
     if device_type == "cpu":
@@ -121,7 +125,7 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
                      "positions: the run would be refused")
     settings = {"model": str(spec.source or model), "model_type": spec.model_type, "engine": engine,
                 "device": device_type, "dtype": str(torch_dtype).removeprefix("torch."), "quantize": quantize,
-                "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+                "kv_cache": kv_cache, "batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
     return Estimate("inference", settings, parts, notes=notes)
 
 
@@ -137,14 +141,16 @@ def _offloaded_weights(resolved: ModelSource, engine: str, dtype: torch.dtype, q
     return plan.resident_bytes
 
 
-def spec_cache_bytes(spec: ModelSpec, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
+def spec_cache_bytes(spec: ModelSpec, batch_size: int, max_length: int, dtype: torch.dtype,
+                     kv_cache: str | None = None) -> int:
     """What the model's cache_bytes(batch_size, max_length) returns, from the spec alone: keys and
-    values per layer at the model's dtype plus the cache's mask and positions, or a float32 recurrent
-    state of constant size."""
+    values per layer at the model's dtype or in the kv_cache scheme's layout, plus the cache's mask and
+    positions; or a float32 recurrent state of constant size."""
     if spec.model_type == "hgrn_bit":
         return spec.num_layers * batch_size * spec.hidden_size * spec.expand_ratio * 4
-    per_layer = 2 * batch_size * spec.num_kv_heads * max_length * spec.head_dim
-    return spec.num_layers * per_layer * dtype.itemsize + batch_size * (max_length + 8)
+    from memwise.models.decoder.cache import decoder_cache_bytes
+
+    return decoder_cache_bytes(spec, batch_size, max_length, dtype, kv_cache)
 
 
 def activation_bytes(spec: ModelSpec, batch_size: int, prompt_tokens: int, length: int, dtype: torch.dtype,

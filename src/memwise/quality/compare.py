@@ -6,6 +6,9 @@ For each scheme, on held-out text, position by position, against the float32 mod
 - top-1 agreement: how often both put their largest probability on the same token;
 - perplexity of each on the text (exp of the mean negative log-likelihood of the next byte).
 
+With --kv-cache SCHEME the weights stay float32 and the KV cache is quantized (the row is named
+"kv-SCHEME"): every position's attention then reads keys and values through that cache.
+
 The default model is the one `python -m memwise.quality.train` trains on the standard library's
 source; the text is the held-out files of that corpus (memwise/quality/corpus.py), read as bytes, in
 windows of the model's context length.
@@ -67,7 +70,7 @@ def compare(reference, candidate, ids, scheme: str) -> SchemeQuality:
                          perplexity(candidate), perplexity(reference), int(kl.numel()))
 
 
-def evaluate(source: str, schemes: list[str], tokens: int) -> list[SchemeQuality]:
+def evaluate(source: str, schemes: list[str], tokens: int, kv_schemes: list[str] = ()) -> list[SchemeQuality]:
     import memwise
     from memwise.quality.corpus import split, token_ids
 
@@ -80,9 +83,11 @@ def evaluate(source: str, schemes: list[str], tokens: int) -> list[SchemeQuality
     reference = log_probs(reference_model, ids)
     del reference_model
     results = []
-    for scheme in schemes:
-        candidate = log_probs(memwise.load(source, quantize=scheme), ids)
-        results.append(compare(reference, candidate, ids, scheme))
+    runs = [(scheme, {"quantize": scheme}) for scheme in schemes]
+    runs += [(f"kv-{scheme}", {"kv_cache": scheme}) for scheme in kv_schemes]
+    for name, options in runs:
+        candidate = log_probs(memwise.load(source, **options), ids)
+        results.append(compare(reference, candidate, ids, name))
     return results
 
 
@@ -93,7 +98,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="SOURCE", nargs="?", default=None,
                    help=f"a gpt2-style byte-level model (default: the trained reference model in {default_dir()})")
-    p.add_argument("--quantize", action="append", metavar="SCHEME", help="a scheme to compare (repeatable; default int8)")
+    p.add_argument("--quantize", action="append", metavar="SCHEME",
+                   help="a weight scheme to compare (repeatable; default int8 when no --kv-cache is given)")
+    p.add_argument("--kv-cache", action="append", metavar="SCHEME",
+                   help="a KV cache scheme to compare, weights float32 (repeatable: int8, int4)")
     p.add_argument("--tokens", type=int, default=16384, help="held-out tokens to evaluate (default 16384)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
@@ -111,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         source = str(default_dir())
     if args.tokens < 1:
         raise MemwiseError(f"--tokens must be positive, got {args.tokens}")
-    results = evaluate(source, args.quantize or ["int8"], args.tokens)
+    kv_schemes = args.kv_cache or []
+    results = evaluate(source, args.quantize or ([] if kv_schemes else ["int8"]), args.tokens, kv_schemes)
     if args.json:
         print(json.dumps({"source": source, "results": [asdict(r) for r in results]}))
         return 0

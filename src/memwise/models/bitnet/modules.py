@@ -31,8 +31,8 @@ from memwise.kernels import bf16
 from memwise.kernels.packed import TernaryMatrix, rmsnorm
 from memwise.kernels.threads import CpuBudget
 from memwise.models.bitnet import fused_step
-from memwise.models.decoder.modules import (Attention, DecoderCache, attention_mask_for, rotary_angles,
-                                            rotary_inv_freq)
+from memwise.models.decoder.cache import DecoderCache, decoder_cache_bytes, new_decoder_cache
+from memwise.models.decoder.modules import Attention, attention_mask_for, rotary_angles, rotary_inv_freq
 from memwise.spec import ModelSpec
 
 # The kernel backends, plus "c-unfused": the C products through these modules even for the decode
@@ -148,12 +148,14 @@ class BitNetForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.embeddings.device
 
+    kv_cache: str | None = None    # a kv_quant scheme, set at load (memwise.load(kv_cache=...))
+
     def new_cache(self, batch_size: int, max_length: int) -> DecoderCache:
-        return DecoderCache(self.spec, batch_size, max_length, torch.float32, self.device)
+        return new_decoder_cache(self.spec, batch_size, max_length, torch.float32, self.device, self.kv_cache)
 
     def cache_bytes(self, batch_size: int, max_length: int) -> int:
         """What new_cache(batch_size, max_length) allocates, computed without allocating it."""
-        return DecoderCache.nbytes(self.spec, batch_size, max_length, torch.float32)
+        return decoder_cache_bytes(self.spec, batch_size, max_length, torch.float32, self.kv_cache)
 
     def forward(self, input_ids: torch.Tensor, cache: DecoderCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -180,10 +182,11 @@ class BitNetForCausalLM(nn.Module):
     def _fused_step(self, input_ids: torch.Tensor, cache: DecoderCache,
                     attention_mask: torch.Tensor | None) -> Any:
         """The fused decoder when this step can use it (one token of one sequence, no padding in the
-        cache nor in this token, CPU, float32 cache, backend auto or c), else None."""
+        cache nor in this token, CPU, float32 cache (not a quantized one), backend auto or c), else None."""
         if (input_ids.shape != (1, 1) or self._backend not in ("auto", "c") or not fused_step.available()
                 or input_ids.device.type != "cpu" or self.embeddings.device.type != "cpu" or cache.padded
-                or cache.batch_size != 1 or cache.length >= cache.max_length or cache.keys[0].dtype != torch.float32
+                or cache.batch_size != 1 or cache.length >= cache.max_length or cache.scheme is not None
+                or cache.keys[0].dtype != torch.float32
                 or (attention_mask is not None and not bool(attention_mask.all()))):
             return None
         if self._fused_decoder is None:

@@ -1,9 +1,5 @@
-"""The Decoder (the family's CausalLM) and its parts: attention over a preallocated KV cache, MLP, norms, rotary.
-
-Batches are left-padded. The cache remembers which slots hold real tokens; a token's position is the
-number of real tokens before it (Hugging Face's cumsum(mask) - 1 during generate), so a prompt gives
-the same logits alone and in a padded batch.
-"""
+"""The Decoder (the family's CausalLM) and its parts: attention over a preallocated KV cache
+(cache.py), MLP, norms, rotary."""
 from __future__ import annotations
 
 import math
@@ -13,47 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memwise.errors import UnsupportedError
+from memwise.models.decoder.cache import DecoderCache, decoder_cache_bytes, new_decoder_cache
 from memwise.spec import ModelSpec
-
-
-class DecoderCache:
-    """Preallocated keys and values of every layer, [B, kv_heads, max_length, head_dim] each.
-
-    Slots are shared by the batch (slot s is the s-th token given to forward for every row); `mask`
-    says which slots hold real tokens and `real_count` how many real tokens each row has so far.
-    """
-
-    def __init__(self, spec: ModelSpec, batch_size: int, max_length: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch_size, spec.num_kv_heads, max_length, spec.head_dim)
-        # empty, not zeros: slots are only ever read after they are written
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.mask = torch.zeros((batch_size, max_length), dtype=torch.bool, device=device)
-        self.real_count = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.batch_size, self.max_length = batch_size, max_length
-        self.length = 0         # slots written
-        self.padded = False     # some slot so far is padding
-
-    @staticmethod
-    def nbytes(spec: ModelSpec, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
-        """What a cache of these sizes allocates, computed without allocating it."""
-        per_layer = 2 * batch_size * spec.num_kv_heads * max_length * spec.head_dim
-        return spec.num_layers * per_layer * dtype.itemsize + batch_size * (max_length + 8)
-
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Check that the new tokens fit and record them (real or padding); their positions [B, T]."""
-        batch, length = input_ids.shape
-        if self.length + length > self.max_length or batch != self.batch_size:
-            raise ValueError(f"cache holds {self.batch_size} x {self.max_length} slots; "
-                             f"{batch} x {length} tokens do not fit after {self.length}")
-        return record_tokens(self, attention_mask, length, input_ids.device)
-
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new tokens' keys/values at the current slots; all keys/values so far, as views."""
-        end = self.length + keys.shape[2]
-        self.keys[layer][:, :, self.length:end] = keys
-        self.values[layer][:, :, self.length:end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class RMSNorm(nn.Module):
@@ -175,6 +132,7 @@ class Decoder(nn.Module):
         self.inv_freq: torch.Tensor | None = None
         # set by an offloaded load (memwise.offload): yields each layer with its weights read in
         self.layer_stream = None
+        self.kv_cache: str | None = None    # a kv_quant scheme, set at load (memwise.load(kv_cache=...))
 
     def tie_weights(self) -> None:
         # an int8 lm_head (quantized.py) holds its own copy: the lookup keeps the float table
@@ -198,11 +156,11 @@ class Decoder(nn.Module):
         if self.spec.positions == "learned" and max_length > self.spec.max_positions:
             raise UnsupportedError(f"{self.spec.model_type}: {max_length} tokens (prompt + new tokens) exceed the "
                                    f"model's {self.spec.max_positions} learned positions")
-        return DecoderCache(self.spec, batch_size, max_length, self.dtype, self.device)
+        return new_decoder_cache(self.spec, batch_size, max_length, self.dtype, self.device, self.kv_cache)
 
     def cache_bytes(self, batch_size: int, max_length: int) -> int:
         """What new_cache(batch_size, max_length) allocates, computed without allocating it."""
-        return DecoderCache.nbytes(self.spec, batch_size, max_length, self.dtype)
+        return decoder_cache_bytes(self.spec, batch_size, max_length, self.dtype, self.kv_cache)
 
     def weights_bytes(self) -> int:
         """Parameters and buffers (the int8 linears keep their weights as buffers)."""
@@ -260,24 +218,6 @@ class Decoder(nn.Module):
             if seen > self.spec.max_positions:
                 inv_freq = rotary_inv_freq(self.spec, device=positions.device, seq_len=seen)
         return rotary_angles(positions, inv_freq, dtype)
-
-
-def record_tokens(cache: DecoderCache, attention_mask: torch.Tensor | None, length: int,
-                  device: torch.device) -> torch.Tensor:
-    """Mark the next `length` slots real or padding in `cache`; the new tokens' positions [B, T]."""
-    start, end = cache.length, cache.length + length
-    if attention_mask is None:
-        positions = cache.real_count[:, None] + torch.arange(length, device=device)
-        cache.mask[:, start:end] = True
-        cache.real_count += length
-        return positions
-    real = attention_mask.to(device=device, dtype=torch.bool)
-    positions = (cache.real_count[:, None] + real.cumsum(dim=1) - 1).masked_fill_(~real, 0)
-    cache.mask[:, start:end] = real
-    cache.real_count += real.sum(dim=1)
-    if not cache.padded:
-        cache.padded = not bool(real.all())
-    return positions
 
 
 def rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
