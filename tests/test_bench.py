@@ -430,3 +430,13 @@ def test_a_suites_memwise_cell_may_name_a_weight_scheme_in_its_dtype_slot():
     (int8, _, _), (plain, _, _) = planned
     assert (int8.dtype, int8.quantize) == ("float32", "int8") and (plain.dtype, plain.quantize) == ("float32", None)
     assert int8.predicted_peak_bytes < plain.predicted_peak_bytes
+
+
+def test_progress_lines_name_a_cells_weight_and_kv_schemes():
+    from memwise.bench.cli import _summary
+    record = dict.fromkeys(RECORD_FIELDS)
+    record.update(model="gpt2-medium", engine="memwise", dtype="float32", quantize="int8", kv_cache="int4",
+                  batch_size=1, prompt_tokens=8, new_tokens=4, status="failed", reason="x")
+    assert _summary(record).startswith("gpt2-medium · memwise · float32 int8 kv:int4 · b1 p8 n4")
+    record.update(quantize=None, kv_cache=None)
+    assert _summary(record).startswith("gpt2-medium · memwise · float32 · b1")

@@ -208,7 +208,7 @@ def _run_with_progress(matrix: Any, options: Any, console: Any) -> list[dict[str
         task = progress.add_task("resolving models", total=None)
 
         def on_start(i: int, n: int, spec: Any) -> None:
-            progress.update(task, total=n, description=f"{spec.model} · {spec.engine} · {spec.dtype} · "
+            progress.update(task, total=n, description=f"{spec.model} · {spec.engine} · {_weights_label(vars(spec))} · "
                                                        f"batch {spec.batch_size} · {spec.prompt_tokens}+{spec.new_tokens} tokens")
 
         def on_done(i: int, n: int, record: dict[str, Any]) -> None:
@@ -218,8 +218,14 @@ def _run_with_progress(matrix: Any, options: Any, console: Any) -> list[dict[str
         return run_matrix(matrix, options, on_start, on_done)
 
 
+def _weights_label(cell: dict[str, Any]) -> str:
+    """dtype, and the weight and KV-cache schemes of a quantized memwise cell ("float32 int8 kv:int4")."""
+    extra = [cell.get("quantize") or "", f"kv:{cell['kv_cache']}" if cell.get("kv_cache") else ""]
+    return " ".join([cell["dtype"], *filter(None, extra)])
+
+
 def _summary(record: dict[str, Any]) -> str:
-    head = f"{record['model']} · {record['engine']} · {record['dtype']} · b{record['batch_size']} " \
+    head = f"{record['model']} · {record['engine']} · {_weights_label(record)} · b{record['batch_size']} " \
            f"p{record['prompt_tokens']} n{record['new_tokens']}"
     if record.get("status") != "ok":
         return f"{head}: {record.get('status')}: {record.get('reason')}"
