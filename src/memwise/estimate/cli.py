@@ -7,31 +7,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any
 
 from memwise.cli_support import one_line_errors
-from memwise.errors import SourceError, UnsupportedError, shown
+from memwise.errors import SourceError, UnsupportedError
 from memwise.estimate import FINETUNE_MISSING, Estimate, EstimateError, estimate_inference
+from memwise import sizes
 from memwise.source import ModelSource
 
-UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-         "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 BUDGET_BATCHES = (1, 2, 4, 8, 16, 32)
 FINETUNE_FLAGS = ("method", "optimizer", "batch_size", "seq_len", "lora_rank", "gradient_checkpointing",
                   "devices", "strategy")
 
 
 def parse_bytes(text: str) -> int:
-    """'2GiB', '1.5 GB', '512M', '1e9' -> bytes (K, M, G, T alone are binary, like free -h)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not match or match.group(2) not in UNITS:
-        raise EstimateError(f"--budget {shown(text)}: not an amount of memory (examples: 2GiB, 1.5GB, 512MiB)")
-    value = float(match.group(1)) * UNITS[match.group(2)]
-    if value < 1:
-        raise EstimateError(f"--budget {shown(text)}: should be at least one byte")
-    return int(value)
+    return sizes.parse_size(text, "--budget", EstimateError)
 
 
 def _positive(text: str) -> int:

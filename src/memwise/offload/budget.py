@@ -9,29 +9,17 @@ only deepen the read-ahead of a run that is already bound by the disk).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from memwise.errors import shown
 from memwise.offload.store import OffloadError
+from memwise import sizes
 
-UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-         "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 WORKSPACE_TOKENS = 512
 
 
 def parse_size(text: str | int, what: str = "max_memory") -> int:
-    """'2GiB', '512MiB', '2GB', '1.5G', 2147483648 -> bytes (K, M, G, T alone are binary)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-        if not match or match.group(2) not in UNITS:
-            raise OffloadError(f"{what} {shown(text)}: not an amount of memory (examples: 2GiB, 512MiB, 2GB)")
-        value = float(match.group(1)) * UNITS[match.group(2)]
-    if value < 1:
-        raise OffloadError(f"{what} {shown(text)}: should be at least one byte")
-    return int(value)
+    """'2GiB', '512MiB', '2GB', '1.5G', 2147483648 -> bytes (memwise.sizes)."""
+    return sizes.parse_size(text, what, OffloadError)
 
 
 def format_size(n: int) -> str:

@@ -8,27 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from memwise.cli_support import one_line_errors
-from memwise.errors import shown
 from memwise.offload.costs import Costs, cache_path, load_costs, machine_costs
 from memwise.offload.plan import Plan, PlanError, plan
+from memwise import sizes
 
 DEFAULT_BATCHES = (1, 8, 32, 64)
-UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-         "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
 
 def parse_size(text: str, flag: str = "--max-memory") -> int:
-    """'2GiB', '1.5 GB', '512M' -> bytes (K, M, G, T alone are binary, like free -h)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not match or match.group(2) not in UNITS or float(match.group(1)) * UNITS[match.group(2)] < 1:
-        raise PlanError(f"{flag} {shown(text)}: not an amount of memory (examples: 2GiB, 1.5GB, 512MiB)")
-    return int(float(match.group(1)) * UNITS[match.group(2)])
+    return sizes.parse_size(text, flag, PlanError)
 
 
 def _positive(text: str) -> int:
