@@ -40,6 +40,17 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count flag (--batch-size, --prompt-tokens, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def one_line_errors(parser: argparse.ArgumentParser) -> None:
     """argparse prints the whole usage before an error; the design wants one line (exit status 2 as usual)."""
     def error(message: str) -> NoReturn:

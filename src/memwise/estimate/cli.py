@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from memwise.cli_support import one_line_errors
+from memwise.cli_support import one_line_errors, positive_int
 from memwise.errors import SourceError, UnsupportedError
 from memwise.estimate import FINETUNE_MISSING, Estimate, EstimateError, estimate_inference
 from memwise import sizes
@@ -25,16 +25,6 @@ def parse_bytes(text: str) -> int:
     return sizes.parse_size(text, "--budget", EstimateError)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "estimate", help="predict a run's peak memory and its breakdown (no weights are loaded)",
@@ -42,9 +32,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "or preset:NAME) by component. --budget lists the inference configurations that fit.")
     parser.add_argument("source", metavar="MODEL")
     parser.add_argument("--task", choices=("inference", "finetune"), default="inference")
-    parser.add_argument("--batch-size", type=_positive, default=1, metavar="B")
-    parser.add_argument("--prompt-tokens", type=_positive, default=128, metavar="P")
-    parser.add_argument("--new-tokens", type=_positive, default=128, metavar="N")
+    parser.add_argument("--batch-size", type=positive_int, default=1, metavar="B")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=128, metavar="P")
+    parser.add_argument("--new-tokens", type=positive_int, default=128, metavar="N")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--quantize", metavar="SCHEME", help="memwise engine: weights in SCHEME (int8, int4, nf4)")
     parser.add_argument("--kv-cache", metavar="SCHEME", help="memwise engine: KV cache in SCHEME (int8, int4)")
@@ -58,10 +48,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     tune = parser.add_argument_group("fine-tuning (--task finetune)")
     tune.add_argument("--method", choices=("full", "lora", "qlora"), default="full")
     tune.add_argument("--optimizer", choices=("adamw", "sgd", "adamw8bit"), default="adamw")
-    tune.add_argument("--seq-len", type=_positive, default=512, metavar="S")
-    tune.add_argument("--lora-rank", type=_positive, default=8, metavar="R")
+    tune.add_argument("--seq-len", type=positive_int, default=512, metavar="S")
+    tune.add_argument("--lora-rank", type=positive_int, default=8, metavar="R")
     tune.add_argument("--gradient-checkpointing", action="store_true")
-    tune.add_argument("--devices", type=_positive, default=1, metavar="N")
+    tune.add_argument("--devices", type=positive_int, default=1, metavar="N")
     tune.add_argument("--strategy", choices=("dp", "zero1", "zero2", "zero3", "tp", "pp"), default="dp")
     parser.set_defaults(func=estimate_command)
     one_line_errors(parser)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from memwise.cli_support import one_line_errors
+from memwise.cli_support import one_line_errors, positive_int
 from memwise.offload.costs import Costs, cache_path, load_costs, machine_costs
 from memwise.offload.plan import Plan, PlanError, plan
 from memwise import sizes
@@ -24,16 +24,6 @@ def parse_size(text: str, flag: str = "--max-memory") -> int:
     return sizes.parse_size(text, flag, PlanError)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "plan", help="choose which layers stream from disk, where the KV cache lives and the batch (docs/offload-plan.md)",
@@ -43,10 +33,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--max-memory", required=True, metavar="BYTES",
                         help="memory budget beyond the runtime's own base, e.g. 2GiB")
     parser.add_argument("--quantize", metavar="SCHEME", help="weights in SCHEME (int8, int4, nf4); float32 without")
-    parser.add_argument("--batch", type=_positive, nargs="+", metavar="N",
+    parser.add_argument("--batch", type=positive_int, nargs="+", metavar="N",
                         help=f"candidate batch sizes (default {' '.join(map(str, DEFAULT_BATCHES))})")
-    parser.add_argument("--prompt-tokens", type=_positive, default=128, metavar="P")
-    parser.add_argument("--new-tokens", type=_positive, default=32, metavar="N")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=128, metavar="P")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, metavar="N")
     parser.add_argument("--offload-dir", metavar="DIR", help="where the disk read figure is measured (default: the cache directory)")
     parser.add_argument("--remeasure", action="store_true", help="measure this machine's figures again")
     parser.add_argument("--costs", metavar="FILE", help="plan with the figures of a cost file instead of this machine's")

@@ -34,6 +34,7 @@ import torch
 from memwise import kernels
 from memwise.kernels import MAX_COLS, KernelInputError
 from memwise.kernels.packed import padded_cols
+from memwise.kernels.structs import struct_mismatches
 from memwise.kernels.threads import CpuBudget
 
 try:
@@ -74,19 +75,7 @@ MIRRORS = {"bitnet_projection_t": ProjectionView, "bitnet_layer_t": LayerView, "
 
 def layout_mismatches() -> list[str]:
     """How the ctypes mirrors differ from the C structs of the built extension (empty: they agree)."""
-    found = []
-    for name, (size, offsets) in _step.struct_layout().items():
-        mirror = MIRRORS[name]
-        if ctypes.sizeof(mirror) != size:
-            found.append(f"sizeof({name}) is {size}, {mirror.__name__} has {ctypes.sizeof(mirror)}")
-        fields = [field[0] for field in mirror._fields_]
-        if fields != list(offsets):
-            found.append(f"{name} has fields {list(offsets)}, {mirror.__name__} has {fields}")
-        for field, offset in offsets.items():
-            if field in fields and getattr(mirror, field).offset != offset:
-                found.append(f"{name}.{field} is at {offset}, {mirror.__name__} has it at "
-                             f"{getattr(mirror, field).offset}")
-    return found
+    return struct_mismatches(_step.struct_layout(), MIRRORS)
 
 
 @functools.cache
