@@ -8,24 +8,11 @@ import memwise
 from memwise.kernels import dense
 from memwise.models.decoder.dense import DenseLinear
 
-from tiny_models import VOCAB, build, one_thread, tiny_configs  # noqa: F401 (one_thread: autouse fixture)
+from tiny_models import VOCAB, one_thread, saved, tiny_configs  # noqa: F401 (fixtures)
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(dense._c is None, reason="the C extension memwise.kernels._dense is not built")
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    built = {}
-
-    def get(name):
-        if name not in built:
-            directory = tmp_path_factory.mktemp(name)
-            build(name, directory)
-            built[name] = directory
-        return built[name]
-    return get
 
 
 def step_logits(module, prompt, steps):

@@ -11,23 +11,10 @@ from memwise.kernels import int4, int8, nf4
 from memwise.models import decoder
 from memwise.models.decoder.quantized import (LINEARS, Int4Linear, Int8Linear, Nf4Linear, int8_weights_bytes,
                                               matrix_bytes, scheme_weights_bytes)
-from tiny_models import VOCAB, build, one_thread, tiny_configs  # noqa: F401 (one_thread: autouse fixture)
+from tiny_models import VOCAB, one_thread, saved, tiny_configs  # noqa: F401 (fixtures)
 
 FAMILIES = list(tiny_configs())
 SCHEMES = ["int8", "int4", "nf4"]
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    built = {}
-
-    def get(name):
-        if name not in built:
-            directory = tmp_path_factory.mktemp(name)
-            build(name, directory)
-            built[name] = directory
-        return built[name]
-    return get
 
 
 def prompts() -> torch.Tensor:

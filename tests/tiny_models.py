@@ -67,3 +67,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> the directory of its tiny checkpoint, written once per module and on first use."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            directory = tmp_path_factory.mktemp(name)
+            build(name, directory)
+            built[name] = directory
+        return built[name]
+    return get
