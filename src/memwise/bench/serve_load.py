@@ -237,7 +237,7 @@ def server_state(url: str, api_key: str | None = None) -> dict[str, Any] | None:
 
 
 def leak_check(url: str, api_key: str | None = None, settle_s: float = _SETTLE_S) -> dict[str, Any]:
-    """Wait until the server reports nothing running, nothing queued and every slot free; "ok" is
+    """Wait until the server reports nothing running, nothing queued, every slot (and KV block) free; "ok" is
     None when the server does not report those counts (not a memwise server)."""
     deadline = time.monotonic() + settle_s
     while True:
@@ -245,6 +245,7 @@ def leak_check(url: str, api_key: str | None = None, settle_s: float = _SETTLE_S
         if state is None or not {"running", "queued", "free_slots", "capacity"} <= state.keys():
             return {"ok": None, "state": state, "reason": "/health does not report running/queued/free_slots"}
         idle = state["running"] == 0 and state["queued"] == 0 and state["free_slots"] == state["capacity"]
+        idle = idle and state.get("free_kv_blocks") == state.get("kv_blocks")     # equal when not reported
         if idle or time.monotonic() > deadline:
             return {"ok": idle, "state": state,
                     "reason": None if idle else f"not idle {settle_s:g} s after the load: {state}"}

@@ -47,6 +47,7 @@ class Server:
         self.tokenizer = model.tokenizer     # a model without one cannot serve text: refused here, at start
         self.metrics = ServeMetrics(model.device)
         self.engine = Engine(model, config.max_batch, config.max_queue, self.metrics)
+        self.metrics.watch_blocks(self.engine)
         self.context = model.spec.max_positions
         self.created = int(time.time())
 
@@ -221,8 +222,11 @@ async def health(request: Request) -> Response:
     if engine.error is not None:
         return JSONResponse({"status": "error", "error": str(engine.error)}, status_code=503)
     # running and queued: what a load test reads afterwards to see that nothing leaked
-    return JSONResponse({"status": "ok", "free_slots": engine.free_slots, "capacity": engine.capacity,
-                         "running": engine.running, "queued": engine.queued})
+    state = {"status": "ok", "free_slots": engine.free_slots, "capacity": engine.capacity,
+             "running": engine.running, "queued": engine.queued}
+    if engine.kv_blocks is not None:
+        state["free_kv_blocks"], state["kv_blocks"] = engine.kv_blocks
+    return JSONResponse(state)
 
 
 async def metrics(request: Request) -> Response:

@@ -6,9 +6,11 @@ Two ways to run it:
   decode step gathers the running slots' states, runs them as one batch through the model's forward
   (the fused C step on CPU), and writes them back. Rows never see one another, so a sequence's
   tokens are those it makes alone.
-- `Interleaved` (any other family): each sequence is its own `LanguageModel.stream` generator, and a
-  step advances each once. Sequences still join and leave between steps, but the model runs one
-  sequence at a time (a batched decoder step needs a paged KV cache; see docs/serve.md).
+- `PagedDecoders` (serve/paged_batch.py, the decoder family held in memory): a paged KV cache, one
+  batched decode step for all running sequences.
+- `Interleaved` (offloaded decoders, BitNet): each sequence is its own `LanguageModel.stream`
+  generator, and a step advances each once. Sequences still join and leave between steps, but the
+  model runs one sequence at a time.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import torch
 
 from memwise.kernels import greedy_tokens
 from memwise.language_model import LanguageModel
+from memwise.models.decoder.modules import Decoder
+from memwise.serve.paged_batch import PagedDecoders
 from memwise.serve.sequence import Sequence
 
 
@@ -114,8 +118,11 @@ class Interleaved:
             self.remove(seq)
 
 
-def running_batch(model: LanguageModel, capacity: int) -> RecurrentSlots | Interleaved:
-    """Slots of recurrent state for HGRN-Bit, interleaved single-sequence generators otherwise."""
+def running_batch(model: LanguageModel, capacity: int) -> RecurrentSlots | PagedDecoders | Interleaved:
+    """Slots of recurrent state for HGRN-Bit, a paged KV cache for the decoder family held in memory,
+    interleaved single-sequence generators otherwise (offloaded decoders, BitNet)."""
     if model.spec.model_type == "hgrn_bit":
         return RecurrentSlots(model, capacity)
+    if isinstance(model.module, Decoder) and model.module.layer_stream is None:
+        return PagedDecoders(model, capacity)
     return Interleaved(model, capacity)

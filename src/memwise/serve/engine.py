@@ -41,6 +41,12 @@ class Engine:
         return self.batch.capacity
 
     @property
+    def kv_blocks(self) -> tuple[int, int] | None:
+        """(free, usable) blocks of the paged KV cache; None for a batch without one."""
+        pool = getattr(self.batch, "pool", None)
+        return None if pool is None else (pool.free_blocks, pool.usable_blocks)
+
+    @property
     def running(self) -> int:
         return len(self.batch.running)
 

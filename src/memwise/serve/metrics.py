@@ -40,6 +40,15 @@ class ServeMetrics:
             gpu = Gauge("memwise_cuda_allocated_bytes", "CUDA memory allocated by torch", registry=r)
             gpu.set_function(lambda: torch.cuda.memory_allocated(device))
 
+    def watch_blocks(self, engine) -> None:
+        """Gauges of the engine's paged KV cache, when its batch keeps one."""
+        if engine.kv_blocks is None:
+            return
+        free = Gauge("memwise_kv_free_blocks", "free blocks of the paged KV cache", registry=self.registry)
+        free.set_function(lambda: engine.kv_blocks[0])
+        used = Gauge("memwise_kv_used_blocks", "blocks of the paged KV cache held by sequences", registry=self.registry)
+        used.set_function(lambda: engine.kv_blocks[1] - engine.kv_blocks[0])
+
     def finished(self, seq: Sequence) -> None:
         """Record a sequence that has left the batch."""
         self.prompt_tokens.inc(len(seq.prompt_ids))
