@@ -18,8 +18,9 @@ from memwise.serve.sequence import Sequence
 # Tokens per block: vLLM's default. Smaller blocks waste less of a sequence's last block; larger ones
 # make the per-step gather of block rows coarser. 16 x (2 x layers x kv_heads x head_dim) numbers.
 BLOCK_SIZE = 16
-# The pool holds this many tokens per slot on average when not told otherwise.
-DEFAULT_TOKENS_PER_SLOT = 1024
+# The pool holds this many tokens per slot on average when not told otherwise: a bound on the KV
+# cache's memory (gpt2-medium float32, 16 slots: 1.5 GiB), reached only when every slot is that long.
+DEFAULT_TOKENS_PER_SLOT = 512
 
 
 class PagedDecoders:

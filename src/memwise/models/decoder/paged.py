@@ -47,19 +47,23 @@ class BlockPool:
         self.num_blocks, self.block_size = num_blocks, block_size
         rows = num_blocks * block_size
         heads, head_dim = spec.num_kv_heads, spec.head_dim
+        # empty, not zeros: a block's rows are read only after they are written, so the pool's pages
+        # become resident as sequences first fill them; block 0 alone is zeroed, for padding to read
         if scheme is None:
-            # zeros, not empty: block 0 must read as zero; the other blocks' pages are touched only when
-            # written, so an unused pool costs address space, not resident memory
-            self.keys = [torch.zeros((rows, heads, head_dim), dtype=dtype, device=device) for _ in range(spec.num_layers)]
-            self.values = [torch.zeros((rows, heads, head_dim), dtype=dtype, device=device) for _ in range(spec.num_layers)]
+            self.keys = [torch.empty((rows, heads, head_dim), dtype=dtype, device=device) for _ in range(spec.num_layers)]
+            self.values = [torch.empty((rows, heads, head_dim), dtype=dtype, device=device) for _ in range(spec.num_layers)]
+            for t in (*self.keys, *self.values):
+                t[:block_size].zero_()
         else:
             code_dtype = torch.int8 if scheme == "int8" else torch.uint8
             width = kv_quant.codes_width(scheme, head_dim)
             groups = head_dim // kv_quant.group_size(head_dim)
-            self.codes = [torch.zeros((2, rows, heads, width), dtype=code_dtype, device=device)
+            self.codes = [torch.empty((2, rows, heads, width), dtype=code_dtype, device=device)
                           for _ in range(spec.num_layers)]
-            self.params = [torch.zeros((2, rows, heads, groups, kv_quant.params_width(scheme)), dtype=torch.float32,
+            self.params = [torch.empty((2, rows, heads, groups, kv_quant.params_width(scheme)), dtype=torch.float32,
                                        device=device) for _ in range(spec.num_layers)]
+            for t in (*self.codes, *self.params):
+                t[:, :block_size].zero_()
         # Last freed, first reused: a block that was just written is the likeliest to be resident.
         self._free = list(range(num_blocks - 1, 0, -1))
 
