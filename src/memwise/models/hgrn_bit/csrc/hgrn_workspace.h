@@ -272,13 +272,13 @@ static inline void claims_reset(const hgrn_ws_t *w, int id) {
 static void run_jobs(const hgrn_ws_t *w, const job_t *jobs, int njobs, int each, int id, int nt, int set) {
     const int64_t tr = tile_rows(w->isa);
     run_fn fn = runner(w->isa);
-    const int64_t tile_bytes = (int64_t)jobs[0].nb * BLOCK_BYTES * tr;
     if (!MW_SPIN_BARRIER || STEAL_BYTES == 0 || nt == 1) { /* MW_SPIN_BARRIER: GCC's atomics */
         const stretch_t st = my_stretch(jobs, njobs, each, tr, id, nt);
         run_stretch_part(fn, jobs, &st, 0, st.len, id);
         return;
     }
 #if MW_SPIN_BARRIER
+    const int64_t tile_bytes = (int64_t)jobs[0].nb * BLOCK_BYTES * tr;
     const int64_t chunk = STEAL_BYTES / tile_bytes > 0 ? STEAL_BYTES / tile_bytes : 1;
     for (int v = 0; v < nt; ++v) {
         const int owner = (id + v) % nt;
