@@ -183,9 +183,12 @@ def test_greedy_generation_identical(model) -> None:
         assert torch.equal(alone[0, -24:], out["auto"][b, -24:])
 
 
-def test_large_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    # B x D and B x I above 32768 elements with two threads: rows wider than the vector loops' and
-    # the threads' parts, widths off the vector length.
+@pytest.mark.parametrize("threads", [2, 3])
+def test_large_rows(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # B x D and B x I above 32768 elements: rows wider than the vector loops' and the threads'
+    # parts, widths off the vector length.  Each thread's stretch of every product is several of
+    # run_jobs' chunks (32 KB of codes), so threads that finish early claim the others' chunks:
+    # a chunk run twice would add its residual twice, one never run would leave stale outputs.
     config = {**preset_config("tiny-mmfree"), "hidden_size": 2080, "intermediate_size": 2000,
               "num_hidden_layers": 1, "vocab_size": 64}
     spec = hgrn_bit.spec_from_config(config, "test")
@@ -193,10 +196,11 @@ def test_large_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     _randomize_gains(module, seed=2)
     monkeypatch.setenv("MEMWISE_FIXED_THREADS", "1")
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
-        ids, mask = random_prompts(17, 2, spec.vocab_size, seed=3)
-        decode_side_by_side(module, ids, mask, steps=1)
+        for batch in (1, 17):
+            ids, mask = random_prompts(batch, 2, spec.vocab_size, seed=3)
+            decode_side_by_side(module, ids, mask, steps=2)
     finally:
         torch.set_num_threads(previous)
 

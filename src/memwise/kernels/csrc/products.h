@@ -30,6 +30,8 @@ typedef struct {
                               part of a wider output) */
     int residual;          /* float outputs: out = out + float(acc) * rs[m], the residual add
                               x = x + f(x) done as the product stores f(x) */
+    int64_t pf_end;        /* tiles up to which the prefetches may run when a call's range
+                              [t0, t1) is one chunk of a longer stretch (0: up to t1) */
 } job_t;
 
 static inline void put(const job_t *j, int64_t m, int64_t n, int32_t codesum) {
@@ -246,8 +248,8 @@ DEFINE_TILE256(tile_avxvnni, TVNNI, {
 #endif
 MW_INLINE const char *tile_ahead_by(const job_t *j, int64_t t, int64_t t1, int64_t tile_n, size_t bytes) {
     const size_t span = (size_t)j->nb * BLOCK_BYTES * (size_t)tile_n;
-    const int64_t ahead = (int64_t)(bytes / span) + 1;
-    if (bytes == 0 || t + ahead >= t1) return NULL;
+    const int64_t ahead = (int64_t)(bytes / span) + 1, end = j->pf_end > t1 ? j->pf_end : t1;
+    if (bytes == 0 || t + ahead >= end) return NULL;
     return (const char *)j->w + (size_t)(t + ahead) * span;
 }
 

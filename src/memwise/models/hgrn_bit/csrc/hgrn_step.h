@@ -56,6 +56,7 @@ typedef struct {
     int tiled;       /* the products read activation tiles */
     int64_t b0, b1;  /* without split: this thread's rows */
     int my_gen;      /* spin_barrier's generation */
+    int products;    /* products run so far in this step: run_jobs' claim counters alternate */
 } step_thread_t;
 
 #ifdef MW_STEP_TIMING
@@ -143,7 +144,7 @@ static job_t product(const step_thread_t *t, int s, const uint8_t *codes, int64_
 static void multiply(step_thread_t *t, int s, const uint8_t *codes, int64_t N, float *out, int residual) {
     pack_tiles(t, &s, 1);
     const job_t j = product(t, s, codes, N, out, residual);
-    run_jobs(t->w, &j, 1, 0, t->id, t->nt);
+    run_jobs(t->w, &j, 1, 0, t->id, t->nt, t->products++ & 1);
 }
 
 /* The rows of src [B, K] quantized into slot s for BitLinear p (each row's own RMS), then the
@@ -189,7 +190,7 @@ static void step_mlgru(step_thread_t *t, const hgrn_layer_t *layer, int64_t l) {
     const job_t jobs[3] = {product(t, SLOT_I, layer->i_proj.codes, D, w->fi, 0),
                            product(t, SLOT_F, layer->f_proj.codes, D, w->ff, 0),
                            product(t, SLOT_G, layer->g_proj.codes, D, w->fg, 0)};
-    run_jobs(w, jobs, 3, t->split, t->id, t->nt);
+    run_jobs(w, jobs, 3, t->split, t->id, t->nt, t->products++ & 1);
     /* What the float work reads next, fetched while the other threads finish. */
     prefetch_floats(layer->lower_bound, layer->lower_bound ? D : 0);
     prefetch_floats(layer->g_norm, D / t->model->heads);
@@ -224,9 +225,9 @@ static void step_glu(step_thread_t *t, const hgrn_layer_t *layer) {
         halves[0].N = halves[1].N = I;
         halves[1].w = j.w + (size_t)I * (size_t)w->nb[SLOT_I] * BLOCK_BYTES;
         halves[1].out_f32 = w->y + I;
-        run_jobs(w, halves, 2, 1, t->id, t->nt);
+        run_jobs(w, halves, 2, 1, t->id, t->nt, t->products++ & 1);
     } else {
-        run_jobs(w, &j, 1, 0, t->id, t->nt);
+        run_jobs(w, &j, 1, 0, t->id, t->nt, t->products++ & 1);
     }
     prefetch_floats(layer->down_proj.gain, I);
     step_sync(t, PH_GATE_PRODUCT);
@@ -288,6 +289,7 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_model_t *model, const h
         t.my_gen = __atomic_load_n(w->barrier + 16, __ATOMIC_ACQUIRE);
 #endif
         t.split = w->B < t.nt;
+        claims_reset(w, t.id);
         my_rows(w->B, t.id, t.nt, &t.b0, &t.b1);
         for (int64_t l = 0; l < model->num_layers; ++l) {
             step_mlgru(&t, model->layers + l, l);

@@ -28,6 +28,8 @@ typedef struct {
     int32_t *sum_part, *sum_mine;
     int64_t sum_stride;
     int *barrier; /* spin_barrier's count; its generation and sleepers a line further */
+    int64_t *claims; /* run_jobs: per set (2) and thread, the next chunk of its tiles to claim,
+                        each counter on a line of its own */
     int64_t ew; /* floats per row of e1 / e2 */
     void *mem;
 } hgrn_ws_t;
@@ -72,6 +74,7 @@ static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t
     sizes[n++] = sizeof(int32_t) * (size_t)(w->nthreads * w->sum_stride);
     sizes[n++] = sizeof(int32_t) * (size_t)(w->nthreads * w->sum_stride);
     sizes[n++] = 128;
+    sizes[n++] = (size_t)(2 * w->nthreads) * 64;
     for (int k = 0; k < n; ++k) total += (sizes[k] + 63) & ~(size_t)63;
     w->mem = alloc64(total);
     if (!w->mem) {
@@ -106,6 +109,7 @@ static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t
     TAKE(w->sum_part, int32_t *);
     TAKE(w->sum_mine, int32_t *);
     TAKE(w->barrier, int *);
+    TAKE(w->claims, int64_t *);
 #undef TAKE
     return w;
 }
@@ -190,33 +194,104 @@ static inline job_t slot_job(const hgrn_ws_t *w, int s, const int32_t *sumq, con
     return j;
 }
 
-/* Thread id's share of the output tiles of up to three products that run together: an even share
- * of all their tiles, or with `each`, the rows my_span gives it of every product, so that
- * elementwise work split by my_span afterwards finds its inputs in the thread's own cache.
- * (Tiles are not handed out dynamically: each extra range restarts the weight prefetches.) */
-static void run_jobs(const hgrn_ws_t *w, const job_t *jobs, int njobs, int each, int id, int nt) {
-    const int64_t tr = tile_rows(w->isa);
-    run_fn fn = runner(w->isa);
-    if (each) { /* my_span's rows are multiples of 16, so whole tiles */
-        for (int k = 0; k < njobs; ++k) {
-            int64_t n0, n1;
-            my_span(jobs[k].N, id, nt, &n0, &n1);
-            if (n0 < n1) fn(&jobs[k], n0 / tr, (n1 + tr - 1) / tr, id);
-        }
-        return;
-    }
-    int64_t tiles[3], total = 0;
-    for (int k = 0; k < njobs; ++k) {
-        tiles[k] = (jobs[k].N + tr - 1) / tr;
-        total += tiles[k];
-    }
+/* Work stealing at the end of a product: each thread claims its stretch of tiles in chunks of
+ * about STEAL_BYTES of codes, then claims the chunks left in the other threads' stretches.  A
+ * thread that runs slower (sharing its core with another process, taking the VM's interrupts)
+ * no longer holds every other thread at the barrier for the rest of its stretch.  Chunks are
+ * large enough that a claim (an atomic add on the owner's line) costs nothing next to the codes
+ * it covers, and small enough that the threads finish within a chunk of one another.
+ * STEAL_BYTES 0 restores the static split. */
+#ifndef STEAL_BYTES
+#define STEAL_BYTES 32768
+#endif
+
+/* A thread's stretch: up to three (job, tile range) pieces. */
+typedef struct {
+    int np;
+    int k[3];
+    int64_t t0[3], t1[3], len;
+} stretch_t;
+
+/* Thread id's stretch of the output tiles of up to three products that run together: an even
+ * share of all their tiles, or with `each`, the rows my_span gives it of every product, so that
+ * elementwise work split by my_span afterwards finds its inputs in the thread's own cache. */
+static stretch_t my_stretch(const job_t *jobs, int njobs, int each, int64_t tr, int id, int nt) {
+    stretch_t st = {0, {0}, {0}, {0}, 0};
+    int64_t total = 0;
+    for (int k = 0; k < njobs; ++k) total += (jobs[k].N + tr - 1) / tr;
     const int64_t a = total * id / nt, b = total * (id + 1) / nt;
     int64_t off = 0;
     for (int k = 0; k < njobs; ++k) {
-        const int64_t lo = a > off ? a : off, hi = b < off + tiles[k] ? b : off + tiles[k];
-        if (lo < hi) fn(&jobs[k], lo - off, hi - off, id);
-        off += tiles[k];
+        const int64_t tiles = (jobs[k].N + tr - 1) / tr;
+        int64_t lo, hi;
+        if (each) { /* my_span's rows are multiples of 16, so whole tiles */
+            my_span(jobs[k].N, id, nt, &lo, &hi);
+            lo /= tr, hi = (hi + tr - 1) / tr;
+        } else {
+            lo = a > off ? a - off : 0, hi = (b < off + tiles ? b : off + tiles) - off;
+        }
+        off += tiles;
+        if (lo >= hi) continue;
+        st.k[st.np] = k, st.t0[st.np] = lo, st.t1[st.np] = hi, ++st.np;
+        st.len += hi - lo;
     }
+    return st;
+}
+
+/* Tiles [s, e) of a stretch (counted from its start), piece by piece; each call may prefetch up
+ * to the end of its piece, so a chunk's prefetches run on into the next one. */
+static void run_stretch_part(run_fn fn, const job_t *jobs, const stretch_t *st, int64_t s, int64_t e, int id) {
+    int64_t off = 0;
+    for (int p = 0; p < st->np; ++p) {
+        const int64_t len = st->t1[p] - st->t0[p];
+        const int64_t lo = s > off ? s - off : 0, hi = (e < off + len ? e : off + len) - off;
+        if (lo < hi) {
+            job_t j = jobs[st->k[p]];
+            j.pf_end = st->t1[p];
+            fn(&j, st->t0[p] + lo, st->t0[p] + hi, id);
+        }
+        off += len;
+    }
+}
+
+static inline int64_t *claim_of(const hgrn_ws_t *w, int set, int id) {
+    return w->claims + (size_t)(set * w->nthreads + id) * 8;
+}
+
+/* Zeroes thread id's claim counters of both sets: at the start of a step, before its first
+ * barrier, when no thread is in a product. */
+static inline void claims_reset(const hgrn_ws_t *w, int id) {
+    *claim_of(w, 0, id) = 0;
+    *claim_of(w, 1, id) = 0;
+}
+
+/* Thread id's share of up to three products that run together (my_stretch), then whatever the
+ * other threads have not claimed yet.  Consecutive products use the two sets of counters in
+ * turn (set: the parity of the product in the step): each thread zeroes its counter of the other
+ * set when it is done, and a barrier always separates two products. */
+static void run_jobs(const hgrn_ws_t *w, const job_t *jobs, int njobs, int each, int id, int nt, int set) {
+    const int64_t tr = tile_rows(w->isa);
+    run_fn fn = runner(w->isa);
+    if (!MW_SPIN_BARRIER || STEAL_BYTES == 0 || nt == 1) { /* MW_SPIN_BARRIER: GCC's atomics */
+        const stretch_t st = my_stretch(jobs, njobs, each, tr, id, nt);
+        run_stretch_part(fn, jobs, &st, 0, st.len, id);
+        return;
+    }
+#if MW_SPIN_BARRIER
+    const int64_t tile_bytes = (int64_t)jobs[0].nb * BLOCK_BYTES * tr;
+    const int64_t chunk = STEAL_BYTES / tile_bytes > 0 ? STEAL_BYTES / tile_bytes : 1;
+    for (int v = 0; v < nt; ++v) {
+        const int owner = (id + v) % nt;
+        const stretch_t st = my_stretch(jobs, njobs, each, tr, owner, nt);
+        int64_t *claim = claim_of(w, set, owner);
+        for (;;) {
+            const int64_t s = __atomic_fetch_add(claim, chunk, __ATOMIC_RELAXED);
+            if (s >= st.len) break;
+            run_stretch_part(fn, jobs, &st, s, s + chunk < st.len ? s + chunk : st.len, id);
+        }
+    }
+    __atomic_store_n(claim_of(w, set ^ 1, id), 0, __ATOMIC_RELAXED);
+#endif
 }
 
 #endif /* MEMWISE_HGRN_WORKSPACE_H */
