@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memwise.errors import CheckpointError, ConfigError
+from memwise.errors import CheckpointError, ConfigError, MemwiseError
 from memwise.kernels import MAX_COLS, last_level_cache_bytes
 from memwise.kernels.packed_layout import BLOCK, BLOCK_BYTES, padded_cols
 from memwise.lite.packed_file import PackedFile, as_float32
@@ -169,7 +169,7 @@ class HGRNWeights:
         """float32 [..., hidden] rows of the embedding table for token ids (checked to be in range)."""
         ids = np.asarray(ids)
         if ids.size and (ids.min() < 0 or ids.max() >= self.spec.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.spec.vocab_size}), got "
+            raise MemwiseError(f"token ids must be in [0, {self.spec.vocab_size}), got "
                              f"{int(ids.min())}..{int(ids.max())}")
         return as_float32(self.embeddings[ids], self.embedding_dtype)
 
