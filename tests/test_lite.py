@@ -159,3 +159,39 @@ def test_invalid_codes_are_one_error(packed, tmp_path):
 def test_bad_input_ids_are_one_error(models, ids, message):
     with pytest.raises(MemwiseError, match=message):
         models[0].generate(ids, 2)
+
+
+def test_a_presets_packed_file_holds_the_presets_weights(tmp_path):
+    from memwise.bench.lite_engine import packed_checkpoint
+
+    path = packed_checkpoint("preset:tiny-mmfree", directory=tmp_path)
+    assert packed_checkpoint("preset:tiny-mmfree", directory=tmp_path) == path    # cached
+    small, full = lite.load(path), memwise.load("preset:tiny-mmfree")
+    ids = [[72, 101, 108, 108, 111, 33]]
+    np.testing.assert_array_equal(small.generate(ids, 8, ignore_eos=True),
+                                  full.generate(torch.tensor(ids), max_new_tokens=8, ignore_eos=True).numpy())
+
+
+def test_a_packed_checkpoint_is_used_where_it_is_and_a_latent_one_converted_once(packed, tmp_path):
+    from memwise.bench.lite_engine import packed_checkpoint
+
+    assert packed_checkpoint(str(packed), directory=tmp_path / "cache") == packed
+    latent = tmp_path / "latent"
+    write_hgrn_checkpoint(latent, CONFIGS["no-lower-bound"], seed=2)
+    out = packed_checkpoint(str(latent), directory=tmp_path / "cache")
+    assert out.parent.parent == tmp_path / "cache" and (out / "model.safetensors").is_file()
+    assert packed_checkpoint(str(latent), directory=tmp_path / "cache") == out
+
+
+def test_bench_runs_a_lite_cell_without_torch(tmp_path, monkeypatch):
+    from memwise.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    code = main(["bench", "--model", "preset:tiny-mmfree", "--engine", "memwise-lite", "--runs", "1", "--warmup", "0",
+                 "--prompt-tokens", "8", "--new-tokens", "4", "--out", str(tmp_path / "out")])
+    assert code == 0
+    (record,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert record["status"] == "ok" and record["engine"] == "memwise-lite", record["reason"]
+    assert record["weights_format"] == "memwise packed 2-bit"
+    assert record["engine_details"]["torch_in_process"] is False
+    assert record["decode_tok_s"] > 0 and record["peak_rss_bytes"] > 0
