@@ -192,6 +192,6 @@ def test_bench_runs_a_lite_cell_without_torch(tmp_path, monkeypatch):
     assert code == 0
     (record,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert record["status"] == "ok" and record["engine"] == "memwise-lite", record["reason"]
-    assert record["weights_format"] == "memwise packed 2-bit"
+    assert record["weights_format"] == "2-bit packed"
     assert record["engine_details"]["torch_in_process"] is False
     assert record["decode_tok_s"] > 0 and record["peak_rss_bytes"] > 0

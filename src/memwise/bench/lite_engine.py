@@ -154,7 +154,7 @@ class LiteEngine:
         return int(self.model.spec.vocab_size)
 
     def describe(self) -> dict[str, Any]:
-        return {"weights_format": "memwise packed 2-bit", "threads": self.threads,
+        return {"weights_format": "2-bit packed", "threads": self.threads,
                 "engine_details": {"runtime": "memwise.lite (numpy + C extensions, no torch)",
                                    "torch_in_process": "torch" in sys.modules,
                                    "packed_checkpoint": str(self.path), "isa": self.model.isa,

@@ -143,7 +143,18 @@ def peers_suite() -> Matrix:
     return Matrix(models=list(dict.fromkeys(m for m, *_ in PEERS_CELLS)), suite="peers", explicit=list(PEERS_CELLS))
 
 
-SUITES = {"default": default_suite, "seed": seed_suite, "ternary": ternary_suite, "peers": peers_suite}
+# The peers suite's mmfree-370m cells alone: memwise with and without torch in the process
+# (memwise-lite) against the TQ2_0 shape twin on llama.cpp, where importing torch is a third of the
+# resident set.
+LITE_CELLS = tuple(cell for cell in PEERS_CELLS if cell[0] in ("mmfree-370m", "preset:mmfree-370m-shapes"))
+
+
+def lite_suite() -> Matrix:
+    return Matrix(models=list(dict.fromkeys(m for m, *_ in LITE_CELLS)), suite="lite", explicit=list(LITE_CELLS))
+
+
+SUITES = {"default": default_suite, "seed": seed_suite, "ternary": ternary_suite, "peers": peers_suite,
+          "lite": lite_suite}
 SWEEPS = {"context": context_sweep, "batch": batch_sweep}
 
 

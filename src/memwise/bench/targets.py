@@ -91,7 +91,8 @@ PEERS_TARGETS = (
     _ratio("decode: bitnet-b1.58-large, memwise / transformers (float32 Llama)",
            ("bitnet-b1.58-large", "memwise", 1, "float32"), ("bitnet-b1.58-large", "transformers", 1)),
 )
-SUITE_TARGETS = {"ternary": TERNARY_TARGETS, "peers": PEERS_TARGETS}
+LITE_TARGETS = tuple(t for t in PEERS_TARGETS if all(cell[0].startswith("mmfree-370m") for cell in t.cells))
+SUITE_TARGETS = {"ternary": TERNARY_TARGETS, "peers": PEERS_TARGETS, "lite": LITE_TARGETS}
 
 
 @dataclass(frozen=True)

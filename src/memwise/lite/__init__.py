@@ -11,7 +11,7 @@ layer by layer with numpy for the float work between the products (hgrn_forward.
 torch alone takes about 200 MiB of memory that no runtime can give back; this runtime never
 imports it (tests/test_lite.py checks that in a fresh process).
 
-    packed_file.py    the packed safetensors file, parsed and mapped with numpy
+    packed_file.py    the packed safetensors file, parsed and read with numpy
     hgrn_weights.py   the model's buffers (codes in huge pages, float32 gains) and the C step's view
     hgrn_forward.py   prefill: many tokens at once
     sampling.py       greedy or sampled next tokens

@@ -2,8 +2,9 @@
 
 The buffers are the ones the torch path builds (memwise.models.hgrn_bit.build), in the same forms:
 every ternary matrix's codes in one buffer backed by huge pages, norm gains and lower bounds in
-float32, the embedding table in its stored dtype. The embedding stays mapped from the file (a decode
-step reads one row of it), so only the rows a run touches are resident.
+float32. The embedding table stays in the file: each token's row is read when needed (a decode step
+uses one row), so the table takes page cache, which the kernel can drop, and no memory of the
+process (memwise.lite.packed_file).
 
 `ModelView` (memwise.models.hgrn_bit.step_structs) holds raw pointers into these buffers; the
 HGRNWeights object keeps them alive as long as it lives.
@@ -109,7 +110,7 @@ class HGRNWeights:
         self.sizes = (h, d, spec.intermediate_size, spec.vocab_size)
         table = file.entry("model.embeddings.weight", layout["model.embeddings.weight"].shape, ("BF16", "F16", "F32"))
         self.embedding_dtype = table.dtype
-        self.embeddings = file.mapped("model.embeddings.weight")
+        self.embedding_bytes = table.end - table.begin
         lower = self._lower_bounds() if spec.use_lower_bound else None
         self.lower_bounds = lower
         self.layers = [self._layer(n, lower, layout) for n in range(spec.num_layers)]
@@ -141,7 +142,7 @@ class HGRNWeights:
         self._at += codes.size
         self.file.read_into(name + PACKED_SUFFIX, codes)
         check_codes(codes, cols, name + PACKED_SUFFIX, where)
-        scale = float(self.file.mapped(name + SCALE_SUFFIX, (), ("F32",)))
+        scale = float(self.file.read(name + SCALE_SUFFIX, (), ("F32",)))
         if not (np.isfinite(scale) and scale > 0):
             raise CheckpointError(f"{where}: tensor '{name}{SCALE_SUFFIX}' is {scale}, expected a positive finite scale")
         return Matrix(codes, self.file.float32(f"{prefix}.norm.weight", (cols,)), scale, rows, cols)
@@ -171,19 +172,20 @@ class HGRNWeights:
         if ids.size and (ids.min() < 0 or ids.max() >= self.spec.vocab_size):
             raise MemwiseError(f"token ids must be in [0, {self.spec.vocab_size}), got "
                              f"{int(ids.min())}..{int(ids.max())}")
-        return as_float32(self.embeddings[ids], self.embedding_dtype)
+        rows = self.file.read_rows("model.embeddings.weight", ids.reshape(-1))
+        return as_float32(rows, self.embedding_dtype).reshape(*ids.shape, -1)
 
     def weights_bytes(self) -> int:
-        """Bytes of weights the model addresses: codes, gains, bounds, scales and the whole embedding
-        table (mapped, so only its touched rows are resident)."""
+        """Bytes of weights the model reads: codes, gains, bounds, scales and the whole embedding table
+        (which stays in the file: only its rows are read)."""
         gains = sum(a.nbytes for layer in self.layers for a in (layer.attn_norm, layer.g_norm, layer.mlp_norm))
         gains += sum(m.gain.nbytes + 4 for m in self._matrices()) + self.final_norm.nbytes
         bounds = 0 if self.lower_bounds is None else self.lower_bounds.nbytes
-        return self._codes.nbytes + gains + bounds + self.embeddings.nbytes
+        return self._codes.nbytes + gains + bounds + self.embedding_bytes
 
     def decode_bytes_per_token(self) -> int:
         """What one decode step reads: everything but the embedding table, of which it reads one row."""
-        return self.weights_bytes() - self.embeddings.nbytes
+        return self.weights_bytes() - self.embedding_bytes
 
     def _matrices(self) -> list[Matrix]:
         out = [self.lm_head]

@@ -3,18 +3,17 @@
 The weights file is a safetensors file; its header is JSON, so it is parsed here directly rather than
 with safetensors.numpy, which has no bfloat16 (the dtype of released embeddings and gains).
 
-Two ways to get a tensor, chosen by how the runtime uses it:
-
-* `mapped(name)`: a read-only numpy view of the file, mapped. The embedding table is read one row per
-  token, so only the rows a run touches become resident, and as page cache, which the kernel can drop.
-* `read_into(name, out)`: the bytes copied into a buffer the caller owns (the packed codes, which every
-  decode step streams in full and which go into huge pages). Plain reads, not the mapping: a mapped
-  page that was copied would count twice in the resident set until the mapping is gone.
+Every tensor is read with plain reads (pread), never mapped: the codes into the huge-page buffer
+that every decode step streams, the gains into new float32 arrays, and the embedding table one row
+per token (`read_rows`), so that the table stays in the page cache, which the kernel can drop and
+refill, instead of in the process. (Mapping it would not keep it out: the page cache holds a file
+in large folios, and a fault maps a whole folio, so 128 random rows of mmfree-370m's 64 MiB table
+mapped nearly all of it.)
 """
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,6 @@ class PackedFile:
         if self.metadata.get("format_version") != PACKED_FORMAT_VERSION:
             raise CheckpointError(f"{self.path}: packed format_version {self.metadata.get('format_version')!r} is "
                                   f"not supported (this memwise reads version {PACKED_FORMAT_VERSION})")
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
     def entry(self, name: str, shape: tuple[int, ...] | None = None, dtypes: tuple[str, ...] | None = None) -> Entry:
         """The header entry of `name`, checked to have `shape` and one of `dtypes` when given."""
@@ -71,31 +69,40 @@ class PackedFile:
             raise CheckpointError(f"{self.path}: tensor '{name}' is {found.dtype}, expected {' or '.join(dtypes)}")
         return found
 
-    def mapped(self, name: str, shape: tuple[int, ...] | None = None,
-               dtypes: tuple[str, ...] | None = None) -> np.ndarray:
-        """A read-only view of the tensor in the mapped file (bfloat16 as uint16)."""
+    def _pread(self, out: np.ndarray, offset: int, name: str) -> None:
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        if os.preadv(self._file.fileno(), [view], offset) != len(view):
+            raise CheckpointError(f"{self.path}: tensor '{name}' is cut short (truncated file)")
+
+    def read(self, name: str, shape: tuple[int, ...] | None = None, dtypes: tuple[str, ...] | None = None) -> np.ndarray:
+        """The tensor as a new array (bfloat16 as raw uint16)."""
         e = self.entry(name, shape, dtypes)
-        count = int(np.prod(e.shape, dtype=np.int64))
-        return np.frombuffer(self._map, dtype=DTYPES[e.dtype], count=count, offset=e.begin).reshape(e.shape)
+        out = np.empty(e.shape, dtype=DTYPES[e.dtype])
+        self._pread(out, e.begin, name)
+        return out
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         """The tensor's bytes copied into `out` (contiguous, exactly as many bytes)."""
         e = self.entry(name)
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        if len(view) != e.end - e.begin:
-            raise CheckpointError(f"{self.path}: tensor '{name}' holds {e.end - e.begin} bytes, expected {len(view)}")
-        self._file.seek(e.begin)
-        if self._file.readinto(view) != len(view):
-            raise CheckpointError(f"{self.path}: tensor '{name}' is cut short (truncated file)")
+        if out.nbytes != e.end - e.begin:
+            raise CheckpointError(f"{self.path}: tensor '{name}' holds {e.end - e.begin} bytes, expected {out.nbytes}")
+        self._pread(out, e.begin, name)
+
+    def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of a 2-d tensor, [len(rows), columns] (one read per row, from the page cache once warm)."""
+        e = self.entry(name)
+        out = np.empty((len(rows), e.shape[1]), dtype=DTYPES[e.dtype])
+        row_bytes = out.shape[1] * out.itemsize
+        for k, row in enumerate(rows):
+            self._pread(out[k], e.begin + int(row) * row_bytes, name)
+        return out
 
     def float32(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A float tensor (float32, float16 or bfloat16 in the file) as a new float32 array."""
         e = self.entry(name, shape, ("F32", "F16", "BF16"))
-        return as_float32(self.mapped(name), e.dtype)
+        return as_float32(self.read(name), e.dtype)
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
         self._file.close()
 
 
