@@ -195,3 +195,34 @@ def test_bench_runs_a_lite_cell_without_torch(tmp_path, monkeypatch):
     assert record["weights_format"] == "2-bit packed"
     assert record["engine_details"]["torch_in_process"] is False
     assert record["decode_tok_s"] > 0 and record["peak_rss_bytes"] > 0
+
+
+def with_word_tokenizer(packed: Path, into: Path, vocab: int) -> Path:
+    """A copy of the checkpoint with a tokenizer.json whose token i is the word w<i>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    copy_of(packed, into)
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(into / "tokenizer.json"))
+    return into
+
+
+def test_command_line_streams_the_greedy_completion(models, packed, tmp_path):
+    small = models[0]
+    directory = with_word_tokenizer(packed, tmp_path / "words", small.spec.vocab_size)
+    prompt = [5, 17, 99, 3]
+    want = small.generate([prompt], 6, ignore_eos=True)[0, len(prompt):]
+    done = subprocess.run([sys.executable, "-m", "memwise.lite", str(directory), "--prompt",
+                           " ".join(f"w{i}" for i in prompt), "--max-new-tokens", "6", "--ignore-eos"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [f"w{i}" for i in want]
+    assert "6 tokens" in done.stderr and "no torch" in done.stderr
+
+
+def test_command_line_mistake_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "memwise.lite", str(tmp_path / "missing"), "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "memwise.lite: error:" in done.stderr

@@ -16,6 +16,7 @@ imports it (tests/test_lite.py checks that in a fresh process).
     hgrn_forward.py   prefill: many tokens at once
     sampling.py       greedy or sampled next tokens
     model.py          load() and LiteModel: logits, stream, generate, generate_text
+    __main__.py       python -m memwise.lite DIR --prompt TEXT: a completion from the shell
 """
 from memwise.lite.model import LiteModel, load
 from memwise.lite.sampling import Sampling
