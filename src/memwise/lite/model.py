@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -68,7 +69,8 @@ def as_ids(input_ids: Any) -> np.ndarray:
 
 class LiteModel:
     """A MatMul-free model on numpy and the C kernels: `logits`, `generate`, `stream`, `generate_text`,
-    the same calls as memwise.LanguageModel, on numpy arrays of token ids."""
+    the same calls as memwise.LanguageModel, on numpy arrays of token ids. Steps of concurrent
+    generations take turns (a lock: the step's workspace is shared)."""
 
     def __init__(self, spec: ModelSpec, weights: HGRNWeights, tokenizer: Tokenizer | None, threads: int | None):
         self.spec = spec
@@ -79,6 +81,7 @@ class LiteModel:
         self._forward = Forward(weights, kernels.isa_id(self.isa))
         self._budget = CpuBudget()
         self._workspaces: dict[tuple[int, int], Any] = {}
+        self._lock = threading.Lock()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -108,16 +111,21 @@ class LiteModel:
         batch = tokens.shape[0]
         x = np.ascontiguousarray(self.weights.embed(tokens), dtype=np.float32)
         logits = np.empty((batch, self.spec.vocab_size), dtype=np.float32)
+        want = (self.spec.num_layers, batch, recurrence_width(self.spec))
+        if state.dtype != np.float32 or not state.flags.c_contiguous or state.shape != want:
+            raise MemwiseError(f"state must be float32 C-contiguous {list(want)}, got {state.dtype} {list(state.shape)}")
         threads = self._budget.threads(self.threads)
-        key = (batch, threads)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            if len(self._workspaces) >= 4:
-                self._workspaces.pop(next(iter(self._workspaces)))
-            h, d, i, _ = self.weights.sizes
-            ws = self._workspaces[key] = step_structs._step.workspace(kernels.isa_id(self.isa), batch, h, d, i, threads)
-        step_structs._step.step(ws, ctypes.addressof(self.weights.view), x.ctypes.data, state.ctypes.data, 0,
-                                logits.ctypes.data)
+        with self._lock:
+            key = (batch, threads)
+            ws = self._workspaces.get(key)
+            if ws is None:
+                if len(self._workspaces) >= 4:    # batch sizes come and go; keep the recent few
+                    self._workspaces.pop(next(iter(self._workspaces)))
+                h, d, i, _ = self.weights.sizes
+                ws = step_structs._step.workspace(kernels.isa_id(self.isa), batch, h, d, i, threads)
+                self._workspaces[key] = ws
+            step_structs._step.step(ws, ctypes.addressof(self.weights.view), x.ctypes.data, state.ctypes.data, 0,
+                                    logits.ctypes.data)
         return logits
 
     def stream(self, input_ids: Any, max_new_tokens: int = 32, *, ignore_eos: bool = False, min_new_tokens: int = 0,
@@ -158,6 +166,10 @@ class LiteModel:
 
     def weights_bytes(self) -> int:
         return self.weights.weights_bytes()
+
+    def close(self) -> None:
+        """Close the checkpoint file (the embedding rows are read from it): the model is done."""
+        self.weights.file.close()
 
     def decode_bytes_per_token(self) -> int:
         return self.weights.decode_bytes_per_token()
