@@ -226,3 +226,11 @@ def test_command_line_mistake_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "memwise.lite: error:" in done.stderr
+
+
+def test_a_step_with_a_wrong_state_is_one_error(models):
+    small = models[0]
+    with pytest.raises(MemwiseError, match="state must be float32 C-contiguous"):
+        small.step(np.array([1, 2]), small.new_state(1))
+    with pytest.raises(MemwiseError, match="state must be float32"):
+        small.step(np.array([1]), small.new_state(1).astype(np.float64))
