@@ -234,3 +234,25 @@ def test_a_step_with_a_wrong_state_is_one_error(models):
         small.step(np.array([1, 2]), small.new_state(1))
     with pytest.raises(MemwiseError, match="state must be float32"):
         small.step(np.array([1]), small.new_state(1).astype(np.float64))
+
+
+def test_the_lite_suite_and_its_targets():
+    from memwise.bench import targets
+    from memwise.bench.suites import build_matrix
+
+    cells = [(m, e, d) for m, e, d, *_ in build_matrix("lite").cells()]
+    assert cells == [("mmfree-370m", "memwise", "float32"), ("mmfree-370m", "memwise-lite", "float32"),
+                     ("preset:mmfree-370m-shapes", "llama.cpp", "tq2_0")]
+
+    def record(model, engine, dtype, decode, prefill, peak_mib):
+        return dict(model=model, engine=engine, batch_size=1, dtype=dtype, status="ok", decode_tok_s=decode,
+                    prefill_tok_s=prefill, peak_rss_bytes=peak_mib * 2**20, load_peak_rss_bytes=2**20)
+
+    records = [record("mmfree-370m", "memwise", "float32", 300.0, 880.0, 415),
+               record("mmfree-370m", "memwise-lite", "float32", 290.0, 870.0, 166),
+               record("mmfree-370m-shapes", "llama.cpp", "tq2_0", 90.0, 270.0, 332)]
+    verdicts = {v.target.what: v for v in targets.evaluate(records, targets.SUITE_TARGETS["lite"])}
+    lite_peak = verdicts["peak resident set: mmfree-370m on memwise-lite / mmfree-370m-shapes on llama.cpp (TQ2_0)"]
+    assert lite_peak.measured() == "0.50x" and lite_peak.met is True
+    torch_peak = verdicts["peak resident set: mmfree-370m on memwise / mmfree-370m-shapes on llama.cpp (TQ2_0)"]
+    assert torch_peak.met is False and len(verdicts) == 6
