@@ -239,8 +239,10 @@ def test_peers_suite_cells():
     cells = build_matrix("peers").cells()
     assert cells == [
         ("mmfree-370m", "memwise", "float32", 1, 128, 128),
+        ("mmfree-370m", "memwise-lite", "float32", 1, 128, 128),
         ("preset:mmfree-370m-shapes", "llama.cpp", "tq2_0", 1, 128, 128),
         ("mmfree-2.7b", "memwise", "float32", 1, 128, 128),
+        ("mmfree-2.7b", "memwise-lite", "float32", 1, 128, 128),
         ("preset:mmfree-2.7b-shapes", "llama.cpp", "tq2_0", 1, 128, 128),
         ("gpt2-medium", "memwise", "float32", 1, 128, 128),
         ("gpt2-medium", "llama.cpp", "float32", 1, 128, 128),

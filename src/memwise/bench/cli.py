@@ -105,11 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--batch-size", action="append", type=_positive, metavar="N")
     what.add_argument("--prompt-tokens", action="append", type=_positive, metavar="N")
     what.add_argument("--new-tokens", action="append", type=_positive, metavar="N")
-    what.add_argument("--suite", choices=("default", "seed", "ternary", "peers"), default="default",
+    what.add_argument("--suite", choices=("default", "seed", "ternary", "peers", "lite"), default="default",
                       help="seed: the public comparison's three size classes, prompts and settings; "
                            "ternary: MatMul-free models on the packed kernels vs transformers on opt-2.7b "
                            "and gpt2-medium (batch 1 and 16); peers: memwise vs llama.cpp (MatMul-free "
-                           "models vs their TQ2_0 shape twins, gpt2-medium at F32 and Q8_0)")
+                           "models vs their TQ2_0 shape twins, gpt2-medium at F32 and Q8_0); lite: the "
+                           "peers cells of mmfree-370m, with memwise-lite (no torch)")
     what.add_argument("--sweep", choices=("context", "batch"),
                       help="speed and memory over prompt length (KV cache) or batch size")
     what.add_argument("--kernels", action="store_true", help="run the ternary kernel micro-benchmark instead")

@@ -3,7 +3,8 @@
 An engine says whether it can run a source at all (can_run, answered in the parent before any process
 is started), loads it, generates a fixed number of tokens with EOS ignored while reporting when the
 first token appeared, and says how many bytes it holds for weights. Adding llama.cpp or vLLM means
-adding one class and one line in ENGINES (llama.cpp's is in llama_cpp_engine.py). Optional methods,
+adding one class and one line in ENGINES (llama.cpp's is in llama_cpp_engine.py, memwise-lite's in
+lite_engine.py). Optional methods,
 looked up with getattr: cell_reason(spec) skips a cell for its shape or settings, prepare(source,
 spec) runs in the parent before the cell (untimed; returns a file for the cell), configure(spec)
 gives the cell's spec to the engine before load, describe() adds fields to the record, and
@@ -21,6 +22,7 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from memwise.bench.lite_engine import LiteEngine
 from memwise.bench.llama_cpp_engine import LlamaCppEngine
 from memwise.bench.sources import Source
 from memwise.bench.timing import GenerationTiming
@@ -223,7 +225,7 @@ class TransformersEngine(_LoadedEngine):
 
 
 ENGINES: dict[str, type] = {"memwise": MemwiseEngine, "memwise-reference": MemwiseReferenceEngine,
-                            "transformers": TransformersEngine, "llama.cpp": LlamaCppEngine}
+                            "memwise-lite": LiteEngine, "transformers": TransformersEngine, "llama.cpp": LlamaCppEngine}
 
 
 def engine_named(name: str) -> Engine:

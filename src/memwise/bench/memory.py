@@ -28,7 +28,8 @@ CLEAR_REFS = Path("/proc/self/clear_refs")
 # transformers' modeling code, and allocator slack. Measured on Linux x86-64 with torch 2.13 and
 # transformers 5 at about 340 MiB and 400 MiB; rounded up because a skipped cell costs less than a
 # killed one.
-BASELINE_BYTES = {"memwise": 400 * 2**20, "transformers": 512 * 2**20, "llama.cpp": 160 * 2**20}
+BASELINE_BYTES = {"memwise": 400 * 2**20, "memwise-lite": 64 * 2**20, "transformers": 512 * 2**20,
+                  "llama.cpp": 160 * 2**20}
 
 # Bytes per weight of the GGUF types a llama.cpp cell's dtype names (block bytes / block weights).
 GGUF_BYTES_PER_WEIGHT = {"F32": 4.0, "F16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32, "TQ2_0": 66 / 256,

@@ -64,10 +64,13 @@ TERNARY_CELLS = (
 # MatMul-free model on memwise's packed kernels against its shape twin on llama.cpp (a Llama model whose
 # every matrix has the HGRN-Bit matrix's shape, ternary weights in TQ2_0: the same bytes per token), and
 # gpt2-medium on both engines at float32, memwise's int8 / int4 weights against llama.cpp's Q8_0 / Q4_0.
+# The MatMul-free models also run on memwise-lite, the same C code without torch in the process.
 # (model, engine, batch, dtype); a memwise cell's dtype slot may name a weight scheme (float32 activations).
 PEERS_CELLS = (
-    ("mmfree-370m", "memwise", 1, "float32"), ("preset:mmfree-370m-shapes", "llama.cpp", 1, "tq2_0"),
-    ("mmfree-2.7b", "memwise", 1, "float32"), ("preset:mmfree-2.7b-shapes", "llama.cpp", 1, "tq2_0"),
+    ("mmfree-370m", "memwise", 1, "float32"), ("mmfree-370m", "memwise-lite", 1, "float32"),
+    ("preset:mmfree-370m-shapes", "llama.cpp", 1, "tq2_0"),
+    ("mmfree-2.7b", "memwise", 1, "float32"), ("mmfree-2.7b", "memwise-lite", 1, "float32"),
+    ("preset:mmfree-2.7b-shapes", "llama.cpp", 1, "tq2_0"),
     ("gpt2-medium", "memwise", 1, "float32"), ("gpt2-medium", "llama.cpp", 1, "float32"),
     ("gpt2-medium", "memwise", 1, "int8"), ("gpt2-medium", "llama.cpp", 1, "q8_0"),
     ("gpt2-medium", "memwise", 1, "int4"), ("gpt2-medium", "llama.cpp", 1, "q4_0"),
@@ -140,7 +143,18 @@ def peers_suite() -> Matrix:
     return Matrix(models=list(dict.fromkeys(m for m, *_ in PEERS_CELLS)), suite="peers", explicit=list(PEERS_CELLS))
 
 
-SUITES = {"default": default_suite, "seed": seed_suite, "ternary": ternary_suite, "peers": peers_suite}
+# The peers suite's mmfree-370m cells alone: memwise with and without torch in the process
+# (memwise-lite) against the TQ2_0 shape twin on llama.cpp, where importing torch is a third of the
+# resident set.
+LITE_CELLS = tuple(cell for cell in PEERS_CELLS if cell[0] in ("mmfree-370m", "preset:mmfree-370m-shapes"))
+
+
+def lite_suite() -> Matrix:
+    return Matrix(models=list(dict.fromkeys(m for m, *_ in LITE_CELLS)), suite="lite", explicit=list(LITE_CELLS))
+
+
+SUITES = {"default": default_suite, "seed": seed_suite, "ternary": ternary_suite, "peers": peers_suite,
+          "lite": lite_suite}
 SWEEPS = {"context": context_sweep, "batch": batch_sweep}
 
 

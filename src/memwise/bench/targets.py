@@ -73,6 +73,14 @@ PEERS_TARGETS = (
              (theirs, "llama.cpp", 1, "tq2_0"), "prefill_tok_s", at_least=1.5) for ours, theirs, _ in _PEER_PAIRS),
     *(_peak_ratio(f"peak resident set: {ours} on memwise / {theirs} on llama.cpp (TQ2_0)", (ours, "memwise", 1),
                   (theirs, "llama.cpp", 1, "tq2_0"), at_most=1.05) for ours, theirs, _ in _PEER_PAIRS),
+    # the same weights and C code without torch in the process (memwise.lite)
+    *(_ratio(f"decode: {ours} on memwise-lite / {theirs} on llama.cpp (TQ2_0)", (ours, "memwise-lite", 1),
+             (theirs, "llama.cpp", 1, "tq2_0"), at_least=goal) for ours, theirs, goal in _PEER_PAIRS[:2]),
+    *(_ratio(f"prefill: {ours} on memwise-lite / {theirs} on llama.cpp (TQ2_0)", (ours, "memwise-lite", 1),
+             (theirs, "llama.cpp", 1, "tq2_0"), "prefill_tok_s", at_least=1.5) for ours, theirs, _ in _PEER_PAIRS[:2]),
+    *(_peak_ratio(f"peak resident set: {ours} on memwise-lite / {theirs} on llama.cpp (TQ2_0)",
+                  (ours, "memwise-lite", 1), (theirs, "llama.cpp", 1, "tq2_0"), at_most=1.05)
+      for ours, theirs, _ in _PEER_PAIRS[:2]),
     _ratio("decode: gpt2-medium float32, memwise / llama.cpp F32", ("gpt2-medium", "memwise", 1, "float32"),
            ("gpt2-medium", "llama.cpp", 1, "float32")),
     # issue 19: memwise's int8 / int4 against llama.cpp's Q8_0 / Q4_0 on the same model, >= 1.0x
@@ -83,7 +91,8 @@ PEERS_TARGETS = (
     _ratio("decode: bitnet-b1.58-large, memwise / transformers (float32 Llama)",
            ("bitnet-b1.58-large", "memwise", 1, "float32"), ("bitnet-b1.58-large", "transformers", 1)),
 )
-SUITE_TARGETS = {"ternary": TERNARY_TARGETS, "peers": PEERS_TARGETS}
+LITE_TARGETS = tuple(t for t in PEERS_TARGETS if all(cell[0].startswith("mmfree-370m") for cell in t.cells))
+SUITE_TARGETS = {"ternary": TERNARY_TARGETS, "peers": PEERS_TARGETS, "lite": LITE_TARGETS}
 
 
 @dataclass(frozen=True)

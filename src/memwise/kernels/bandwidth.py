@@ -5,8 +5,6 @@ import os
 import threading
 import time
 
-import torch
-
 try:
     from memwise.kernels import _ternary as _c
 except ImportError:
@@ -53,6 +51,8 @@ def read_bandwidth_bytes_per_s(refresh: bool = False) -> float:
     Measured once per process (about a second) and then remembered; refresh=True measures again.
     """
     global _bandwidth
+    import torch    # measured with torch's thread count; this module itself stays torch-free
+
     with _bandwidth_lock:
         if _bandwidth is None or refresh:
             nbytes = dram_buffer_bytes()
@@ -64,6 +64,8 @@ def read_bandwidth_bytes_per_s(refresh: bool = False) -> float:
 
 
 def _torch_read_bandwidth(nbytes: int) -> float:
+    import torch
+
     buf = torch.ones(nbytes // 8, dtype=torch.int64)
     best = float("inf")
     for _ in range(5):

@@ -23,14 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK = 128                 # weights per packed block
-BLOCK_BYTES = BLOCK // 4    # 32
-FORMAT_VERSION = 1
-SCALE_FLOOR = 1e-5          # m = max(mean|W|, 1e-5); also the floor of max|y| for activations
+from memwise.kernels.packed_layout import BLOCK, BLOCK_BYTES, FORMAT_VERSION, SCALE_FLOOR, padded_cols
 
-
-def padded_cols(cols: int) -> int:
-    return -(-cols // BLOCK) * BLOCK
+__all__ = ["BLOCK", "BLOCK_BYTES", "FORMAT_VERSION", "SCALE_FLOOR", "HUGE_PAGE", "TernaryMatrix", "bitlinear_reference",
+           "codes_buffer", "pack_ternary", "padded_cols", "quantize_activations", "quantize_latent", "rmsnorm",
+           "ternary_matmul_reference", "unpack_ternary"]
 
 
 HUGE_PAGE = 2 << 20

@@ -7,9 +7,10 @@ the whole step in one OpenMP parallel region of the extension ``memwise.models.h
 (csrc/hgrn_step.h): RMSNorms, activation quantization, the ternary products of the kernel library,
 the MLGRU gates and recurrence, the GLU, the final norm and the lm_head.
 
-What crosses into C is typed: ``ModelView`` (with ``LayerView`` and ``BitLinearView``) mirrors the C
-structs of csrc/hgrn_model.h field for field; ``layout_mismatches()`` compares the mirrors with the
-sizes and offsets the extension reports, and a decoder is only built when they agree.
+What crosses into C is typed: ``ModelView`` (with ``LayerView`` and ``BitLinearView``, in
+step_structs.py) mirrors the C structs of csrc/hgrn_model.h field for field; ``layout_mismatches()``
+compares the mirrors with the sizes and offsets the extension reports, and a decoder is only built
+when they agree.
 
 Exactness. The products are exact integer arithmetic, the kernel library's. The float work between
 them (norms, quantization, exp, gates) is the model's math in the C code's own order, so the logits
@@ -19,7 +20,6 @@ tolerance relative to the logits' spread, and greedy tokens equal.
 from __future__ import annotations
 
 import ctypes
-import functools
 import threading
 from typing import Any
 
@@ -27,57 +27,12 @@ import torch
 
 from memwise import kernels
 from memwise.kernels import MAX_COLS, KernelInputError
-from memwise.kernels.packed import padded_cols
-from memwise.kernels.structs import struct_mismatches
+from memwise.kernels.packed_layout import padded_cols
 from memwise.kernels.threads import CpuBudget
-
-try:
-    from memwise.models.hgrn_bit import _step
-except ImportError:  # built without a C compiler: decode steps run the PyTorch modules
-    _step = None
+from memwise.models.hgrn_bit.step_structs import (MIRRORS, BitLinearView, LayerView, ModelView, _step,
+                                                  checked_layout, layout_mismatches)
 
 __all__ = ["available", "layout_mismatches", "FusedDecoder", "BitLinearView", "LayerView", "ModelView"]
-
-
-# --------------------------------------------------------------------------------------------
-# Mirrors of csrc/hgrn_model.h
-
-
-class BitLinearView(ctypes.Structure):
-    """hgrn_bitlinear_t: one BitLinear's packed codes, input-norm gain and scale."""
-    _fields_ = [("codes", ctypes.c_void_p), ("gain", ctypes.c_void_p), ("scale", ctypes.c_float)]
-
-
-class LayerView(ctypes.Structure):
-    """hgrn_layer_t: one layer's norms and BitLinears."""
-    _fields_ = [("attn_norm", ctypes.c_void_p), ("i_proj", BitLinearView), ("f_proj", BitLinearView),
-                ("g_proj", BitLinearView), ("g_norm", ctypes.c_void_p), ("o_proj", BitLinearView),
-                ("mlp_norm", ctypes.c_void_p), ("gate_proj", BitLinearView), ("down_proj", BitLinearView),
-                ("lower_bound", ctypes.c_void_p)]
-
-
-class ModelView(ctypes.Structure):
-    """hgrn_model_t: sizes, the final norm, the lm_head and the layers."""
-    _fields_ = [("num_layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("width", ctypes.c_int64),
-                ("intermediate", ctypes.c_int64), ("vocab", ctypes.c_int64), ("heads", ctypes.c_int64),
-                ("eps", ctypes.c_float), ("weights_from_dram", ctypes.c_int32), ("final_norm", ctypes.c_void_p),
-                ("lm_head", BitLinearView), ("layers", ctypes.POINTER(LayerView))]
-
-
-MIRRORS = {"hgrn_bitlinear_t": BitLinearView, "hgrn_layer_t": LayerView, "hgrn_model_t": ModelView}
-
-
-def layout_mismatches() -> list[str]:
-    """How the ctypes mirrors differ from the C structs of the built extension (empty: they agree)."""
-    return struct_mismatches(_step.struct_layout(), MIRRORS)
-
-
-@functools.cache
-def _checked_layout() -> None:
-    mismatches = layout_mismatches()
-    if mismatches:
-        raise RuntimeError("memwise.models.hgrn_bit._step was built from other structs than fused_step.py "
-                           f"mirrors (rebuild with pip install -e .): {'; '.join(mismatches)}")
 
 
 def available() -> bool:
@@ -139,7 +94,7 @@ class FusedDecoder:
     def __init__(self, model: Any, budget: CpuBudget | None = None):
         if not available():
             raise KernelInputError("the C extensions with the fused step are not built")
-        _checked_layout()
+        checked_layout()
         spec = model.spec
         h, d, i, v, heads = (spec.hidden_size, spec.hidden_size * spec.expand_ratio, spec.intermediate_size,
                              spec.vocab_size, spec.num_heads)

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from memwise.checkpoint import CheckpointReader
 from memwise.models.hgrn_bit.config import recurrence_width
 from memwise.models.ternary.packed_format import TensorSlot, packed_bytes
 from memwise.spec import ModelSpec, per_layer_linear
+
+if TYPE_CHECKING:   # the layout serves the torch-free runtime (memwise.lite) too
+    from memwise.checkpoint import CheckpointReader
 
 
 def checkpoint_layout(spec: ModelSpec) -> list[TensorSlot]:
@@ -62,7 +65,7 @@ def _packed_bytes(spec: ModelSpec) -> int:
     return packed
 
 
-def latent_name(spec: ModelSpec, reader: CheckpointReader, name: str) -> str:
+def latent_name(spec: ModelSpec, reader: "CheckpointReader", name: str) -> str:
     """Tied checkpoints may omit lm_head.weight: the embedding is then the latent lm_head."""
     if name == "lm_head.weight" and name not in reader and spec.tie_word_embeddings:
         return "model.embeddings.weight"

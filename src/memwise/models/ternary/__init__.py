@@ -7,11 +7,23 @@
 A family describes its checkpoint as a list of TensorSlots (name, shape, ternary or not); everything
 here works from that list, so the packed format is the same file for every ternary family.
 """
+import importlib
+
 from memwise.models.ternary.packed_format import (PACKED_FORMAT, PACKED_FORMAT_VERSION, PACKED_SUFFIX, SCALE_SUFFIX,
                                                   TensorSlot, check_packed_codes, is_packed, read_packed)
-from memwise.models.ternary.weights import (LatentCheckpoint, PackedCheckpoint, RandomWeights, WeightSource,
-                                            random_ternary, ternarize)
-from memwise.models.ternary.writer import write_packed
+
+# weights.py and writer.py need torch: imported on first use, so that the packed format's names
+# (above) reach the torch-free runtime without it.
+_LAZY = {**dict.fromkeys(("LatentCheckpoint", "PackedCheckpoint", "RandomWeights", "WeightSource", "random_ternary",
+                          "ternarize"), "memwise.models.ternary.weights"),
+         "write_packed": "memwise.models.ternary.writer"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["PACKED_FORMAT", "PACKED_FORMAT_VERSION", "PACKED_SUFFIX", "SCALE_SUFFIX", "LatentCheckpoint",
            "PackedCheckpoint", "RandomWeights", "TensorSlot", "WeightSource", "check_packed_codes", "is_packed",

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from memwise.checkpoint import CheckpointReader
 from memwise.errors import CheckpointError
-from memwise.kernels.packed import BLOCK, BLOCK_BYTES, padded_cols
+from memwise.kernels.packed_layout import BLOCK, BLOCK_BYTES, padded_cols
+
+if TYPE_CHECKING:   # the names and sizes here serve the torch-free runtime (memwise.lite) too
+    import torch
+
+    from memwise.checkpoint import CheckpointReader
 
 PACKED_FORMAT = "memwise-ternary"
 PACKED_FORMAT_VERSION = "1"
@@ -43,8 +46,10 @@ def packed_bytes(rows: int, cols: int) -> int:
 CHECK_ELEMENTS = 1 << 20
 
 
-def check_packed_codes(packed: torch.Tensor, cols: int, name: str, where: str) -> None:
+def check_packed_codes(packed: "torch.Tensor", cols: int, name: str, where: str) -> None:
     """Reject code 3 (not a ternary value) anywhere and non-zero weights in a row's padding."""
+    import torch
+
     step = max(1, CHECK_ELEMENTS // max(packed.shape[1], 1))
     for r in range(0, packed.shape[0], step):
         chunk = packed[r:r + step]
@@ -60,8 +65,11 @@ def check_packed_codes(packed: torch.Tensor, cols: int, name: str, where: str) -
                                   f"column {cols}")
 
 
-def read_packed(reader: CheckpointReader, name: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`NAME.packed` (checked codes) and `NAME.scale` of a packed checkpoint, in their stored form."""
+def read_packed(reader: "CheckpointReader", name: str, rows: int, cols: int) -> tuple[Any, Any]:
+    """`NAME.packed` (checked codes) and `NAME.scale` of a packed checkpoint, in their stored form
+    (torch tensors)."""
+    import torch
+
     where = str(reader.directory)
     packed = reader.read(name + PACKED_SUFFIX, (rows, padded_cols(cols) // 4))
     if packed.dtype != torch.uint8:
@@ -76,7 +84,7 @@ def read_packed(reader: CheckpointReader, name: str, rows: int, cols: int) -> tu
     return packed, scale
 
 
-def is_packed(reader: CheckpointReader) -> bool:
+def is_packed(reader: "CheckpointReader") -> bool:
     """True for a memwise packed checkpoint (by its metadata); an unknown format version is an error."""
     where = str(reader.directory)
     if reader.metadata.get("format") != PACKED_FORMAT:
