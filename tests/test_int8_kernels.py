@@ -11,8 +11,9 @@ from memwise.kernels import int8
 from memwise.kernels.int8 import Int8Matrix
 
 PATHS = kernels.isa_paths() if not os.environ.get("MEMWISE_ISA") else kernels._machine_isas()
-# odd K (padding), K past one 64-column block, N not a multiple of the 4-row tile, M of 1 (GEMV) and more
-SHAPES = [(1, 1, 1), (1, 5, 3), (3, 7, 65), (2, 13, 127), (5, 9, 200), (17, 33, 1000), (1, 64, 4096)]
+# odd K (padding), K past one 64-column block, N not a multiple of the 4-row tile, M of 1 (GEMV) up to
+# 4 (one weight row at a time) and more (4-row tiles)
+SHAPES = [(1, 1, 1), (1, 5, 3), (3, 7, 65), (2, 13, 127), (4, 10, 130), (5, 9, 200), (17, 33, 1000), (1, 64, 4096)]
 
 
 def _matrix(n: int, k: int, seed: int) -> Int8Matrix:
