@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memwise import kernels
-from memwise.kernels import int4
+from memwise.kernels import KernelInputError, int4
 from memwise.kernels.int4 import Int4Matrix
 
 PATHS = kernels.isa_paths() if not os.environ.get("MEMWISE_ISA") else kernels._machine_isas()
@@ -117,3 +117,15 @@ def test_result_does_not_depend_on_thread_count() -> None:
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_linear_kernel_equals_int4_linear() -> None:
+    """The kernel a model keeps per matrix (checks done once) gives int4_linear's result."""
+    g = torch.Generator().manual_seed(6)
+    weight, bias = Int4Matrix.from_float(torch.randn(70, 700, generator=g)), torch.randn(70, generator=g)
+    kernel = int4.linear_kernel(weight, bias)
+    for x in (torch.randn(3, 700, generator=g), torch.randn(1, 1, 700, generator=g)):
+        for threads in (None, 1, 2):
+            assert torch.equal(kernel(x, threads), int4.int4_linear(x, weight, bias, threads=threads))
+    with pytest.raises(KernelInputError):
+        kernel(torch.randn(2, 699))
