@@ -68,6 +68,13 @@ def main() -> None:
         norm_x = torch.randn(1, 1, hidden)
         norms = [m for block in decoder.layers for m in (block.attn_norm, block.mlp_norm) if m is not None]
         norm_ms = median_ms(lambda: [n(norm_x) for n in norms], args.steps)
+        spec, length = decoder.spec, cache.length
+        q = torch.randn(1, spec.num_heads, 1, spec.head_dim)
+        attention_ms = median_ms(lambda: [torch.nn.functional.scaled_dot_product_attention(
+            q, cache.keys[i][:, :, :length], cache.values[i][:, :, :length]) for i in range(spec.num_layers)], args.steps)
+        inner = torch.randn(1, 1, spec.intermediate_size)
+        gelu_ms = median_ms(lambda: [torch.nn.functional.gelu(inner, approximate="tanh")
+                                     for _ in range(spec.num_layers)], args.steps)
     bandwidth = read_bandwidth_bytes_per_s()
     print(f"{args.model} {args.quantize}, {args.threads} thread(s); read bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"decode step: {step_ms:.2f} ms ({1e3 / step_ms:.1f} tok/s)")
@@ -77,6 +84,10 @@ def main() -> None:
               f"(at bandwidth {floor:.2f} ms)")
     products = total_linear + head_ms
     print(f"  norms x{len(norms):<10d} {norm_ms:7.2f} ms")
+    kv_bytes = 2 * decoder.spec.num_layers * length * decoder.spec.num_kv_heads * decoder.spec.head_dim * 4
+    print(f"  attention x{decoder.spec.num_layers:<6d} {attention_ms:7.2f} ms  {kv_bytes / 2**20:7.1f} MiB of keys and "
+          f"values at {length} slots (scaled_dot_product_attention alone)")
+    print(f"  gelu x{decoder.spec.num_layers:<11d} {gelu_ms:7.2f} ms")
     print(f"  products total {products:7.2f} ms; rest of the step (attention, norms, activation, "
           f"residuals, embedding, dispatch) {step_ms - products:.2f} ms")
 
