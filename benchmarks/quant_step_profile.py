@@ -70,8 +70,9 @@ def main() -> None:
         norm_ms = median_ms(lambda: [n(norm_x) for n in norms], args.steps)
         spec, length = decoder.spec, cache.length
         q = torch.randn(1, spec.num_heads, 1, spec.head_dim)
-        attention_ms = median_ms(lambda: [torch.nn.functional.scaled_dot_product_attention(
-            q, cache.keys[i][:, :, :length], cache.values[i][:, :, :length]) for i in range(spec.num_layers)], args.steps)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        attention_ms = median_ms(lambda: [sdpa(q, cache.keys[i][:, :, :length], cache.values[i][:, :, :length])
+                                          for i in range(spec.num_layers)], args.steps)
         inner = torch.randn(1, 1, spec.intermediate_size)
         gelu_ms = median_ms(lambda: [torch.nn.functional.gelu(inner, approximate="tanh")
                                      for _ in range(spec.num_layers)], args.steps)
