@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from memwise import kernels
-from memwise.kernels import int4
+from memwise.kernels import KernelInputError, int4
 from memwise.kernels.int4 import Int4Matrix
 
 PATHS = kernels.isa_paths() if not os.environ.get("MEMWISE_ISA") else kernels._machine_isas()
 # K below one group, K padded (65, 127, 300), several groups not a multiple of the 4 reduced together,
-# N not a multiple of the 4-row tile, M of 1 (GEMV) and more
-SHAPES = [(1, 1, 1), (1, 5, 3), (3, 7, 65), (2, 13, 127), (5, 9, 300), (17, 33, 1000), (1, 64, 4096)]
+# groups past the AVX-512 path's eight (read as pairs) with 2 (577) and 5 (830) left over, N not a
+# multiple of the 4-row tile, M of 1 (GEMV) and more
+SHAPES = [(1, 1, 1), (1, 5, 3), (3, 7, 65), (2, 13, 127), (5, 9, 300), (1, 6, 577), (2, 11, 830), (17, 33, 1000),
+          (1, 64, 4096)]
 
 
 def _matrix(n: int, k: int, seed: int) -> Int4Matrix:
@@ -31,15 +33,15 @@ def test_group_dots_exact_on_every_isa(isa: str, m: int, n: int, k: int) -> None
 @pytest.mark.parametrize("isa", PATHS)
 def test_group_dots_extremes(isa: str) -> None:
     """Codes 15 against q = -128 and 127 over many groups: the largest per-group sums, and sign."""
-    k = 64 * 9
-    weight = Int4Matrix(int4.pack_codes(torch.full((2, k), 15, dtype=torch.uint8)), torch.ones(2, 9, 2), 2, k)
+    k = 64 * 17
+    weight = Int4Matrix(int4.pack_codes(torch.full((2, k), 15, dtype=torch.uint8)), torch.ones(2, 17, 2), 2, k)
     q = torch.stack([torch.full((k,), -128, dtype=torch.int8), torch.full((k,), 127, dtype=torch.int8)])
     dots = int4.int4_group_dots(q, weight, isa=isa)
     assert dots[0].eq(-128 * 15 * 64).all() and dots[1].eq(127 * 15 * 64).all()
 
 
 @pytest.mark.parametrize("isa", PATHS)
-@pytest.mark.parametrize("m,n,k", [(1, 37, 300), (4, 9, 64), (2, 130, 1024)])
+@pytest.mark.parametrize("m,n,k", [(1, 37, 300), (4, 9, 64), (2, 130, 1024), (1, 7, 830)])
 def test_linear_equals_reference_bit_for_bit(isa: str, m: int, n: int, k: int) -> None:
     """The float combine is done in the documented order on every path: not close, equal."""
     g = torch.Generator().manual_seed(n + k)
@@ -115,3 +117,15 @@ def test_result_does_not_depend_on_thread_count() -> None:
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_linear_kernel_equals_int4_linear() -> None:
+    """The kernel a model keeps per matrix (checks done once) gives int4_linear's result."""
+    g = torch.Generator().manual_seed(6)
+    weight, bias = Int4Matrix.from_float(torch.randn(70, 700, generator=g)), torch.randn(70, generator=g)
+    kernel = int4.linear_kernel(weight, bias)
+    for x in (torch.randn(3, 700, generator=g), torch.randn(1, 1, 700, generator=g)):
+        for threads in (None, 1, 2):
+            assert torch.equal(kernel(x, threads), int4.int4_linear(x, weight, bias, threads=threads))
+    with pytest.raises(KernelInputError):
+        kernel(torch.randn(2, 699))

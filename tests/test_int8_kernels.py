@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from memwise import kernels
-from memwise.kernels import int8
+from memwise.kernels import KernelInputError, int8
 from memwise.kernels.int8 import Int8Matrix
 
 PATHS = kernels.isa_paths() if not os.environ.get("MEMWISE_ISA") else kernels._machine_isas()
-# odd K (padding), K past one 64-column block, N not a multiple of the 4-row tile, M of 1 (GEMV) and more
-SHAPES = [(1, 1, 1), (1, 5, 3), (3, 7, 65), (2, 13, 127), (5, 9, 200), (17, 33, 1000), (1, 64, 4096)]
+# odd K (padding), K past one 64-column block, N not a multiple of the 4-row tile, M of 1 (GEMV) up to
+# 4 (one weight row at a time) and more (4-row tiles)
+SHAPES = [(1, 1, 1), (1, 5, 3), (3, 7, 65), (2, 13, 127), (4, 10, 130), (5, 9, 200), (17, 33, 1000), (1, 64, 4096)]
 
 
 def _matrix(n: int, k: int, seed: int) -> Int8Matrix:
@@ -115,3 +116,18 @@ def test_result_does_not_depend_on_thread_count() -> None:
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_linear_kernel_equals_int8_linear() -> None:
+    """The kernel a model keeps per matrix (checks done once) gives int8_linear's result, on any thread
+    count, for a batch of rows, a decode row and float64 input; without the extension, the reference."""
+    g = torch.Generator().manual_seed(6)
+    weight, bias = Int8Matrix.from_float(torch.randn(70, 130, generator=g)), torch.randn(70, generator=g)
+    kernel = int8.linear_kernel(weight, bias)
+    for x in (torch.randn(3, 130, generator=g), torch.randn(1, 1, 130, generator=g), torch.randn(2, 130).double()):
+        for threads in (None, 1, 2):
+            assert torch.equal(kernel(x, threads), int8.int8_linear(x, weight, bias, threads))
+    with pytest.raises(KernelInputError):
+        kernel(torch.randn(2, 129))
+    with pytest.raises(KernelInputError):
+        int8.linear_kernel(weight, torch.randn(69))

@@ -187,3 +187,24 @@ def test_quantize_none_is_unchanged(saved):
 def test_int8_on_cuda_is_one_clear_error(saved):
     with pytest.raises(MemwiseError, match="runs on the CPU for now"):
         memwise.load(saved("gpt2"), quantize="int8", device="cuda")
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_linear_kernel_follows_new_tensors(cls):
+    """The module keeps its kernel (checked pointers) between calls; a new weight tensor, a new bias or a
+    copy of the module (.to, which may move storage) gets a new kernel, not the old pointers."""
+    g = torch.Generator().manual_seed(3)
+    linear = cls(96, 40, bias=True)
+    linear.fill_rows(0, torch.randn(40, 96, generator=g))
+    linear.bias.data.copy_(torch.randn(40, generator=g))
+    x = torch.randn(2, 96, generator=g)
+    reference = int8.int8_linear if cls is Int8Linear else int4.int4_linear
+    assert torch.equal(linear(x), reference(x, linear.matrix(), linear.bias))
+    other = cls(96, 40, bias=True)
+    other.fill_rows(0, torch.randn(40, 96, generator=g))
+    for name, tensor in other.named_buffers():
+        setattr(linear, name, tensor.clone())
+    linear.bias = torch.nn.Parameter(torch.randn(40, generator=g))
+    assert torch.equal(linear(x), reference(x, other.matrix(), linear.bias))
+    moved = linear.to(torch.float32)
+    assert torch.equal(moved(x), reference(x, moved.matrix(), moved.bias))

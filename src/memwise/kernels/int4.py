@@ -26,6 +26,7 @@ paths do the float operations one by one in the same order (no fused multiply-ad
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -41,7 +42,7 @@ GROUP = 64
 MAX_COLS = 1 << 17
 
 __all__ = ["GROUP", "Int4Matrix", "quantize_weight", "pack_codes", "unpack_codes", "int4_group_dots",
-           "int4_group_dots_reference", "int4_linear", "int4_linear_reference", "padded_cols"]
+           "int4_group_dots_reference", "int4_linear", "int4_linear_reference", "linear_kernel", "padded_cols"]
 
 
 def padded_cols(cols: int) -> int:
@@ -177,23 +178,54 @@ def int4_group_dots(q: torch.Tensor, weight: Int4Matrix, isa: str | None = None)
     return out
 
 
+def _check_bias(bias: torch.Tensor | None, weight: Int4Matrix) -> None:
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (weight.rows,)
+                             or not bias.is_contiguous()):
+        raise KernelInputError(f"int4 linear bias must be float32 [{weight.rows}], got {bias.dtype} {list(bias.shape)}")
+
+
+def _linear_c(x: torch.Tensor, weight: Int4Matrix, pointers: tuple[int, int, int], name: str,
+              threads: int | None) -> torch.Tensor:
+    """int4_linear's C path on the path `name`, after its checks; pointers: codes, params, bias (0: none)."""
+    rows = x.reshape(-1, weight.cols)
+    if rows.dtype != torch.float32 or not rows.is_contiguous():
+        rows = rows.float().contiguous()
+    out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
+    if rows.shape[0]:
+        _c.int4_linear(isa_id(name), *pointers, weight.rows, padded_cols(weight.cols), rows.data_ptr(),
+                       rows.shape[0], weight.cols, out.data_ptr(), threads or num_threads())
+    return out.reshape(*x.shape[:-1], weight.rows)
+
+
+def _pointers(weight: Int4Matrix, bias: torch.Tensor | None) -> tuple[int, int, int]:
+    return weight.codes.data_ptr(), weight.params.data_ptr(), 0 if bias is None else bias.data_ptr()
+
+
 def int4_linear(x: torch.Tensor, weight: Int4Matrix, bias: torch.Tensor | None = None,
-                isa: str | None = None) -> torch.Tensor:
-    """y = x W^T + b with W in 4 bits and x quantized per token: x [..., K] float -> float32 [..., N]."""
+                isa: str | None = None, threads: int | None = None) -> torch.Tensor:
+    """y = x W^T + b with W in 4 bits and x quantized per token: x [..., K] float -> float32 [..., N], on
+    `threads` threads (default: torch's count)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != weight.cols:
         raise KernelInputError(f"int4 linear input must be a float tensor [..., {weight.cols}], got "
                                f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
     _check_matrix(weight, x.device)
-    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (weight.rows,)
-                             or not bias.is_contiguous()):
-        raise KernelInputError(f"int4 linear bias must be float32 [{weight.rows}], got {bias.dtype} {list(bias.shape)}")
+    _check_bias(bias, weight)
     if not _use_c(x.device):
         return int4_linear_reference(x, weight, bias)
-    name = resolve_isa(isa) if isa else isa_paths()[0]
-    rows = x.reshape(-1, weight.cols).float().contiguous()
-    out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
-    if rows.shape[0]:
-        _c.int4_linear(isa_id(name), weight.codes.data_ptr(), weight.params.data_ptr(),
-                       0 if bias is None else bias.data_ptr(), weight.rows, padded_cols(weight.cols),
-                       rows.data_ptr(), rows.shape[0], weight.cols, out.data_ptr(), num_threads())
-    return out.reshape(*x.shape[:-1], weight.rows)
+    return _linear_c(x, weight, _pointers(weight, bias), resolve_isa(isa) if isa else isa_paths()[0], threads)
+
+
+def linear_kernel(weight: Int4Matrix, bias: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
+    """int4_linear with the checks of weight and bias done once, here: the returned f(x, threads=None)
+    equals int4_linear(x, weight, bias, threads=threads) (see int8.linear_kernel for why)."""
+    device = weight.codes.device
+    _check_matrix(weight, device)
+    _check_bias(bias, weight)
+    pointers, on_cpu = _pointers(weight, bias), device.type == "cpu"
+
+    def run(x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        if (_c is None or not on_cpu or x.device != device or not x.is_floating_point() or x.dim() < 1
+                or x.shape[-1] != weight.cols):
+            return int4_linear(x, weight, bias, threads=threads)
+        return _linear_c(x, weight, pointers, isa_paths()[0], threads)
+    return run

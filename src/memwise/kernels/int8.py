@@ -23,6 +23,7 @@ matches `quantize_tokens_reference` bit for bit (the same IEEE operations in the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -38,7 +39,8 @@ ALIGN = 64
 MAX_COLS = 1 << 17  # |acc| <= 128 * 127 * K stays inside int32 below this K
 
 __all__ = ["ALIGN", "Int8Matrix", "quantize_weight", "quantize_tokens", "quantize_tokens_reference",
-           "int8_matmul", "int8_matmul_reference", "int8_linear", "int8_linear_reference", "padded_cols"]
+           "int8_matmul", "int8_matmul_reference", "int8_linear", "int8_linear_reference", "linear_kernel",
+           "padded_cols"]
 
 
 def padded_cols(cols: int) -> int:
@@ -171,21 +173,56 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def int8_linear(x: torch.Tensor, weight: Int8Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b with W in int8 and x quantized per token: x [..., K] float -> float32 [..., N]."""
+def _check_bias(bias: torch.Tensor | None, weight: Int8Matrix) -> None:
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (weight.rows,)
+                             or not bias.is_contiguous()):
+        raise KernelInputError(f"int8 linear bias must be float32 [{weight.rows}], got {bias.dtype} {list(bias.shape)}")
+
+
+def _linear_c(x: torch.Tensor, weight: Int8Matrix, pointers: tuple[int, int, int, int],
+              threads: int | None) -> torch.Tensor:
+    """int8_linear's C path, after its checks; pointers: weight, row sums, scales, bias (0: none)."""
+    rows = x.reshape(-1, weight.cols)
+    if rows.dtype != torch.float32 or not rows.is_contiguous():
+        rows = rows.float().contiguous()
+    out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
+    if rows.shape[0]:
+        _c.linear(isa_id(isa_paths()[0]), *pointers, weight.rows, weight.weight.shape[1], rows.data_ptr(),
+                  rows.shape[0], weight.cols, out.data_ptr(), threads or num_threads())
+    return out.reshape(*x.shape[:-1], weight.rows)
+
+
+def _pointers(weight: Int8Matrix, bias: torch.Tensor | None) -> tuple[int, int, int, int]:
+    return (weight.weight.data_ptr(), weight.row_sums.data_ptr(), weight.scale.data_ptr(),
+            0 if bias is None else bias.data_ptr())
+
+
+def int8_linear(x: torch.Tensor, weight: Int8Matrix, bias: torch.Tensor | None = None,
+                threads: int | None = None) -> torch.Tensor:
+    """y = x W^T + b with W in int8 and x quantized per token: x [..., K] float -> float32 [..., N], on
+    `threads` threads (default: torch's count)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != weight.cols:
         raise KernelInputError(f"int8 linear input must be a float tensor [..., {weight.cols}], got "
                                f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
     _check_matrix(weight, x.device)
-    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (weight.rows,)
-                             or not bias.is_contiguous()):
-        raise KernelInputError(f"int8 linear bias must be float32 [{weight.rows}], got {bias.dtype} {list(bias.shape)}")
+    _check_bias(bias, weight)
     if not _use_c(x.device):
         return int8_linear_reference(x, weight, bias)
-    rows = x.reshape(-1, weight.cols).float().contiguous()
-    out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
-    if rows.shape[0]:
-        _c.linear(isa_id(isa_paths()[0]), weight.weight.data_ptr(), weight.row_sums.data_ptr(),
-                  weight.scale.data_ptr(), 0 if bias is None else bias.data_ptr(), weight.rows,
-                  weight.weight.shape[1], rows.data_ptr(), rows.shape[0], weight.cols, out.data_ptr(), num_threads())
-    return out.reshape(*x.shape[:-1], weight.rows)
+    return _linear_c(x, weight, _pointers(weight, bias), threads)
+
+
+def linear_kernel(weight: Int8Matrix, bias: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
+    """int8_linear with the checks of weight and bias done once, here: the returned f(x, threads=None)
+    equals int8_linear(x, weight, bias, threads). A model's linear keeps one per matrix, because a
+    decode step's product of a small matrix takes less time than those checks."""
+    device = weight.weight.device
+    _check_matrix(weight, device)
+    _check_bias(bias, weight)
+    pointers, on_cpu = _pointers(weight, bias), device.type == "cpu"
+
+    def run(x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        if (_c is None or not on_cpu or x.device != device or not x.is_floating_point() or x.dim() < 1
+                or x.shape[-1] != weight.cols):
+            return int8_linear(x, weight, bias, threads)
+        return _linear_c(x, weight, pointers, threads)
+    return run

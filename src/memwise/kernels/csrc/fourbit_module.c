@@ -30,16 +30,22 @@ static PyObject *py_int4_dots(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "iKLLKLLKi", &isa, &cp, &N, &Kp, &qp, &M, &K, &op, &nthreads)) return NULL;
     if (!fb_isa_ok(isa)) return NULL;
-    int8_t *q = fb_alloc((size_t)(M * Kp));
-    if (!q) return PyErr_NoMemory();
+    int8_t *q = fb_alloc((size_t)(M * Kp)), *pairs = i4_uses_pairs(isa) ? fb_alloc((size_t)(M * Kp)) : NULL;
+    if (!q || (i4_uses_pairs(isa) && !pairs)) {
+        free(q), free(pairs);
+        return PyErr_NoMemory();
+    }
     Py_BEGIN_ALLOW_THREADS
     memset(q, 0, (size_t)(M * Kp));
-    for (long long m = 0; m < M; ++m) memcpy(q + m * Kp, (const int8_t *)(uintptr_t)qp + m * K, (size_t)K);
-    i4_job_t j = {(const uint8_t *)(uintptr_t)cp, NULL, NULL, N, Kp, Kp / I4_GROUP, M, q, NULL, NULL,
+    for (long long m = 0; m < M; ++m) {
+        memcpy(q + m * Kp, (const int8_t *)(uintptr_t)qp + m * K, (size_t)K);
+        if (pairs) i4_pair_row(q + m * Kp, Kp / I4_GROUP, pairs + m * Kp);
+    }
+    i4_job_t j = {(const uint8_t *)(uintptr_t)cp, NULL, NULL, N, Kp, Kp / I4_GROUP, M, q, pairs, NULL, NULL,
                   (int32_t *)(uintptr_t)op, NULL};
     i4_run(isa, &j, nthreads);
     Py_END_ALLOW_THREADS
-    free(q);
+    free(q), free(pairs);
     Py_RETURN_NONE;
 }
 
@@ -54,11 +60,11 @@ static PyObject *py_int4_linear(PyObject *self, PyObject *args) {
         return NULL;
     if (!fb_isa_ok(isa)) return NULL;
     const long long G = Kp / I4_GROUP;
-    int8_t *q = fb_alloc((size_t)(M * Kp));
+    int8_t *q = fb_alloc((size_t)(M * Kp)), *pairs = i4_uses_pairs(isa) ? fb_alloc((size_t)(M * Kp)) : NULL;
     float *qsum = fb_alloc(sizeof(float) * (size_t)(M * G)), *xinv = fb_alloc(sizeof(float) * (size_t)M);
     float *ones = fb_alloc(sizeof(float) * (size_t)K);
-    if (!q || !qsum || !xinv || !ones) {
-        free(q), free(qsum), free(xinv), free(ones);
+    if (!q || !qsum || !xinv || !ones || (i4_uses_pairs(isa) && !pairs)) {
+        free(q), free(qsum), free(xinv), free(ones), free(pairs);
         return PyErr_NoMemory();
     }
     const float *x = (const float *)(uintptr_t)xp;
@@ -74,12 +80,13 @@ static PyObject *py_int4_linear(PyObject *self, PyObject *args) {
             for (int i = 0; i < I4_GROUP; ++i) sum += q[m * Kp + g * I4_GROUP + i];
             qsum[m * G + g] = (float)sum;
         }
+        if (pairs) i4_pair_row(q + m * Kp, G, pairs + m * Kp);
     }
     i4_job_t j = {(const uint8_t *)(uintptr_t)cp, (const float *)(uintptr_t)pp, (const float *)(uintptr_t)bp,
-                  N, Kp, G, M, q, qsum, xinv, NULL, (float *)(uintptr_t)op};
+                  N, Kp, G, M, q, pairs, qsum, xinv, NULL, (float *)(uintptr_t)op};
     i4_run(isa, &j, nthreads);
     Py_END_ALLOW_THREADS
-    free(q), free(qsum), free(xinv), free(ones);
+    free(q), free(qsum), free(xinv), free(ones), free(pairs);
     Py_RETURN_NONE;
 }
 

@@ -129,12 +129,20 @@ static i8_rows_fn i8_rows_of(int isa) {
     return i8_rows_scalar;
 }
 
-/* Tiles [t0, t1) of I8_TILE weight rows against every activation row: a tile (4 * Kp bytes) stays
- * in L1/L2 while the activation rows pass it, so weights stream from memory once per call. */
-static void i8_run_tiles(const i8_job_t *j, i8_rows_fn fn, int64_t t0, int64_t t1) {
+/* Weight rows per tile.  A few activation rows (a decode step's) take one weight row at a time, so
+ * that the matrix is read in one sequential stream: four rows side by side are four streams of Kp
+ * bytes each, which the hardware prefetchers follow poorly when rows are short (a 3072 x 1024
+ * GEMV out of cache ran 1.9x faster one row at a time; docs/quantization.md).  More activation rows
+ * (a prefill) share each weight tile, which then stays in L1/L2 while they pass. */
+#define I8_STREAM_M 4
+
+static int64_t i8_tile_rows(int64_t M) { return M <= I8_STREAM_M ? 1 : I8_TILE; }
+
+/* Tiles [t0, t1) of `tile` weight rows against every activation row. */
+static void i8_run_tiles(const i8_job_t *j, i8_rows_fn fn, int64_t tile, int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n0 = t * I8_TILE;
-        const int rows = j->N - n0 < I8_TILE ? (int)(j->N - n0) : I8_TILE;
+        const int64_t n0 = t * tile;
+        const int rows = j->N - n0 < tile ? (int)(j->N - n0) : (int)tile;
         for (int64_t m = 0; m < j->M; ++m) fn(j, n0, rows, m);
     }
 }
@@ -143,18 +151,20 @@ static void i8_run_tiles(const i8_job_t *j, i8_rows_fn fn, int64_t t0, int64_t t
  * weight tiles, which the hardware prefetchers stream best. */
 static void i8_run(int isa, const i8_job_t *j, int nthreads) {
     const i8_rows_fn fn = i8_rows_of(isa);
-    const int64_t tiles = (j->N + I8_TILE - 1) / I8_TILE;
+    const int64_t tile = i8_tile_rows(j->M), tiles = (j->N + tile - 1) / tile;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > tiles) nthreads = (int)(tiles > 0 ? tiles : 1);
 #ifdef _OPENMP
+    if (nthreads > 1) {
 #pragma omp parallel num_threads(nthreads)
-    {
-        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        i8_run_tiles(j, fn, tiles * id / nt, tiles * (id + 1) / nt);
+        {
+            const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+            i8_run_tiles(j, fn, tile, tiles * id / nt, tiles * (id + 1) / nt);
+        }
+        return;
     }
-#else
-    i8_run_tiles(j, fn, 0, tiles);
 #endif
+    i8_run_tiles(j, fn, tile, 0, tiles);
 }
 
 #endif /* MEMWISE_KERNELS_INT8_PRODUCTS_H */

@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memwise.kernels import int4, nf4
-from memwise.kernels.int8 import Int8Matrix, int8_linear, padded_cols, quantize_weight
+from memwise.kernels import int4, int8, nf4, num_threads
+from memwise.kernels.int8 import Int8Matrix, padded_cols, quantize_weight
+from memwise.kernels.threads import CpuBudget
 from memwise.models.decoder.layout import checkpoint_plan
 from memwise.spec import ModelSpec, per_layer_linear
 
@@ -32,7 +33,33 @@ ROW_CHUNK = 4096    # rows quantized at a time: float temporaries stay small for
 HEAD_SCHEME = "int8"
 
 
-class Int8Linear(nn.Module):
+def _product(linear: nn.Module, x: torch.Tensor, names: tuple[str, ...], make) -> torch.Tensor:
+    """linear's product through the kernel `make()` returns (int8 / int4 linear_kernel: the checks of
+    weights and bias done once and their pointers kept), kept while the same tensors are in place: a
+    decode step makes ~100 products, and the checks cost more than a small matrix's product. A move
+    (.to, _apply) or a new tensor assigned to a buffer or the bias makes a new one. Threads: the
+    model's CpuBudget."""
+    tensors = tuple(linear._buffers[name] for name in names) + (linear._parameters.get("bias"),)
+    kernel = linear.__dict__.get("_kernel")
+    if kernel is None or any(a is not b for a, b in zip(kernel[0], tensors)):
+        kernel = linear.__dict__["_kernel"] = (tensors, make())
+    threads = None if linear.budget is None else linear.budget.threads(num_threads())
+    y = kernel[1](x, threads)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+class _KernelLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: the model's CpuBudget, and a cached kernel (_product)
+    dropped when the module's tensors move (whose storage changes under the same Parameter)."""
+
+    budget: CpuBudget | None = None     # shared by the model's quantized linears (quantize_layers)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_kernel", None)
+        return super()._apply(fn, recurse)
+
+
+class Int8Linear(_KernelLinear):
     """y = x W^T + b with W int8 per row and x quantized per token; the weights are buffers (not
     parameters: they are not trained), so that state_dict and weights_bytes() see them."""
 
@@ -58,10 +85,10 @@ class Int8Linear(nn.Module):
             self.row_sums[first:end] = q.sum(dim=1, dtype=torch.int32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.matrix(), self.bias).to(x.dtype)
+        return _product(self, x, ("weight", "scale", "row_sums"), lambda: int8.linear_kernel(self.matrix(), self.bias))
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_KernelLinear):
     """y = x W^T + b with W in 4-bit groups (memwise.kernels.int4) and x quantized per token to int8."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
@@ -83,7 +110,7 @@ class Int4Linear(nn.Module):
             self.params[first:end] = params
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4.int4_linear(x, self.matrix(), self.bias).to(x.dtype)
+        return _product(self, x, ("codes", "params"), lambda: int4.linear_kernel(self.matrix(), self.bias))
 
 
 class Nf4Linear(nn.Module):
@@ -135,10 +162,14 @@ def quantize_layers(model: nn.Module, scheme: str) -> None:
     """Swap the decoder layers' nn.Linear for empty `scheme` linears and the lm_head for an empty
     Int8Linear (call on a meta model, before to_empty, so that float copies are never allocated)."""
     owners = [(getattr(block, path.split(".")[0]), path.split(".")[1]) for block in model.layers for path in QUANTIZED]
+    budget = CpuBudget()    # each product waits for its slowest thread: one per core others leave free
     for (owner, attr), kind in [(o, scheme) for o in owners] + [((model, "lm_head"), HEAD_SCHEME)]:
         linear = getattr(owner, attr)
         with torch.device(linear.weight.device):
-            setattr(owner, attr, LINEARS[kind](linear.in_features, linear.out_features, linear.bias is not None))
+            replacement = LINEARS[kind](linear.in_features, linear.out_features, linear.bias is not None)
+        if kind != "nf4":
+            replacement.budget = budget
+        setattr(owner, attr, replacement)
 
 
 def fill_tied_head(model: nn.Module) -> None:
