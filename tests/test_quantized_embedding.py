@@ -115,3 +115,14 @@ def test_loading_a_decoder_imports_neither_dynamo_nor_sympy():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_offload_file_stores_the_tied_int8_table_once(saved, tmp_path):
+    from memwise.offload.decoder import state_tensors
+    reference = memwise.load(saved("gpt2"), quantize="int4")
+    model = memwise.load(saved("gpt2"), quantize="int4", max_memory="64GiB", offload_dir=tmp_path)
+    module = model.module
+    assert module.lm_head.weight is module.embed.weight and module.embed.weight.dtype == torch.int8
+    stored = [name for name, _ in state_tensors(module)]     # what the offload file's tensor tables hold
+    assert "embed.weight" in stored and not any(name.startswith("lm_head.") for name in stored)
+    assert torch.equal(model.logits(token_ids()), reference.logits(token_ids()))
