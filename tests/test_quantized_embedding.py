@@ -15,6 +15,7 @@ from safetensors import safe_open
 import memwise
 from memwise.convert import convert
 from memwise.estimate.inference import estimate_inference
+from memwise.kernels import nf4
 from memwise.kernels.int8 import quantize_weight
 from memwise.models.decoder import quantized
 from memwise.models.decoder.quantized import Int4Linear, Int8Embedding, Int8Linear
@@ -102,6 +103,9 @@ def test_chunked_quantization_equals_one_pass(monkeypatch):
     chunked4.fill_rows(0, w)
     for a, b in ((whole8, chunked8), (whole4, chunked4)):
         assert all(torch.equal(x, y) for x, y in zip(a.buffers(), b.buffers()))
+    whole = nf4.quantize_weight(w)
+    monkeypatch.setattr(nf4, "CHUNK_WEIGHTS", 5 * 256)       # 5 rows of 256 padded columns at a time
+    assert all(torch.equal(x, y) for x, y in zip(whole, nf4.quantize_weight(w)))
 
 
 def test_loading_a_decoder_imports_neither_dynamo_nor_sympy():

@@ -64,8 +64,8 @@ class Int8Linear(nn.Module):
 
     def fill_rows(self, start: int, w: torch.Tensor) -> None:
         """Quantize float rows w [r, in_features] into output rows [start, start + r)."""
-        for at, end in row_chunks(*w.shape):
-            q, scale = quantize_weight(w[at:end])
+        for at, stop in row_chunks(*w.shape):
+            q, scale = quantize_weight(w[at:stop])
             first, end = start + at, start + at + q.shape[0]
             self.weight[first:end, :self.in_features] = q
             self.weight[first:end, self.in_features:] = 0
@@ -110,8 +110,8 @@ class Int4Linear(nn.Module):
         return int4.Int4Matrix(self.codes, self.params, self.out_features, self.in_features)
 
     def fill_rows(self, start: int, w: torch.Tensor) -> None:
-        for at, end in row_chunks(*w.shape):
-            codes, params = int4.quantize_weight(w[at:end])
+        for at, stop in row_chunks(*w.shape):
+            codes, params = int4.quantize_weight(w[at:stop])
             first, end = start + at, start + at + codes.shape[0]
             self.codes[first:end] = int4.pack_codes(codes)
             self.params[first:end] = params
