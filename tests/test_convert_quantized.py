@@ -39,7 +39,7 @@ def test_converted_logits_are_bit_identical(sources, tmp_path, name, scheme):
     out = convert(str(sources(name)), tmp_path / "q", quantize=scheme)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"memwise.scheme": scheme, "memwise.format_version": str(FORMAT_VERSION)}
-    assert json.loads((out / "config.json").read_text())[CONFIG_KEY] == {"scheme": scheme, "format_version": 1}
+    assert json.loads((out / "config.json").read_text())[CONFIG_KEY] == {"scheme": scheme, "format_version": FORMAT_VERSION}
     stored = memwise.load(str(out))
     at_load = memwise.load(str(sources(name)), quantize=scheme)
     assert stored.weights_bytes() == at_load.weights_bytes()
@@ -63,12 +63,17 @@ def test_cli_convert_and_bad_metadata(sources, tmp_path, capsys):
     with pytest.raises(MemwiseError, match=f"format version {FORMAT_VERSION + 1} is newer than this memwise reads"):
         memwise.load(str(out))
 
+    config[CONFIG_KEY]["format_version"] = 1    # version 1 kept the embedding in float32
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MemwiseError, match="format version 1 keeps a float32 embedding.*convert the source again"):
+        memwise.load(str(out))
+
     del config[CONFIG_KEY]      # the config's entry is missing, the weights say they are quantized
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(MemwiseError, match="no 'memwise_quantization' entry.*missing its metadata"):
         memwise.load(str(out))
 
-    config[CONFIG_KEY] = {"scheme": "int4", "format_version": 1}    # the weights' metadata is missing
+    config[CONFIG_KEY] = {"scheme": "int4", "format_version": FORMAT_VERSION}    # the weights' metadata is missing
     (out / "config.json").write_text(json.dumps(config))
     tensors = load_file(str(out / "model.safetensors"))
     save_file(tensors, str(out / "model.safetensors"))

@@ -9,8 +9,8 @@ import memwise
 from memwise.errors import MemwiseError
 from memwise.kernels import int4, int8, nf4
 from memwise.models import decoder
-from memwise.models.decoder.quantized import (LINEARS, Int4Linear, Int8Linear, Nf4Linear, int8_weights_bytes,
-                                              matrix_bytes, scheme_weights_bytes)
+from memwise.models.decoder.quantized import (LINEARS, Int4Linear, Int8Embedding, Int8Linear, Nf4Linear,
+                                              int8_weights_bytes, matrix_bytes, scheme_weights_bytes)
 from tiny_models import VOCAB, one_thread, saved, tiny_configs  # noqa: F401 (fixtures)
 
 FAMILIES = list(tiny_configs())
@@ -86,11 +86,14 @@ def test_c_kernels_match_the_reference_quantization(saved, name, monkeypatch):
 def test_weights_bytes_is_the_documented_size(saved, name, scheme):
     model = memwise.load(saved(name), quantize=scheme)
     linears = {n: m for n, m in model.module.named_modules() if isinstance(m, tuple(LINEARS.values()))}
-    assert len(linears) == 4 * model.spec.num_layers + 1     # and the lm_head
+    assert len(linears) == 4 * model.spec.num_layers + 2     # and the lm_head and the token embedding
     assert isinstance(model.module.lm_head, Int8Linear)      # int8 under every scheme
-    assert all(isinstance(m, LINEARS[scheme]) for n, m in linears.items() if n != "lm_head")
+    assert isinstance(model.module.embed, Int8Embedding)
+    assert all(isinstance(m, LINEARS[scheme]) for n, m in linears.items() if n not in ("lm_head", "embed"))
     assert not any(isinstance(m, torch.nn.Linear) for layer in model.module.layers for m in layer.modules())
-    expected = sum(matrix_bytes("int8" if n == "lm_head" else scheme, m.out_features, m.in_features)
+    if model.spec.tie_word_embeddings:      # one int8 table serves both
+        del linears["lm_head"]
+    expected = sum(matrix_bytes("int8" if n in ("lm_head", "embed") else scheme, m.out_features, m.in_features)
                    + (4 * m.out_features if m.bias is not None else 0) for n, m in linears.items())
     others = [p for n, p in model.module.named_parameters() if not any(n == f"{ln}.bias" for ln in linears)]
     expected += sum(p.numel() * 4 for p in others)
@@ -162,7 +165,8 @@ def test_nf4_fused_matrix_is_quantized_whole(saved):
 
 def test_bfloat16_rest_and_synthetic_preset():
     model = memwise.load("preset:tiny-gpt2", dtype="bfloat16", quantize="int8")
-    assert model.module.embed.weight.dtype == torch.bfloat16
+    assert model.module.positions.weight.dtype == torch.bfloat16 and model.dtype == torch.bfloat16
+    assert model.module.embed(torch.tensor([[1, 2]])).dtype == torch.bfloat16    # int8 rows, bfloat16 out
     assert model.weights_bytes() == int8_weights_bytes(model.spec, torch.bfloat16)
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, ignore_eos=True)
     assert out.shape == (1, 6)

@@ -67,7 +67,7 @@ def scheme_sizes(family, spec) -> dict[str, str]:
             rows[scheme.name] = f"{per}: n/a (already ternary)"
         else:
             nbytes = family.quantized_weights_bytes(spec, scheme.name, torch.float32)
-            head = "and the lm_head" if scheme.name == "int8" else "; lm_head int8"
-            rows[scheme.name] = (f"{human_bytes(nbytes)} ({per} in the layers' linears {head} + 8 B per "
-                                 "output row; embeddings and norms float32)")
+            rows[scheme.name] = (f"{human_bytes(nbytes)} ({per} in the layers' linears; token embedding and "
+                                 "lm_head int8, one table when tied, + 8 B per output row; position table "
+                                 "and norms float32)")
     return rows

@@ -96,17 +96,30 @@ def _quantize_8bit(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.reshape(-1)[:n].to(torch.uint8).contiguous(), absmax2
 
 
+CHUNK_WEIGHTS = 1 << 20   # weights quantized at a time (whole rows): float temporaries stay ~4 MiB
+
+
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float [N, K] -> (codes uint8 [N, Kp / 2], qabs uint8 [N * Kp / 64], absmax2 float32, offset float32 [])."""
-    w = torch.nn.functional.pad(w.float(), (0, padded_cols(w.shape[1]) - w.shape[1]))
-    blocks = w.reshape(-1, BLOCK)
-    absmax = blocks.abs().amax(dim=-1)
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1).reshape(-1)
-    q = torch.bucketize(scaled, _NF4_MIDPOINTS, out_int32=True).to(torch.uint8)
-    codes = ((q[::2] << 4) | q[1::2]).view(w.shape[0], -1)
+    """float [N, K] -> (codes uint8 [N, Kp / 2], qabs uint8 [N * Kp / 64], absmax2 float32, offset float32 []).
+
+    Rows are coded a chunk at a time (a block never crosses a row, so a block's code does not depend
+    on the chunk); only the block absmax of the whole matrix is kept for the double quantization, so
+    the float temporaries are those of one chunk, not of the matrix (the same codes and constants)."""
+    rows, kp = w.shape[0], padded_cols(w.shape[1])
+    codes = torch.empty((rows, kp // 2), dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(rows * kp // BLOCK, dtype=torch.float32, device=w.device)
+    step = max(1, CHUNK_WEIGHTS // kp)
+    for at in range(0, rows, step):
+        chunk = torch.nn.functional.pad(w[at:at + step].float(), (0, kp - w.shape[1]))
+        blocks = chunk.reshape(-1, BLOCK)
+        block_max = blocks.abs().amax(dim=-1)
+        absmax[at * kp // BLOCK:at * kp // BLOCK + block_max.numel()] = block_max
+        scaled = torch.clamp(blocks * (1.0 / block_max.clamp(min=1e-38)).view(-1, 1), -1, 1).reshape(-1)
+        q = torch.bucketize(scaled, _NF4_MIDPOINTS, out_int32=True).to(torch.uint8)
+        codes[at:at + chunk.shape[0]] = ((q[::2] << 4) | q[1::2]).view(chunk.shape[0], -1)
     offset = absmax.mean()
     qabs, absmax2 = _quantize_8bit(absmax - offset)
-    return codes.contiguous(), qabs, absmax2, offset
+    return codes, qabs, absmax2, offset
 
 
 @dataclass

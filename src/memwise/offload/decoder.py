@@ -23,7 +23,7 @@ from memwise.checkpoint import CheckpointReader
 from memwise.models.decoder.build import check_plan, fill_from_checkpoint, meta_model, synthetic_tensors
 from memwise.models.decoder.layout import checkpoint_plan
 from memwise.models.decoder.modules import Decoder
-from memwise.models.decoder.quantized import fill_tied_head, quantized_linears
+from memwise.models.decoder.quantized import quantized_linears
 from memwise.offload.budget import WORKSPACE_TOKENS, BudgetPlan, plan_budget
 from memwise.offload.files import check_directory, check_free_space, store_path
 from memwise.offload.store import (FORMAT_VERSION, StaleStoreError, StoreHeader, StoreWriter, layout,
@@ -130,8 +130,7 @@ def write_store(path: Path, header: StoreHeader, model: Decoder, reader: Checkpo
     """Write the offload file one layer at a time. The tensors being filled are views of the region
     buffers themselves (a layer's, reused, and the non-layer weights'), so a layer is quantized or
     copied straight into the bytes that are written: the writer holds the non-layer weights, one
-    layer, and one source tensor at a time. The non-layer weights are written last (a tied int8
-    lm_head is made from the embedding)."""
+    layer, and one source tensor at a time. The non-layer weights are written last."""
     writer = StoreWriter(path, header)
     try:
         rest = AlignedBuffer.allocate(header.rest.size)
@@ -146,8 +145,6 @@ def write_store(path: Path, header: StoreHeader, model: Decoder, reader: Checkpo
         for index in _filled_layers(model, reader, seed, materialize):
             writer.write_region(index, layer.view[:header.layers[index].size])
             model.layers[index].to_empty(device="meta")
-        with torch.no_grad():
-            fill_tied_head(model)
         writer.write_region(None, rest.view[:header.rest.size])
         return writer.commit()
     except BaseException:

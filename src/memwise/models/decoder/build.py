@@ -14,7 +14,7 @@ from memwise.errors import CheckpointError
 from memwise.models.decoder.dense import use_dense_kernels
 from memwise.models.decoder.layout import TensorSource, checkpoint_plan
 from memwise.models.decoder.modules import Decoder
-from memwise.models.decoder.quantized import fill_tied_head, quantize_layers, quantized_linears
+from memwise.models.decoder.quantized import quantize_layers, quantized_linears
 from memwise.spec import ModelSpec
 
 
@@ -37,10 +37,26 @@ def _build(spec: ModelSpec, dtype: str | torch.dtype, device: str | torch.device
     """The model with uninitialized weights in `dtype` on `device`, never allocated twice; with
     quantize=SCHEME its layers' linears are quantized (quantized.py) and never exist in float; the
     float linears left run decode steps on the dense kernels (dense.py)."""
-    model = meta_model(spec, dtype, quantize, device).to_empty(device=torch.device(device))
-    model.tie_weights()     # to_empty gives each module its own new tensor, breaking the tie
+    model = allocate(meta_model(spec, dtype, quantize, device), torch.device(device))
+    model.tie_weights()     # each module got its own new tensor, breaking the tie
     model.init_rotary()
     return model.eval().requires_grad_(False)
+
+
+def allocate(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Give every parameter and buffer of a meta model uninitialized memory on `device` (what
+    Module.to_empty does). to_empty's empty_like of a meta tensor runs torch._refs, which imports
+    torch.fx's symbolic shapes and sympy: 40 MiB of resident set for the process's lifetime;
+    torch.empty of the shape does not."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                                              requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+    return model
 
 
 def load(spec: ModelSpec, reader: CheckpointReader, dtype: str | torch.dtype = "float32",
@@ -52,8 +68,6 @@ def load(spec: ModelSpec, reader: CheckpointReader, dtype: str | torch.dtype = "
     sizes = {name: p.numel() for name, p in model.named_parameters()}
     sizes.update({name: m.out_features * m.in_features for name, m in quantized_linears(model).items()})
     filled = fill_from_checkpoint(model, plan, reader)
-    with torch.no_grad():
-        fill_tied_head(model)
     if model.spec.tie_word_embeddings:
         filled["lm_head.weight"] = sizes.get("lm_head.weight", 0)
     unfilled = [name for name, size in sizes.items() if filled.get(name, 0) != size]
@@ -120,7 +134,7 @@ def synthetic(spec: ModelSpec, dtype: str | torch.dtype = "float32", device: str
                 quantized[name].fill_rows(0, tensor)
             else:
                 parameters[name].copy_(tensor)
-        fill_tied_head(model)
+            del tensor
     return model
 
 

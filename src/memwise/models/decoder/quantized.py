@@ -6,10 +6,12 @@ scheme's format (memwise.kernels.int8, .int4 or .nf4; Int8Linear, Int4Linear, Nf
 lm_head, which is int8 under every scheme (HEAD_SCHEME): like llama.cpp's output tensor, the last
 projection is kept at 8 bits because 4-bit rounding there moves every logit directly, and at int8
 it is a small share of a decode step's bytes for models of a few hundred million parameters and up.
-Biases stay float32. Kept at the model's dtype for now: the embeddings, the position table, norms and
-project_in/out. Where the checkpoint ties the lm_head to the input embedding (gpt2, opt, llama3),
-the lookup keeps the float table and the lm_head is an int8 copy of it: the model holds 1 more byte
-per embedding weight, and a decode step reads that byte instead of the float table.
+The token embedding is int8 too under every scheme (Int8Embedding: the int8 layout, one scale per
+row, looked up by dequantizing only the rows of the tokens asked for). Where the checkpoint ties the
+lm_head to the embedding (gpt2, opt, llama3), both are one set of int8 tensors (Decoder.tie_weights):
+a float table for the lookup plus an int8 copy for the head would hold 5 bytes per embedding weight
+instead of 1 (opt-2.7b: 491 MiB of float table). Biases stay float32; the position table (gpt2,
+opt), norms and project_in/out stay at the model's dtype (opt-2.7b's position table is 20 MiB).
 
 Weights are quantized while the checkpoint streams, one tensor (or row slice of a fused matrix) at
 a time: int8's per-row and int4's per-row-group constants make a row slice quantize the same alone
@@ -18,6 +20,8 @@ whole matrix), so an Nf4Linear gathers a fused matrix's slices in float32 and qu
 last slice arrives: one float matrix at a time, the largest layer matrix, never the model.
 """
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -29,7 +33,10 @@ from memwise.models.decoder.layout import checkpoint_plan
 from memwise.spec import ModelSpec, per_layer_linear
 
 QUANTIZED = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")     # in each layer; and the lm_head
-ROW_CHUNK = 4096    # rows quantized at a time: float temporaries stay small for a 50k-row lm_head
+# Weights quantized at a time: the quantizers make a few float temporaries of their input's size,
+# so a chunk of whole rows of about this many weights (4 MiB of float32) bounds them whatever the
+# matrix (4096 rows of opt-2.7b's 10240 columns were 160 MiB each, above the load's other transients).
+CHUNK_WEIGHTS = 1 << 20
 HEAD_SCHEME = "int8"
 
 
@@ -59,6 +66,14 @@ class _KernelLinear(nn.Module):
         return super()._apply(fn, recurse)
 
 
+def row_chunks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of the row chunks that `fill_rows` quantizes one at a time (per-row constants
+    make a chunk quantize the same alone as inside its matrix)."""
+    step = max(1, CHUNK_WEIGHTS // max(cols, 1))
+    for at in range(0, rows, step):
+        yield at, min(at + step, rows)
+
+
 class Int8Linear(_KernelLinear):
     """y = x W^T + b with W int8 per row and x quantized per token; the weights are buffers (not
     parameters: they are not trained), so that state_dict and weights_bytes() see them."""
@@ -76,8 +91,8 @@ class Int8Linear(_KernelLinear):
 
     def fill_rows(self, start: int, w: torch.Tensor) -> None:
         """Quantize float rows w [r, in_features] into output rows [start, start + r)."""
-        for at in range(0, w.shape[0], ROW_CHUNK):
-            q, scale = quantize_weight(w[at:at + ROW_CHUNK])
+        for at, stop in row_chunks(*w.shape):
+            q, scale = quantize_weight(w[at:stop])
             first, end = start + at, start + at + q.shape[0]
             self.weight[first:end, :self.in_features] = q
             self.weight[first:end, self.in_features:] = 0
@@ -86,6 +101,25 @@ class Int8Linear(_KernelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _product(self, x, ("weight", "scale", "row_sums"), lambda: int8.linear_kernel(self.matrix(), self.bias))
+
+
+class Int8Embedding(Int8Linear):
+    """The token embedding [vocab, dim] at 8 bits: an Int8Linear's tensors (int8 rows padded to 64
+    columns, a float32 scale and int32 sum per row), so that a tied lm_head can be these very tensors.
+    A lookup dequantizes only the rows of the tokens asked for: row * scale, in float32, then the
+    model's dtype (the same products as dequantizing the table, so the same values)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, output_dtype: torch.dtype):
+        super().__init__(embedding_dim, num_embeddings, bias=False)
+        self.output_dtype = output_dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[input_ids, :self.in_features].float()
+        return (rows * self.scale[input_ids].unsqueeze(-1)).to(self.output_dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The whole table in float32 [vocab, dim] (for checks; the model never builds it)."""
+        return self.weight[:, :self.in_features].float() * self.scale[:, None]
 
 
 class Int4Linear(_KernelLinear):
@@ -103,8 +137,8 @@ class Int4Linear(_KernelLinear):
         return int4.Int4Matrix(self.codes, self.params, self.out_features, self.in_features)
 
     def fill_rows(self, start: int, w: torch.Tensor) -> None:
-        for at in range(0, w.shape[0], ROW_CHUNK):
-            codes, params = int4.quantize_weight(w[at:at + ROW_CHUNK])
+        for at, stop in row_chunks(*w.shape):
+            codes, params = int4.quantize_weight(w[at:stop])
             first, end = start + at, start + at + codes.shape[0]
             self.codes[first:end] = int4.pack_codes(codes)
             self.params[first:end] = params
@@ -159,8 +193,13 @@ QuantizedLinear = Int8Linear | Int4Linear | Nf4Linear
 
 
 def quantize_layers(model: nn.Module, scheme: str) -> None:
-    """Swap the decoder layers' nn.Linear for empty `scheme` linears and the lm_head for an empty
-    Int8Linear (call on a meta model, before to_empty, so that float copies are never allocated)."""
+    """Swap the decoder layers' nn.Linear for empty `scheme` linears, the lm_head for an empty
+    Int8Linear and the token embedding for an empty Int8Embedding (call on a meta model, before its
+    memory is allocated, so that float copies are never allocated); a tied lm_head then shares the
+    embedding's tensors (Decoder.tie_weights)."""
+    embed = model.embed
+    with torch.device(embed.weight.device):
+        model.embed = Int8Embedding(embed.num_embeddings, embed.embedding_dim, embed.weight.dtype)
     owners = [(getattr(block, path.split(".")[0]), path.split(".")[1]) for block in model.layers for path in QUANTIZED]
     budget = CpuBudget()    # each product waits for its slowest thread: one per core others leave free
     for (owner, attr), kind in [(o, scheme) for o in owners] + [((model, "lm_head"), HEAD_SCHEME)]:
@@ -170,12 +209,6 @@ def quantize_layers(model: nn.Module, scheme: str) -> None:
         if kind != "nf4":
             replacement.budget = budget
         setattr(owner, attr, replacement)
-
-
-def fill_tied_head(model: nn.Module) -> None:
-    """A tied int8 lm_head: quantized from the loaded input embedding (rows chunked, never a float copy)."""
-    if model.spec.tie_word_embeddings and isinstance(model.lm_head, Int8Linear):
-        model.lm_head.fill_rows(0, model.embed.weight)
 
 
 def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
@@ -189,7 +222,7 @@ int8_linears = quantized_linears    # the int8 branch's name, for code that stil
 def _quantized_part(parameter: str) -> str | None:
     """"weight" or "bias" for a parameter of a quantized linear ("layers.3.mlp.up.bias"), else None."""
     parts = parameter.split(".")
-    if parts[0] == "lm_head":
+    if parts[0] in ("lm_head", "embed"):
         return parts[1]
     if len(parts) == 5 and parts[0] == "layers" and ".".join(parts[2:4]) in QUANTIZED:
         return parts[4]
@@ -208,7 +241,8 @@ def matrix_bytes(scheme: str, n: int, k: int) -> int:
 
 def scheme_weights_bytes(spec: ModelSpec, scheme: str, dtype: torch.dtype) -> int:
     """Bytes the model loaded with quantize=scheme holds (what weights_bytes() returns): the layers'
-    matrices in `scheme`, the lm_head in int8, biases in float32, everything else at `dtype`."""
+    matrices in `scheme`, the token embedding and the lm_head in int8 (one matrix when tied), biases
+    in float32, everything else at `dtype`."""
     def count(s: ModelSpec) -> int:
         total, shapes = 0, {}
         for source in checkpoint_plan(s):
@@ -220,9 +254,7 @@ def scheme_weights_bytes(spec: ModelSpec, scheme: str, dtype: torch.dtype) -> in
             else:
                 total += source.loaded_numel() * (4 if part == "bias" else dtype.itemsize)
         for parameter, (n, k) in shapes.items():
-            total += matrix_bytes(HEAD_SCHEME if parameter.startswith("lm_head") else scheme, n, k)
-        if s.tie_word_embeddings:   # the int8 copy of the tied embedding
-            total += matrix_bytes(HEAD_SCHEME, s.vocab_size, s.embed_dim)
+            total += matrix_bytes(HEAD_SCHEME if parameter.startswith(("lm_head", "embed")) else scheme, n, k)
         return total
     return per_layer_linear(count, spec)
 

@@ -4,15 +4,18 @@ A directory holding:
 
 * `config.json`: the source's config plus `"memwise_quantization": {"scheme": S, "format_version": 1}`;
 * `model.safetensors`: the state dict of the Decoder loaded with quantize=S, by memwise's own names
-  (`layers.0.attn.qkv.codes`, `lm_head.weight` int8, `embed.weight` float32, ...), each tensor
-  exactly as the load-time quantization made it; its header metadata repeats the scheme and the
-  format version (`memwise.scheme`, `memwise.format_version`);
+  (`layers.0.attn.qkv.codes`, `embed.weight` int8 with `embed.scale`, `lm_head.weight` int8, ...),
+  each tensor exactly as the load-time quantization made it; a tied lm_head is the embedding's
+  tensors, stored once under `embed.*`; its header metadata repeats the scheme and the format
+  version (`memwise.scheme`, `memwise.format_version`);
 * the source's tokenizer files.
 
 Loading it builds the same quantized modules and copies the stored tensors into them, so its logits
 are bit-identical to quantizing the source at load. Writing streams the source one tensor at a time
 through the ordinary quantized load (no float copy of the model exists), then writes the quantized
-tensors. FORMAT_VERSION grows when the layout of a scheme changes; a reader refuses newer versions.
+tensors. FORMAT_VERSION grows when the layout of a scheme changes; a reader refuses newer versions,
+and version 1 (a float32 embedding beside an int8 copy for the tied lm_head), which it asks to
+convert again.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from memwise.errors import CheckpointError
 from memwise.models.decoder.build import _build, load
 from memwise.spec import ModelSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_KEY = "memwise_quantization"
 SCHEME_KEY, VERSION_KEY = "memwise.scheme", "memwise.format_version"
 
@@ -35,11 +38,20 @@ SCHEME_KEY, VERSION_KEY = "memwise.scheme", "memwise.format_version"
 def write_quantized(spec: ModelSpec, reader: CheckpointReader, config: dict, out: Path, scheme: str) -> None:
     """Write the quantized checkpoint of `reader`'s weights into the (new, empty) directory `out`."""
     model = load(spec, reader, torch.float32, "cpu", quantize=scheme)
-    tensors = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    tensors = {name: tensor.contiguous() for name, tensor in stored_tensors(model).items()}
     save_file(tensors, str(out / "model.safetensors"),
               metadata={SCHEME_KEY: scheme, VERSION_KEY: str(FORMAT_VERSION)})
     stored = {**config, CONFIG_KEY: {"scheme": scheme, "format_version": FORMAT_VERSION}}
     (out / "config.json").write_text(json.dumps(stored, indent=2) + "\n")
+
+
+def stored_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with each tensor once: a tied lm_head's tensors are the embedding's."""
+    state = model.state_dict()
+    if model.spec.tie_word_embeddings:
+        for name, _ in model.embed.named_buffers(recurse=False):
+            state.pop(f"lm_head.{name}", None)
+    return state
 
 
 def stored_scheme(config: dict, reader: CheckpointReader, where: str) -> str | None:
@@ -60,6 +72,10 @@ def stored_scheme(config: dict, reader: CheckpointReader, where: str) -> str | N
     if entry["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{where}: quantized checkpoint format version {entry['format_version']} is newer "
                               f"than this memwise reads ({FORMAT_VERSION}); upgrade memwise or convert again")
+    if entry["format_version"] < FORMAT_VERSION:
+        raise CheckpointError(f"{where}: quantized checkpoint format version {entry['format_version']} keeps a "
+                              f"float32 embedding; this memwise reads version {FORMAT_VERSION} (an int8 "
+                              "embedding): convert the source again")
     if header.get(SCHEME_KEY) != entry["scheme"] or header.get(VERSION_KEY) != str(entry["format_version"]):
         raise CheckpointError(f"{reader.directory}: the weights' metadata ({SCHEME_KEY}={header.get(SCHEME_KEY)!r}, "
                               f"{VERSION_KEY}={header.get(VERSION_KEY)!r}) is missing or does not match "
@@ -72,7 +88,7 @@ def load_quantized(spec: ModelSpec, reader: CheckpointReader, dtype: torch.dtype
     """The Decoder of a memwise quantized checkpoint: its modules built for `scheme`, then each stored
     tensor read and copied in, one at a time."""
     model = _build(spec, dtype, device, scheme)
-    state = model.state_dict()
+    state = stored_tensors(model)
     missing = sorted(set(state) - set(reader.names()))
     extra = sorted(set(reader.names()) - set(state))
     if missing or extra:
