@@ -180,13 +180,14 @@ def _row(label: str, predicted: int, measured: int) -> dict:
     return {"config": label, "predicted": predicted, "measured": measured, "error_pct": round(error, 2)}
 
 
-def run_all(models: list[str], batch: int, seq: int, dist: bool, lora_ok: bool, bnb_ok: bool) -> dict:
+def run_all(models: list[str], batch: int, seq: int, dist: bool, lora_ok: bool, bnb_ok: bool,
+            single: bool = True) -> dict:
     baseline = run_child({"baseline": True})["peak_rss"]
     rows, skipped = [], []
     for name in models:
         config = MODELS[name]
         vocab = config["vocab_size"]
-        for label, kwargs in RUNS:
+        for label, kwargs in RUNS if single else ():
             why = ("peft not installed" if kwargs["method"] == "lora" and not lora_ok else
                    "bitsandbytes' CPU AdamW8bit unavailable" if kwargs["optimizer"] == "adamw8bit" and not bnb_ok
                    else None)
@@ -249,6 +250,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--no-dist", action="store_true")
+    parser.add_argument("--only-dist", action="store_true", help="skip the one-process rows")
     parser.add_argument("--render", help="rewrite the markdown table from a saved finetune_memory.json")
     args = parser.parse_args()
     if args.render:
@@ -259,7 +261,7 @@ def main() -> None:
         print(json.dumps(dist_child(job) if job.get("dist") else child(job)))
         return
     result = run_all(args.configs.split(","), args.batch, args.seq, not args.no_dist, _available("peft"),
-                     _available("bitsandbytes"))
+                     _available("bitsandbytes"), single=not args.only_dist)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "finetune_memory.json").write_text(json.dumps(result, indent=2) + "\n")
