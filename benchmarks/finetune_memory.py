@@ -175,6 +175,26 @@ def predict(config: dict, kwargs: dict, batch: int, seq: int):
     return estimate_finetune(spec, batch_size=batch, seq_len=seq, **kwargs)
 
 
+def parse_label(label: str) -> tuple[str, dict, int, int]:
+    """A row's config label ("gpt2 fsdp full_shard x2 rank0 b2 s128") -> (model, estimate kwargs, batch, seq)."""
+    words = label.split()
+    batch, seq = int(words[-2][1:]), int(words[-1][1:])
+    kind = " ".join(w for w in words[1:-2] if w != "x2" and not w.startswith("rank"))
+    dist = dict(DIST_RUNS)
+    kwargs = {"devices": 2, **dist[kind]} if kind in dist else dict(dict(RUNS)[kind])
+    return words[0], kwargs, batch, seq
+
+
+def repredict(result: dict) -> dict:
+    """The same measurements with today's estimator's predictions (rows of models the harness knows)."""
+    rows = []
+    for r in result["rows"]:
+        model, kwargs, batch, seq = parse_label(r["config"])
+        predicted = predict(MODELS[model], kwargs, batch, seq).predicted_peak_bytes
+        rows.append(_row(r["config"], predicted, r["measured"]) | ({"distributed": True} if r.get("distributed") else {}))
+    return {**result, "rows": rows}
+
+
 def _row(label: str, predicted: int, measured: int) -> dict:
     error = 100.0 * (predicted - measured) / measured
     return {"config": label, "predicted": predicted, "measured": measured, "error_pct": round(error, 2)}
@@ -252,9 +272,11 @@ def main() -> None:
     parser.add_argument("--no-dist", action="store_true")
     parser.add_argument("--only-dist", action="store_true", help="skip the one-process rows")
     parser.add_argument("--render", help="rewrite the markdown table from a saved finetune_memory.json")
+    parser.add_argument("--repredict", action="store_true", help="with --render: today's estimator's predictions")
     args = parser.parse_args()
     if args.render:
-        print(markdown(json.loads(Path(args.render).read_text())))
+        saved = json.loads(Path(args.render).read_text())
+        print(markdown(repredict(saved) if args.repredict else saved))
         return
     if args.child:
         job = json.loads(Path(args.child).read_text())
