@@ -201,7 +201,7 @@ def _row(label: str, predicted: int, measured: int) -> dict:
 
 
 def run_all(models: list[str], batch: int, seq: int, dist: bool, lora_ok: bool, bnb_ok: bool,
-            single: bool = True) -> dict:
+            single: bool = True, strategies: tuple[str, ...] | list[str] = ("dp", "zero2", "zero3")) -> dict:
     baseline = run_child({"baseline": True})["peak_rss"]
     rows, skipped = [], []
     for name in models:
@@ -221,7 +221,7 @@ def run_all(models: list[str], batch: int, seq: int, dist: bool, lora_ok: bool, 
             est = predict(config, kwargs, batch, seq)
             rows.append(_row(f"{name} {label} b{batch} s{seq}", est.predicted_peak_bytes, got["peak_rss"]))
             print(rows[-1], flush=True)
-        for label, kwargs in DIST_RUNS if dist else ():
+        for label, kwargs in [(lab, kw) for lab, kw in DIST_RUNS if kw["strategy"] in strategies] if dist else ():
             got = run_child({"config": config, "kwargs": kwargs, "batch": batch, "seq": seq, "vocab": vocab,
                              "dist": True})
             if "error" in got:
@@ -271,6 +271,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--no-dist", action="store_true")
     parser.add_argument("--only-dist", action="store_true", help="skip the one-process rows")
+    parser.add_argument("--strategies", default="dp,zero2,zero3", help="the 2-rank runs to do (dp, zero2, zero3)")
     parser.add_argument("--render", help="rewrite the markdown table from a saved finetune_memory.json")
     parser.add_argument("--repredict", action="store_true", help="with --render: today's estimator's predictions")
     args = parser.parse_args()
@@ -283,7 +284,8 @@ def main() -> None:
         print(json.dumps(dist_child(job) if job.get("dist") else child(job)))
         return
     result = run_all(args.configs.split(","), args.batch, args.seq, not args.no_dist, _available("peft"),
-                     _available("bitsandbytes"), single=not args.only_dist)
+                     _available("bitsandbytes"), single=not args.only_dist,
+                     strategies=args.strategies.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "finetune_memory.json").write_text(json.dumps(result, indent=2) + "\n")
