@@ -14,13 +14,23 @@ from pathlib import Path
 MiB = 2**20
 
 
-def rows(run_dir: Path) -> list[dict]:
+def today(record: dict) -> int:
+    """The record's cell predicted by today's estimator (the bench stored the estimator of its day)."""
+    from memwise.estimate import estimate_inference
+
+    return estimate_inference(f"preset:{record['model']}", batch_size=record["batch_size"],
+                              prompt_tokens=record["prompt_tokens"], new_tokens=record["new_tokens"],
+                              dtype=record["dtype"], quantize=record.get("quantize"),
+                              engine=record["engine"]).predicted_peak_bytes
+
+
+def rows(run_dir: Path, repredict: bool = False) -> list[dict]:
     out = []
     for record in json.loads((run_dir / "results.json").read_text())["results"]:
         if record.get("status") != "ok" or not record.get("peak_rss_bytes") or not record.get("predicted_peak_bytes"):
             continue
         measured = max(record["peak_rss_bytes"], record.get("load_peak_rss_bytes") or 0)
-        predicted = record["predicted_peak_bytes"]
+        predicted = today(record) if repredict else record["predicted_peak_bytes"]
         out.append({"run": run_dir.name, "model": record["model"], "engine": record["engine"],
                     "weights": record.get("quantize") or record["dtype"], "batch": record["batch_size"],
                     "tokens": f"{record['prompt_tokens']}+{record['new_tokens']}",
@@ -48,8 +58,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="directories written by memwise bench --out")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--repredict", action="store_true", help="today's estimator instead of the stored prediction")
     args = parser.parse_args()
-    table = [row for run in args.runs for row in rows(run)]
+    table = [row for run in args.runs for row in rows(run, args.repredict)]
     if args.json:
         args.json.write_text(json.dumps(table, indent=2) + "\n")
     print(markdown(table))
