@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from finetune_memory import MODELS, build_model  # noqa: E402  (the harness's own configs)
+from finetune_memory import MODELS, build_model, repredict  # noqa: E402  (the harness's own configs)
 
 MiB = 2**20
 # finetune_memory's row labels -> (method, devices) for the tools that have a formula for it
@@ -59,7 +59,7 @@ def deepspeed_per_device(stage: str, params: int, largest_params: int, devices: 
 def finetune_rows(results: list[dict]) -> list[list[str]]:
     rows = []
     for result in results:
-        for r in result["rows"]:
+        for r in repredict(result)["rows"]:    # today's estimator on the saved measurements
             words = r["config"].split()
             model, rest = words[0], " ".join(words[1:])
             kind = " ".join(w for w in words[1:] if w != "rank0" and not (w[0] in "bs" and w[1:].isdigit()))

@@ -175,18 +175,39 @@ def predict(config: dict, kwargs: dict, batch: int, seq: int):
     return estimate_finetune(spec, batch_size=batch, seq_len=seq, **kwargs)
 
 
+def parse_label(label: str) -> tuple[str, dict, int, int]:
+    """A row's config label ("gpt2 fsdp full_shard x2 rank0 b2 s128") -> (model, estimate kwargs, batch, seq)."""
+    words = label.split()
+    batch, seq = int(words[-2][1:]), int(words[-1][1:])
+    kind = " ".join(w for w in words[1:-2] if w != "x2" and not w.startswith("rank"))
+    dist = dict(DIST_RUNS)
+    kwargs = {"devices": 2, **dist[kind]} if kind in dist else dict(dict(RUNS)[kind])
+    return words[0], kwargs, batch, seq
+
+
+def repredict(result: dict) -> dict:
+    """The same measurements with today's estimator's predictions (rows of models the harness knows)."""
+    rows = []
+    for r in result["rows"]:
+        model, kwargs, batch, seq = parse_label(r["config"])
+        predicted = predict(MODELS[model], kwargs, batch, seq).predicted_peak_bytes
+        rows.append(_row(r["config"], predicted, r["measured"]) | ({"distributed": True} if r.get("distributed") else {}))
+    return {**result, "rows": rows}
+
+
 def _row(label: str, predicted: int, measured: int) -> dict:
     error = 100.0 * (predicted - measured) / measured
     return {"config": label, "predicted": predicted, "measured": measured, "error_pct": round(error, 2)}
 
 
-def run_all(models: list[str], batch: int, seq: int, dist: bool, lora_ok: bool, bnb_ok: bool) -> dict:
+def run_all(models: list[str], batch: int, seq: int, dist: bool, lora_ok: bool, bnb_ok: bool,
+            single: bool = True, strategies: tuple[str, ...] | list[str] = ("dp", "zero2", "zero3")) -> dict:
     baseline = run_child({"baseline": True})["peak_rss"]
     rows, skipped = [], []
     for name in models:
         config = MODELS[name]
         vocab = config["vocab_size"]
-        for label, kwargs in RUNS:
+        for label, kwargs in RUNS if single else ():
             why = ("peft not installed" if kwargs["method"] == "lora" and not lora_ok else
                    "bitsandbytes' CPU AdamW8bit unavailable" if kwargs["optimizer"] == "adamw8bit" and not bnb_ok
                    else None)
@@ -200,7 +221,7 @@ def run_all(models: list[str], batch: int, seq: int, dist: bool, lora_ok: bool, 
             est = predict(config, kwargs, batch, seq)
             rows.append(_row(f"{name} {label} b{batch} s{seq}", est.predicted_peak_bytes, got["peak_rss"]))
             print(rows[-1], flush=True)
-        for label, kwargs in DIST_RUNS if dist else ():
+        for label, kwargs in [(lab, kw) for lab, kw in DIST_RUNS if kw["strategy"] in strategies] if dist else ():
             got = run_child({"config": config, "kwargs": kwargs, "batch": batch, "seq": seq, "vocab": vocab,
                              "dist": True})
             if "error" in got:
@@ -249,17 +270,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--no-dist", action="store_true")
+    parser.add_argument("--only-dist", action="store_true", help="skip the one-process rows")
+    parser.add_argument("--strategies", default="dp,zero2,zero3", help="the 2-rank runs to do (dp, zero2, zero3)")
     parser.add_argument("--render", help="rewrite the markdown table from a saved finetune_memory.json")
+    parser.add_argument("--repredict", action="store_true", help="with --render: today's estimator's predictions")
     args = parser.parse_args()
     if args.render:
-        print(markdown(json.loads(Path(args.render).read_text())))
+        saved = json.loads(Path(args.render).read_text())
+        print(markdown(repredict(saved) if args.repredict else saved))
         return
     if args.child:
         job = json.loads(Path(args.child).read_text())
         print(json.dumps(dist_child(job) if job.get("dist") else child(job)))
         return
     result = run_all(args.configs.split(","), args.batch, args.seq, not args.no_dist, _available("peft"),
-                     _available("bitsandbytes"))
+                     _available("bitsandbytes"), single=not args.only_dist,
+                     strategies=args.strategies.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "finetune_memory.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -145,6 +145,25 @@ def test_bad_numbers_are_one_line(capsys, flag):
         estimate_inference("preset:tiny-gpt2", batch_size=0)
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--task", "finetune", "--devices", "2", "--strategy", "zero4"], "unknown parallel strategy 'zero4'"),
+    (["--task", "finetune", "--devices", "3", "--strategy", "tp"], "heads (4, 4 key/value) divisible by 3"),
+    (["--task", "finetune", "--devices", "4", "--strategy", "tp3xdp2"], "tp x dp = 6 should equal devices = 4"),
+    (["--task", "inference", "--devices", "2", "--strategy", "tp"], "an inference estimate is for one device"),
+])
+def test_bad_parallel_input_is_one_line(capsys, args, words):
+    status, out, err = run_cli(capsys, "estimate", "preset:tiny-gpt2", *args)
+    assert status == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and words in err, err
+
+
+def test_cli_takes_tp_x_dp_combinations(capsys):
+    status, out, _ = run_cli(capsys, "estimate", "preset:tiny-gpt2", "--task", "finetune", "--devices", "4",
+                             "--strategy", "tp2xdp2", "--json")
+    record = json.loads(out)
+    assert status == 0 and record["settings"]["strategy"] == "tp2xdp2" and record["predicted_peak_bytes"] > 0
+
+
 def test_model_whose_config_lacks_sizes(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2, "vocab_size": 9}))
     status, out, err = run_cli(capsys, "estimate", str(tmp_path), "--json")

@@ -51,8 +51,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     tune.add_argument("--seq-len", type=positive_int, default=512, metavar="S")
     tune.add_argument("--lora-rank", type=positive_int, default=8, metavar="R")
     tune.add_argument("--gradient-checkpointing", action="store_true")
-    tune.add_argument("--devices", type=positive_int, default=1, metavar="N")
-    tune.add_argument("--strategy", choices=("dp", "zero1", "zero2", "zero3", "tp", "pp"), default="dp")
+    tune.add_argument("--devices", type=positive_int, metavar="N", help="devices (default 1)")
+    # free text, checked by estimate_finetune: tp x dp combinations (tp2xdp4) are not a fixed list
+    tune.add_argument("--strategy", metavar="S", help="dp (default), zero1, zero2, zero3, tp, pp, or tpAxdpB "
+                      "(e.g. tp2xdp4)")
     parser.set_defaults(func=estimate_command)
     one_line_errors(parser)
     return parser
@@ -68,6 +70,9 @@ def estimate_command(args: argparse.Namespace) -> int:
         return 0
     if args.task == "finetune":
         result = _finetune(args)
+    elif args.devices is not None or args.strategy is not None:
+        raise EstimateError("--devices and --strategy split fine-tuning (--task finetune); an inference "
+                            "estimate is for one device")
     else:
         result = estimate_inference(_resolve(args.source), batch_size=args.batch_size,
                                     prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
@@ -96,7 +101,10 @@ def _finetune(args: argparse.Namespace) -> Estimate:
             raise
         raise UnsupportedError(FINETUNE_MISSING) from None
     spec = _resolve(args.source).spec
-    return estimate_finetune(spec, **{name: getattr(args, name) for name in FINETUNE_FLAGS})
+    options = {name: getattr(args, name) for name in FINETUNE_FLAGS}
+    options["devices"] = options["devices"] or 1
+    options["strategy"] = options["strategy"] or "dp"
+    return estimate_finetune(spec, **options)
 
 
 def _resolve(source: str) -> ModelSource:

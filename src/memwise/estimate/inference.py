@@ -114,7 +114,7 @@ def estimate_inference(model: str | Path | ModelSource, *, batch_size: int = 1, 
     # The peak is the larger of the load's and the generation's: what loading holds beyond the
     # generation's parts is a part of its own, so that the parts still add up to the peak.
     generation = sum(v for k, v in parts.items() if k not in ("framework_baseline", "weights"))
-    parts["load_transient_excess"] = max(load_transient_bytes(spec, engine, torch_dtype) - generation, 0)
+    parts["load_transient_excess"] = max(load_transient_bytes(spec, engine, torch_dtype, quantize) - generation, 0)
     if resolved.directory is not None and device_type == "cpu":
         mapped = mapped_checkpoint_bytes(resolved.directory, engine)
         if mapped:
@@ -195,10 +195,24 @@ def reference_unpack_bytes(spec: ModelSpec) -> int:
     return 2 * spec.vocab_size * spec.hidden_size * 4
 
 
-def load_transient_bytes(spec: ModelSpec, engine: str, dtype: torch.dtype) -> int:
+QUANTIZE_TEMPORARIES = 4   # float32 copies of one matrix while it is quantized (source + 3 temporaries)
+
+
+def load_transient_bytes(spec: ModelSpec, engine: str, dtype: torch.dtype, quantize: str | None = None) -> int:
     """What loading holds for a moment beyond the loaded weights: transformers builds a separate output
     embedding before tying it to the input one (one vocabulary x embedding table: measured on gpt2 and
-    opt, both tied); memwise streams tensor by tensor (a tensor at a time, freed before the next)."""
+    opt, both tied); memwise streams tensor by tensor (a tensor at a time, freed before the next), and a
+    quantized load holds the float32 matrix and its quantizer's temporaries (abs, the scaled copy, its
+    rounding) while the model is nearly whole: the VmHWM of a gpt2-medium int8 load rose 32-52 MiB above
+    the resident set at each 16 MiB matrix (2026-12-05), and the bench cells' load peaks lie 35-106 MiB
+    above their resident set after loading (docs/estimate.md)."""
+    if engine == "memwise" and quantize is not None and spec.model_type != "hgrn_bit":
+        from memwise.estimate.parallel import layer_linears
+        from memwise.models.decoder.quantized import ROW_CHUNK
+
+        largest = max([rows * cols for _, rows, cols in layer_linears(spec)] +
+                      [min(ROW_CHUNK, spec.vocab_size) * spec.hidden_size])
+        return QUANTIZE_TEMPORARIES * largest * 4
     if engine != "transformers" or not spec.tie_word_embeddings:
         return 0
     return spec.vocab_size * (spec.embed_dim or spec.hidden_size) * dtype.itemsize

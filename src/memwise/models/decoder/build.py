@@ -11,6 +11,7 @@ import torch
 from memwise.checkpoint import CheckpointReader
 from memwise.dtypes import parse_dtype
 from memwise.errors import CheckpointError
+from memwise.heap import release_free_heap
 from memwise.models.decoder.dense import use_dense_kernels
 from memwise.models.decoder.layout import TensorSource, checkpoint_plan
 from memwise.models.decoder.modules import Decoder
@@ -68,6 +69,8 @@ def load(spec: ModelSpec, reader: CheckpointReader, dtype: str | torch.dtype = "
     sizes = {name: p.numel() for name, p in model.named_parameters()}
     sizes.update({name: m.out_features * m.in_features for name, m in quantized_linears(model).items()})
     filled = fill_from_checkpoint(model, plan, reader)
+    if quantize is not None:
+        release_free_heap()
     if model.spec.tie_word_embeddings:
         filled["lm_head.weight"] = sizes.get("lm_head.weight", 0)
     unfilled = [name for name, size in sizes.items() if filled.get(name, 0) != size]
@@ -92,6 +95,7 @@ def fill_from_checkpoint(model: Decoder, sources: list[TensorSource], reader: Ch
                 quantized[source.parameter].fill_rows(source.rows[0] if source.rows else 0, tensor)
                 filled[source.parameter] = filled.get(source.parameter, 0) + tensor.numel()
                 del tensor
+                release_free_heap()     # the quantizer's freed temporaries would stay resident (heap.py)
                 continue
             target = model.get_parameter(source.parameter)
             if source.rows is not None:
@@ -132,9 +136,12 @@ def synthetic(spec: ModelSpec, dtype: str | torch.dtype = "float32", device: str
         for name, tensor in synthetic_tensors(spec, seed):
             if name in quantized:
                 quantized[name].fill_rows(0, tensor)
+                release_free_heap()     # the quantizer's freed temporaries would stay resident (heap.py)
             else:
                 parameters[name].copy_(tensor)
             del tensor
+    if quantize is not None:
+        release_free_heap()
     return model
 
 
