@@ -49,7 +49,8 @@ def vm(field: str) -> int:
 
 
 def store_file(args: argparse.Namespace) -> Path:
-    return next(Path(args.offload_dir).glob(f"{args.model.split(':')[-1]}-*-float32-none.mwoff"))
+    from memwise.offload.files import store_path
+    return store_path(Path(args.offload_dir), args.model, "float32", "none")
 
 
 def child_write(args: argparse.Namespace) -> dict:
@@ -205,8 +206,7 @@ def measure(args: argparse.Namespace) -> dict:
     row = {"model": args.model, "dtype": "float32", "max_memory": args.max_memory,
            "budget_bytes": parse_size(args.max_memory), "prompt_tokens": args.prompt_tokens,
            "new_tokens": args.new_tokens, "batch_size": 1}
-    existing = list(Path(args.offload_dir).glob(f"{args.model.split(':')[-1]}-*-float32-none.mwoff"))
-    if existing:
+    if store_file(args).exists():
         row["write"] = "skipped: the offload file was already there"
     else:
         row.update(in_child("write", args, nice=True))
@@ -281,8 +281,9 @@ def main() -> None:
         row = measure(args)
     finally:
         if not args.keep:
-            for path in Path(args.offload_dir).glob(f"{args.model.split(':')[-1]}-*.mwoff*"):
-                path.unlink()
+            path = store_file(args)
+            for stale in [path, *path.parent.glob(f"{path.name}.tmp-*")]:
+                stale.unlink(missing_ok=True)
     commit = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
     row.update({"date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
