@@ -54,10 +54,15 @@ def store_file(args: argparse.Namespace) -> Path:
 
 
 def child_write(args: argparse.Namespace) -> dict:
+    import torch
     import memwise
+    from memwise.models.decoder.build import meta_model
+    from memwise.source import resolve_model
+    meta_model(resolve_model(args.model).spec, torch.float32)
+    base = vm("VmRSS")
     start = time.perf_counter()
     model = memwise.load(args.model, max_memory=args.max_memory, offload_dir=args.offload_dir)
-    return {"write_s": time.perf_counter() - start, "write_peak_rss": vm("VmHWM"),
+    return {"write_s": time.perf_counter() - start, "write_base_rss": base, "write_peak_rss": vm("VmHWM"),
             "file_bytes": model.module.offload.path.stat().st_size}
 
 

@@ -46,8 +46,8 @@ def release_freed_memory() -> None:
 
     Under glibc's default, moving threshold, a loop that allocates and frees matrices of a few to
     a few tens of MB one after another (the offload writer, a layer at a time) keeps the freed blocks
-    and grows its resident memory layer after layer: 460 MiB over 24 layers of gpt2-medium int8, more
-    than the whole budget it was writing for. Trimming after each layer keeps it at one layer's."""
+    and grows its resident memory layer after layer, past the budget it was writing for
+    (tests/test_offload_write_memory.py). Trimming after each layer keeps it at one layer's."""
     if platform.libc_ver()[0] == "glibc":
         trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
         if trim is not None:
