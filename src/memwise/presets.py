@@ -48,6 +48,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "word_embed_proj_dim": 512, "do_layer_norm_before": False},
     "opt-2.7b": {**_OPT, "hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32, "num_attention_heads": 32,
                  "word_embed_proj_dim": 2560, "do_layer_norm_before": True},
+    # larger than this project's 24 GiB machine in float32 (26.8 GB): the offloading demonstration
+    "opt-6.7b": {**_OPT, "hidden_size": 4096, "ffn_dim": 16384, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "word_embed_proj_dim": 4096, "do_layer_norm_before": True},
     "phi-1_5": {**_PHI, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
                 "num_attention_heads": 32, "partial_rotary_factor": 0.5},
     "phi-2": {**_PHI, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32,
@@ -90,6 +93,7 @@ HUB_IDS = {
     "gpt2-xl": "openai-community/gpt2-xl",
     "opt-350m": "facebook/opt-350m",
     "opt-2.7b": "facebook/opt-2.7b",
+    "opt-6.7b": "facebook/opt-6.7b",
     "phi-1_5": "microsoft/phi-1_5",
     "phi-2": "microsoft/phi-2",
     "mmfree-370m": "ridger/MMfreeLM-370M",

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from memwise.checkpoint import CheckpointReader
+from memwise.heap import release_free_heap
 from memwise.models.decoder.build import check_plan, fill_from_checkpoint, meta_model, synthetic_tensors
 from memwise.models.decoder.layout import checkpoint_plan
 from memwise.models.decoder.modules import Decoder
@@ -129,8 +130,10 @@ def write_store(path: Path, header: StoreHeader, model: Decoder, reader: Checkpo
                 seed: int) -> StoreHeader:
     """Write the offload file one layer at a time. The tensors being filled are views of the region
     buffers themselves (a layer's, reused, and the non-layer weights'), so a layer is quantized or
-    copied straight into the bytes that are written: the writer holds the non-layer weights, one
-    layer, and one source tensor at a time. The non-layer weights are written last."""
+    copied straight into the bytes that are written, and a preset's float32 matrices are drawn
+    straight into them: the writer holds the non-layer weights, one layer, and one source tensor
+    (a checkpoint tensor, or a float matrix of a layer being quantized) at a time, the heap trimmed
+    after each layer. The non-layer weights are written last."""
     writer = StoreWriter(path, header)
     try:
         rest = AlignedBuffer.allocate(header.rest.size)
@@ -142,9 +145,12 @@ def write_store(path: Path, header: StoreHeader, model: Decoder, reader: Checkpo
             layer.tensor.zero_()        # the gaps between tensors: zeros, so that the CRC is the file's
             bind(model.layers[index], views(layer.tensor, header.layer_tensors))
 
-        for index in _filled_layers(model, reader, seed, materialize):
+        def finish(index: int) -> None:
             writer.write_region(index, layer.view[:header.layers[index].size])
             model.layers[index].to_empty(device="meta")
+            release_free_heap()
+
+        _fill_layers(model, reader, seed, materialize, finish)
         writer.write_region(None, rest.view[:header.rest.size])
         return writer.commit()
     except BaseException:
@@ -152,37 +158,45 @@ def write_store(path: Path, header: StoreHeader, model: Decoder, reader: Checkpo
         raise
     finally:
         model.to_empty(device="meta")
+        release_free_heap()
 
 
-def _filled_layers(model: Decoder, reader: CheckpointReader | None, seed: int,
-                   materialize: Callable[[int], None]) -> Iterator[int]:
+def _fill_layers(model: Decoder, reader: CheckpointReader | None, seed: int,
+                 materialize: Callable[[int], None], finish: Callable[[int], None]) -> None:
     """Fill the non-layer weights and the layers, one layer at a time: `materialize(i)` gives layer i
-    its memory before it is filled; yields i once it is complete, for the caller to write and free."""
-    current = None
+    its memory before it is filled, `finish(i)` takes it once it is complete (to write and free it)."""
     if reader is not None:
         plan = checkpoint_plan(model.spec, reader)
         fill_from_checkpoint(model, [s for s in plan if not _LAYER.match(s.parameter)], reader)
         for index in range(model.spec.num_layers):
             materialize(index)
             fill_from_checkpoint(model, [s for s in plan if s.parameter.startswith(f"layers.{index}.")], reader)
-            yield index
+            finish(index)
         return
     quantized = quantized_linears(model)
+    current: list[int] = []     # the layer being filled
+
+    def target(name: str) -> torch.Tensor | None:
+        # called before each matrix is drawn: a new layer's first matrix completes the previous layer
+        match = _LAYER.match(name)
+        if match and (not current or current[-1] != int(match.group(1))):
+            if current:
+                finish(current[-1])
+            current.append(int(match.group(1)))
+            materialize(current[-1])
+        return None if name in quantized else model.get_parameter(name)
+
     with torch.no_grad():
-        for name, tensor in synthetic_tensors(model.spec, seed):
-            match = _LAYER.match(name)
-            index = int(match.group(1)) if match else None
-            if index is not None and index != current:
-                if current is not None:
-                    yield current
-                current = index
-                materialize(index)
+        for name, tensor in synthetic_tensors(model.spec, seed, into=target):
             if name in quantized:
                 quantized[name].fill_rows(0, tensor)
             else:
-                model.get_parameter(name).copy_(tensor)
-    if current is not None:
-        yield current
+                destination = target(name)
+                if destination.data_ptr() != tensor.data_ptr():    # not drawn in place
+                    destination.copy_(tensor)
+            del tensor
+    if current:
+        finish(current[-1])
 
 
 def _open(model: Decoder, path: Path, header: StoreHeader, plan: BudgetPlan, direct: bool) -> Decoder:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -153,9 +153,12 @@ def parameter_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
 
 
-def synthetic_tensors(spec: ModelSpec, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+def synthetic_tensors(spec: ModelSpec, seed: int = 0,
+                      into: Callable[[str], torch.Tensor | None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The random weights of `synthetic`, one float32 CPU tensor at a time, so that an exporter (GGUF)
-    can write the very weights memwise runs without holding the whole model."""
+    can write the very weights memwise runs without holding the whole model. `into(name)` may give a
+    float32 tensor of the parameter's shape (the model's own memory) to draw the matrix straight into,
+    with the same values: a writer then never holds a second copy of a large matrix (the embedding)."""
     generator = torch.Generator().manual_seed(seed)
     for name, shape in parameter_shapes(spec):
         if name.endswith("bias"):
@@ -163,5 +166,9 @@ def synthetic_tensors(spec: ModelSpec, seed: int = 0) -> Iterator[tuple[str, tor
         elif len(shape) == 1:
             yield name, torch.ones(shape)
         else:
+            target = into(name) if into is not None else None
+            if target is None or target.dtype != torch.float32 or tuple(target.shape) != shape \
+                    or not target.is_contiguous():
+                target = torch.empty(shape)
             # drawn in float32 on the CPU, one matrix at a time, so values do not depend on dtype/device
-            yield name, torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+            yield name, target.normal_(0.0, 0.02, generator=generator)
