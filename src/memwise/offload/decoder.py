@@ -28,6 +28,7 @@ from memwise.offload.budget import WORKSPACE_TOKENS, BudgetPlan, plan_budget
 from memwise.offload.files import check_directory, check_free_space, store_path
 from memwise.offload.store import (FORMAT_VERSION, StaleStoreError, StoreHeader, StoreWriter, layout,
                                    read_header, remove_abandoned, tensor_table, verify_regions, views)
+from memwise.offload.runtime import PlannedRuntime
 from memwise.offload.stream import AlignedBuffer, LayerStream, RegionReader, bind
 from memwise.spec import ModelSpec
 
@@ -197,11 +198,20 @@ def _open(model: Decoder, path: Path, header: StoreHeader, plan: BudgetPlan, dir
     model.init_rotary()
     resident = range(plan.resident)
     model.layer_stream = LayerStream(reader, header.layers, header.layer_tensors, resident, plan.buffers)
-    # the I/O thread and the file end with the model (the stream holds no reference back to it)
-    weakref.finalize(model, model.layer_stream.close)
+    # the I/O threads and the file end with the model (the streams hold no reference back to it); the
+    # runtime replaces the stream when a plan changes the resident layers
+    model.offload_streams = [model.layer_stream]
+    weakref.finalize(model, _close_streams, model.offload_streams)
     model.offload = OffloadInfo(path, plan, reader.fallback_reason, FORMAT_VERSION)
+    model.offload_runtime = PlannedRuntime(model, path, header, plan, header.scheme if header.scheme != "none" else None,
+                                           direct)
     model._offload_rest = rest       # the non-layer weights' memory lives as long as the model
     return model
+
+
+def _close_streams(streams: list[LayerStream]) -> None:
+    for stream in streams:
+        stream.close()
 
 
 @dataclasses.dataclass(frozen=True)
