@@ -81,7 +81,13 @@ class PlannedRuntime:
 
     def _restream(self, model, resident: int) -> None:
         old = model.layer_stream
-        old.close()
+        old.release()
+        model.offload_streams.remove(old)
+        # the old stream's resident layers are bound to the modules: unbound here, so that they are freed
+        # before the new stream reads its own (the budget holds one set, not two)
+        for index in old.resident:
+            model.layers[index].to_empty(device="meta")
+        del old
         reader = RegionReader(self.path, self.direct)
         streamed = len(self.header.layers) - resident
         model.layer_stream = LayerStream(reader, self.header.layers, self.header.layer_tensors, range(resident),
