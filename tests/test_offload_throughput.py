@@ -131,3 +131,18 @@ def test_bad_prompts_file(tmp_path, content, message):
     assert run.stderr.strip().splitlines() == [f"memwise: error: --prompts-file {path}: {message}"
                                                + ("" if message != "no prompts" else " (expected one prompt a line)")
                                                + ("" if message != "not UTF-8" else " text (byte 0)")]
+
+
+def test_bench_cell_reports_the_plan_next_to_the_measurement(tmp_path):
+    from dataclasses import asdict
+    from memwise.bench.cell import CellSpec, run_cell
+    from memwise.bench.sources import resolve
+    spec = CellSpec(model="tiny-llama", source=asdict(resolve(PRESET)), engine="memwise", batch_size=4, prompt_tokens=8,
+                    new_tokens=4, runs=1, warmup=0, max_memory="8MiB", offload_dir=str(tmp_path))
+    record = run_cell(spec)
+    assert record["status"] == "ok", record["reason"]
+    policy = record["offload_plan"]
+    assert policy["batch_size"] == 4 and policy["prompt_tokens"] == 8 and policy["new_tokens"] == 4
+    assert record["predicted_tokens_per_s"] == policy["predicted_tokens_per_s"]
+    assert record["measured_tokens_per_s"] == pytest.approx(4 * 4 / record["e2e_s"])
+    assert record["offload_resident_layers"] == policy["resident_layers"]
