@@ -26,17 +26,19 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-HEADLINE = ("opt-1.3b", "2GiB", 32)
-SWEEP = [("preset:opt-350m", budget, batch) for budget in ("384MiB", "768MiB", "1536MiB") for batch in (8, 32)]
+SHAPE, BUDGET, BATCH = "opt-1.3b", "2GiB", 32
+HEADLINE = [None, "int8"]       # memwise's weight schemes against accelerate's float32
+SWEEP = [("preset:opt-350m", budget, batch) for budget in ("512MiB", "1GiB", "1536MiB") for batch in (8, 32)]
 
 
-def memwise_cell(source: str, max_memory: str, batch: int, prompt: int, new: int, offload_dir: str) -> dict:
+def memwise_cell(source: str, max_memory: str, batch: int, prompt: int, new: int, offload_dir: str,
+                 quantize: str | None = None) -> dict:
     import torch
     import memwise
     from memwise.bench.memory import peak_rss_bytes, reset_peak_rss
 
     start = time.perf_counter()
-    model = memwise.load(source, max_memory=max_memory, offload_dir=offload_dir)
+    model = memwise.load(source, max_memory=max_memory, offload_dir=offload_dir, quantize=quantize)
     load_s = time.perf_counter() - start
     peak_load = peak_rss_bytes()
     reset_peak_rss()        # a first load writes the offload file: its writer's memory is not the run's
@@ -53,7 +55,7 @@ def memwise_cell(source: str, max_memory: str, batch: int, prompt: int, new: int
     run = runtime.last
     stream = model.module.layer_stream
     policy = run.policy
-    return {"engine": "memwise", "source": source, "batch_size": batch, "prompt_tokens": prompt, "new_tokens": new,
+    return {"engine": "memwise", "source": source, "quantize": quantize or "float32", "batch_size": batch, "prompt_tokens": prompt, "new_tokens": new,
             "max_memory": max_memory, "load_s": load_s, "seconds_n": seconds, "tokens_per_s": batch * new / seconds,
             "predicted_tokens_per_s": policy.predicted_tokens_per_s if policy else None,
             "policy": policy.to_json() if policy else None, "no_plan_reason": run.reason,
@@ -61,7 +63,7 @@ def memwise_cell(source: str, max_memory: str, batch: int, prompt: int, new: int
             "micro_batch_size": run.micro_batch_size or batch,
             "disk_bytes_read": stream.bytes_read - (read_before if stream is model.module.layer_stream else 0),
             "peak_rss_bytes": peak_rss_bytes(), "peak_rss_load_bytes": peak_load,
-            "threads": torch.get_num_threads(), "first_tokens": out[:2, prompt:].tolist()}
+            "prepare_s": runtime.prepare_s, "threads": torch.get_num_threads(), "first_tokens": out[:2, prompt:].tolist()}
 
 
 def child(command: list[str]) -> dict:
@@ -75,11 +77,11 @@ def child(command: list[str]) -> dict:
     return result
 
 
-def run_memwise(source: str, max_memory: str, batch: int, args) -> dict:
-    cell = json.dumps([source, max_memory, batch, args.prompt_tokens, args.new_tokens, args.offload_dir])
+def run_memwise(source: str, max_memory: str, batch: int, args, quantize: str | None = None) -> dict:
+    cell = json.dumps([source, max_memory, batch, args.prompt_tokens, args.new_tokens, args.offload_dir, quantize])
     result = child([sys.executable, __file__, "--cell", cell])
     shown = result.get("predicted_tokens_per_s")
-    print(f"memwise {source} {max_memory} b{batch}: {result.get('tokens_per_s', float('nan')):.2f} tok/s, "
+    print(f"memwise {source} {quantize or 'float32'} {max_memory} b{batch}: {result.get('tokens_per_s', float('nan')):.2f} tok/s, "
           f"predicted {shown if shown is None else round(shown, 2)}, micro-batches {result.get('micro_batches')}, "
           f"resident {result.get('resident_layers')}, peak RSS {result.get('peak_rss_bytes', 0) / 2**30:.2f} GiB", flush=True)
     return result
@@ -91,7 +93,8 @@ def plot(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     good = [p for p in points if p.get("predicted_tokens_per_s")]
-    labels = [f"{Path(p['source']).name.removeprefix('preset:')}\n{p['max_memory']} b{p['batch_size']}" for p in good]
+    labels = [f"{p['source'].split()[0].removeprefix('preset:')} {p.get('quantize', '')}\n{p['max_memory']} b{p['batch_size']}"
+              for p in good]
     x = range(len(good))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(good)), 4))
     ax.bar([i - 0.2 for i in x], [p["predicted_tokens_per_s"] for p in good], 0.4, label="planned (memwise plan)")
@@ -110,6 +113,9 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=4)
     parser.add_argument("--offload-dir", default=str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                                                      / "memwise" / "offload"))
+    parser.add_argument("--remeasure-costs", action="store_true",
+                        help="measure the cost figures now (into --out/costs.json) and plan with them: on a shared "
+                             "machine, the figures then see the load the cells see")
     parser.add_argument("--skip-accelerate", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--out", required=False)
@@ -119,26 +125,35 @@ def main() -> int:
     if args.cell:
         print(json.dumps(memwise_cell(*json.loads(args.cell))))
         return 0
+    if args.remeasure_costs and args.out:
+        from memwise.offload.costs import measure_costs, save_costs
+        Path(args.offload_dir).mkdir(parents=True, exist_ok=True)
+        costs_file = Path(args.out) / "costs.json"
+        save_costs(measure_costs(Path(args.offload_dir)), costs_file)
+        os.environ["MEMWISE_OFFLOAD_COSTS"] = str(costs_file.resolve())
+        print(f"cost figures measured into {costs_file}", flush=True)
     sys.path.insert(0, str(HERE))
     import accelerate_offload
-    shape, budget, batch = HEADLINE
-    directory = str(accelerate_offload.checkpoint(shape))
-    results: dict = {"command": sys.argv, "headline": {}, "sweep": []}
-    ours = run_memwise(directory, budget, batch, args)
-    ours["source"] = shape + " (synthetic checkpoint)"
-    results["headline"]["memwise"] = ours
+    directory = str(accelerate_offload.checkpoint(SHAPE))
+    results: dict = {"command": sys.argv, "costs_file": os.environ.get("MEMWISE_OFFLOAD_COSTS", "this machine's cache"),
+                     "headline": {"memwise": []}, "sweep": []}
+    for quantize in HEADLINE:
+        ours = run_memwise(directory, BUDGET, BATCH, args, quantize)
+        ours["source"] = f"{SHAPE} (synthetic checkpoint)"
+        results["headline"]["memwise"].append(ours)
     if not args.skip_accelerate:
-        theirs = child([sys.executable, str(HERE / "accelerate_offload.py"), "--shape", shape, "--max-memory", budget,
-                        "--cell", str(batch), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)])
+        theirs = child([sys.executable, str(HERE / "accelerate_offload.py"), "--shape", SHAPE, "--max-memory", BUDGET,
+                        "--cell", str(BATCH), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)])
         results["headline"]["accelerate"] = theirs
-        if "tokens_per_s" in theirs and "tokens_per_s" in ours:
-            ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
-            results["headline"]["ratio"] = ratio
-            print(f"accelerate {shape} {budget} b{batch}: {theirs['tokens_per_s']:.2f} tok/s, peak RSS "
-                  f"{theirs['peak_rss_bytes'] / 2**30:.2f} GiB; memwise / accelerate = {ratio:.2f}x", flush=True)
+        print(f"accelerate {SHAPE} float32 {BUDGET} b{BATCH}: {theirs.get('tokens_per_s', float('nan')):.2f} tok/s, "
+              f"peak RSS {theirs.get('peak_rss_bytes', 0) / 2**30:.2f} GiB", flush=True)
+        for ours in results["headline"]["memwise"]:
+            if "tokens_per_s" in theirs and "tokens_per_s" in ours:
+                ours["over_accelerate"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+                print(f"memwise {ours['quantize']} / accelerate float32 = {ours['over_accelerate']:.2f}x", flush=True)
     if not args.skip_sweep:
         results["sweep"] = [run_memwise(source, b, n, args) for source, b, n in SWEEP]
-    points = [ours] + results["sweep"]
+    points = results["headline"]["memwise"] + results["sweep"]
     for p in points:
         if p.get("predicted_tokens_per_s"):
             p["measured_over_predicted"] = p["tokens_per_s"] / p["predicted_tokens_per_s"]

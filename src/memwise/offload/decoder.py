@@ -28,7 +28,6 @@ from memwise.offload.budget import WORKSPACE_TOKENS, BudgetPlan, plan_budget
 from memwise.offload.files import check_directory, check_free_space, store_path
 from memwise.offload.store import (FORMAT_VERSION, StaleStoreError, StoreHeader, StoreWriter, layout,
                                    read_header, remove_abandoned, tensor_table, verify_regions, views)
-from memwise.offload.runtime import PlannedRuntime
 from memwise.offload.stream import AlignedBuffer, LayerStream, RegionReader, bind
 from memwise.spec import ModelSpec
 
@@ -202,9 +201,7 @@ def _open(model: Decoder, path: Path, header: StoreHeader, plan: BudgetPlan, dir
     # runtime replaces the stream when a plan changes the resident layers
     model.offload_streams = [model.layer_stream]
     weakref.finalize(model, _close_streams, model.offload_streams)
-    model.offload = OffloadInfo(path, plan, reader.fallback_reason, FORMAT_VERSION)
-    model.offload_runtime = PlannedRuntime(model, path, header, plan, header.scheme if header.scheme != "none" else None,
-                                           direct)
+    model.offload = OffloadInfo(path, plan, reader.fallback_reason, FORMAT_VERSION, header, direct)
     model._offload_rest = rest       # the non-layer weights' memory lives as long as the model
     return model
 
@@ -220,3 +217,5 @@ class OffloadInfo:
     plan: BudgetPlan
     fallback_reason: str | None     # why reads are not O_DIRECT (None: they are)
     format_version: int
+    header: StoreHeader | None = None
+    direct: bool = True             # O_DIRECT asked for

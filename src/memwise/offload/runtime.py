@@ -12,6 +12,7 @@ them). MEMWISE_OFFLOAD_PLAN=0 turns planning off: the load's budget split, the b
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,14 +48,17 @@ class PlannedRuntime:
         self.path, self.header, self.budget, self.scheme, self.direct = path, header, budget, scheme, direct
         self.resident = budget.resident
         self.last: RunPlan | None = None
+        self.prepare_s = 0.0
 
     def prepare(self, batch: int, prompt: int, new: int) -> RunPlan:
+        start = time.perf_counter()
         model = self._model()
         run = self.solve(batch, prompt, new, model.kv_cache)
         if run.resident_layers != self.resident:
             self._restream(model, run.resident_layers)
         model.micro_batch_size = run.micro_batch_size
         self.last = run
+        self.prepare_s = time.perf_counter() - start     # solving (and re-reading resident layers) counts in a run
         return run
 
     def solve(self, batch: int, prompt: int, new: int, kv_cache: str | None) -> RunPlan:
