@@ -18,6 +18,13 @@ LAYERS = 6
 pytestmark = pytest.mark.filterwarnings("error:.*rebuilding it:UserWarning")
 
 
+@pytest.fixture(autouse=True)
+def load_split(monkeypatch):
+    """These tests check the load's own budget split (budget.py); generation would otherwise re-plan it
+    for its batch (memwise.offload.runtime, tested in test_offload_throughput.py)."""
+    monkeypatch.setenv("MEMWISE_OFFLOAD_PLAN", "0")
+
+
 def tiny_config(name: str):
     import transformers
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion, then print speed and peak memory",
                          description="Generate text from a prompt. SOURCE: a model directory, a hub id, or preset:NAME.")
     gen.add_argument("source", metavar="SOURCE")
-    gen.add_argument("--prompt", required=True)
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt")
+    prompt.add_argument("--prompts-file", metavar="FILE", help="one prompt per line, generated as one batch "
+                        "(with --max-memory: the plan's block schedule, docs/offload-plan.md)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--quantize", metavar="SCHEME", help="store the decoder layers' weights in SCHEME (int8, int4, nf4)")
     gen.add_argument("--kv-cache", metavar="SCHEME", help="store the KV cache in SCHEME (int8, int4)")
@@ -129,19 +132,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     import memwise
+    from memwise.cli_prompts import generate_prompts, read_prompts
+    prompts = read_prompts(args.prompts_file) if args.prompts_file is not None else None
     model = memwise.load(args.source, dtype=args.dtype, device=args.device, revision=args.revision,
                          quantize=args.quantize, kv_cache=args.kv_cache, max_memory=args.max_memory,
                          offload_dir=args.offload_dir)
+    if prompts is not None:
+        _describe_offload(model)
+        return generate_prompts(args, model, prompts)
     ids, mask = model.encode_batch([args.prompt])
     steps = model.stream(ids, args.max_new_tokens, mask, do_sample=args.sample, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                          min_new_tokens=args.min_new_tokens, ignore_eos=args.ignore_eos, stop_strings=tuple(args.stop))
     # After stream() has checked the options, so that a bad option is the only line on stderr.
-    offload = getattr(model.module, "offload", None)
-    if offload is not None:
-        direct = "O_DIRECT reads" if offload.fallback_reason is None else f"ordinary reads: {offload.fallback_reason}"
-        print(f"[offloaded to {offload.path}: {offload.plan.describe()}; {direct}]", file=sys.stderr)
+    _describe_offload(model)
     if model.synthetic:
         print(f"[{args.source}: synthetic random weights, the text is meaningless]", file=sys.stderr)
     from memwise.tokenizer import decode_stream
@@ -167,6 +172,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_offload(model) -> None:
+    offload = getattr(model.module, "offload", None)
+    if offload is not None:
+        direct = "O_DIRECT reads" if offload.fallback_reason is None else f"ordinary reads: {offload.fallback_reason}"
+        print(f"[offloaded to {offload.path}: {offload.plan.describe()}; {direct}]", file=sys.stderr)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from memwise.serve.cli import cmd_serve as serve
     return serve(args)
@@ -180,7 +192,10 @@ def _gate_generate(args: argparse.Namespace) -> None:
     from memwise.estimate.gate import check_predicted_peak, gate_disabled
     if gate_disabled() or args.max_memory is not None:
         return      # an offloaded run is held to its own budget (memwise.offload.budget)
-    prediction = estimate_inference(args.source, prompt_tokens=len(args.prompt.encode()) + 1,
+    from memwise.cli_prompts import read_prompts
+    prompts = read_prompts(args.prompts_file) if args.prompts_file is not None else [args.prompt]
+    prediction = estimate_inference(args.source, batch_size=len(prompts),
+                                    prompt_tokens=max(len(p.encode()) for p in prompts) + 1,
                                     new_tokens=max(args.max_new_tokens, 1), dtype=args.dtype,
                                     quantize=args.quantize, device=args.device, kv_cache=args.kv_cache)
     check_predicted_peak(f"generating {args.max_new_tokens} tokens with {args.source}", prediction, args.device,

@@ -145,6 +145,10 @@ def generate_steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     total = prompt_len + options.max_new_tokens
+    runtime = getattr(module, "offload_runtime", None)
+    if runtime is not None:
+        # an offloaded model: its plan for this batch (resident layers, micro-batches) before its cache
+        runtime.prepare(batch, prompt_len, options.max_new_tokens)
     # The cache is allocated for the whole request up front (a KV cache grows with it, a recurrent
     # state does not): check it first. The token buffer grows as tokens come.
     check_fits(f"generating {options.max_new_tokens} tokens after {prompt_len} for {batch} sequence(s)",

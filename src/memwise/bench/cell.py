@@ -219,7 +219,29 @@ def _measure(spec: CellSpec, record: dict[str, Any]) -> None:
         record["new_tokens"] = int(statistics.median(new_lengths))
         record["prompt_tokens_samples"] = prompt_lengths
         record["new_tokens_samples"] = new_lengths
+    _offload_plan(record, engine)
     record["status"] = "ok"
+
+
+def _offload_plan(record: dict[str, Any], engine: Any) -> None:
+    """An offloaded memwise run: the plan it ran (memwise.offload.runtime) and its predicted throughput
+    next to the measured one (generated tokens / end-to-end seconds, prefill included)."""
+    runtime = getattr(getattr(getattr(engine, "model", None), "module", None), "offload_runtime", None)
+    run = runtime.last if runtime is not None else None
+    if run is None:
+        return
+    record["offload_micro_batches"] = run.micro_batches
+    record["offload_resident_layers"] = run.resident_layers
+    if run.policy is None:
+        record["offload_plan"] = f"none: {run.reason}"
+        return
+    record["offload_plan"] = run.policy.to_json()
+    predicted = run.policy.predicted_tokens_per_s
+    record["predicted_tokens_per_s"] = predicted
+    if record.get("e2e_s"):
+        measured = record["batch_size"] * record["new_tokens"] / record["e2e_s"]
+        record["measured_tokens_per_s"] = measured
+        record["measured_over_predicted"] = measured / predicted
 
 
 class _Request:

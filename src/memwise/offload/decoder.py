@@ -208,11 +208,18 @@ def _open(model: Decoder, path: Path, header: StoreHeader, plan: BudgetPlan, dir
     model.init_rotary()
     resident = range(plan.resident)
     model.layer_stream = LayerStream(reader, header.layers, header.layer_tensors, resident, plan.buffers)
-    # the I/O thread and the file end with the model (the stream holds no reference back to it)
-    weakref.finalize(model, model.layer_stream.close)
-    model.offload = OffloadInfo(path, plan, reader.fallback_reason, FORMAT_VERSION)
+    # the I/O threads and the file end with the model (the streams hold no reference back to it); the
+    # runtime replaces the stream when a plan changes the resident layers
+    model.offload_streams = [model.layer_stream]
+    weakref.finalize(model, _close_streams, model.offload_streams)
+    model.offload = OffloadInfo(path, plan, reader.fallback_reason, FORMAT_VERSION, header, direct)
     model._offload_rest = rest       # the non-layer weights' memory lives as long as the model
     return model
+
+
+def _close_streams(streams: list[LayerStream]) -> None:
+    for stream in streams:
+        stream.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,3 +228,5 @@ class OffloadInfo:
     plan: BudgetPlan
     fallback_reason: str | None     # why reads are not O_DIRECT (None: they are)
     format_version: int
+    header: StoreHeader | None = None
+    direct: bool = True             # O_DIRECT asked for

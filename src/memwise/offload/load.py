@@ -32,4 +32,9 @@ def load_offloaded_model(resolved, reader: CheckpointReader | None, dtype: torch
     # MEMWISE_OFFLOAD_DIRECT=0: ordinary reads (pages dropped after each), for comparisons and odd filesystems
     direct = os.environ.get("MEMWISE_OFFLOAD_DIRECT", "1") != "0"
     request = OffloadRequest(budget, Path(offload_dir).expanduser(), direct)
-    return load_offloaded(resolved.spec, reader, dtype, quantize, seed, request)
+    from memwise.offload.runtime import PlannedRuntime
+    model = load_offloaded(resolved.spec, reader, dtype, quantize, seed, request)
+    # generation re-plans the load's split for its batch (memwise.offload.runtime)
+    info = model.offload
+    model.offload_runtime = PlannedRuntime(model, info.path, info.header, info.plan, quantize, info.direct)
+    return model

@@ -122,8 +122,9 @@ class Plan:
                 "minimum_budget_bytes": self.minimum_budget_bytes}
 
 
-def model_figures(model: Any, scheme: str | None = None) -> ModelFigures:
-    """ModelFigures of a source (as memwise.load takes it) or a resolved ModelSource."""
+def model_figures(model: Any, scheme: str | None = None, kv_cache: str | None = None) -> ModelFigures:
+    """ModelFigures of a source (as memwise.load takes it) or a resolved ModelSource; `kv_cache` the
+    KV cache's kv_quant scheme (None: float32)."""
     import torch
     from memwise.estimate.inference import CONSTANTS
     from memwise.memory_gate import weights_bytes
@@ -139,10 +140,14 @@ def model_figures(model: Any, scheme: str | None = None) -> ModelFigures:
     sizes = [weights_bytes(family, replace(spec, num_layers=n), torch.float32, scheme) for n in (0, 1)]
     embed = spec.embed_dim or spec.hidden_size
     constants = CONSTANTS[("memwise", "decoder")]
+    kv_vector = 4 * spec.head_dim
+    if kv_cache is not None:
+        from memwise.kernels import kv_quant
+        kv_vector = kv_quant.bytes_per_vector(kv_cache, spec.head_dim)
     return ModelFigures(name=str(spec.source or resolved.where), scheme=scheme or "float32", layers=spec.num_layers,
                         layer_bytes=sizes[1] - sizes[0], other_bytes=sizes[0],
                         head_bytes=spec.vocab_size * embed * (1 if scheme else 4), hidden_size=spec.hidden_size,
-                        kv_bytes_per_token=2 * spec.num_kv_heads * spec.head_dim * 4, workspace=constants.workspace,
+                        kv_bytes_per_token=2 * spec.num_kv_heads * kv_vector, workspace=constants.workspace,
                         workspace_per_weight=constants.workspace_per_weight, runtime_base=constants.baseline, spec=spec)
 
 
@@ -203,7 +208,8 @@ def _case(fig: ModelFigures, costs: Costs, batch: int, micro: int, prompt: int, 
                  kv_buffer=s * (prompt + new) * k, kv_decode=kv_decode, kv_prefill=batch * prompt * k, fixed=fixed)
 
 
-def _solve(fig: ModelFigures, costs: Costs, case: _Case, budget: int, new: int) -> np.ndarray | None:
+def _solve(fig: ModelFigures, costs: Costs, case: _Case, budget: int, new: int,
+           kv_on_disk: bool = True) -> np.ndarray | None:
     """[r, q, y, z, Tp, Td] of the best policy of `case`, or None when nothing fits `budget`."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -218,7 +224,8 @@ def _solve(fig: ModelFigures, costs: Costs, case: _Case, budget: int, new: int) 
     ]
     matrix = np.array([row for row, _, _ in rows], dtype=float)
     low, high = np.array([lo for _, lo, _ in rows]), np.array([hi for _, _, hi in rows])
-    bounds = Bounds([0, 0, 0, 0, case.compute_prefill, case.compute_decode], [L, L, 1, 1, np.inf, np.inf])
+    kv_disk = L if kv_on_disk else 0
+    bounds = Bounds([0, 0, 0, 0, case.compute_prefill, case.compute_decode], [L, kv_disk, 1, 1, np.inf, np.inf])
     integrality = np.array([1, 1, 1, 1, 0, 0])
     time = np.array([0, 0, 0, 0, 1, new], dtype=float)
     first = milp(time, constraints=LinearConstraint(matrix, low, high), bounds=bounds, integrality=integrality)
@@ -240,11 +247,12 @@ def micro_batch_counts(batch: int) -> list[int]:
 
 
 def plan(model: Any, budget: int, costs: Costs, *, scheme: str | None = None, batch_sizes: tuple[int, ...] = (1, 8, 32, 64),
-         prompt_tokens: int = 128, new_tokens: int = 32) -> Plan:
-    """The fastest policy for `model` within `budget` bytes (beyond the runtime's own base)."""
+         prompt_tokens: int = 128, new_tokens: int = 32, kv_cache: str | None = None, kv_on_disk: bool = True) -> Plan:
+    """The fastest policy for `model` within `budget` bytes (beyond the runtime's own base).
+    `kv_on_disk=False` keeps the KV cache in memory (the streaming runtime's placement)."""
     _check_inputs(budget, batch_sizes, prompt_tokens, new_tokens)
     costs.check()
-    fig = model_figures(model, scheme)
+    fig = model_figures(model, scheme, kv_cache)
     spec = fig.spec
     if spec.positions == "learned" and prompt_tokens + new_tokens > spec.max_positions:
         raise PlanError(f"prompt + new tokens ({prompt_tokens + new_tokens}) exceed {fig.name}'s "
@@ -255,7 +263,7 @@ def plan(model: Any, budget: int, costs: Costs, *, scheme: str | None = None, ba
         for micro in micro_batch_counts(batch):
             case = _case(fig, costs, batch, micro, prompt_tokens, new_tokens)
             minimum = case.minimum(fig) if minimum is None else min(minimum, case.minimum(fig))
-            x = _solve(fig, costs, case, budget, new_tokens)
+            x = _solve(fig, costs, case, budget, new_tokens, kv_on_disk)
             policy = None if x is None else _policy(fig, costs, case, x, budget, prompt_tokens, new_tokens)
             candidates.append({"batch_size": batch, "micro_batches": micro,
                                "predicted_tokens_per_s": policy and policy.predicted_tokens_per_s,
@@ -263,6 +271,11 @@ def plan(model: Any, budget: int, costs: Costs, *, scheme: str | None = None, ba
             if policy is not None and (best is None or _better(policy, best)):
                 best = policy
     if best is None:
+        if not kv_on_disk:
+            kv = _case(fig, costs, min(batch_sizes), 1, prompt_tokens, new_tokens).kv_full * fig.layers
+            raise PlanError(f"--max-memory {_mib(budget)}: {fig.name} ({fig.scheme}) at batch {min(batch_sizes)} does not "
+                            f"fit with its KV cache ({_mib(kv)}) in memory and every layer streamed; use --kv-cache "
+                            "int4, a smaller batch or a larger --max-memory")
         raise PlanError(f"--max-memory {_mib(budget)} is below the minimum of {_mib(minimum or 0)} that {fig.name} "
                         f"({fig.scheme}) needs: a batch of {min(batch_sizes)} with every layer streamed through "
                         f"{STREAM_BUFFERS} buffers of {_mib(fig.layer_bytes)} and its KV cache on disk")

@@ -200,6 +200,14 @@ class LayerStream:
             self._thread.join(timeout=10)
         self.reader.close()
 
+    def release(self) -> None:
+        """Close, and drop this stream's buffers now (not when a collection breaks the stream's cycle
+        with its thread): a stream replaced by another must not hold its layers beside the new one's."""
+        self.close()
+        self._resident_views.clear()
+        self._buffer_views.clear()
+        self._buffers.clear()
+
 
 def _read_failure(path: Path, region: Region, error: BaseException) -> BaseException:
     """An OSError of the I/O thread as the one-line error a user sees (the file went away, a disk error)."""

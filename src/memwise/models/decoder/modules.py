@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memwise.errors import UnsupportedError
+from memwise.models.decoder.block_schedule import MicroBatchCache, block_forward, micro_batch_rows
 from memwise.models.decoder.cache import DecoderCache, decoder_cache_bytes, new_decoder_cache
 from memwise.spec import ModelSpec
 
@@ -140,7 +141,11 @@ class Decoder(nn.Module):
         self.inv_freq: torch.Tensor | None = None
         # set by an offloaded load (memwise.offload): yields each layer with its weights read in
         self.layer_stream = None
+        # set by an offloaded load: solves and applies the plan before a generation (memwise.offload.runtime)
+        self.offload_runtime = None
         self.kv_cache: str | None = None    # a kv_quant scheme, set at load (memwise.load(kv_cache=...))
+        # sequences per micro-batch of the block schedule (block_schedule.py); None: the batch is one
+        self.micro_batch_size: int | None = None
 
     def tie_weights(self) -> None:
         if not self.spec.tie_word_embeddings:
@@ -167,14 +172,21 @@ class Decoder(nn.Module):
         return getattr(self.embed, "output_dtype", self.embed.weight.dtype)
 
     def new_cache(self, batch_size: int, max_length: int) -> DecoderCache:
+        """One cache, or, when micro_batch_size is set and the batch is larger, one per micro-batch
+        (a MicroBatchCache, which makes forward run the block schedule)."""
         if self.spec.positions == "learned" and max_length > self.spec.max_positions:
             raise UnsupportedError(f"{self.spec.model_type}: {max_length} tokens (prompt + new tokens) exceed the "
                                    f"model's {self.spec.max_positions} learned positions")
-        return new_decoder_cache(self.spec, batch_size, max_length, self.dtype, self.device, self.kv_cache)
+        size = self.micro_batch_size
+        if size is None or size >= batch_size:
+            return new_decoder_cache(self.spec, batch_size, max_length, self.dtype, self.device, self.kv_cache)
+        return MicroBatchCache([new_decoder_cache(self.spec, rows, max_length, self.dtype, self.device, self.kv_cache)
+                                for rows in micro_batch_rows(batch_size, size)])
 
     def cache_bytes(self, batch_size: int, max_length: int) -> int:
         """What new_cache(batch_size, max_length) allocates, computed without allocating it."""
-        return decoder_cache_bytes(self.spec, batch_size, max_length, self.dtype, self.kv_cache)
+        rows = [batch_size] if self.micro_batch_size is None else micro_batch_rows(batch_size, self.micro_batch_size)
+        return sum(decoder_cache_bytes(self.spec, n, max_length, self.dtype, self.kv_cache) for n in rows)
 
     def weights_bytes(self) -> int:
         """Parameters and buffers (the int8 linears keep their weights as buffers)."""
@@ -191,10 +203,22 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: DecoderCache | None = None,
                 attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        if isinstance(cache, MicroBatchCache):
+            return block_forward(self, input_ids, cache, attention_mask, last_only)
         batch, length = input_ids.shape
         if cache is None:
             cache = self.new_cache(batch, length)
-        start, end = cache.length, cache.length + length
+        x, rope, mask, causal = self.enter(input_ids, cache, attention_mask)
+        layers = self.layers if self.layer_stream is None else self.layer_stream.layers(self.layers)
+        for layer in layers:
+            x = layer(x, rope, cache, mask, causal)
+        cache.length += length
+        return self.head(x, last_only)
+
+    def enter(self, input_ids: torch.Tensor, cache: DecoderCache, attention_mask: torch.Tensor | None):
+        """The new tokens recorded in `cache` and embedded: (x, rope, mask, causal) for the layers."""
+        length = input_ids.shape[1]
+        start = cache.length
         positions = cache.begin(input_ids, attention_mask)
         x = self.embed(input_ids)
         if self.project_in is not None:
@@ -205,12 +229,10 @@ class Decoder(nn.Module):
         else:
             rope = self._rope(positions, x.dtype)
         mask, causal = attention_mask_for(cache, start, length, self.spec.sliding_window)
+        return x, rope, mask, causal
 
-        layers = self.layers if self.layer_stream is None else self.layer_stream.layers(self.layers)
-        for layer in layers:
-            x = layer(x, rope, cache, mask, causal)
-        cache.length = end
-
+    def head(self, x: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """Float32 logits of the last layer's output (of its last position only with `last_only`)."""
         if last_only:
             x = x[:, -1:]
         if self.norm is not None:
