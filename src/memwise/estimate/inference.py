@@ -195,7 +195,7 @@ def reference_unpack_bytes(spec: ModelSpec) -> int:
     return 2 * spec.vocab_size * spec.hidden_size * 4
 
 
-QUANTIZE_TEMPORARIES = 4   # float32 copies of one matrix while it is quantized (source + 3 temporaries)
+QUANTIZE_TEMPORARIES = 4   # float32 copies while a matrix is quantized: its source + 3 temporaries of one row chunk
 
 
 def load_transient_bytes(spec: ModelSpec, engine: str, dtype: torch.dtype, quantize: str | None = None) -> int:
@@ -208,11 +208,11 @@ def load_transient_bytes(spec: ModelSpec, engine: str, dtype: torch.dtype, quant
     above their resident set after loading (docs/estimate.md)."""
     if engine == "memwise" and quantize is not None and spec.model_type != "hgrn_bit":
         from memwise.estimate.parallel import layer_linears
-        from memwise.models.decoder.quantized import ROW_CHUNK
+        from memwise.models.decoder.quantized import CHUNK_WEIGHTS
 
-        largest = max([rows * cols for _, rows, cols in layer_linears(spec)] +
-                      [min(ROW_CHUNK, spec.vocab_size) * spec.hidden_size])
-        return QUANTIZE_TEMPORARIES * largest * 4
+        # the whole float32 source matrix, and the quantizer's temporaries on one chunk of its rows
+        largest = max(rows * cols for _, rows, cols in layer_linears(spec))
+        return (largest + (QUANTIZE_TEMPORARIES - 1) * min(CHUNK_WEIGHTS, largest)) * 4
     if engine != "transformers" or not spec.tie_word_embeddings:
         return 0
     return spec.vocab_size * (spec.embed_dim or spec.hidden_size) * dtype.itemsize
