@@ -134,11 +134,15 @@ class RecurrentSlots(_Scheduled):
         return logits
 
     def _decode(self, rows: list[Sequence]) -> None:
-        slots = torch.tensor([self.slot_of[id(s)] for s in rows], device=self.model.device)
+        numbers = [self.slot_of[id(s)] for s in rows]
+        slots = torch.tensor(numbers, device=self.model.device)
         cache = type(self.cache)(self.cache.state.index_select(1, slots))
         last = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long, device=self.model.device)
         logits = self.module(last, cache, torch.ones_like(last, dtype=torch.bool), last_only=True)[:, -1].float()
-        self.cache.state.index_copy_(1, slots, cache.state)
+        # One copy per slot: index_copy_ along dim 1 took 34 ms for 16 slots of mmfree-370m on CPU
+        # (a sixth of the step), these 0.4 ms.
+        for b, slot in enumerate(numbers):
+            self.cache.state[:, slot].copy_(cache.state[:, b])
         greedy = greedy_tokens(logits).tolist()      # one call for the batch: the common case
         for b, seq in enumerate(rows):
             self._take(seq, logits[b:b + 1], greedy[b])
