@@ -97,3 +97,11 @@ def test_one_run_loads_several_engines(tmp_path, capsys):
         assert cells[2].strip() == "4/4" and cells[4].strip() == "20"     # completed, output tokens
     for engine in ("memwise", "transformers"):
         assert json.loads((out / engine / "results.json").read_text())["summary"]["completed"] == 4
+
+
+def test_engine_and_url_do_not_mix(capsys):
+    assert main(["serve", "x", "--url", "http://127.0.0.1:9", "--engine", "llama.cpp"]) == 1
+    assert "--engine starts servers here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "x", "--engine", "vllm"])
+    assert e.value.code == 2
