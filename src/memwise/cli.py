@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    serve.add_argument("--max-step-tokens", type=int, default=128, metavar="N",
+                       help="tokens one engine step computes: a decode token per running sequence, then "
+                            "chunks of newcomers' prompts (default 128; 0: whole prompts at once)")
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY")
     serve.add_argument("--served-name", help="the model name clients send (default SOURCE)")
     serve.add_argument("--log-level", default="info")

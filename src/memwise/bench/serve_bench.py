@@ -8,6 +8,7 @@ server has stopped, so the two never share the machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shlex
 import sys
@@ -57,6 +58,10 @@ def add_serve_parser(nested: Any, positive: Any) -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", metavar="MODEL", help="what to serve (any `memwise serve` SOURCE); "
                    "with --url, the model name the requests carry")
     p.add_argument("--url", help="aim at this running server (base URL, without /v1) instead of starting one")
+    p.add_argument("--engine", action="append", choices=("memwise", "transformers", "llama.cpp"),
+                   help="start this engine's server (repeat for several, one after another, same load): "
+                        "memwise (default), transformers (one request at a time), llama.cpp (llama_cpp.server "
+                        "on memwise's GGUF export)")
     p.add_argument("--num-requests", type=positive, default=100, metavar="N")
     p.add_argument("--request-rate", type=_rate, default=math.inf, metavar="R",
                    help="mean requests per second, Poisson arrivals (default inf: all at once)")
@@ -72,6 +77,8 @@ def add_serve_parser(nested: Any, positive: Any) -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="send Authorization: Bearer KEY")
     p.add_argument("--max-batch", type=positive, default=16, help="started server: sequences decoded together")
     p.add_argument("--max-queue", type=positive, default=64, help="started server: requests that may wait")
+    p.add_argument("--max-step-tokens", type=_tokens, metavar="N",
+                   help="started server: tokens per engine step (memwise serve's default 128; 0: whole prompts)")
     p.add_argument("--threads", type=positive, help="started server (and offline reference): CPU threads")
     p.add_argument("--quantize", choices=("int8", "int4", "nf4"), help="started server: weight scheme")
     p.add_argument("--device", default="cpu", help="started server: cpu (default), cuda or cuda:N")
@@ -82,8 +89,20 @@ def add_serve_parser(nested: Any, positive: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a token count >= 0, got {text!r}")
+    return value
+
+
 def _server_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--device", args.device]
+    if args.max_step_tokens is not None:
+        flags += ["--max-step-tokens", str(args.max_step_tokens)]
     if args.threads:
         flags += ["--threads", str(args.threads)]
     if args.quantize:
@@ -96,6 +115,8 @@ def _server_flags(args: argparse.Namespace) -> list[str]:
 def _check(args: argparse.Namespace) -> None:
     if args.model is None:
         raise MemwiseError("bench serve: give MODEL (what to serve, or with --url the model name to request)")
+    if args.url is not None and args.engine:
+        raise MemwiseError("bench serve: --engine starts servers here; it cannot be combined with --url")
     if args.url is not None and args.offline_reference:
         raise MemwiseError("bench serve: --offline-reference measures memwise's own model; it needs MODEL, not --url")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
@@ -106,6 +127,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from memwise.bench.serve_load import LoadConfig, builtin_prompts, read_prompts
 
     _check(args)
+    engines = list(dict.fromkeys(args.engine or ["memwise"]))
     prompts = read_prompts(args.prompts_file) if args.prompts_file else builtin_prompts(64, args.seed)
     config = LoadConfig(url=(args.url or "").rstrip("/"), model=args.model, num_requests=args.num_requests,
                         request_rate=args.request_rate, max_concurrency=args.max_concurrency,
@@ -117,23 +139,49 @@ def serve_command(args: argparse.Namespace) -> int:
         "target": args.url or "memwise serve (started here)", "max_tokens": args.max_tokens,
         "request_rate": args.request_rate, "max_concurrency": args.max_concurrency,
         "disconnect_fraction": args.disconnect_fraction, "num_requests": args.num_requests}
-    if args.url is None:
-        requests, duration, health = _against_started(args, config, prompts, metadata)
-    else:
-        requests, duration, health = _against_url(config, prompts, metadata)
-    metadata["health_polls"] = health
-    if args.offline_reference:
-        metadata["offline_reference"] = offline_reference(args.model, args.max_batch, requests, args.max_tokens,
-                                                          args.threads, args.device, args.quantize)
-    return _finish(args, metadata, requests, duration)
+    if args.url is not None:
+        requests, duration, metadata["health_polls"] = _against_url(config, prompts, metadata)
+        return _finish(args, metadata, requests, duration)
+    runs = {engine: _run_engine(args, engine, dataclasses.replace(config), prompts, dict(metadata))
+            for engine in engines}
+    if args.offline_reference and "memwise" in runs and "skipped" not in runs["memwise"]:
+        memwise_run = runs["memwise"]
+        memwise_run["metadata"]["offline_reference"] = offline_reference(
+            args.model, args.max_batch, memwise_run["requests"], args.max_tokens, args.threads, args.device,
+            args.quantize)
+    if engines == ["memwise"]:
+        run = runs["memwise"]
+        return _finish(args, run["metadata"], run["requests"], run["duration"])
+    return _finish_engines(args, metadata, runs)
 
 
-def _against_started(args: argparse.Namespace, config: Any, prompts: list[str],
-                     metadata: dict[str, Any]) -> tuple[list[dict[str, Any]], float, dict[str, int]]:
+def _run_engine(args: argparse.Namespace, engine: str, config: Any, prompts: list[str],
+                metadata: dict[str, Any]) -> dict[str, Any]:
+    """One engine's server started, loaded and stopped; {"skipped": why} when it cannot run here."""
+    from memwise.bench.serve_launch import free_port
+    from memwise.bench.serve_peers import SkipEngine, peer_server
+
+    port = free_port()
+    try:
+        peer = peer_server(engine, args.model, port, args.model, args.threads)
+    except SkipEngine as e:
+        print(f"bench serve: {engine}: skipped: {e}", file=sys.stderr)
+        return {"skipped": str(e)}
+    config.health_path, config.extra_body = peer.health_path, peer.extra_body
+    metadata.update(engine=engine, weights=peer.weights,
+                    target="memwise serve (started here)" if peer.command is None else shlex.join(peer.command))
+    requests, duration, metadata["health_polls"] = _against_started(args, config, prompts, metadata, peer, port)
+    return {"metadata": metadata, "requests": requests, "duration": duration}
+
+
+def _against_started(args: argparse.Namespace, config: Any, prompts: list[str], metadata: dict[str, Any],
+                     peer: Any, port: int) -> tuple[list[dict[str, Any]], float, dict[str, int]]:
     from memwise.bench.serve_launch import LaunchedServer, RssSampler
     from memwise.bench.serve_load import leak_check, results_as_dicts, run_load
 
-    with LaunchedServer(args.model, args.model, _server_flags(args)) as server:
+    label = "memwise serve" if peer.command is None else f"{peer.engine} server"
+    with LaunchedServer(args.model, args.model, _server_flags(args), port=port, command=peer.command,
+                        health_path=peer.health_path, label=label) as server:
         config.url = server.url
         assert server.proc is not None
         with RssSampler(server.proc.pid) as rss:
@@ -141,10 +189,14 @@ def _against_started(args: argparse.Namespace, config: Any, prompts: list[str],
             results, duration, health = run_load(config, prompts)
             metadata["leak_check"] = leak_check(server.url, args.api_key)
             after = rss.read()
+        requests = results_as_dicts(results)
+        if peer.tokenize_path:
+            from memwise.bench.serve_peers import count_prompt_tokens
+            count_prompt_tokens(server.url, peer.tokenize_path, prompts, requests)
         exit_code = server.stop()
         metadata["server"] = {"pid": server.proc.pid, "rss_before_bytes": before, "peak_rss_bytes": rss.peak,
                               "rss_after_bytes": after, "exit_code": exit_code, "url": server.url}
-    return results_as_dicts(results), duration, health
+    return requests, duration, health
 
 
 def _against_url(config: Any, prompts: list[str],
@@ -170,8 +222,13 @@ def offline_reference(model: str, batch: int, requests: list[dict[str, Any]], ne
     spec = CellSpec(model=source.name, source=asdict(source), engine="memwise", quantize=quantize, device=device,
                     batch_size=batch, prompt_tokens=prompt, new_tokens=new_tokens, runs=1, warmup=1, threads=threads)
     record = run_cell_process(spec)
+    e2e = record.get("e2e_s")
     return {"model": model, "batch_size": batch, "prompt_tokens": prompt, "new_tokens": new_tokens,
-            "decode_tok_s": record.get("decode_tok_s"), "status": record.get("status"), "reason": record.get("reason")}
+            "decode_tok_s": record.get("decode_tok_s"), "prefill_tok_s": record.get("prefill_tok_s"),
+            "ttft_s": record.get("ttft_s"), "e2e_s": e2e,
+            # prefill included: what a server that batched perfectly could give, beside output throughput
+            "output_tok_s": batch * new_tokens / e2e if e2e else None,
+            "status": record.get("status"), "reason": record.get("reason")}
 
 
 def _finish(args: argparse.Namespace, metadata: dict[str, Any], requests: list[dict[str, Any]],
@@ -186,3 +243,28 @@ def _finish(args: argparse.Namespace, metadata: dict[str, Any], requests: list[d
     healthy = metadata["health_polls"].get("bad", 0) == 0
     leak_ok = (metadata.get("leak_check") or {}).get("ok") is not False
     return 0 if summary["accounted"] and summary["failed"] == 0 and healthy and leak_ok else 1
+
+
+def _finish_engines(args: argparse.Namespace, metadata: dict[str, Any], runs: dict[str, dict[str, Any]]) -> int:
+    """Each engine's report (in --out/ENGINE/), then one table and plot of all of them."""
+    from memwise.bench.report import write_atomic
+    from memwise.bench.serve_report import comparison_markdown, comparison_plot, summarize, write_outputs
+
+    ok = True
+    for engine, run in runs.items():
+        if "skipped" in run:
+            continue
+        run["summary"] = summarize(run["requests"], run["duration"], args.slo_ttft_ms, args.slo_tpot_ms)
+        if args.out is not None:
+            write_outputs(args.out / engine.replace(".", ""), run["metadata"], run["summary"], run["requests"])
+        healthy = run["metadata"]["health_polls"].get("bad", 0) == 0
+        ok &= run["summary"]["accounted"] and run["summary"]["failed"] == 0 and healthy
+    table = comparison_markdown(metadata, runs)
+    print(table)
+    if args.out is not None:
+        write_atomic(args.out / "engines.md", table)
+        plot = comparison_plot(runs)
+        if plot is not None:
+            write_atomic(args.out / "engines.png", plot)
+        print(f"wrote engines.md, engines.png and one folder per engine to {args.out}", file=sys.stderr)
+    return 0 if ok else 1

@@ -57,15 +57,20 @@ class RssSampler:
 
 
 class LaunchedServer:
-    """`memwise serve MODEL` on a free port, in its own session; a context manager that stops it."""
+    """`memwise serve MODEL` (or `command`, a peer's server on `port`) on a free port, in its own
+    session; a context manager that stops it."""
 
-    def __init__(self, model: str, served_name: str, extra: list[str], startup_timeout_s: float = 600.0):
-        self.port = free_port()
+    def __init__(self, model: str, served_name: str, extra: list[str], startup_timeout_s: float = 600.0,
+                 port: int | None = None, command: list[str] | None = None, health_path: str = "/health",
+                 label: str = "memwise serve"):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.served_name = served_name
-        self.command = [sys.executable, "-c", "import sys; from memwise.cli import main; sys.exit(main())",
-                        "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
-                        "--served-name", served_name, "--log-level", "warning", *extra]
+        self.command = command or [sys.executable, "-c", "import sys; from memwise.cli import main; sys.exit(main())",
+                                   "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
+                                   "--served-name", served_name, "--log-level", "warning", *extra]
+        self.health_path = health_path
+        self.label = label
         self.startup_timeout_s = startup_timeout_s
         self.exit_code: int | None = None
         self._log = tempfile.NamedTemporaryFile("w+", prefix="memwise-serve-", suffix=".log", delete=False)
@@ -89,15 +94,15 @@ class LaunchedServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.exit_code = self.proc.returncode
-                raise MemwiseError(f"memwise serve exited {self.proc.returncode} before it answered: {self.last_line()}")
+                raise MemwiseError(f"{self.label} exited {self.proc.returncode} before it answered: {self.last_line()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
+                if httpx.get(self.url + self.health_path, timeout=2.0).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise MemwiseError(f"memwise serve did not answer /health within {self.startup_timeout_s:g} s")
+        raise MemwiseError(f"{self.label} did not answer {self.health_path} within {self.startup_timeout_s:g} s")
 
     def last_line(self) -> str:
         self._log.flush()

@@ -41,6 +41,8 @@ class LoadConfig:
     seed: int = 0
     api_key: str | None = None
     timeout_s: float = 600.0
+    health_path: str = "/health"          # polled during the load (a peer without /health: /v1/models)
+    extra_body: dict[str, Any] | None = None    # merged into every request (e.g. a peer's logit_bias)
 
 
 @dataclass
@@ -115,13 +117,13 @@ def _headers(config: LoadConfig) -> dict[str, str]:
 
 async def _one(client: Any, config: LoadConfig, result: RequestResult, prompt: str, t0: float) -> None:
     body = {"model": config.model, "prompt": prompt, "max_tokens": config.max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **(config.extra_body or {})}
     # A disconnecting client leaves after a quarter of its tokens' worth of chunks (at least one):
     # early enough that a short or stop-trimmed stream has not already ended by itself.
     leave_after = max(1, config.max_tokens // 4) if result.disconnect else None
     sent = time.perf_counter()
     result.start_s = sent - t0
-    last = None
+    last, finish = None, None
     async with client.stream("POST", config.url + "/v1/completions", json=body, headers=_headers(config)) as r:
         result.http_status = r.status_code
         result.replica = r.headers.get("x-memwise-replica")
@@ -148,6 +150,7 @@ async def _one(client: Any, config: LoadConfig, result: RequestResult, prompt: s
             # it holds text back); usage-only chunks are not.
             if not chunk.get("choices"):
                 continue
+            finish = chunk["choices"][0].get("finish_reason") or finish
             now = time.perf_counter()
             if last is None:
                 result.ttft_s = now - sent
@@ -160,7 +163,9 @@ async def _one(client: Any, config: LoadConfig, result: RequestResult, prompt: s
                 break
     result.e2e_s = time.perf_counter() - sent
     if result.state == "completed" and result.output_tokens == 0:
-        result.output_tokens = result.chunks     # a server without usage: one token per chunk
+        # A server without usage (llama.cpp's): "length" means max_tokens were made, whatever the
+        # chunks (it sends none for a token without text); else one token per chunk.
+        result.output_tokens = config.max_tokens if finish == "length" else result.chunks
 
 
 async def _guarded(client: Any, config: LoadConfig, result: RequestResult, prompt: str, t0: float,
@@ -178,7 +183,7 @@ async def _guarded(client: Any, config: LoadConfig, result: RequestResult, promp
 async def _watch_health(client: Any, config: LoadConfig, stop: asyncio.Event, log: dict[str, int]) -> None:
     while not stop.is_set():
         try:
-            r = await client.get(config.url + "/health", headers=_headers(config), timeout=10.0)
+            r = await client.get(config.url + config.health_path, headers=_headers(config), timeout=10.0)
             log["ok" if r.status_code == 200 else "bad"] += 1
         except Exception:
             log["bad"] += 1

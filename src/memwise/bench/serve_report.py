@@ -120,6 +120,11 @@ def markdown(metadata: dict[str, Any], summary: dict[str, Any]) -> str:
                      f"{ref.get('prompt_tokens')}+{ref.get('new_tokens')} tokens: decode "
                      f"{_num(offline, 1)} tok/s; served decode / offline decode = {_num(ratio)}"
                      + (f" ({ref['reason']})" if ref.get("reason") else ""))
+        whole = ref.get("output_tok_s")
+        if whole and s["output_throughput"]:
+            lines.append(f"- offline output (prefill of the batch included: batch x new tokens / end-to-end) "
+                         f"{_num(whole, 1)} tok/s; served output / offline output = "
+                         f"{_num(s['output_throughput'] / whole)}")
     server = metadata.get("server") or {}
     if server:
         lines.append(f"- server: peak RSS {_num((server.get('peak_rss_bytes') or 0) / 2**20, 0)} MiB "
@@ -181,3 +186,67 @@ def write_outputs(directory: Path, metadata: dict[str, Any], summary: dict[str, 
             write_atomic(directory / name, data)
             written.append(directory / name)
     return written
+
+
+def comparison_markdown(metadata: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
+    """One table of every engine's run (same prompts, rate and concurrency), skipped ones with why."""
+    lines = [f"# memwise bench serve: {metadata.get('model')}, {len(runs)} engines", "", f"`{metadata.get('command')}`",
+             "", f"- {metadata.get('num_requests')} requests each, max_tokens {metadata.get('max_tokens')}, rate "
+             f"{metadata.get('request_rate')}/s, max concurrency {metadata.get('max_concurrency') or 'unlimited'}; "
+             "the engines ran one after another, each in a fresh server process", "",
+             "| engine | completed | prompt tokens (mean) | output tokens | output tok/s | decode tok/s | req/s | "
+             "TTFT p50 / p99 ms | TPOT p50 ms | inter-token p50 / p99 ms | peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    skipped = []
+    for engine, run in runs.items():
+        if "skipped" in run:
+            skipped.append(f"- {engine}: skipped: {run['skipped']}")
+            continue
+        s, server = run["summary"], run["metadata"].get("server") or {}
+        prompt = [r["prompt_tokens"] for r in run["requests"] if r.get("prompt_tokens")]
+        lines.append(f"| {engine} | {s['completed']}/{s['requests']} | "
+                     f"{_num(sum(prompt) / len(prompt), 1) if prompt else 'n/a'} | {s['output_tokens']} | "
+                     f"{_num(s['output_throughput'], 1)} | {_num(s['decode_throughput'], 1)} | "
+                     f"{_num(s['request_throughput'])} | {_ms(s['ttft_s']['p50'])} / {_ms(s['ttft_s']['p99'])} | "
+                     f"{_ms(s['tpot_s']['p50'])} | {_ms(s['itl_s']['p50'])} / {_ms(s['itl_s']['p99'])} | "
+                     f"{_num((server.get('peak_rss_bytes') or 0) / 2**20, 0)} |")
+    lines += ["", *skipped] if skipped else []
+    for engine, run in runs.items():
+        if "skipped" not in run:
+            lines.append(f"- {engine}: {run['metadata'].get('weights')}; `{run['metadata'].get('target')}`")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_plot(runs: dict[str, dict[str, Any]]) -> bytes | None:
+    """PNG: output token throughput and TTFT p50 / p99 per engine; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import io
+
+    ran = {e: r["summary"] for e, r in runs.items() if "skipped" not in r}
+    if not ran:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = list(ran)
+    left.bar(names, [s["output_throughput"] or 0 for s in ran.values()])
+    left.set_ylabel("output tokens / s")
+    left.set_title("throughput (higher is better)")
+    width = 0.38
+    xs = range(len(names))
+    right.bar([x - width / 2 for x in xs], [(s["ttft_s"]["p50"] or 0) * 1e3 for s in ran.values()], width, label="p50")
+    right.bar([x + width / 2 for x in xs], [(s["ttft_s"]["p99"] or 0) * 1e3 for s in ran.values()], width, label="p99")
+    right.set_xticks(list(xs), names)
+    right.set_ylabel("ms")
+    right.set_title("time to first token (lower is better)")
+    right.legend()
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -28,6 +28,9 @@ from memwise.tokenizer import decode_stream
 # max_tokens when a request gives none (the OpenAI completions default; chat gets more), cut to
 # what the context leaves.
 DEFAULT_MAX_TOKENS = {False: 16, True: 256}
+# The step budget: 16 decodes plus a 112-token prompt chunk, which on a CPU keeps a newcomer's
+# prefill to a few hundred ms of delay per step for the running sequences.
+DEFAULT_STEP_TOKENS = 128
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ServeConfig:
     max_queue: int = 64
     api_key: str | None = None
     chat_template: ChatTemplate | None = None
+    step_tokens: int | None = DEFAULT_STEP_TOKENS    # tokens one engine step computes; None: whole prompts
 
 
 class Server:
@@ -46,7 +50,7 @@ class Server:
         self.model, self.config = model, config
         self.tokenizer = model.tokenizer     # a model without one cannot serve text: refused here, at start
         self.metrics = ServeMetrics(model.device)
-        self.engine = Engine(model, config.max_batch, config.max_queue, self.metrics)
+        self.engine = Engine(model, config.max_batch, config.max_queue, self.metrics, config.step_tokens)
         self.metrics.watch_blocks(self.engine)
         self.context = model.spec.max_positions
         self.created = int(time.time())

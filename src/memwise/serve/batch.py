@@ -1,38 +1,41 @@
 """The running batch: sequences join at the next step and leave the step they finish.
 
+A step has a token budget (`step_tokens`, as vLLM's max_num_batched_tokens): first one decode token
+for every sequence past its prompt, then what is left goes to the prompts of newcomers, in arrival
+order, a chunk of each (chunked prefill). A long prompt therefore costs the running sequences a
+bounded delay per step instead of one long stall; its first token comes from the step that consumes
+its last chunk. `step_tokens=None` prefills each newcomer's whole prompt in the step it joins.
+
 Two ways to run it:
 - `RecurrentSlots` (HGRN-Bit): one recurrent state per slot in a preallocated [layers, slots, width]
-  tensor. A newcomer is prefilled alone into a fresh state that is then copied into its slot; each
-  decode step gathers the running slots' states, runs them as one batch through the model's forward
-  (the fused C step on CPU), and writes them back. Rows never see one another, so a sequence's
-  tokens are those it makes alone.
-- `PagedDecoders` (serve/paged_batch.py, the decoder family held in memory): a paged KV cache, one
-  batched decode step for all running sequences.
-- `Interleaved` (offloaded decoders, BitNet): each sequence is its own `LanguageModel.stream`
-  generator, and a step advances each once. Sequences still join and leave between steps, but the
-  model runs one sequence at a time.
+  tensor. A prompt chunk runs from a copy of its slot's state and is written back (the state carries
+  from chunk to chunk, as in the model's own sliced prefill); each decode step gathers the decoding
+  slots' states, runs them as one batch through the model's forward (the fused C step on CPU), and
+  writes them back. Rows never see one another, so a sequence's tokens are those it makes alone.
+- `PagedDecoders` (serve/paged_batch.py, the decoder family held in memory): a paged KV cache; each
+  step's decodes run as one batch.
+- `Interleaved` (offloaded decoders, BitNet): each sequence has its own cache; its prompt is fed in
+  chunks and its decode steps run one sequence at a time. Sequences still join and leave between
+  steps.
 """
 from __future__ import annotations
-
-from typing import Iterator
 
 import torch
 
 from memwise.kernels import greedy_tokens
 from memwise.language_model import LanguageModel
+from memwise.memory_gate import check_fits
 from memwise.models.decoder.modules import Decoder
 from memwise.serve.paged_batch import PagedDecoders
+from memwise.serve.scheduled import Scheduled
 from memwise.serve.sequence import Sequence
 
 
-class RecurrentSlots:
-    def __init__(self, model: LanguageModel, capacity: int):
-        self.model = model
-        self.capacity = capacity
-        self.module = model.module
+class RecurrentSlots(Scheduled):
+    def __init__(self, model: LanguageModel, capacity: int, step_tokens: int | None = None):
+        super().__init__(model, capacity, step_tokens)
         self.cache = self.module.new_cache(capacity)
         self.slot_of: dict[int, int] = {}           # id(sequence) -> slot
-        self.running: list[Sequence] = []
         self._free = list(range(capacity - 1, -1, -1))
 
     @property
@@ -40,89 +43,78 @@ class RecurrentSlots:
         return len(self._free)
 
     def add(self, seq: Sequence) -> None:
-        """Prefill `seq` into a free slot and take its first token."""
+        """Give `seq` a free slot with a zero state; its prompt is fed by the following steps."""
         slot = self._free.pop()
         self.slot_of[id(seq)] = slot
+        self.cache.state[:, slot].zero_()
         self.running.append(seq)
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.model.device)
-        fresh = self.module.new_cache(1)
-        with torch.inference_mode():
-            logits = self.module(ids, fresh, torch.ones_like(ids, dtype=torch.bool), last_only=True)[:, -1].float()
-        self.cache.state[:, slot] = fresh.state[:, 0]
-        self._take(seq, logits)
+        self.consumed[id(seq)] = 0
 
-    def step(self) -> None:
-        """One decode step for every running sequence, as one batch."""
-        if not self.running:
-            return
-        rows = list(self.running)
-        slots = torch.tensor([self.slot_of[id(s)] for s in rows], device=self.model.device)
+    def _prefill(self, seq: Sequence, ids: torch.Tensor) -> torch.Tensor:
+        slot = self.slot_of[id(seq)]
+        own = type(self.cache)(self.cache.state[:, slot:slot + 1].clone())
+        logits = self.module(ids, own, torch.ones_like(ids, dtype=torch.bool), last_only=True)[:, -1].float()
+        self.cache.state[:, slot] = own.state[:, 0]
+        return logits
+
+    def _decode(self, rows: list[Sequence]) -> None:
+        numbers = [self.slot_of[id(s)] for s in rows]
+        slots = torch.tensor(numbers, device=self.model.device)
         cache = type(self.cache)(self.cache.state.index_select(1, slots))
         last = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long, device=self.model.device)
-        with torch.inference_mode():
-            logits = self.module(last, cache, torch.ones_like(last, dtype=torch.bool), last_only=True)[:, -1].float()
-        self.cache.state.index_copy_(1, slots, cache.state)
+        logits = self.module(last, cache, torch.ones_like(last, dtype=torch.bool), last_only=True)[:, -1].float()
+        # One copy per slot: index_copy_ along dim 1 takes a slow path on CPU (a sixth of a batch-16
+        # step of mmfree-370m); these copies take well under a millisecond.
+        for b, slot in enumerate(numbers):
+            self.cache.state[:, slot].copy_(cache.state[:, b])
         greedy = greedy_tokens(logits).tolist()      # one call for the batch: the common case
         for b, seq in enumerate(rows):
             self._take(seq, logits[b:b + 1], greedy[b])
 
-    def remove(self, seq: Sequence) -> None:
-        if seq in self.running:
-            self.running.remove(seq)
-            self._free.append(self.slot_of.pop(id(seq)))
-
-    def _take(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
-        if not seq.cancelled:
-            seq.accept(greedy if greedy is not None and seq.sampling.greedy else seq.sample(logits))
-        if seq.done:     # a cancelled one is the engine's to remove (it counts it)
-            self.remove(seq)
+    def _release(self, seq: Sequence) -> None:
+        self._free.append(self.slot_of.pop(id(seq)))
 
 
-class Interleaved:
-    def __init__(self, model: LanguageModel, capacity: int):
-        self.model = model
-        self.capacity = capacity
-        self.running: list[Sequence] = []
-        self._steps: dict[int, Iterator[torch.Tensor]] = {}
+class Interleaved(Scheduled):
+    def __init__(self, model: LanguageModel, capacity: int, step_tokens: int | None = None):
+        super().__init__(model, capacity, step_tokens)
+        self._caches: dict[int, object] = {}        # id(sequence) -> its own cache
 
     @property
     def free_slots(self) -> int:
         return self.capacity - len(self.running)
 
     def add(self, seq: Sequence) -> None:
-        s = seq.sampling
-        sampling = {} if s.greedy else {"do_sample": True, "temperature": s.temperature,
-                                        "top_p": s.top_p if s.top_p < 1.0 else None, "seed": s.seed}
-        # EOS, stop strings and max_tokens are the sequence's to apply (it trims a stop string off).
-        self._steps[id(seq)] = self.model.stream([seq.prompt_ids], s.max_tokens, ignore_eos=True, **sampling)
+        """Allocate `seq`'s cache for its prompt and max_tokens (refused, alone, if memory is short)."""
+        total = len(seq.prompt_ids) + seq.sampling.max_tokens
+        check_fits(f"a cache for {len(seq.prompt_ids)} prompt + {seq.sampling.max_tokens} new tokens",
+                   {"cache": self.module.cache_bytes(1, total)}, self.model.device)
+        self._caches[id(seq)] = self.module.new_cache(1, total)
         self.running.append(seq)
-        self._advance(seq)
+        self.consumed[id(seq)] = 0
 
-    def step(self) -> None:
-        for seq in list(self.running):
-            self._advance(seq)
+    def _prefill(self, seq: Sequence, ids: torch.Tensor) -> torch.Tensor:
+        return self._forward(seq, ids)
 
-    def remove(self, seq: Sequence) -> None:
-        if seq in self.running:
-            self.running.remove(seq)
-            self._steps.pop(id(seq)).close()
+    def _decode(self, rows: list[Sequence]) -> None:
+        for seq in rows:
+            last = torch.tensor([[seq.generated[-1]]], dtype=torch.long, device=self.model.device)
+            self._take(seq, self._forward(seq, last))
 
-    def _advance(self, seq: Sequence) -> None:
-        if not seq.cancelled:
-            token = next(self._steps[id(seq)], None)
-            if token is None:        # the stream ran out (it stops at max_tokens, as the sequence does)
-                seq.end("length")
-            else:
-                seq.accept(int(token[0]))
-        if seq.done:     # a cancelled one is the engine's to remove (it counts it)
-            self.remove(seq)
+    def _forward(self, seq: Sequence, ids: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        return self.module(ids, self._caches[id(seq)], mask, last_only=True)[:, -1].float()
+
+    def _release(self, seq: Sequence) -> None:
+        self._caches.pop(id(seq), None)
 
 
-def running_batch(model: LanguageModel, capacity: int) -> RecurrentSlots | PagedDecoders | Interleaved:
+def running_batch(model: LanguageModel, capacity: int,
+                  step_tokens: int | None = None) -> RecurrentSlots | PagedDecoders | Interleaved:
     """Slots of recurrent state for HGRN-Bit, a paged KV cache for the decoder family held in memory,
-    interleaved single-sequence generators otherwise (offloaded decoders, BitNet)."""
+    one cache per sequence otherwise (offloaded decoders, BitNet)."""
     if model.spec.model_type == "hgrn_bit":
-        return RecurrentSlots(model, capacity)
+        return RecurrentSlots(model, capacity, step_tokens)
     if isinstance(model.module, Decoder) and model.module.layer_stream is None:
-        return PagedDecoders(model, capacity)
-    return Interleaved(model, capacity)
+        return PagedDecoders(model, capacity, step_tokens)
+    return Interleaved(model, capacity, step_tokens)

@@ -17,6 +17,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("max_batch", "max_queue", "replicas"):
         if getattr(args, name) < 1:
             raise MemwiseError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_step_tokens < 0:
+        raise MemwiseError(f"--max-step-tokens must be >= 0 (0: no limit), got {args.max_step_tokens}")
     from memwise.serve.factory import APP_OPTIONS, build_app
     options = {name: getattr(args, name) for name in APP_OPTIONS}
     if args.ray:

@@ -1,5 +1,7 @@
 """The engine: one thread owns the model and runs the batch step by step; requests wait in a bounded
-queue and join the batch at the next step when a slot is free (iteration-level batching)."""
+queue and join the batch at the next step when a slot is free (iteration-level batching). Each step
+decodes one token of every running sequence and feeds newcomers' prompts in chunks within a token
+budget (serve.batch)."""
 from __future__ import annotations
 
 import logging
@@ -23,9 +25,10 @@ _IDLE_WAIT_S = 0.05
 
 
 class Engine:
-    def __init__(self, model: LanguageModel, max_batch: int, max_queue: int, metrics: ServeMetrics):
+    def __init__(self, model: LanguageModel, max_batch: int, max_queue: int, metrics: ServeMetrics,
+                 step_tokens: int | None = None):
         self.model = model
-        self.batch = running_batch(model, max_batch)
+        self.batch = running_batch(model, max_batch, step_tokens)
         self.metrics = metrics
         self.waiting: queue.Queue[Sequence] = queue.Queue(max_queue)
         self._stop = threading.Event()
@@ -104,7 +107,7 @@ class Engine:
             self._count()
 
     def _admit(self) -> None:
-        """Move waiting sequences into free slots (prefill and first token); wait a little when idle."""
+        """Move waiting sequences into free slots (their prompts are fed by the steps); wait a little when idle."""
         while self.batch.free_slots > 0:
             try:
                 block = not self.batch.running
@@ -119,7 +122,6 @@ class Engine:
             except MemwiseError as e:    # e.g. the memory gate refused this one's cache: it alone fails
                 self.batch.remove(seq)
                 seq.end("error", str(e))
-            if seq.done:
                 self.metrics.finished(seq)
 
     def _leave_cancelled(self) -> None:

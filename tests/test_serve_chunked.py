@@ -1,0 +1,117 @@
+"""Chunked prefill in the serve engine: a step's token budget splits prompts into chunks fed beside the
+running decodes; the greedy tokens stay those of an unchunked prefill, and every slot comes back."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import memwise
+from memwise.serve.batch import running_batch
+from memwise.serve.scheduled import chunk_plan
+from memwise.serve.engine import Engine
+from memwise.serve.metrics import ServeMetrics
+from memwise.serve.protocol import Sampling
+from memwise.serve.sequence import Sequence
+from memwise.tokenizer import decode_stream
+
+PROMPTS = [[5, 6, 7], [100, 3], [9] * 41, [44, 45, 46, 47, 48, 49, 50], [1], [300, 301, 302] * 9]
+LENGTHS = [12, 7, 9, 15, 6, 10]
+
+
+def test_chunk_plan_shares_the_budget_in_arrival_order():
+    assert chunk_plan([10, 50, 3], None) == [10, 50, 3]
+    assert chunk_plan([10, 50, 3], 30) == [10, 20, 0]
+    assert chunk_plan([40], 16) == [16]
+    # the decodes took the whole budget: prefill still advances, by 2
+    assert chunk_plan([40, 5], -3) == [2, 0]
+    # never a lone token, unless the prompt is one token
+    assert chunk_plan([17], 16) == [17]
+    assert chunk_plan([5], 1) == [2]
+    assert chunk_plan([1, 4], 8) == [1, 4]
+
+
+def _sequences(model, prompts=PROMPTS, lengths=LENGTHS) -> list[Sequence]:
+    return [Sequence(list(ids), Sampling(n, temperature=0.0), lambda event: None, decode_stream(model.tokenizer))
+            for ids, n in zip(prompts, lengths)]
+
+
+def _run(batch, sequences: list[Sequence]) -> list[int]:
+    """Admit into free slots and step until all are done, as the engine does; the most prompts that
+    were part-way through their prefill at once after a step."""
+    waiting, partial = list(sequences), []
+    while waiting or batch.running:
+        while waiting and batch.free_slots:
+            batch.add(waiting.pop(0))
+        batch.step()
+        partial.append(sum(1 for s in batch.prefilling if 0 < batch.consumed[id(s)]))
+    return partial
+
+
+@pytest.mark.parametrize("preset", ["preset:tiny-mmfree", "preset:tiny-gpt2", "preset:tiny-llama"])
+def test_chunked_prefill_gives_the_unchunked_greedy_tokens(preset):
+    model = memwise.load(preset)
+    alone = [model.generate([ids], n, ignore_eos=True)[0, len(ids):].tolist() for ids, n in zip(PROMPTS, LENGTHS)]
+    results = {}
+    for budget in (None, 8, 1):
+        batch = running_batch(model, 3, budget)
+        sequences = _sequences(model)
+        partial = _run(batch, sequences)
+        results[budget] = [s.generated for s in sequences]
+        assert all(s.finish_reason == "length" for s in sequences)
+        if budget is not None:
+            assert max(partial) >= 1        # some prompt really was fed over several steps
+        assert batch.free_slots == 3 and not batch.running and not batch.consumed
+    assert results[None] == alone
+    assert results[8] == alone
+    assert results[1] == alone
+
+
+def test_a_step_decodes_the_running_and_feeds_one_chunk():
+    model = memwise.load("preset:tiny-mmfree")
+    batch = running_batch(model, 4, 10)
+    short, long_ = _sequences(model, [[5, 6], [9] * 30], [20, 5])
+    batch.add(short)
+    batch.step()                          # the short prompt fits the budget: its first token
+    assert len(short.generated) == 1
+    batch.add(long_)
+    batch.step()                          # one decode for `short`, 9 prompt tokens of `long_`
+    assert len(short.generated) == 2 and batch.consumed[id(long_)] == 9
+    batch.step()
+    assert len(short.generated) == 3 and batch.consumed[id(long_)] == 18
+    batch.step()
+    batch.step()                          # 27, then the last 3 tokens and the first new one
+    assert len(short.generated) == 5 and long_.generated and id(long_) not in batch.consumed
+
+
+@pytest.mark.parametrize("preset", ["preset:tiny-mmfree", "preset:tiny-gpt2"])
+def test_cancelled_mid_prefill_frees_its_slot(preset):
+    model = memwise.load(preset)
+    metrics = ServeMetrics(model.device)
+    engine = Engine(model, max_batch=2, max_queue=8, metrics=metrics, step_tokens=4)
+    sequences = _sequences(model, [[7] * 60, [3, 4, 5], [8] * 30, [9] * 20], [30, 8, 6, 5])
+    seen: list[int] = []
+    inner = model.module.forward
+
+    def forward(*args, **kwargs):
+        # the client of the first request goes away while its prompt is part-way through
+        seen.append(engine.batch.consumed.get(id(sequences[0]), -1))
+        if len(seen) == 3:
+            sequences[0].cancelled = True
+        return inner(*args, **kwargs)
+    model.module.forward = forward
+    for seq in sequences:
+        engine.submit(seq)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not all(s.done for s in sequences[1:]) or engine.running or engine.queued:
+            assert time.monotonic() < deadline, "the engine never drained"
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert 0 < seen[2] < 60                        # cancelled mid-prefill
+    assert not sequences[0].generated
+    assert [len(s.generated) for s in sequences[1:]] == [8, 6, 5]
+    assert engine.free_slots == 2 and not engine.batch.consumed and not engine.batch.running
+    assert metrics.cancelled._value.get() == 1
