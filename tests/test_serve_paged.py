@@ -13,22 +13,9 @@ from memwise.serve.protocol import Sampling  # noqa: E402
 from memwise.serve.sequence import Sequence  # noqa: E402
 from memwise.tokenizer import decode_stream  # noqa: E402
 
-from test_serve import Running, until  # noqa: E402
+from test_serve import serve, tiny, until  # noqa: E402,F401 (fixtures)
 
 PROMPTS, LENGTHS = [[5, 6, 7], [100, 3, 4, 5, 6], [9] * 11, [40, 41], [7] * 30], [9, 4, 13, 20, 6]
-
-
-@pytest.fixture()
-def serve():
-    started = []
-
-    def start(model, **config):
-        running = Running(model, **config)
-        started.append(running)
-        return running
-    yield start
-    for running in started:
-        running.stop()
 
 
 def _submit_all(running, model, prompts, lengths):
