@@ -78,6 +78,18 @@ def until(condition, what: str, limit: float = 20.0) -> None:
         time.sleep(0.01)
 
 
+def submit_all(running, model, prompts: list[list[int]], lengths: list[int]) -> list[Sequence]:
+    """Queue greedy sequences while the model is held, release it, and wait until all have finished."""
+    running.gate.open.clear()
+    sequences = [Sequence(ids, Sampling(n, temperature=0.0), lambda event: None, decode_stream(model.tokenizer))
+                 for ids, n in zip(prompts, lengths)]
+    for seq in sequences:
+        running.engine.submit(seq)
+    running.gate.open.set()
+    until(lambda: all(s.done for s in sequences), "every sequence finishes")
+    return sequences
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return memwise.load("preset:tiny-mmfree")
@@ -289,18 +301,12 @@ def test_concurrent_http_requests_match_sequential(serve):
 
 @pytest.mark.parametrize("preset", ["preset:tiny-bitnet"])
 def test_other_families_interleave_and_match_alone(serve, preset):
-    """A decoder runs its sequences one at a time between steps; each still gets its own tokens."""
+    """BitNet runs its sequences one at a time between steps; each still gets its own tokens."""
     model = memwise.load(preset)
     prompts, lengths = [[5, 6, 7], [100, 3, 4, 5, 6], [9] * 11], [9, 4, 13]
     alone = [model.generate([ids], n, ignore_eos=True)[0, len(ids):].tolist() for ids, n in zip(prompts, lengths)]
     running = serve(model, max_batch=2)
-    running.gate.open.clear()
-    sequences = [Sequence(ids, Sampling(n, temperature=0.0), lambda event: None, decode_stream(model.tokenizer))
-                 for ids, n in zip(prompts, lengths)]
-    for seq in sequences:
-        running.engine.submit(seq)
-    running.gate.open.set()
-    until(lambda: all(s.done for s in sequences), "every sequence finishes")
+    sequences = submit_all(running, model, prompts, lengths)
     assert [s.generated for s in sequences] == alone
 
 

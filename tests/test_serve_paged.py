@@ -9,24 +9,10 @@ pytest.importorskip("uvicorn")
 
 import memwise  # noqa: E402
 from memwise.serve.paged_batch import PagedDecoders  # noqa: E402
-from memwise.serve.protocol import Sampling  # noqa: E402
-from memwise.serve.sequence import Sequence  # noqa: E402
-from memwise.tokenizer import decode_stream  # noqa: E402
 
-from test_serve import serve, tiny, until  # noqa: E402,F401 (fixtures)
+from test_serve import serve, submit_all, tiny, until  # noqa: E402,F401 (fixtures)
 
 PROMPTS, LENGTHS = [[5, 6, 7], [100, 3, 4, 5, 6], [9] * 11, [40, 41], [7] * 30], [9, 4, 13, 20, 6]
-
-
-def _submit_all(running, model, prompts, lengths):
-    running.gate.open.clear()
-    sequences = [Sequence(ids, Sampling(n, temperature=0.0), lambda event: None, decode_stream(model.tokenizer))
-                 for ids, n in zip(prompts, lengths)]
-    for seq in sequences:
-        running.engine.submit(seq)
-    running.gate.open.set()
-    until(lambda: all(s.done for s in sequences), "every sequence finishes")
-    return sequences
 
 
 @pytest.mark.parametrize("preset,kv_cache", [("preset:tiny-gpt2", None), ("preset:tiny-llama", None),
@@ -37,7 +23,7 @@ def test_decoders_batch_over_paged_blocks_and_match_alone(serve, preset, kv_cach
     running = serve(model, max_batch=3)
     engine = running.engine
     assert isinstance(engine.batch, PagedDecoders)
-    sequences = _submit_all(running, model, PROMPTS, LENGTHS)
+    sequences = submit_all(running, model, PROMPTS, LENGTHS)
     assert [s.generated for s in sequences] == alone
     assert max(running.gate.batches) == 3          # decode steps ran the running sequences as one batch
     until(lambda: engine.free_slots == 3, "the slots come back")
@@ -52,7 +38,7 @@ def test_a_short_pool_makes_newcomers_wait_not_fail(serve):
     running = serve(model, max_batch=4)
     engine = running.engine
     engine.batch = PagedDecoders(model, 4, num_blocks=10, block_size=4)    # 9 usable: the longest needs 9
-    sequences = _submit_all(running, model, PROMPTS, LENGTHS)
+    sequences = submit_all(running, model, PROMPTS, LENGTHS)
     assert [s.generated for s in sequences] == alone
     assert engine.kv_blocks == (9, 9)
 
@@ -62,7 +48,7 @@ def test_a_request_larger_than_the_pool_is_refused_alone(serve):
     running = serve(model, max_batch=2)
     engine = running.engine
     engine.batch = PagedDecoders(model, 2, num_blocks=3, block_size=4)    # 2 usable blocks: 8 tokens
-    big, small = _submit_all(running, model, [[5] * 6, [5, 6]], [4, 3])
+    big, small = submit_all(running, model, [[5] * 6, [5, 6]], [4, 3])
     assert big.finish_reason == "error" and small.finish_reason == "length"
     assert engine.kv_blocks == (2, 2)
 
