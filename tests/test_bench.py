@@ -27,7 +27,7 @@ REQUIRED_FIELDS = [
     "decode_ceiling_tok_s",
 ] + [f"{m}_{s}" for m in ("ttft_s", "prefill_tok_s", "tpot_s", "decode_tok_s", "e2e_s")
      for s in ("min", "max", "samples")]
-METADATA_FIELDS = ["machine", "cpu_model", "cores", "ram_bytes", "gpu", "versions", "date", "command",
+METADATA_FIELDS = ["machine", "cpu_model", "cpu_identity", "kernel_isa", "cores", "ram_bytes", "gpu", "versions", "date", "command",
                    "memory_bandwidth_bytes_per_s"]
 
 PROMPT, NEW, RUNS = 8, 5, 2
@@ -440,3 +440,21 @@ def test_progress_lines_name_a_cells_weight_and_kv_schemes():
     assert _summary(record).startswith("gpt2-medium · memwise · float32 int8 kv:int4 · b1 p8 n4")
     record.update(quantize=None, kv_cache=None)
     assert _summary(record).startswith("gpt2-medium · memwise · float32 · b1")
+
+
+def test_machine_identity_follows_proc_cpuinfo_and_forced_isa(monkeypatch):
+    from memwise import kernels
+    from memwise.bench.machine import cpu_identity, kernel_isa
+
+    info = open("/proc/cpuinfo").read().split("\n\n")[0]
+    fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in info.splitlines()))
+    if "cpu family" in fields:
+        assert cpu_identity() == (f"{fields['vendor_id']} family {fields['cpu family']} model {fields['model']} "
+                                  f"stepping {fields['stepping']}")
+    else:
+        assert cpu_identity() is None
+    assert kernel_isa() == kernels.isa_paths()[0]
+    monkeypatch.setenv("MEMWISE_ISA", "scalar")
+    assert kernel_isa() == "scalar"
+    monkeypatch.setenv("MEMWISE_ISA", "no-such-isa")
+    assert kernel_isa() is None

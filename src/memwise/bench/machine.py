@@ -25,6 +25,34 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_identity() -> str | None:
+    """x86 vendor, family, model and stepping ("AuthenticAMD family 25 model 17 stepping 1"): a VM's
+    model name often says only "AMD EPYC", and the family number tells the core generation apart."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return None
+    if "cpu family" not in fields:
+        return None
+    return (f"{fields.get('vendor_id', '?')} family {fields['cpu family']} model {fields.get('model', '?')} "
+            f"stepping {fields.get('stepping', '?')}")
+
+
+def kernel_isa() -> str | None:
+    """The instruction-set path memwise's kernels take here (MEMWISE_ISA applied), or None without them."""
+    try:
+        from memwise.kernels import isa_paths
+        return isa_paths()[0]
+    except Exception:  # an unbuilt extension or a bad MEMWISE_ISA: metadata must not fail on it
+        return None
+
+
 def gpu_name() -> str | None:
     try:
         import torch
@@ -80,6 +108,8 @@ def machine_metadata(command: str | None = None) -> dict[str, Any]:
     return {
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
         "cpu_model": cpu_model(),
+        "cpu_identity": cpu_identity(),
+        "kernel_isa": kernel_isa(),
         "cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "ram_bytes": int(psutil.virtual_memory().total),

@@ -190,9 +190,11 @@ def markdown(records: list[dict[str, Any]], metadata: dict[str, Any]) -> str:
     out.write("# memwise bench\n\n")
     out.write(f"- Command: `{metadata.get('command', '')}`\n")
     out.write(f"- Date: {metadata.get('date', '')}\n")
-    out.write(f"- Machine: {metadata.get('machine', '')}; CPU: {metadata.get('cpu_model', '')}, "
+    out.write(f"- Machine: {metadata.get('machine', '')}; CPU: {metadata.get('cpu_model', '')}"
+              f"{' (' + metadata['cpu_identity'] + ')' if metadata.get('cpu_identity') else ''}, "
               f"{metadata.get('cores', '?')} cores; RAM: {(metadata.get('ram_bytes') or 0) / 2**30:.1f} GiB; "
-              f"GPU: {metadata.get('gpu') or 'none'}\n")
+              f"GPU: {metadata.get('gpu') or 'none'}"
+              f"{'; kernels: ' + metadata['kernel_isa'] if metadata.get('kernel_isa') else ''}\n")
     if metadata.get("memory_bandwidth_bytes_per_s"):
         out.write(f"- Read bandwidth: {metadata['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
                   f"({metadata.get('memory_bandwidth_method', '')})\n")
