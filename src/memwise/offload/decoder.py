@@ -21,7 +21,7 @@ from torch import nn
 
 from memwise.checkpoint import CheckpointReader
 from memwise.heap import release_free_heap
-from memwise.models.decoder.build import check_plan, fill_from_checkpoint, meta_model, synthetic_tensors
+from memwise.models.decoder.build import check_plan, fill_from_checkpoint, meta_model, synthetic_row_blocks
 from memwise.models.decoder.layout import checkpoint_plan
 from memwise.models.decoder.modules import Decoder
 from memwise.models.decoder.quantized import quantized_linears
@@ -187,9 +187,12 @@ def _fill_layers(model: Decoder, reader: CheckpointReader | None, seed: int,
         return None if name in quantized else model.get_parameter(name)
 
     with torch.no_grad():
-        for name, tensor in synthetic_tensors(model.spec, seed, into=target):
+        # a quantized matrix comes in row blocks (never its whole float32 self: the embedding)
+        for name, start, tensor in synthetic_row_blocks(model.spec, seed, into=target, by_rows=quantized.__contains__):
             if name in quantized:
-                quantized[name].fill_rows(0, tensor)
+                if start == 0:
+                    target(name)        # a new layer's first matrix completes the previous layer
+                quantized[name].fill_rows(start, tensor)
             else:
                 destination = target(name)
                 if destination.data_ptr() != tensor.data_ptr():    # not drawn in place

@@ -133,11 +133,11 @@ def synthetic(spec: ModelSpec, dtype: str | torch.dtype = "float32", device: str
     parameters = dict(model.named_parameters())
     quantized = quantized_linears(model)
     with torch.no_grad():
-        for name, tensor in synthetic_tensors(spec, seed):
+        for name, start, tensor in synthetic_row_blocks(spec, seed, into=parameters.get, by_rows=quantized.__contains__):
             if name in quantized:
-                quantized[name].fill_rows(0, tensor)
+                quantized[name].fill_rows(start, tensor)
                 release_free_heap()     # the quantizer's freed temporaries would stay resident (heap.py)
-            else:
+            elif parameters[name].data_ptr() != tensor.data_ptr():      # not drawn in place
                 parameters[name].copy_(tensor)
             del tensor
     if quantize is not None:
@@ -159,16 +159,50 @@ def synthetic_tensors(spec: ModelSpec, seed: int = 0,
     can write the very weights memwise runs without holding the whole model. `into(name)` may give a
     float32 tensor of the parameter's shape (the model's own memory) to draw the matrix straight into,
     with the same values: a writer then never holds a second copy of a large matrix (the embedding)."""
+    for name, _, tensor in synthetic_row_blocks(spec, seed, into):
+        yield name, tensor
+
+
+# Rows drawn at a time by synthetic_row_blocks: about this many weights (4 MiB of float32).
+DRAW_WEIGHTS = 1 << 20
+
+
+def draw_row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """(start, end) row blocks of a [rows, cols] matrix whose separate draws equal one draw of the whole.
+
+    torch's CPU normal_ fills a contiguous tensor of 16 or more numbers with uniforms in order and
+    turns them into normals 16 at a time (redrawing the last 16 when the count is not a multiple of
+    16): blocks of a multiple of 16 numbers, the last one at least 16, consume and transform the
+    generator's stream exactly as the whole does. tests/test_synthetic_draw.py checks this."""
+    step = max(1, DRAW_WEIGHTS // max(cols, 1))
+    while (step * cols) % 16:
+        step += 1
+    blocks = [(at, min(at + step, rows)) for at in range(0, rows, step)]
+    if len(blocks) > 1 and (blocks[-1][1] - blocks[-1][0]) * cols < 16:
+        blocks[-2:] = [(blocks[-2][0], rows)]     # a tail under 16 numbers would take torch's other path
+    return blocks
+
+
+def synthetic_row_blocks(spec: ModelSpec, seed: int = 0,
+                         into: Callable[[str], torch.Tensor | None] | None = None,
+                         by_rows: Callable[[str], bool] | None = None
+                         ) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """synthetic_tensors as (name, first row, tensor); a matrix for which `by_rows(name)` is true comes
+    in row blocks of about DRAW_WEIGHTS numbers, with the same values, so that a quantizing loader
+    never holds the whole float32 matrix (the embedding)."""
     generator = torch.Generator().manual_seed(seed)
     for name, shape in parameter_shapes(spec):
         if name.endswith("bias"):
-            yield name, torch.zeros(shape)
+            yield name, 0, torch.zeros(shape)
         elif len(shape) == 1:
-            yield name, torch.ones(shape)
+            yield name, 0, torch.ones(shape)
+        elif by_rows is not None and by_rows(name) and len(shape) == 2:
+            for start, end in draw_row_blocks(*shape):
+                yield name, start, torch.empty(end - start, shape[1]).normal_(0.0, 0.02, generator=generator)
         else:
             target = into(name) if into is not None else None
             if target is None or target.dtype != torch.float32 or tuple(target.shape) != shape \
                     or not target.is_contiguous():
                 target = torch.empty(shape)
             # drawn in float32 on the CPU, one matrix at a time, so values do not depend on dtype/device
-            yield name, target.normal_(0.0, 0.02, generator=generator)
+            yield name, 0, target.normal_(0.0, 0.02, generator=generator)
