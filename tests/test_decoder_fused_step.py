@@ -32,8 +32,10 @@ PATHS = kernels.isa_paths() if not os.environ.get("MEMWISE_ISA") else kernels._m
 # spread, no step moved.
 STEP_REL = 1e-3
 
+# llama: grouped query attention (4 heads over 2), rotary, RMSNorm, SiLU GLU; llama3: one key/value
+# head, llama3 rope scaling, attention and MLP biases.
 MODELS = [("gpt2", "int8"), ("gpt2", "int4"), ("opt", "int8"), ("opt", "int4"), ("gpt2-odd", "int8"),
-          ("gpt2-odd", "int4")]
+          ("gpt2-odd", "int4"), ("llama", "int8"), ("llama", "int4"), ("llama3", "int4")]
 
 
 @pytest.fixture(scope="module")
@@ -181,10 +183,20 @@ def test_a_quantized_kv_cache_takes_the_pytorch_path(checkpoints, kv_cache, fuse
     assert fused_calls == []
 
 
+def test_a_sliding_window_hands_over_to_the_pytorch_path(checkpoints, fused_calls) -> None:
+    # mistral's window here is 6 slots: steps that would attend past it run the PyTorch modules.
+    model = memwise.load(str(checkpoints("mistral")), quantize="int4")
+    assert model.spec.sliding_window == 6
+    decode_side_by_side(model.module, prompt(2, seed=11), steps=3)      # slots 2, 3, 4: inside the window
+    assert len(fused_calls) == 3
+    decode_side_by_side(model.module, prompt(3, seed=12), steps=5)      # slots 3..5 fused, 6 and 7 not
+    assert len(fused_calls) == 3 + 3
+
+
 @pytest.mark.parametrize("name,options", [("gpt2", {}), ("gpt2", {"quantize": "nf4"}), ("opt-post", {"quantize": "int8"}),
-                                          ("llama", {"quantize": "int8"})])
+                                          ("phi", {"quantize": "int8"})])
 def test_other_models_have_no_fused_step(checkpoints, name, options, fused_calls) -> None:
-    # float32 and nf4 layers, opt-350m's post-norm layers and rotary models keep the PyTorch path.
+    # float32 and nf4 layers, opt-350m's post-norm layers and phi's parallel blocks keep the PyTorch path.
     model = memwise.load(str(checkpoints(name)), **options)
     assert not fused.supports(model.module)
     model.generate(prompt(4, seed=9), 3, ignore_eos=True)

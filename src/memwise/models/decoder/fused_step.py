@@ -1,20 +1,22 @@
-"""Fused decode step of quantized conventional decoders (gpt2, opt with int8 or int4 layers): one C
-call per generated token for all layers.
+"""Fused decode step of quantized conventional decoders (gpt2, opt, llama, mistral with int8 or int4
+layers): one C call per generated token for all layers.
 
 Decoding one token through the PyTorch modules costs, per layer, four C products (each with its
 Python checks and its own OpenMP region), torch's LayerNorm twice, SDPA, the activation, the
 residual adds and the cache writes, each a Python call and a torch dispatch: on a 2-core CPU that
 is nearly half of a gpt2-medium int4 step. ``FusedDecoder.step`` instead runs every layer in one
 OpenMP parallel region of the extension ``memwise.models.decoder._step`` (csrc/decoder_step.h):
-LayerNorm, the per-token int8 quantization and the kernel library's int8 or int4 row products
-(with their biases), the cache writes, attention of the one query, the activation (gpt2's tanh
-GELU or opt's ReLU) and the residuals. The embedding and positions, the final norm and the lm_head
-stay with the model.
+the norms (LayerNorm or RMSNorm), the per-token int8 quantization and the kernel library's int8 or
+int4 row products (with their biases), rotary embedding, the cache writes, attention of the one
+query (grouped query attention too), the activation (gpt2's tanh GELU, opt's ReLU, or the SiLU GLU
+of llama and mistral) and the residuals. The embedding and learned positions, the final norm and
+the lm_head stay with the model.
 
 Only a batch of one sequence with no padding in a float32 DecoderCache takes this path, for a
-pre-norm, sequential (not parallel), ungated, learned-position decoder whose layer projections are
-all Int8Linear or all Int4Linear and whose norms are float32 LayerNorms (``supports`` says which
-models; the model decides per step). Everything else keeps the PyTorch path.
+pre-norm, sequential (not parallel) decoder whose layer projections are all Int8Linear or all
+Int4Linear and whose norms are float32 (``supports`` says which models; the model decides per
+step, and a sliding window is left to the PyTorch path once the sequence reaches it). Everything
+else keeps the PyTorch path.
 
 What crosses into C is typed: ``ModelView`` (with ``LayerView`` and ``ProjectionView``) mirrors the
 C structs of csrc/decoder_model.h field for field, and ``layout_mismatches()`` compares them with
@@ -51,7 +53,8 @@ except ImportError:  # built without a C compiler: decode steps run the PyTorch 
 __all__ = ["available", "supports", "layout_mismatches", "FusedDecoder", "ProjectionView", "LayerView", "ModelView"]
 
 SCHEMES = {Int8Linear: 0, Int4Linear: 1}
-ACTIVATIONS = {"gelu_new": 0, "relu": 1}
+ACTIVATIONS = {"gelu_new": 0, "relu": 1, "silu": 2}
+NORMS = {"layernorm": 0, "rmsnorm": 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,11 +78,12 @@ class LayerView(ctypes.Structure):
 
 
 class ModelView(ctypes.Structure):
-    """decoder_model_t: sizes, the scheme and activation, and the layers."""
+    """decoder_model_t: sizes, the scheme, activation, norm and positions, and the layers."""
     _fields_ = [("num_layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64),
                 ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
                 ("max_length", ctypes.c_int64), ("eps", ctypes.c_float), ("scheme", ctypes.c_int32),
-                ("activation", ctypes.c_int32), ("layers", ctypes.POINTER(LayerView))]
+                ("activation", ctypes.c_int32), ("norm", ctypes.c_int32), ("gated", ctypes.c_int32),
+                ("rotary_dim", ctypes.c_int64), ("inv_freq", ctypes.c_void_p), ("layers", ctypes.POINTER(LayerView))]
 
 
 MIRRORS = {"decoder_projection_t": ProjectionView, "decoder_layer_t": LayerView, "decoder_model_t": ModelView}
@@ -111,16 +115,21 @@ def _scheme(model: Any) -> int | None:
 
 def supports(model: Any) -> bool:
     """Whether `model` (a Decoder) has the shape the fused step computes: pre-norm sequential layers
-    with float32 LayerNorms, learned positions, an ungated gelu_new or relu MLP, no sliding window,
-    and all layer projections int8 or all int4, on the CPU."""
+    with float32 LayerNorms (with biases) or RMSNorms; learned positions, or rotary ones whose
+    frequencies do not change with the length (not "dynamic"); an ungated gelu_new or relu MLP or a
+    gated silu one; all layer projections int8 or all int4; on the CPU."""
     spec = model.spec
-    if (spec.norm != "layernorm" or not spec.pre_norm or spec.parallel_block or spec.gated_mlp
-            or spec.positions != "learned" or spec.activation not in ACTIVATIONS or spec.sliding_window is not None
-            or spec.num_heads % spec.num_kv_heads or not len(model.layers) or _scheme(model) is None):
+    rotary = spec.positions == "rotary"
+    if (spec.norm not in NORMS or not spec.pre_norm or spec.parallel_block or spec.activation not in ACTIVATIONS
+            or spec.gated_mlp != (spec.activation == "silu") or spec.num_heads % spec.num_kv_heads
+            or (rotary and ((spec.rope_scaling or {}).get("rope_type") == "dynamic" or spec.rotary_dim % 2
+                            or model.inv_freq is None))
+            or not len(model.layers) or _scheme(model) is None):
         return False
     norms = [n for layer in model.layers for n in (layer.attn_norm, layer.mlp_norm)]
-    return all(isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None
-               and n.weight.dtype == torch.float32 and n.weight.device.type == "cpu" for n in norms)
+    biased = spec.norm == "layernorm"
+    return all(n.weight is not None and n.weight.dtype == torch.float32 and n.weight.device.type == "cpu"
+               and (getattr(n, "bias", None) is not None) == biased for n in norms)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,12 +169,13 @@ def _layer_view(layer: Any, n: int, spec: Any) -> LayerView:
     h, i = spec.hidden_size, spec.intermediate_size
     q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     where = f"layer {n}"
-    norms = [_floats(t.data, (h,), f"{where} {name}") for t, name in
-             ((layer.attn_norm.weight, "attention norm"), (layer.attn_norm.bias, "attention norm bias"),
-              (layer.mlp_norm.weight, "MLP norm"), (layer.mlp_norm.bias, "MLP norm bias"))]
+    norms = [0 if t is None else _floats(t.data, (h,), f"{where} {name}") for t, name in
+             ((layer.attn_norm.weight, "attention norm"), (getattr(layer.attn_norm, "bias", None), "attention norm bias"),
+              (layer.mlp_norm.weight, "MLP norm"), (getattr(layer.mlp_norm, "bias", None), "MLP norm bias"))]
+    up_rows = 2 * i if spec.gated_mlp else i
     return LayerView(qkv=_projection(layer.attn.qkv, q + 2 * kv, h, f"{where} q/k/v"),
                      out=_projection(layer.attn.out, h, q, f"{where} out"),
-                     up=_projection(layer.mlp.up, i, h, f"{where} up"),
+                     up=_projection(layer.mlp.up, up_rows, h, f"{where} up"),
                      down=_projection(layer.mlp.down, h, i, f"{where} down"),
                      attn_norm_weight=norms[0], attn_norm_bias=norms[1], mlp_norm_weight=norms[2],
                      mlp_norm_bias=norms[3])
@@ -194,10 +204,16 @@ class FusedDecoder:
         layers = list(model.layers)
         self.scheme = _scheme(model)
         self._layers = (LayerView * len(layers))(*[_layer_view(layer, n, spec) for n, layer in enumerate(layers)])
+        rotary_dim, inv_freq = 0, 0
+        if spec.positions == "rotary":
+            rotary_dim = spec.rotary_dim
+            self._inv_freq = model.inv_freq.to(torch.float32).contiguous()
+            inv_freq = _floats(self._inv_freq, (rotary_dim // 2,), "inv_freq")
         self.view = ModelView(num_layers=len(layers), hidden=spec.hidden_size, intermediate=spec.intermediate_size,
                               heads=spec.num_heads, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                               max_length=0, eps=spec.norm_eps, scheme=self.scheme,
-                              activation=ACTIVATIONS[spec.activation], layers=self._layers)
+                              activation=ACTIVATIONS[spec.activation], norm=NORMS[spec.norm],
+                              gated=int(spec.gated_mlp), rotary_dim=rotary_dim, inv_freq=inv_freq, layers=self._layers)
         # The tensors the views point into stay alive as long as the decoder.
         self._model_tensors = [*model.layers.parameters(), *model.layers.buffers()]
         self._cache: Any = None     # a weak reference to the cache the layer views point into

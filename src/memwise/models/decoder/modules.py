@@ -237,10 +237,12 @@ class Decoder(nn.Module):
     def _fused_step(self, input_ids: torch.Tensor, cache: DecoderCache,
                     attention_mask: torch.Tensor | None) -> Any:
         """The fused decoder (fused_step.py) when this step can use it: one token of one sequence on the
-        CPU, a float32 DecoderCache (not quantized, paged or micro-batched) without padding, the model
-        in memory (not offloaded) and of a shape fused_step supports; MEMWISE_FUSED_STEP=0 turns it
-        off (for A/B measurements). Else None."""
+        CPU, a float32 DecoderCache (not quantized, paged or micro-batched) without padding and, with a
+        sliding window, shorter than the window, the model in memory (not offloaded) and of a shape
+        fused_step supports; MEMWISE_FUSED_STEP=0 turns it off (for A/B measurements). Else None."""
+        window = self.spec.sliding_window
         if (self._fused_decoder is False or input_ids.shape != (1, 1) or type(cache) is not DecoderCache
+                or (window is not None and cache.length >= window)
                 or cache.padded or cache.length >= cache.max_length or cache.keys[0].dtype != torch.float32
                 or cache.keys[0].device.type != "cpu" or input_ids.device.type != "cpu"
                 or self.layer_stream is not None or self.offload_runtime is not None

@@ -9,7 +9,8 @@
 #include <stdint.h>
 
 enum { DECODER_INT8 = 0, DECODER_INT4 = 1 };
-enum { DECODER_GELU_TANH = 0, DECODER_RELU = 1 };
+enum { DECODER_GELU_TANH = 0, DECODER_RELU = 1, DECODER_SILU = 2 };
+enum { DECODER_LAYER_NORM = 0, DECODER_RMS_NORM = 1 };
 
 /* One quantized linear y = x W^T + b of `rows` outputs over `cols` inputs, padded to padded_cols
  * (a multiple of 64 in both schemes).  int8 (Int8Linear): weights int8 [rows, padded_cols], row_sums
@@ -27,18 +28,22 @@ typedef struct {
 typedef struct {
     decoder_projection_t qkv;   /* [Q + 2 KV, H] */
     decoder_projection_t out;   /* [H, Q] */
-    decoder_projection_t up;    /* [I, H] */
+    decoder_projection_t up;    /* [I, H], or [2 I, H] when gated: gate rows first, then up */
     decoder_projection_t down;  /* [H, I] */
-    const float *attn_norm_weight, *attn_norm_bias;   /* LayerNorm [H] each */
+    const float *attn_norm_weight, *attn_norm_bias;   /* [H] each; no biases with RMSNorm (NULL) */
     const float *mlp_norm_weight, *mlp_norm_bias;
     float *keys, *values;       /* the cache's [1, kv_heads, max_length, head_dim] of this layer */
 } decoder_layer_t;
 
 typedef struct {
     int64_t num_layers, hidden, intermediate, heads, kv_heads, head_dim, max_length;
-    float eps;                  /* of every LayerNorm */
+    float eps;                  /* of every norm */
     int32_t scheme;             /* DECODER_INT8 or DECODER_INT4, every projection of every layer */
-    int32_t activation;         /* DECODER_GELU_TANH (gpt2's gelu_new) or DECODER_RELU (opt) */
+    int32_t activation;         /* DECODER_GELU_TANH (gpt2's gelu_new), DECODER_RELU (opt), DECODER_SILU */
+    int32_t norm;               /* DECODER_LAYER_NORM (gpt2, opt) or DECODER_RMS_NORM (llama, mistral) */
+    int32_t gated;              /* 1: act(gate) * up (llama, mistral), 0: act(up) */
+    int64_t rotary_dim;         /* 0: learned positions (added by the model), else rotary over these dims */
+    const float *inv_freq;      /* [rotary_dim / 2] or NULL */
     const decoder_layer_t *layers; /* [L] */
 } decoder_model_t;
 

@@ -1,12 +1,13 @@
 /* The fused decoder step: one token of one sequence through every layer of a pre-norm decoder
- * with int8 or int4 projections (gpt2, opt) in one OpenMP parallel region
+ * with int8 or int4 projections (gpt2, opt, llama, mistral) in one OpenMP parallel region
  * (memwise/models/decoder/fused_step.py calls it once per token; the embedding, the positions, the
  * final norm and the lm_head stay in Python).
  *
- * Per layer, as modules.py computes it: LayerNorm, the fused q/k/v projection (the activation
- * quantized per token, the kernel library's int8 or int4 row products, the bias), the new key and
- * value written into the DecoderCache at slot `pos`, attention of the query over slots 0..pos, the
- * out projection added to the residual, LayerNorm, up, the activation, down added to the residual.
+ * Per layer, as modules.py computes it: the norm (LayerNorm or RMSNorm), the fused q/k/v projection
+ * (the activation quantized per token, the kernel library's int8 or int4 row products, the bias),
+ * rotary embedding where the model has it, the new key and value written into the DecoderCache at
+ * slot `pos`, attention of the query over slots 0..pos, the out projection added to the residual,
+ * the norm, up (gate and up when gated), the activation, down added to the residual.
  * The products are split over output rows (contiguous stretches of tiles), attention over
  * key/value heads (each thread writes the cache rows of its heads and then attends with their query
  * heads, so no barrier between the two).  A row's norm and quantization are one thread's work:
@@ -33,7 +34,7 @@ typedef struct {
     uint8_t *a[DN_SLOTS];       /* its path form: int8's I8_ACT_* row, or int4's pair order */
     float *qsum[DN_SLOTS];      /* int4: each group's sum of q */
     float *xinv;                /* [DN_SLOTS]: 1 / s */
-    float *ones, *h, *qkv, *attn, *res, *u, *t;
+    float *ones, *h, *qkv, *attn, *res, *u, *t, *cs, *sn;
     float *scores;              /* per thread: max_length scores, then max_length exps */
     int *barrier;               /* spin_barrier's count; its generation and sleepers a line further */
     void *mem;
@@ -55,7 +56,7 @@ static decoder_ws_t *decoder_ws_make(int isa, int scheme, int64_t H, int64_t Q, 
     w->H = H, w->Q = Q, w->KV = KV, w->I = I, w->hd = hd, w->max_length = max_length;
     const int64_t ks[DN_SLOTS] = {H, Q, I};
     const int64_t widest = H > Q ? (H > I ? H : I) : (Q > I ? Q : I);
-    size_t sizes[3 * DN_SLOTS + 10], total = 0;
+    size_t sizes[3 * DN_SLOTS + 12], total = 0;
     int n = 0;
     for (int s = 0; s < DN_SLOTS; ++s) {
         w->kp[s] = decoder_padded(ks[s]);
@@ -63,8 +64,9 @@ static decoder_ws_t *decoder_ws_make(int isa, int scheme, int64_t H, int64_t Q, 
         sizes[n++] = (size_t)w->kp[s];
         sizes[n++] = sizeof(float) * (size_t)(w->kp[s] / 64);
     }
-    const int64_t floats[] = {DN_SLOTS, widest, H, Q + 2 * KV, Q, H, I, I, 2 * max_length * w->nthreads};
-    for (int k = 0; k < 9; ++k) sizes[n++] = sizeof(float) * (size_t)floats[k];
+    const int64_t floats[] = {DN_SLOTS, widest, H, Q + 2 * KV, Q, H, 2 * I, I, hd, hd,
+                              2 * max_length * w->nthreads};
+    for (int k = 0; k < 11; ++k) sizes[n++] = sizeof(float) * (size_t)floats[k];
     sizes[n++] = 128;
     for (int k = 0; k < n; ++k) total += (sizes[k] + 63) & ~(size_t)63;
     w->mem = alloc64(total);
@@ -93,6 +95,8 @@ static decoder_ws_t *decoder_ws_make(int isa, int scheme, int64_t H, int64_t Q, 
     TAKE(w->res, float *);
     TAKE(w->u, float *);
     TAKE(w->t, float *);
+    TAKE(w->cs, float *);
+    TAKE(w->sn, float *);
     TAKE(w->scores, float *);
     TAKE(w->barrier, int *);
 #undef TAKE
@@ -166,8 +170,9 @@ static void project(decoder_thread_t *t, int s, const decoder_projection_t *p, f
     decoder_sync(t);
 }
 
-/* Key/value heads [g0, g1): write key and value into the cache at pos, then attend with every query
- * head of those groups; then every thread waits. */
+/* Key/value heads [g0, g1): rotate the new key (rotary models), write key and value into the cache
+ * at pos, then attend with every query head of those groups (rotated here too); then every thread
+ * waits. */
 static void attend_heads(decoder_thread_t *t, const decoder_layer_t *layer) {
     const decoder_ws_t *w = t->w;
     const decoder_model_t *m = t->m;
@@ -175,18 +180,21 @@ static void attend_heads(decoder_thread_t *t, const decoder_layer_t *layer) {
     const int64_t g0 = kvh * t->id / t->nt, g1 = kvh * (t->id + 1) / t->nt;
     float *scores = w->scores + (size_t)t->id * 2 * (size_t)w->max_length;
     for (int64_t g = g0; g < g1; ++g) {
-        const float *k = w->qkv + w->Q + g * hd, *v = w->qkv + w->Q + w->KV + g * hd;
+        float *k = w->qkv + w->Q + g * hd, *v = w->qkv + w->Q + w->KV + g * hd;
+        if (m->rotary_dim) t->ops->rope(k, w->cs, w->sn, m->rotary_dim / 2);
         float *keys = layer->keys + g * m->max_length * hd, *values = layer->values + g * m->max_length * hd;
         memcpy(keys + pos * hd, k, sizeof(float) * (size_t)hd);
         memcpy(values + pos * hd, v, sizeof(float) * (size_t)hd);
-        for (int64_t h = g * group; h < (g + 1) * group; ++h)
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+            if (m->rotary_dim) t->ops->rope(w->qkv + h * hd, w->cs, w->sn, m->rotary_dim / 2);
             t->ops->attend(w->qkv + h * hd, keys, values, pos + 1, hd, scores, scores + w->max_length,
                            w->attn + h * hd);
+        }
     }
     decoder_sync(t);
 }
 
-/* Thread 0: x += res (the previous projection's output, when `add`), LayerNorm into h, h
+/* Thread 0: x += res (the previous projection's output, when `add`), the norm into h, h
  * quantized into slot DSLOT_H; then every thread waits. */
 static void norm_input(decoder_thread_t *t, int add, const float *weight, const float *bias) {
     if (t->id == 0) {
@@ -194,19 +202,22 @@ static void norm_input(decoder_thread_t *t, int add, const float *weight, const 
         float *x = t->io->x;
         if (add)
             for (int64_t k = 0; k < w->H; ++k) x[k] += w->res[k];
-        t->ops->layer_norm(x, weight, bias, w->H, t->m->eps, w->h);
+        if (t->m->norm == DECODER_RMS_NORM) t->ops->rms_norm(x, weight, w->H, t->m->eps, w->h);
+        else t->ops->layer_norm(x, weight, bias, w->H, t->m->eps, w->h);
         quantize_slot(t, DSLOT_H, w->h, w->H);
     }
     decoder_sync(t);
 }
 
-/* The activation over this thread's span of u, then thread 0 quantizes u into DSLOT_I. */
+/* The activation over this thread's span of u (gated: act(gate) * up into the gate half), then
+ * thread 0 quantizes u's first I values into DSLOT_I. */
 static void activate(decoder_thread_t *t) {
     const decoder_ws_t *w = t->w;
     int64_t k0, k1;
     my_span(w->I, t->id, t->nt, &k0, &k1);
     if (k0 < k1) {
-        if (t->m->activation == DECODER_RELU) t->ops->relu(w->u + k0, k1 - k0);
+        if (t->m->gated) t->ops->silu_glu(w->u + k0, w->u + w->I + k0, w->t + k0, k1 - k0);
+        else if (t->m->activation == DECODER_RELU) t->ops->relu(w->u + k0, k1 - k0);
         else t->ops->gelu_tanh(w->u + k0, w->t + k0, k1 - k0);
     }
     decoder_sync(t);
@@ -229,6 +240,12 @@ static void decoder_layer(decoder_thread_t *t, const decoder_layer_t *layer, int
 }
 
 static void decoder_step_run(const decoder_ws_t *w, const decoder_model_t *m, const decoder_io_t *io) {
+    /* cos and sin of the position, as rotary_angles: the float32 angle pos * inv_freq. */
+    for (int64_t i = 0; i < m->rotary_dim / 2; ++i) {
+        const float angle = (float)io->pos * m->inv_freq[i];
+        w->cs[i] = (float)cos((double)angle);
+        w->sn[i] = (float)sin((double)angle);
+    }
 #ifdef _OPENMP
 #pragma omp parallel num_threads(w->nthreads)
 #endif

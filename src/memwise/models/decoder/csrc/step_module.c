@@ -41,14 +41,16 @@ static int projection_fits(const decoder_projection_t *p, int64_t rows, int64_t 
 static int model_fits(const decoder_ws_t *w, const decoder_model_t *m) {
     if (m->hidden != w->H || m->intermediate != w->I || m->head_dim != w->hd || m->heads * m->head_dim != w->Q ||
         m->kv_heads * m->head_dim != w->KV || m->max_length != w->max_length || m->kv_heads < 1 ||
-        m->heads % m->kv_heads || m->scheme != w->scheme)
+        m->heads % m->kv_heads || m->scheme != w->scheme || m->rotary_dim < 0 || m->rotary_dim % 2 ||
+        m->rotary_dim > m->head_dim || (m->rotary_dim && !m->inv_freq) || (m->gated && m->activation != DECODER_SILU))
         return 0;
     for (int64_t l = 0; l < m->num_layers; ++l) {
         const decoder_layer_t *y = m->layers + l;
         if (!projection_fits(&y->qkv, w->Q + 2 * w->KV, w->H, w->kp[DSLOT_H]) ||
             !projection_fits(&y->out, w->H, w->Q, w->kp[DSLOT_Q]) ||
-            !projection_fits(&y->up, w->I, w->H, w->kp[DSLOT_H]) ||
-            !projection_fits(&y->down, w->H, w->I, w->kp[DSLOT_I]))
+            !projection_fits(&y->up, m->gated ? 2 * w->I : w->I, w->H, w->kp[DSLOT_H]) ||
+            !projection_fits(&y->down, w->H, w->I, w->kp[DSLOT_I]) || !y->attn_norm_weight || !y->mlp_norm_weight ||
+            (m->norm == DECODER_LAYER_NORM && (!y->attn_norm_bias || !y->mlp_norm_bias)) || !y->keys || !y->values)
             return 0;
     }
     return 1;
@@ -121,7 +123,8 @@ static int add_struct(PyObject *out, const char *name, size_t size, const char *
     X(decoder_model_t, num_layers) X(decoder_model_t, hidden) X(decoder_model_t, intermediate)   \
     X(decoder_model_t, heads) X(decoder_model_t, kv_heads) X(decoder_model_t, head_dim)          \
     X(decoder_model_t, max_length) X(decoder_model_t, eps) X(decoder_model_t, scheme)            \
-    X(decoder_model_t, activation) X(decoder_model_t, layers)
+    X(decoder_model_t, activation) X(decoder_model_t, norm) X(decoder_model_t, gated)            \
+    X(decoder_model_t, rotary_dim) X(decoder_model_t, inv_freq) X(decoder_model_t, layers)
 
 static PyObject *py_struct_layout(PyObject *self, PyObject *noargs) {
     (void)self, (void)noargs;
@@ -141,7 +144,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_step", "The fused decoder step (int8, int4).", -1,
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_step", "The fused decoder step (int8, int4 layers).", -1,
                                     methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__step(void) { return PyModule_Create(&module); }
