@@ -62,8 +62,8 @@ NORMS = {"layernorm": 0, "rmsnorm": 1}
 
 
 class ProjectionView(ctypes.Structure):
-    """decoder_projection_t: one quantized linear's weights, row sums (int8), scales or group
-    constants, bias, and sizes."""
+    """decoder_projection_t: one quantized linear's weights, row sums (int8), scales (int8) or
+    float16 group constants (int4), bias, and sizes."""
     _fields_ = [("weights", ctypes.c_void_p), ("row_sums", ctypes.c_void_p), ("scales", ctypes.c_void_p),
                 ("bias", ctypes.c_void_p), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
                 ("padded_cols", ctypes.c_int64)]
@@ -160,7 +160,7 @@ def _projection(linear: Any, rows: int, cols: int, what: str) -> ProjectionView:
     else:
         kp = linear.codes.shape[1] * 2
         weights, sums = _tensor(linear.codes, torch.uint8, (rows, kp // 2), f"{what} codes"), 0
-        scales = _floats(linear.params, (rows, kp // 64, 2), f"{what} group constants")
+        scales = _tensor(linear.params, torch.float16, (rows, kp // 64, 2), f"{what} group constants")
     return ProjectionView(weights=weights, row_sums=sums, scales=scales, bias=bias, rows=rows, cols=cols,
                           padded_cols=kp)
 

@@ -15,12 +15,12 @@ enum { DECODER_LAYER_NORM = 0, DECODER_RMS_NORM = 1 };
 /* One quantized linear y = x W^T + b of `rows` outputs over `cols` inputs, padded to padded_cols
  * (a multiple of 64 in both schemes).  int8 (Int8Linear): weights int8 [rows, padded_cols], row_sums
  * int32 [rows], scales float [rows].  int4 (Int4Linear): weights the packed codes uint8
- * [rows, padded_cols / 2], scales the group constants float [rows, padded_cols / 64, 2], row_sums
- * NULL.  bias float [rows] or NULL. */
+ * [rows, padded_cols / 2], scales the group constants float16 [rows, padded_cols / 64, 2] (their
+ * bits), row_sums NULL.  bias float [rows] or NULL. */
 typedef struct {
     const void *weights;
     const int32_t *row_sums;
-    const float *scales;
+    const void *scales;         /* float (int8) or float16 bits (int4) */
     const float *bias;
     int64_t rows, cols, padded_cols;
 } decoder_projection_t;

@@ -165,7 +165,7 @@ static void project(decoder_thread_t *t, int s, const decoder_projection_t *p, f
         const i4_job_t j = {p->weights, p->scales, p->bias, p->rows, w->kp[s], w->kp[s] / I4_GROUP, 1, w->q[s],
                             i4_uses_pairs(w->isa) ? (const int8_t *)w->a[s] : NULL, w->qsum[s], w->xinv + s,
                             NULL, out};
-        if (a < b) i4_run_tiles(&j, i4_dots_of(w->isa), a, b);
+        if (a < b) i4_run_tiles(&j, i4_dots_of(w->isa), i4_widen_of(w->isa), a, b);
     }
     decoder_sync(t);
 }
