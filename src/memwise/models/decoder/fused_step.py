@@ -122,8 +122,7 @@ def supports(model: Any) -> bool:
     rotary = spec.positions == "rotary"
     if (spec.norm not in NORMS or not spec.pre_norm or spec.parallel_block or spec.activation not in ACTIVATIONS
             or spec.gated_mlp != (spec.activation == "silu") or spec.num_heads % spec.num_kv_heads
-            or (rotary and ((spec.rope_scaling or {}).get("rope_type") == "dynamic" or spec.rotary_dim % 2
-                            or model.inv_freq is None))
+            or (rotary and ((spec.rope_scaling or {}).get("rope_type") == "dynamic" or spec.rotary_dim % 2))
             or not len(model.layers) or _scheme(model) is None):
         return False
     norms = [n for layer in model.layers for n in (layer.attn_norm, layer.mlp_norm)]
@@ -207,6 +206,8 @@ class FusedDecoder:
         rotary_dim, inv_freq = 0, 0
         if spec.positions == "rotary":
             rotary_dim = spec.rotary_dim
+            if model.inv_freq is None:      # set at load (init_rotary) or by the first forward
+                model.init_rotary()
             self._inv_freq = model.inv_freq.to(torch.float32).contiguous()
             inv_freq = _floats(self._inv_freq, (rotary_dim // 2,), "inv_freq")
         self.view = ModelView(num_layers=len(layers), hidden=spec.hidden_size, intermediate=spec.intermediate_size,
