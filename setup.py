@@ -7,6 +7,7 @@
 * memwise.models.hgrn_bit._step: the fused HGRN-Bit decode step, which compiles the library's
   headers into its own translation unit so that its per-instruction-set code inlines them.
 * memwise.models.bitnet._step: the fused BitNet decode step, built the same way.
+* memwise.models.decoder._step: the fused decode step of int8 / int4 conventional decoders, likewise.
 
 Both are optional: without a C compiler the install still succeeds and memwise runs its PyTorch
 reference kernels. Instruction sets are chosen per function at run time, so there is no
@@ -25,6 +26,7 @@ from setuptools.command.build_ext import build_ext
 KERNELS_C = os.path.join("src", "memwise", "kernels", "csrc")
 HGRN_C = os.path.join("src", "memwise", "models", "hgrn_bit", "csrc")
 BITNET_C = os.path.join("src", "memwise", "models", "bitnet", "csrc")
+DECODER_C = os.path.join("src", "memwise", "models", "decoder", "csrc")
 LIBRARY_HEADERS = sorted(glob.glob(os.path.join(KERNELS_C, "*.h")))
 
 # -fno-math-errno lets sqrtf compile to one instruction.  -Wno-unused-function: each extension
@@ -69,6 +71,9 @@ setup(
         Extension("memwise.models.bitnet._step", sources=[os.path.join(BITNET_C, "step_module.c")],
                   include_dirs=[KERNELS_C, BITNET_C],
                   depends=LIBRARY_HEADERS + sorted(glob.glob(os.path.join(BITNET_C, "*.h"))), optional=True),
+        Extension("memwise.models.decoder._step", sources=[os.path.join(DECODER_C, "step_module.c")],
+                  include_dirs=[KERNELS_C, DECODER_C],
+                  depends=LIBRARY_HEADERS + sorted(glob.glob(os.path.join(DECODER_C, "*.h"))), optional=True),
     ],
     cmdclass={"build_ext": BuildExt},
 )

@@ -82,6 +82,31 @@ def test_cli_convert_and_bad_metadata(sources, tmp_path, capsys):
     assert len(err) == 1 and "weights' metadata" in err[0] and "is missing or does not match" in err[0]
 
 
+def _relabel(out, version: int) -> None:
+    """Mark a converted checkpoint as format `version`, in its config and its weights' header."""
+    config = json.loads((out / "config.json").read_text())
+    config[CONFIG_KEY]["format_version"] = version
+    (out / "config.json").write_text(json.dumps(config))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        metadata = {**f.metadata(), "memwise.format_version": str(version)}
+    save_file(load_file(str(out / "model.safetensors")), str(out / "model.safetensors"), metadata=metadata)
+
+
+def test_version_2_int4_is_refused_and_version_2_int8_still_reads(sources, tmp_path, capsys):
+    """Version 3 changed only int4 (float16 group constants): an int4 checkpoint of version 2 holds
+    float32 ones and is one line asking to convert again; int8's and nf4's layouts are unchanged."""
+    int4_out = convert(str(sources("gpt2")), tmp_path / "q4", quantize="int4")
+    _relabel(int4_out, 2)
+    assert main(["generate", str(int4_out), "--prompt", "hi", "--max-new-tokens", "2", "--force"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "format version 2 keeps int4's group constants in float32" in err[0]
+    assert "convert the source again" in err[0]
+    int8_out = convert(str(sources("gpt2")), tmp_path / "q8", quantize="int8")
+    _relabel(int8_out, 2)
+    at_load = memwise.load(str(sources("gpt2")), quantize="int8")
+    assert torch.equal(memwise.load(str(int8_out)).logits(ids()), at_load.logits(ids()))
+
+
 def test_convert_quantize_bad_input(sources, tmp_path):
     with pytest.raises(MemwiseError, match="unknown quantization scheme 'int3'"):
         convert(str(sources("gpt2")), tmp_path / "a", quantize="int3")

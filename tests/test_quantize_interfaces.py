@@ -38,7 +38,7 @@ def test_info_lists_bytes_per_parameter_and_schemes():
     assert run.returncode == 0, run.stderr
     text = " ".join(run.stdout.split())
     for expected in ("float32 (4 B/param)", "bfloat16 (2 B/param)", "quantize=int8", "344.38 MiB",
-                     "quantize=int4", "234.69 MiB (0.625 B/weight", "quantize=nf4", "203.26 MiB (0.516 B/weight",
+                     "quantize=int4", "216.69 MiB (0.5625 B/weight", "quantize=nf4", "203.26 MiB (0.516 B/weight",
                      "token embedding and lm_head int8, one table when tied"):
         assert expected in text, expected
     text = " ".join(memwise("info", "preset:tiny-mmfree").stdout.split())

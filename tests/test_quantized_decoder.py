@@ -2,8 +2,11 @@
 model, against the same quantization done by the PyTorch reference, and its size and errors."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import memwise
 from memwise.errors import MemwiseError
@@ -212,3 +215,20 @@ def test_linear_kernel_follows_new_tensors(cls):
     assert torch.equal(linear(x), reference(x, other.matrix(), linear.bias))
     moved = linear.to(torch.float32)
     assert torch.equal(moved(x), reference(x, moved.matrix(), moved.bias))
+    if cls is Int4Linear:     # a dtype move leaves the float16 group constants as they are
+        before = moved.params.clone()
+        assert moved.to(torch.bfloat16).params.dtype == torch.float16 and torch.equal(moved.params, before)
+
+
+def test_int4_weight_beyond_float16_is_one_error_naming_the_tensor(saved, tmp_path):
+    """int4's group constants are float16: a group reaching below -65504 cannot be held, and the
+    load says which checkpoint tensor and row."""
+    directory = tmp_path / "big"
+    shutil.copytree(saved("opt"), directory)
+    tensors = load_file(directory / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("layers.1.fc1.weight"))
+    tensors[name][3, 5] = -1e5
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MemwiseError, match=rf"tensor '{name}': int4: weight row 3, columns 0..31: weights from -100000 "):
+        memwise.load(directory, quantize="int4")
+    assert memwise.load(directory, quantize="int8").logits(prompts()).isfinite().all()

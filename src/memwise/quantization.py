@@ -24,12 +24,12 @@ class Scheme:
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("int8", 1.0, True, "int8 per output row (symmetric), int8 activations per token"),
-    Scheme("int4", 0.625, True, "4-bit codes in groups of 64 (asymmetric min/max, float32 scale and zero), "
+    Scheme("int4", 0.5625, True, "4-bit codes in groups of 64 (asymmetric min/max, float16 scale and zero), "
            "int8 activations per token (W4A8)"),
     Scheme("nf4", 0.516, True, "bitsandbytes NF4, blocks of 64, double-quantized absmax; float activations"),
 )}
 # Storage sizes per weight that `memwise info` lists beside the schemes.
-BYTES_PER_PARAMETER = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.625, "nf4": 0.516,
+BYTES_PER_PARAMETER = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5625, "nf4": 0.516,
                        "ternary (packed 2-bit)": 0.25}
 
 

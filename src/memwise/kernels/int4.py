@@ -4,21 +4,29 @@ Format (FlexGen-style group-wise asymmetric quantization; what the kernels and t
 
 * A matrix of N rows (outputs) and K columns (inputs) is cut along K into groups of GROUP = 64
   columns; Kp = K rounded up to a multiple of 64, G = Kp / 64 groups per row.
-* Per group: lo = min, hi = max of its real weights (the padding is left out), scale = (hi - lo) / 15
-  and zero = lo (float32); code = clamp(round((w - zero) / scale), 0, 15), rounded half to even
-  (a constant group has scale 0 and codes 0). A weight dequantizes to code * scale + zero.
+* Per group: lo = min, hi = max of its real weights (the padding is left out). The constants are
+  float16, rounded before the codes are chosen, because what the model computes is code * scale16 +
+  zero16: codes fitted to float32 constants and then rounded constants would add the constants'
+  rounding to every weight's error. zero = lo rounded down to float16 and scale = (hi - zero) / 15
+  rounded up (directed rounding, so that [zero, zero + 15 scale] still covers the group and no
+  weight is clamped); code = clamp(round((w - zero) / scale), 0, 15) in float32, rounded half to
+  even (a group whose min is a float16 value and whose weights are all equal has scale 0 and codes
+  0, and is exact). A group whose constants do not fit float16 (|zero| or scale above 65504, or a
+  non-finite weight) is an error; tiny ranges fall into float16's subnormals (scale >= 2**-24, so a
+  weight is off by at most half of that step). A weight dequantizes to code * scale + zero.
 * Padding (K not a multiple of 64): the codes of the padded columns are 0, and the activations are
   padded with zeros, so the padding adds nothing to either sum below.
 * `codes` uint8 [N, Kp / 2]: group g of a row occupies bytes [32 g, 32 g + 32); byte j of it holds
   column 64 g + j in its low nibble and column 64 g + 32 + j in its high nibble, so that one
   32-byte load gives the group's 64 codes as two in-order halves (low nibbles, then high).
-* `params` float32 [N, G, 2]: (scale, zero) of each group, side by side so that a group's
-  constants are one 8-byte read. Bytes held: N * Kp / 2 + 8 * N * G (0.625 B per weight).
+* `params` float16 [N, G, 2]: (scale, zero) of each group, side by side so that a group's
+  constants are one 4-byte read. Bytes held: N * Kp / 2 + 4 * N * G (0.5625 B per weight, as
+  llama.cpp's Q4_0; the float32 constants this format had before held 0.625).
 
 Product (W4A8). Activations are quantized per token as the int8 scheme does (int8.quantize_tokens:
 q int8, s float32 with x ~ q / s). Per token m, row n and group g, in int32:
-idot = sum_k q[k] * code[n, k] and qsum = sum_k q[k] over the group. Then, in float32 and in this
-order: t_g = scale[n, g] * float(idot) + zero[n, g] * float(qsum); acc = t_0 + t_1 + ... + t_{G-1}
+idot = sum_k q[k] * code[n, k] and qsum = sum_k q[k] over the group. Then, in float32 (the float16
+constants widened, which is exact) and in this order: t_g = scale[n, g] * float(idot) + zero[n, g] * float(qsum); acc = t_0 + t_1 + ... + t_{G-1}
 (left to right); out = acc * (1 / s[m]) (+ bias). The integer parts are exact everywhere, and the C
 paths do the float operations one by one in the same order (no fused multiply-add), so
 `int4_linear` equals `int4_linear_reference` bit for bit.
@@ -49,20 +57,39 @@ def padded_cols(cols: int) -> int:
     return -(-cols // GROUP) * GROUP
 
 
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float [N, K] -> (codes uint8 [N, Kp] in 0..15, zero-padded; params float32 [N, G, 2] (scale, zero))."""
+def _half_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """float32 x rounded to float16 toward `direction` (-inf: down, +inf: up); one step past the
+    nearest value is enough, as nearest rounding is off by at most half a step."""
+    h = x.half()
+    wrong = h.float() > x if direction < 0 else h.float() < x
+    return torch.where(wrong, torch.nextafter(h, torch.full_like(h, direction)), h)
+
+
+def quantize_weight(w: torch.Tensor, where: str = "weight",
+                    first_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [N, K] -> (codes uint8 [N, Kp] in 0..15, zero-padded; params float16 [N, G, 2] (scale, zero)).
+    A group whose constants do not fit float16 is a KernelInputError naming `where` and the row
+    (counted from `first_row`: a caller quantizing a matrix by row chunks)."""
     w = w.float()
     rows, cols = w.shape
     pad = padded_cols(cols) - cols
     lo = torch.nn.functional.pad(w, (0, pad), value=float("inf")).view(rows, -1, GROUP).amin(dim=-1)
     hi = torch.nn.functional.pad(w, (0, pad), value=float("-inf")).view(rows, -1, GROUP).amax(dim=-1)
-    scale = (hi - lo) / 15.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = _half_toward(lo, float("-inf"))
+    scale = _half_toward((hi - zero.float()) / 15.0, float("inf"))
+    bad = ~(torch.isfinite(zero) & torch.isfinite(scale))
+    if bool(bad.any()):
+        r, g = (int(i) for i in bad.nonzero()[0])
+        raise KernelInputError(f"int4: {where} row {first_row + r}, columns {GROUP * g}..{min(GROUP * g + GROUP, cols) - 1}"
+                               f": weights from {float(lo[r, g]):g} to {float(hi[r, g]):g} do not fit float16 group "
+                               f"constants (finite, |value| <= 65504)")
+    scale32, zero32 = scale.float(), zero.float()
+    safe = torch.where(scale32 > 0, scale32, torch.ones_like(scale32))
     grouped = torch.nn.functional.pad(w, (0, pad)).view(rows, -1, GROUP)
-    codes = torch.round((grouped - lo[..., None]) / safe[..., None]).clamp_(0, 15)
-    codes = torch.where(scale[..., None] > 0, codes, torch.zeros_like(codes)).to(torch.uint8).view(rows, -1)
+    codes = torch.round((grouped - zero32[..., None]) / safe[..., None]).clamp_(0, 15)
+    codes = torch.where(scale32[..., None] > 0, codes, torch.zeros_like(codes)).to(torch.uint8).view(rows, -1)
     codes[:, cols:] = 0
-    return codes, torch.stack([scale, lo], dim=-1).contiguous()
+    return codes, torch.stack([scale, zero], dim=-1).contiguous()
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -82,7 +109,7 @@ class Int4Matrix:
     """A 4-bit weight matrix [rows, cols] in the layout above."""
 
     codes: torch.Tensor       # uint8 [rows, padded_cols(cols) / 2]
-    params: torch.Tensor      # float32 [rows, groups, 2]: (scale, zero)
+    params: torch.Tensor      # float16 [rows, groups, 2]: (scale, zero)
     rows: int
     cols: int
 
@@ -97,12 +124,12 @@ class Int4Matrix:
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() + 4 * self.params.numel()
+        return self.codes.numel() + 2 * self.params.numel()
 
     def dequantize(self) -> torch.Tensor:
         """float32 [rows, cols]: code * scale + zero."""
-        codes = unpack_codes(self.codes).view(self.rows, -1, GROUP).float()
-        w = codes * self.params[..., :1] + self.params[..., 1:]
+        codes, params = unpack_codes(self.codes).view(self.rows, -1, GROUP).float(), self.params.float()
+        w = codes * params[..., :1] + params[..., 1:]
         return w.reshape(self.rows, -1)[:, :self.cols]
 
 
@@ -125,7 +152,8 @@ def int4_linear_reference(x: torch.Tensor, weight: Int4Matrix, bias: torch.Tenso
     q, s = quantize_tokens_reference(rows)
     idot = int4_group_dots_reference(q, weight).float()
     qsum = _grouped_tokens(q, weight.groups).sum(dim=-1).float()           # [M, G]
-    t = weight.params[None, :, :, 0] * idot + weight.params[None, :, :, 1] * qsum[:, None, :]
+    params = weight.params.float()                                         # exact: float16 -> float32
+    t = params[None, :, :, 0] * idot + params[None, :, :, 1] * qsum[:, None, :]
     acc = t[..., 0].clone()
     for g in range(1, weight.groups):
         acc = acc + t[..., g]
@@ -150,8 +178,8 @@ def _check_matrix(weight: Int4Matrix, device: torch.device) -> None:
         raise KernelInputError(f"int4 codes of a {weight.rows}x{weight.cols} matrix must be contiguous uint8 "
                                f"{list(want)}, got {c.dtype} {list(c.shape)}")
     p, want_p = weight.params, (weight.rows, weight.groups, 2)
-    if p.dtype != torch.float32 or tuple(p.shape) != want_p or not p.is_contiguous():
-        raise KernelInputError(f"int4 params must be contiguous float32 {list(want_p)}, got {p.dtype} {list(p.shape)}")
+    if p.dtype != torch.float16 or tuple(p.shape) != want_p or not p.is_contiguous():
+        raise KernelInputError(f"int4 params must be contiguous float16 {list(want_p)}, got {p.dtype} {list(p.shape)}")
     if c.device != device:
         raise KernelInputError(f"int4 weights are on {c.device}, activations on {device}")
 

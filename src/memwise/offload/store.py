@@ -37,7 +37,7 @@ import torch
 from memwise.errors import MemwiseError
 
 MAGIC = b"MWOFFLD\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: int4's group constants are float16 (an older file is rebuilt, not read)
 ALIGN = 4096            # regions: page size and O_DIRECT's alignment
 TENSOR_ALIGN = 64       # tensors inside a region
 _PREAMBLE = struct.Struct("<8sIII")

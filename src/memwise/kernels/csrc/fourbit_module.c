@@ -49,7 +49,7 @@ static PyObject *py_int4_dots(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* int4_linear(isa, codes_ptr, params_ptr, bias_ptr (0: none), N, Kp, x_ptr, M, K, out_ptr, nthreads):
+/* int4_linear(isa, codes_ptr, params_ptr (float16), bias_ptr (0: none), N, Kp, x_ptr, M, K, out_ptr, nthreads):
  * out float32 [M, N] = int4_linear_reference(x) for float32 x [M, K]. */
 static PyObject *py_int4_linear(PyObject *self, PyObject *args) {
     int isa, nthreads;
@@ -82,7 +82,7 @@ static PyObject *py_int4_linear(PyObject *self, PyObject *args) {
         }
         if (pairs) i4_pair_row(q + m * Kp, G, pairs + m * Kp);
     }
-    i4_job_t j = {(const uint8_t *)(uintptr_t)cp, (const float *)(uintptr_t)pp, (const float *)(uintptr_t)bp,
+    i4_job_t j = {(const uint8_t *)(uintptr_t)cp, (const uint16_t *)(uintptr_t)pp, (const float *)(uintptr_t)bp,
                   N, Kp, G, M, q, pairs, qsum, xinv, NULL, (float *)(uintptr_t)op};
     i4_run(isa, &j, nthreads);
     Py_END_ALLOW_THREADS

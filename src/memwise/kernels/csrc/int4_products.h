@@ -2,6 +2,9 @@
  * byte j of a group = column j in the low nibble, column 32 + j in the high one) x int8 activation
  * rows.  Per group an exact int32 dot, then float32, one operation at a time and in int4.py's order:
  * t_g = scale_g * idot_g + zero_g * qsum_g, acc = t_0 + t_1 + ..., out = acc * (1 / s) (+ bias).
+ * The constants are float16 (their bits as uint16_t); each row's are widened to float32 before the
+ * combine (VCVTPH2PS on the AVX paths, i4_half_to_float on the scalar one: both exact, so the
+ * combine sees the same floats on every path).
  *
  * Codes are 0..15, so they are the unsigned operand of VPDPBUSD / VPMADDUBSW as they stand and the
  * int8 activations the signed one: no shift, no sign trick, and VPMADDUBSW pairs stay below
@@ -24,7 +27,7 @@
 
 typedef struct {
     const uint8_t *codes;  /* [N, Kp / 2] */
-    const float *params;   /* [N, G, 2]: scale, zero */
+    const uint16_t *params; /* [N, G, 2]: scale, zero, float16 bits */
     const float *bias;     /* [N] or NULL */
     int64_t N, Kp, G, M;
     const int8_t *q;       /* [M, Kp] activations, zero padded */
@@ -36,6 +39,26 @@ typedef struct {
 } i4_job_t;
 
 typedef void (*i4_dots_fn)(const uint8_t *codes, const int8_t *q, const int8_t *qp, int64_t G, int32_t *dots);
+typedef void (*i4_widen_fn)(const uint16_t *half, int64_t n, float *out);
+
+/* float16 bits -> float32, exact for every value (subnormals become normal floats: man * 2**-24). */
+static inline float i4_half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 31u, man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else {
+        const float f = (float)man * 0x1p-24f;
+        return sign ? -f : f;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static void i4_widen_scalar(const uint16_t *half, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = i4_half_to_float(half[i]);
+}
 
 /* The pair order of an activation row for the AVX-512 path, which reads two groups' codes (64
  * bytes) per load: per pair of groups (2p, 2p + 1), 64 bytes that line up with the low nibbles
@@ -143,6 +166,32 @@ static T512 void i4_dots_avx512(const uint8_t *c, const int8_t *q, const int8_t 
 }
 #endif
 
+#if MW_X86
+/* F16C came with AVX2 on every x86 that has both (Intel Haswell, AMD Piledriver and later) */
+static __attribute__((target("avx2,fma,f16c"))) void i4_widen_avx2(const uint16_t *half, int64_t n, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(half + i))));
+    i4_widen_scalar(half + i, n - i, out + i);
+}
+
+static T512 void i4_widen_avx512(const uint16_t *half, int64_t n, float *out) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(half + i))));
+    i4_widen_scalar(half + i, n - i, out + i);
+}
+#endif
+
+static i4_widen_fn i4_widen_of(int isa) {
+#if MW_X86
+    if (isa == ISA_AMX || isa == ISA_AVX512VNNI) return i4_widen_avx512;
+    if ((isa == ISA_AVXVNNI || isa == ISA_AVX2) && __builtin_cpu_supports("f16c")) return i4_widen_avx2;
+#endif
+    (void)isa;
+    return i4_widen_scalar;
+}
+
 /* Whether the path reads activations in pair order (i4_pair_row). */
 static int i4_uses_pairs(int isa) { return isa == ISA_AMX || isa == ISA_AVX512VNNI; }
 
@@ -155,13 +204,13 @@ static i4_dots_fn i4_dots_of(int isa) {
     return i4_dots_scalar;
 }
 
-/* The float combine of one (token, row), in int4.py's order. */
-static void i4_put(const i4_job_t *j, int64_t m, int64_t n, const int32_t *dots) {
+/* The float combine of one (token, row), in int4.py's order; p: the row's constants widened. */
+static void i4_put(const i4_job_t *j, int64_t m, int64_t n, const int32_t *dots, const float *p) {
     if (j->out_dots) {
         memcpy(j->out_dots + (m * j->N + n) * j->G, dots, sizeof(int32_t) * (size_t)j->G);
         return;
     }
-    const float *p = j->params + n * j->G * 2, *qs = j->qsum + m * j->G;
+    const float *qs = j->qsum + m * j->G;
     float acc = 0.0f;
     for (int64_t g = 0; g < j->G; ++g) {
         const float a = p[2 * g] * (float)dots[g], b = p[2 * g + 1] * qs[g];
@@ -172,14 +221,17 @@ static void i4_put(const i4_job_t *j, int64_t m, int64_t n, const int32_t *dots)
     j->out_f32[m * j->N + n] = j->bias ? v + j->bias[n] : v;
 }
 
-static void i4_run_tiles(const i4_job_t *j, i4_dots_fn fn, int64_t t0, int64_t t1) {
+/* Each tile's constants are widened once for all M tokens (64 KiB of stack at the largest K). */
+static void i4_run_tiles(const i4_job_t *j, i4_dots_fn fn, i4_widen_fn widen, int64_t t0, int64_t t1) {
     int32_t dots[I4_MAX_GROUPS];
+    float p[I4_TILE * 2 * I4_MAX_GROUPS];
     for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * I4_TILE, rows = j->N - n0 < I4_TILE ? j->N - n0 : I4_TILE;
+        if (!j->out_dots) widen(j->params + n0 * j->G * 2, rows * j->G * 2, p);
         for (int64_t m = 0; m < j->M; ++m)
             for (int64_t r = 0; r < rows; ++r) {
                 fn(j->codes + (n0 + r) * (j->Kp / 2), j->q + m * j->Kp, j->qp ? j->qp + m * j->Kp : NULL, j->G, dots);
-                i4_put(j, m, n0 + r, dots);
+                i4_put(j, m, n0 + r, dots, p + r * j->G * 2);
             }
     }
 }
@@ -187,6 +239,7 @@ static void i4_run_tiles(const i4_job_t *j, i4_dots_fn fn, int64_t t0, int64_t t
 /* Each thread takes one contiguous stretch of row tiles (as int8_products.h). */
 static void i4_run(int isa, const i4_job_t *j, int nthreads) {
     const i4_dots_fn fn = i4_dots_of(isa);
+    const i4_widen_fn widen = i4_widen_of(isa);
     const int64_t tiles = (j->N + I4_TILE - 1) / I4_TILE;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > tiles) nthreads = (int)(tiles > 0 ? tiles : 1);
@@ -194,10 +247,10 @@ static void i4_run(int isa, const i4_job_t *j, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
         const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        i4_run_tiles(j, fn, tiles * id / nt, tiles * (id + 1) / nt);
+        i4_run_tiles(j, fn, widen, tiles * id / nt, tiles * (id + 1) / nt);
     }
 #else
-    i4_run_tiles(j, fn, 0, tiles);
+    i4_run_tiles(j, fn, widen, 0, tiles);
 #endif
 }
 

@@ -8,6 +8,7 @@ The family's code, one idea per module, in the order a model goes through it:
     build.py     the Decoder with a checkpoint's weights (streamed) or with random ones
     quantized.py the int8 linears (quantize="int8") and the bytes the quantized model holds
     cache.py     the KV cache, in the model's dtype or quantized (kv_cache="int8" | "int4")
+    fused_step.py  the decode step of int8 / int4 models as one C call for all layers (csrc/)
     quantized_checkpoint.py  memwise's quantized checkpoint (memwise convert --quantize)
 """
 from memwise.models.decoder.build import load, synthetic

@@ -12,6 +12,7 @@ from memwise.checkpoint import CheckpointReader
 from memwise.dtypes import parse_dtype
 from memwise.errors import CheckpointError
 from memwise.heap import release_free_heap
+from memwise.kernels import KernelInputError
 from memwise.models.decoder.dense import use_dense_kernels
 from memwise.models.decoder.layout import TensorSource, checkpoint_plan
 from memwise.models.decoder.modules import Decoder
@@ -92,7 +93,7 @@ def fill_from_checkpoint(model: Decoder, sources: list[TensorSource], reader: Ch
             if source.skip_rows:
                 tensor = tensor[source.skip_rows:]
             if source.parameter in quantized:
-                quantized[source.parameter].fill_rows(source.rows[0] if source.rows else 0, tensor)
+                _fill_quantized(quantized[source.parameter], source, tensor, reader)
                 filled[source.parameter] = filled.get(source.parameter, 0) + tensor.numel()
                 del tensor
                 release_free_heap()     # the quantizer's freed temporaries would stay resident (heap.py)
@@ -104,6 +105,15 @@ def fill_from_checkpoint(model: Decoder, sources: list[TensorSource], reader: Ch
             filled[source.parameter] = filled.get(source.parameter, 0) + target.numel()
             del tensor
     return filled
+
+
+def _fill_quantized(linear, source: TensorSource, tensor: torch.Tensor, reader: CheckpointReader) -> None:
+    """linear.fill_rows, with a weight the scheme cannot hold (int4's float16 group constants)
+    reported against the checkpoint tensor it came from."""
+    try:
+        linear.fill_rows(source.rows[0] if source.rows else 0, tensor)
+    except KernelInputError as error:
+        raise CheckpointError(f"{reader.directory}: tensor '{source.name}': {error}") from None
 
 
 # Buffers that older transformers versions saved with the weights: never parameters.

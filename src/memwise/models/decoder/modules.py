@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from memwise.errors import UnsupportedError
+from memwise.models.decoder import fused_step
 from memwise.models.decoder.block_schedule import MicroBatchCache, block_forward, micro_batch_rows
 from memwise.models.decoder.cache import DecoderCache, decoder_cache_bytes, new_decoder_cache
 from memwise.spec import ModelSpec
@@ -146,6 +149,17 @@ class Decoder(nn.Module):
         self.kv_cache: str | None = None    # a kv_quant scheme, set at load (memwise.load(kv_cache=...))
         # sequences per micro-batch of the block schedule (block_schedule.py); None: the batch is one
         self.micro_batch_size: int | None = None
+        # fused_step.FusedDecoder once built, False where this model has none; None: not decided yet
+        self._fused_decoder: Any = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .float() and friends may replace the tensors the fused decoder points into.
+        self._fused_decoder = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The fused decoder holds raw pointers into this instance's tensors: copies build their own.
+        return {**super().__getstate__(), "_fused_decoder": None}
 
     def tie_weights(self) -> None:
         if not self.spec.tie_word_embeddings:
@@ -208,12 +222,39 @@ class Decoder(nn.Module):
         batch, length = input_ids.shape
         if cache is None:
             cache = self.new_cache(batch, length)
+        decoder = self._fused_step(input_ids, cache, attention_mask)
+        if decoder is not None:
+            x = decoder.step(self.enter(input_ids, cache, attention_mask)[0], cache)
+            cache.length += 1
+            return self.head(x, last_only)
         x, rope, mask, causal = self.enter(input_ids, cache, attention_mask)
         layers = self.layers if self.layer_stream is None else self.layer_stream.layers(self.layers)
         for layer in layers:
             x = layer(x, rope, cache, mask, causal)
         cache.length += length
         return self.head(x, last_only)
+
+    def _fused_step(self, input_ids: torch.Tensor, cache: DecoderCache,
+                    attention_mask: torch.Tensor | None) -> Any:
+        """The fused decoder (fused_step.py) when this step can use it: one token of one sequence on the
+        CPU, a float32 DecoderCache (not quantized, paged or micro-batched) without padding and, with a
+        sliding window, shorter than the window, the model in memory (not offloaded) and of a shape
+        fused_step supports; MEMWISE_FUSED_STEP=0 turns it off (for A/B measurements). Else None."""
+        window = self.spec.sliding_window
+        if (self._fused_decoder is False or input_ids.shape != (1, 1) or type(cache) is not DecoderCache
+                or (window is not None and cache.length >= window)
+                or cache.padded or cache.length >= cache.max_length or cache.keys[0].dtype != torch.float32
+                or cache.keys[0].device.type != "cpu" or input_ids.device.type != "cpu"
+                or self.layer_stream is not None or self.offload_runtime is not None
+                or (attention_mask is not None and not bool(attention_mask.all()))
+                or os.environ.get("MEMWISE_FUSED_STEP", "1") == "0"):
+            return None
+        if self._fused_decoder is None:
+            if not fused_step.available() or not fused_step.supports(self):
+                self._fused_decoder = False
+                return None
+            self._fused_decoder = fused_step.FusedDecoder(self, getattr(self.layers[0].attn.qkv, "budget", None))
+        return self._fused_decoder
 
     def enter(self, input_ids: torch.Tensor, cache: DecoderCache, attention_mask: torch.Tensor | None):
         """The new tokens recorded in `cache` and embedded: (x, rope, mask, causal) for the layers."""

@@ -130,15 +130,24 @@ class Int4Linear(_KernelLinear):
         self.in_features, self.out_features = in_features, out_features
         kp = int4.padded_cols(in_features)
         self.register_buffer("codes", torch.empty((out_features, kp // 2), dtype=torch.uint8))
-        self.register_buffer("params", torch.empty((out_features, kp // int4.GROUP, 2), dtype=torch.float32))
+        self.register_buffer("params", torch.empty((out_features, kp // int4.GROUP, 2), dtype=torch.float16))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=torch.float32)) if bias else None
 
     def matrix(self) -> int4.Int4Matrix:
         return int4.Int4Matrix(self.codes, self.params, self.out_features, self.in_features)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() cast every floating buffer; the float16 constants are a format, not the
+        # model's dtype, so they travel as their bits (a device move still applies)
+        self._buffers["params"] = self._buffers["params"].view(torch.int16)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers["params"] = self._buffers["params"].view(torch.float16)
+
     def fill_rows(self, start: int, w: torch.Tensor) -> None:
         for at, stop in row_chunks(*w.shape):
-            codes, params = int4.quantize_weight(w[at:stop])
+            codes, params = int4.quantize_weight(w[at:stop], first_row=start + at)
             first, end = start + at, start + at + codes.shape[0]
             self.codes[first:end] = int4.pack_codes(codes)
             self.params[first:end] = params
@@ -234,7 +243,7 @@ def matrix_bytes(scheme: str, n: int, k: int) -> int:
     if scheme == "int8":
         return n * padded_cols(k) + 8 * n
     if scheme == "int4":
-        return n * int4.padded_cols(k) // 2 + 8 * n * (int4.padded_cols(k) // int4.GROUP)
+        return n * int4.padded_cols(k) // 2 + 4 * n * (int4.padded_cols(k) // int4.GROUP)
     blocks = n * nf4.padded_cols(k) // nf4.BLOCK
     return n * nf4.padded_cols(k) // 2 + blocks + 4 * -(-blocks // nf4.BLOCK2) + 4
 

@@ -2,7 +2,7 @@
 
 A directory holding:
 
-* `config.json`: the source's config plus `"memwise_quantization": {"scheme": S, "format_version": 1}`;
+* `config.json`: the source's config plus `"memwise_quantization": {"scheme": S, "format_version": 3}`;
 * `model.safetensors`: the state dict of the Decoder loaded with quantize=S, by memwise's own names
   (`layers.0.attn.qkv.codes`, `embed.weight` int8 with `embed.scale`, `lm_head.weight` int8, ...),
   each tensor exactly as the load-time quantization made it; a tied lm_head is the embedding's
@@ -14,8 +14,9 @@ Loading it builds the same quantized modules and copies the stored tensors into 
 are bit-identical to quantizing the source at load. Writing streams the source one tensor at a time
 through the ordinary quantized load (no float copy of the model exists), then writes the quantized
 tensors. FORMAT_VERSION grows when the layout of a scheme changes; a reader refuses newer versions,
-and version 1 (a float32 embedding beside an int8 copy for the tied lm_head), which it asks to
-convert again.
+version 1 (a float32 embedding beside an int8 copy for the tied lm_head), and version 2 of int4
+(float32 group constants; version 3 made them float16), which it asks to convert again; int8 and
+nf4 did not change in version 3, so it still reads their version 2.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ from memwise.errors import CheckpointError
 from memwise.models.decoder.build import _build, load
 from memwise.spec import ModelSpec
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# The oldest version whose layout of the scheme this memwise still reads (int4 changed in 3).
+OLDEST_READ = {"int8": 2, "nf4": 2, "int4": 3}
 CONFIG_KEY = "memwise_quantization"
 SCHEME_KEY, VERSION_KEY = "memwise.scheme", "memwise.format_version"
 
@@ -72,10 +75,14 @@ def stored_scheme(config: dict, reader: CheckpointReader, where: str) -> str | N
     if entry["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{where}: quantized checkpoint format version {entry['format_version']} is newer "
                               f"than this memwise reads ({FORMAT_VERSION}); upgrade memwise or convert again")
-    if entry["format_version"] < FORMAT_VERSION:
+    if entry["format_version"] < 2:
         raise CheckpointError(f"{where}: quantized checkpoint format version {entry['format_version']} keeps a "
                               f"float32 embedding; this memwise reads version {FORMAT_VERSION} (an int8 "
                               "embedding): convert the source again")
+    if entry["format_version"] < OLDEST_READ.get(entry["scheme"], 2):
+        raise CheckpointError(f"{where}: quantized checkpoint format version {entry['format_version']} keeps int4's "
+                              f"group constants in float32; this memwise reads version {FORMAT_VERSION} (float16 "
+                              "constants): convert the source again")
     if header.get(SCHEME_KEY) != entry["scheme"] or header.get(VERSION_KEY) != str(entry["format_version"]):
         raise CheckpointError(f"{reader.directory}: the weights' metadata ({SCHEME_KEY}={header.get(SCHEME_KEY)!r}, "
                               f"{VERSION_KEY}={header.get(VERSION_KEY)!r}) is missing or does not match "
