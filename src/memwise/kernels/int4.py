@@ -26,10 +26,10 @@ Format (FlexGen-style group-wise asymmetric quantization; what the kernels and t
 Product (W4A8). Activations are quantized per token as the int8 scheme does (int8.quantize_tokens:
 q int8, s float32 with x ~ q / s). Per token m, row n and group g, in int32:
 idot = sum_k q[k] * code[n, k] and qsum = sum_k q[k] over the group. Then, in float32 (the float16
-constants widened, which is exact) and in this order: t_g = scale[n, g] * float(idot) + zero[n, g] * float(qsum); acc = t_0 + t_1 + ... + t_{G-1}
-(left to right); out = acc * (1 / s[m]) (+ bias). The integer parts are exact everywhere, and the C
-paths do the float operations one by one in the same order (no fused multiply-add), so
-`int4_linear` equals `int4_linear_reference` bit for bit.
+constants widened, which is exact) and in this order: t_g = scale[n, g] * float(idot) +
+zero[n, g] * float(qsum); acc = t_0 + t_1 + ... + t_{G-1} (left to right); out = acc * (1 / s[m])
+(+ bias). The integer parts are exact everywhere, and the C paths do the float operations one by
+one in the same order (no fused multiply-add), so `int4_linear` equals `int4_linear_reference` bit for bit.
 """
 from __future__ import annotations
 
