@@ -27,7 +27,7 @@ from memwise.language_model import LanguageModel
 from memwise.memory_gate import check_fits
 from memwise.models.decoder.modules import Decoder
 from memwise.serve.paged_batch import PagedDecoders
-from memwise.serve.scheduled import Scheduled
+from memwise.serve.scheduled import Scheduled, staircase
 from memwise.serve.sequence import Sequence
 
 
@@ -55,6 +55,35 @@ class RecurrentSlots(Scheduled):
         own = type(self.cache)(self.cache.state[:, slot:slot + 1].clone())
         logits = self.module(ids, own, torch.ones_like(ids, dtype=torch.bool), last_only=True)[:, -1].float()
         self.cache.state[:, slot] = own.state[:, 0]
+        return logits
+
+    def _prefill_chunks(self, chunks: list[tuple[Sequence, list[int]]]) -> list[torch.Tensor]:
+        """Newcomers' chunks of a step in as few forwards as their lengths allow (`staircase`): rows
+        never see one another and every operation but the recurrence works token by token, so a
+        row's logits and state are those of its chunk fed alone, for one pass over the weights
+        (measured: 4 chunks of 28 tokens of mmfree-370m took 1.3x as long one by one as together)."""
+        together, bounds = staircase([len(ids) for _, ids in chunks])
+        logits: list[torch.Tensor | None] = [None] * len(chunks)
+        if len(together) > 1:
+            slots = [self.slot_of[id(chunks[k][0])] for k in together]
+            state = self.cache.state.index_select(1, torch.tensor(slots, device=self.model.device))
+            start = 0
+            for end in bounds:
+                rows = [k for k in together if len(chunks[k][1]) >= end]    # a prefix of `together`
+                ids = torch.tensor([chunks[k][1][start:end] for k in rows], dtype=torch.long,
+                                   device=self.model.device)
+                # A view of the first rows: the forward advances their states in place.
+                own = type(self.cache)(state[:, :len(rows)])
+                out = self.module(ids, own, torch.ones_like(ids, dtype=torch.bool), last_only=True)[:, -1].float()
+                for b, k in enumerate(rows):
+                    if len(chunks[k][1]) == end:
+                        logits[k] = out[b:b + 1]
+                start = end
+            for b, slot in enumerate(slots):
+                self.cache.state[:, slot].copy_(state[:, b])
+        for k, (seq, ids) in enumerate(chunks):
+            if logits[k] is None:
+                logits[k] = self._prefill(seq, torch.tensor([ids], dtype=torch.long, device=self.model.device))
         return logits
 
     def _decode(self, rows: list[Sequence]) -> None:
