@@ -18,6 +18,7 @@ waiting for work), with the decode batch sizes it ran.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import threading
 import time
@@ -31,6 +32,7 @@ from memwise.bench.serve_report import decode_throughput, percentiles
 from memwise.serve.engine import Engine
 from memwise.serve.metrics import ServeMetrics
 from memwise.serve.protocol import Sampling
+from memwise.serve.scheduled import Scheduled
 from memwise.serve.sequence import Event, Sequence
 from memwise.tokenizer import decode_stream
 
@@ -42,7 +44,7 @@ class PhaseClock:
         self.seconds: Counter[str] = Counter()
         self.decode_sizes: Counter[int] = Counter()
         self.prefill_calls = 0
-        for name in ("_decode", "_prefill", "step"):
+        for name in ("_decode", "_prefill_chunks", "step"):
             original = getattr(batch, name)
             setattr(batch, name, self._timed(name, original))
 
@@ -50,8 +52,8 @@ class PhaseClock:
         def run(*args: Any) -> Any:
             if name == "_decode":
                 self.decode_sizes[len(args[0])] += 1
-            elif name == "_prefill":
-                self.prefill_calls += 1
+            elif name == "_prefill_chunks":
+                self.prefill_calls += len(args[0])
             start = time.perf_counter()
             try:
                 return original(*args)
@@ -113,12 +115,15 @@ class Clients:
         self.engine.submit(Sequence(ids, sampling, emit, decode_stream(self.tokenizer), ()))
 
 
-def engine_run(model: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """The load on an Engine in this process (no HTTP): throughput, latencies, time by phase."""
+def engine_run(model: Any, args: argparse.Namespace, prefill_alone: bool = False) -> dict[str, Any]:
+    """The load on an Engine in this process (no HTTP): throughput, latencies, time by phase.
+    `prefill_alone`: one forward per prompt chunk, as before newcomers' chunks were fed together."""
     tokenizer = model.tokenizer
     prompts = [tokenizer.encode(p) for p in builtin_prompts(64, args.seed)]
     engine = Engine(model, args.max_batch, 4 * args.num_requests, ServeMetrics(model.device),
                     args.max_step_tokens or None)
+    if prefill_alone:
+        engine.batch._prefill_chunks = functools.partial(Scheduled._prefill_chunks, engine.batch)
     clock = PhaseClock(engine.batch)
     engine.start()
     # Warm-up: one request alone (workspaces, first-call costs), not counted.
@@ -135,8 +140,8 @@ def engine_run(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     steps = sum(clock.decode_sizes.values())
     decoded = sum(k * v for k, v in clock.decode_sizes.items())
     return {**_summary(done, duration), "process_cpu_s": cpu,
-            "phase_s": {"decode": clock.seconds["_decode"], "prefill": clock.seconds["_prefill"],
-                        "step_other": clock.seconds["step"] - clock.seconds["_decode"] - clock.seconds["_prefill"],
+            "phase_s": {"decode": clock.seconds["_decode"], "prefill": clock.seconds["_prefill_chunks"],
+                        "step_other": clock.seconds["step"] - clock.seconds["_decode"] - clock.seconds["_prefill_chunks"],
                         "outside_steps": duration - clock.seconds["step"]},
             "decode_steps": steps, "prefill_calls": clock.prefill_calls,
             "mean_decode_batch": decoded / max(steps, 1),
@@ -201,6 +206,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--served", action="store_true",
                         help="also run the load through memwise serve over HTTP, after the engine-only run")
+    parser.add_argument("--compare-prefill", action="store_true",
+                        help="each round also runs the engine with one forward per prompt chunk (the old way)")
     parser.add_argument("--rounds", type=int, default=1, help="engine-only [and served] runs, alternating")
     parser.add_argument("--offline-reference", action="store_true")
     args = parser.parse_args()
@@ -211,6 +218,9 @@ def main() -> None:
     report: dict[str, Any] = {"model": args.model, "rounds": []}
     for _ in range(args.rounds):
         one = {"engine": engine_run(model, args)}
+        if args.compare_prefill:
+            one["engine_prefill_alone"] = engine_run(model, args, prefill_alone=True)
+            one["together_over_alone"] = one["engine"]["decode_tok_s"] / one["engine_prefill_alone"]["decode_tok_s"]
         if args.served:
             one["served"] = served_run(args)
             one["served_over_engine"] = one["served"]["decode_tok_s"] / one["engine"]["decode_tok_s"]
