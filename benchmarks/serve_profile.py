@@ -32,7 +32,6 @@ from memwise.bench.serve_report import decode_throughput, percentiles
 from memwise.serve.engine import Engine
 from memwise.serve.metrics import ServeMetrics
 from memwise.serve.protocol import Sampling
-from memwise.serve.scheduled import Scheduled
 from memwise.serve.sequence import Event, Sequence
 from memwise.tokenizer import decode_stream
 
@@ -44,7 +43,9 @@ class PhaseClock:
         self.seconds: Counter[str] = Counter()
         self.decode_sizes: Counter[int] = Counter()
         self.prefill_calls = 0
-        for name in ("_decode", "_prefill_chunks", "step"):
+        # A tree from before the batched prefill has only the one-chunk `_prefill`: timed the same.
+        self.prefill = "_prefill_chunks" if hasattr(batch, "_prefill_chunks") else "_prefill"
+        for name in ("_decode", self.prefill, "step"):
             original = getattr(batch, name)
             setattr(batch, name, self._timed(name, original))
 
@@ -54,6 +55,8 @@ class PhaseClock:
                 self.decode_sizes[len(args[0])] += 1
             elif name == "_prefill_chunks":
                 self.prefill_calls += len(args[0])
+            elif name == "_prefill":
+                self.prefill_calls += 1
             start = time.perf_counter()
             try:
                 return original(*args)
@@ -123,6 +126,7 @@ def engine_run(model: Any, args: argparse.Namespace, prefill_alone: bool = False
     engine = Engine(model, args.max_batch, 4 * args.num_requests, ServeMetrics(model.device),
                     args.max_step_tokens or None)
     if prefill_alone:
+        from memwise.serve.scheduled import Scheduled
         engine.batch._prefill_chunks = functools.partial(Scheduled._prefill_chunks, engine.batch)
     clock = PhaseClock(engine.batch)
     engine.start()
@@ -140,8 +144,8 @@ def engine_run(model: Any, args: argparse.Namespace, prefill_alone: bool = False
     steps = sum(clock.decode_sizes.values())
     decoded = sum(k * v for k, v in clock.decode_sizes.items())
     return {**_summary(done, duration), "process_cpu_s": cpu,
-            "phase_s": {"decode": clock.seconds["_decode"], "prefill": clock.seconds["_prefill_chunks"],
-                        "step_other": clock.seconds["step"] - clock.seconds["_decode"] - clock.seconds["_prefill_chunks"],
+            "phase_s": {"decode": clock.seconds["_decode"], "prefill": clock.seconds[clock.prefill],
+                        "step_other": clock.seconds["step"] - clock.seconds["_decode"] - clock.seconds[clock.prefill],
                         "outside_steps": duration - clock.seconds["step"]},
             "decode_steps": steps, "prefill_calls": clock.prefill_calls,
             "mean_decode_batch": decoded / max(steps, 1),
@@ -215,7 +219,8 @@ def main() -> None:
         import torch
         torch.set_num_threads(args.threads)
     model = memwise.load(args.model)
-    report: dict[str, Any] = {"model": args.model, "rounds": []}
+    report: dict[str, Any] = {"model": args.model, "memwise": memwise.__file__, "rounds": []}
+    print(json.dumps({"memwise": memwise.__file__}), flush=True)
     for _ in range(args.rounds):
         one = {"engine": engine_run(model, args)}
         if args.compare_prefill:
