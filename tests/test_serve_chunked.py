@@ -124,55 +124,34 @@ def test_a_step_decodes_the_running_and_feeds_one_chunk():
     assert len(short.generated) == 5 and long_.generated and id(long_) not in batch.consumed
 
 
-def test_with_nothing_decoding_whole_prompts_go_at_once():
-    """The budget bounds what running streams wait for; an idle batch feeds every newcomer's whole
-    prompt in one step (together), then applies the budget to the next newcomer."""
-    model = memwise.load("preset:tiny-mmfree")
-    batch = running_batch(model, 4, 4)
-    first = _sequences(model, [[9] * 20, [5] * 9, [6] * 30], [5, 5, 5])
-    batch.add(first[0])
-    batch.add(first[1])
-    batch.step()
-    assert [len(s.generated) for s in first[:2]] == [1, 1] and not batch.consumed
-    batch.add(first[2])
-    batch.step()                          # two decodes, then 2 tokens of the newcomer's prompt
-    assert batch.consumed[id(first[2])] == 2
-
-
 @pytest.mark.parametrize("preset", ["preset:tiny-mmfree", "preset:tiny-gpt2"])
 def test_cancelled_mid_prefill_frees_its_slot(preset):
     model = memwise.load(preset)
     metrics = ServeMetrics(model.device)
     engine = Engine(model, max_batch=2, max_queue=8, metrics=metrics, step_tokens=4)
-    first, long_, *rest = _sequences(model, [[3, 4, 5], [7] * 60, [8] * 30, [9] * 20], [30, 8, 6, 5])
+    sequences = _sequences(model, [[7] * 60, [3, 4, 5], [8] * 30, [9] * 20], [30, 8, 6, 5])
     seen: list[int] = []
-    submitted: list[Sequence] = []
     inner = model.module.forward
 
     def forward(*args, **kwargs):
-        # the others arrive once `first` decodes, so the long prompt is fed within the budget ...
-        if first.generated and not submitted:
-            submitted.extend([long_, *rest])
-            for seq in submitted:
-                engine.submit(seq)
-        # ... and its client goes away once part of it has been fed
-        fed = engine.batch.consumed.get(id(long_), -1)
-        if fed > 0 and not long_.cancelled:
-            seen.append(fed)
-            long_.cancelled = True
+        # the client of the first request goes away while its prompt is part-way through
+        seen.append(engine.batch.consumed.get(id(sequences[0]), -1))
+        if len(seen) == 3:
+            sequences[0].cancelled = True
         return inner(*args, **kwargs)
     model.module.forward = forward
-    engine.submit(first)
+    for seq in sequences:
+        engine.submit(seq)
     engine.start()
     try:
         deadline = time.monotonic() + 60
-        while not all(s.done for s in (first, *rest)) or engine.running or engine.queued:
+        while not all(s.done for s in sequences[1:]) or engine.running or engine.queued:
             assert time.monotonic() < deadline, "the engine never drained"
             time.sleep(0.01)
     finally:
         engine.stop()
-    assert len(submitted) == 3 and len(seen) == 1 and 0 < seen[0] < 60     # cancelled mid-prefill
-    assert not long_.generated
-    assert [len(s.generated) for s in (first, *rest)] == [30, 6, 5]
+    assert 0 < seen[2] < 60                        # cancelled mid-prefill
+    assert not sequences[0].generated
+    assert [len(s.generated) for s in sequences[1:]] == [8, 6, 5]
     assert engine.free_slots == 2 and not engine.batch.consumed and not engine.batch.running
     assert metrics.cancelled._value.get() == 1

@@ -63,18 +63,14 @@ class Scheduled:
         return [s for s in self.running if id(s) in self.consumed]
 
     def step(self) -> None:
-        """One decode token for each decoding sequence, then prompt chunks of newcomers in the budget left
-        (whole prompts when no sequence decodes)."""
+        """One decode token for each decoding sequence, then prompt chunks of newcomers in the budget left."""
         decoding = [s for s in self.running if id(s) not in self.consumed and not s.done]
         if decoding:
             self._decode(decoding)
         waiting = [s for s in self.prefilling if not s.cancelled]
         if not waiting:
             return
-        # The budget bounds how long running streams wait for newcomers' prompts; with none decoding
-        # there is nothing to bound, and the whole prompts go at once, together (a full first wave
-        # is then prefilled as the offline batch is: measured in docs/serving.md).
-        budget = None if self.step_tokens is None or not decoding else self.step_tokens - len(decoding)
+        budget = None if self.step_tokens is None else self.step_tokens - len(decoding)
         plan = chunk_plan([len(s.prompt_ids) - self.consumed[id(s)] for s in waiting], budget)
         chunks = [(seq, seq.prompt_ids[self.consumed[id(seq)]:self.consumed[id(seq)] + n])
                   for seq, n in zip(waiting, plan) if n > 0]
