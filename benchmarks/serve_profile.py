@@ -198,6 +198,32 @@ def served_run(args: argparse.Namespace) -> dict[str, Any]:
             "server_other_threads_cpu_s": rest1 - rest0}
 
 
+def chunks_ab(model: Any, shapes: list[tuple[int, int]], rounds: int = 5) -> dict[str, float]:
+    """B prompt chunks of T tokens through the model one by one over together in one forward: the
+    median, over alternating rounds, of the time ratio (> 1: together is faster)."""
+    import statistics
+    import torch
+    module = model.module
+
+    def run(b: int, t: int, together: bool) -> float:
+        ids = torch.randint(0, model.spec.vocab_size, (b, t), generator=torch.Generator().manual_seed(b * t))
+        cache = module.new_cache(b)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if together:
+                module(ids, cache, torch.ones_like(ids, dtype=torch.bool), last_only=True)
+            else:
+                for row in range(b):
+                    own = type(cache)(cache.state[:, row:row + 1].clone())
+                    module(ids[row:row + 1], own, torch.ones_like(ids[row:row + 1], dtype=torch.bool), last_only=True)
+        return time.perf_counter() - start
+    out = {}
+    for b, t in shapes:
+        run(b, t, True), run(b, t, False)
+        out[f"{b}x{t}"] = statistics.median(run(b, t, False) / run(b, t, True) for _ in range(rounds))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="preset:mmfree-370m")
@@ -212,6 +238,8 @@ def main() -> None:
                         help="also run the load through memwise serve over HTTP, after the engine-only run")
     parser.add_argument("--compare-prefill", action="store_true",
                         help="each round also runs the engine with one forward per prompt chunk (the old way)")
+    parser.add_argument("--chunks-ab", action="store_true",
+                        help="only time B chunks of T tokens one by one vs together (4x28, 8x14, 2x56, 4x63)")
     parser.add_argument("--rounds", type=int, default=1, help="engine-only [and served] runs, alternating")
     parser.add_argument("--offline-reference", action="store_true")
     args = parser.parse_args()
@@ -219,6 +247,9 @@ def main() -> None:
         import torch
         torch.set_num_threads(args.threads)
     model = memwise.load(args.model)
+    if args.chunks_ab:
+        print(json.dumps({"alone_over_together_time": chunks_ab(model, [(4, 28), (8, 14), (2, 56), (4, 63)])}))
+        return
     report: dict[str, Any] = {"model": args.model, "memwise": memwise.__file__, "rounds": []}
     print(json.dumps({"memwise": memwise.__file__}), flush=True)
     for _ in range(args.rounds):

@@ -9,7 +9,8 @@ its last chunk. `step_tokens=None` prefills each newcomer's whole prompt in the 
 Two ways to run it:
 - `RecurrentSlots` (HGRN-Bit): one recurrent state per slot in a preallocated [layers, slots, width]
   tensor. A prompt chunk runs from a copy of its slot's state and is written back (the state carries
-  from chunk to chunk, as in the model's own sliced prefill); each decode step gathers the decoding
+  from chunk to chunk, as in the model's own sliced prefill), the chunks of a step's newcomers in
+  one staircase of forwards (serve.scheduled.staircase); each decode step gathers the decoding
   slots' states, runs them as one batch through the model's forward (the fused C step on CPU), and
   writes them back. Rows never see one another, so a sequence's tokens are those it makes alone.
 - `PagedDecoders` (serve/paged_batch.py, the decoder family held in memory): a paged KV cache; each
