@@ -73,9 +73,11 @@ class RecurrentSlots(Scheduled):
                 rows = [k for k in together if len(chunks[k][1]) >= end]    # a prefix of `together`
                 ids = torch.tensor([chunks[k][1][start:end] for k in rows], dtype=torch.long,
                                    device=self.model.device)
-                # A view of the first rows: the forward advances their states in place.
-                own = type(self.cache)(state[:, :len(rows)])
+                # The first rows' states, contiguous as a chunk fed alone has them (a long forward's
+                # last slice of one token takes the fused step only then); written back after.
+                own = type(self.cache)(state[:, :len(rows)].contiguous())
                 out = self.module(ids, own, torch.ones_like(ids, dtype=torch.bool), last_only=True)[:, -1].float()
+                state[:, :len(rows)] = own.state
                 for b, k in enumerate(rows):
                     if len(chunks[k][1]) == end:
                         logits[k] = out[b:b + 1]
