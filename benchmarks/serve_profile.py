@@ -2,6 +2,10 @@
 
     PYTHONPATH=src python benchmarks/serve_profile.py [--model preset:mmfree-370m] [--num-requests 64]
         [--max-concurrency 16] [--max-tokens 128] [--max-step-tokens 128] [--offline-reference]
+        [--served] [--compare-prefill] [--rounds N]
+    PYTHONPATH=src python benchmarks/serve_profile.py --chunks-ab
+
+Against another tree (e.g. main, before a change): PYTHONPATH=/path/to/that/tree/src, same script.
 
 Drives serve.engine.Engine exactly as `memwise serve` does (the same running batch, step budget and
 Sequence objects, the built-in prompts of `bench serve` for the same --seed), but the clients are
