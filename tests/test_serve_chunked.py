@@ -8,7 +8,9 @@ import pytest
 
 import memwise
 from memwise.serve.batch import running_batch
-from memwise.serve.scheduled import chunk_plan
+import torch
+
+from memwise.serve.scheduled import chunk_plan, staircase
 from memwise.serve.engine import Engine
 from memwise.serve.metrics import ServeMetrics
 from memwise.serve.protocol import Sampling
@@ -29,6 +31,44 @@ def test_chunk_plan_shares_the_budget_in_arrival_order():
     assert chunk_plan([17], 16) == [17]
     assert chunk_plan([5], 1) == [2]
     assert chunk_plan([1, 4], 8) == [1, 4]
+
+
+def test_staircase_feeds_chunks_together_without_one_token_forwards():
+    # lengths 9, 4, 9, 12: forwards over positions [0, 4) of all four, [4, 9) of three, [9, 12) of one
+    assert staircase([9, 4, 9, 12]) == ([3, 0, 2, 1], [4, 9, 12])
+    # 5 is one past the bound 4 (a one-token forward): that chunk is fed alone, as is a lone token
+    assert staircase([4, 5, 8, 1]) == ([2, 0], [4, 8])
+    assert staircase([7]) == ([0], [7])
+    assert staircase([]) == ([], [])
+
+
+def test_newcomers_prefill_together_as_each_alone():
+    """Four newcomers of one step: their prompts go through the model in as many forwards as the
+    staircase has bounds, and their recurrent states and first tokens are bit for bit those of each
+    prompt fed alone."""
+    model = memwise.load("preset:tiny-mmfree")
+    prompts = [[5] * 9, [6, 7, 8, 9], [300, 301, 302] * 3, list(range(40, 52))]
+    together = running_batch(model, 4, None)
+    sequences = _sequences(model, prompts, [3] * 4)
+    for seq in sequences:
+        together.add(seq)
+    calls = []
+    hook = model.module.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    try:
+        together.step()
+    finally:
+        hook.remove()
+    assert calls == [(4, 4), (3, 5), (1, 3)]
+    for seq, ids in zip(sequences, prompts):
+        alone = running_batch(model, 1, None)
+        single = _sequences(model, [ids], [3])[0]
+        alone.add(single)
+        alone.step()
+        assert single.generated == seq.generated
+        assert torch.equal(alone.cache.state[:, 0], together.cache.state[:, together.slot_of[id(seq)]])
+    _run(together, [])
+    assert [len(s.generated) for s in sequences] == [3] * 4
+    assert together.free_slots == 4 and not together.running and not together.consumed
 
 
 def _sequences(model, prompts=PROMPTS, lengths=LENGTHS) -> list[Sequence]:

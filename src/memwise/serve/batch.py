@@ -9,7 +9,8 @@ its last chunk. `step_tokens=None` prefills each newcomer's whole prompt in the 
 Two ways to run it:
 - `RecurrentSlots` (HGRN-Bit): one recurrent state per slot in a preallocated [layers, slots, width]
   tensor. A prompt chunk runs from a copy of its slot's state and is written back (the state carries
-  from chunk to chunk, as in the model's own sliced prefill); each decode step gathers the decoding
+  from chunk to chunk, as in the model's own sliced prefill), the chunks of a step's newcomers in
+  one staircase of forwards (serve.scheduled.staircase); each decode step gathers the decoding
   slots' states, runs them as one batch through the model's forward (the fused C step on CPU), and
   writes them back. Rows never see one another, so a sequence's tokens are those it makes alone.
 - `PagedDecoders` (serve/paged_batch.py, the decoder family held in memory): a paged KV cache; each
@@ -27,7 +28,7 @@ from memwise.language_model import LanguageModel
 from memwise.memory_gate import check_fits
 from memwise.models.decoder.modules import Decoder
 from memwise.serve.paged_batch import PagedDecoders
-from memwise.serve.scheduled import Scheduled
+from memwise.serve.scheduled import Scheduled, staircase
 from memwise.serve.sequence import Sequence
 
 
@@ -55,6 +56,37 @@ class RecurrentSlots(Scheduled):
         own = type(self.cache)(self.cache.state[:, slot:slot + 1].clone())
         logits = self.module(ids, own, torch.ones_like(ids, dtype=torch.bool), last_only=True)[:, -1].float()
         self.cache.state[:, slot] = own.state[:, 0]
+        return logits
+
+    def _prefill_chunks(self, chunks: list[tuple[Sequence, list[int]]]) -> list[torch.Tensor]:
+        """Newcomers' chunks of a step in as few forwards as their lengths allow (`staircase`): rows
+        never see one another and every operation but the recurrence works token by token, so a
+        row's logits and state are those of its chunk fed alone, for one pass over the weights
+        (measured: 4 chunks of 28 tokens of mmfree-370m took 1.3x as long one by one as together)."""
+        together, bounds = staircase([len(ids) for _, ids in chunks])
+        logits: list[torch.Tensor | None] = [None] * len(chunks)
+        if len(together) > 1:
+            slots = [self.slot_of[id(chunks[k][0])] for k in together]
+            state = self.cache.state.index_select(1, torch.tensor(slots, device=self.model.device))
+            start = 0
+            for end in bounds:
+                rows = [k for k in together if len(chunks[k][1]) >= end]    # a prefix of `together`
+                ids = torch.tensor([chunks[k][1][start:end] for k in rows], dtype=torch.long,
+                                   device=self.model.device)
+                # The first rows' states, contiguous as a chunk fed alone has them (a long forward's
+                # last slice of one token takes the fused step only then); written back after.
+                own = type(self.cache)(state[:, :len(rows)].contiguous())
+                out = self.module(ids, own, torch.ones_like(ids, dtype=torch.bool), last_only=True)[:, -1].float()
+                state[:, :len(rows)] = own.state
+                for b, k in enumerate(rows):
+                    if len(chunks[k][1]) == end:
+                        logits[k] = out[b:b + 1]
+                start = end
+            for b, slot in enumerate(slots):
+                self.cache.state[:, slot].copy_(state[:, b])
+        for k, (seq, ids) in enumerate(chunks):
+            if logits[k] is None:
+                logits[k] = self._prefill(seq, torch.tensor([ids], dtype=torch.long, device=self.model.device))
         return logits
 
     def _decode(self, rows: list[Sequence]) -> None:

@@ -28,6 +28,24 @@ def chunk_plan(remaining: list[int], budget: int | None) -> list[int]:
     return plan
 
 
+def staircase(lengths: list[int]) -> tuple[list[int], list[int]]:
+    """How to feed chunks of these `lengths` together: (the chunks that go together, longest first;
+    the boundaries of the forwards, ascending). Forward k feeds positions [bounds[k-1], bounds[k]) of
+    every chunk at least bounds[k] long, so each forward is a rectangle with no padding, and a chunk's
+    last token is the last of a forward.
+
+    A forward of one position would take the fused decode path, whose float order differs from the
+    many-token path (see chunk_plan): a chunk whose length is one more than the previous bound, and
+    a one-token chunk, is left out (fed alone, as before)."""
+    together, bounds = [], []
+    for length in sorted(set(lengths)):
+        if length - (bounds[-1] if bounds else 0) >= 2:
+            bounds.append(length)
+            together += [k for k, n in enumerate(lengths) if n == length]
+    together.sort(key=lambda k: -lengths[k])
+    return together, bounds
+
+
 class Scheduled:
     """What both batches share: the running sequences (prefilling or decoding), prompt progress, and
     the order of a step (decodes first, then prompt chunks within the budget)."""
@@ -54,14 +72,11 @@ class Scheduled:
             return
         budget = None if self.step_tokens is None else self.step_tokens - len(decoding)
         plan = chunk_plan([len(s.prompt_ids) - self.consumed[id(s)] for s in waiting], budget)
-        for seq, n in zip(waiting, plan):
-            if n == 0:
-                break
-            start = self.consumed[id(seq)]
-            ids = torch.tensor([seq.prompt_ids[start:start + n]], dtype=torch.long, device=self.model.device)
-            logits = self._prefill(seq, ids)
-            self.consumed[id(seq)] = start + n
-            if start + n == len(seq.prompt_ids):
+        chunks = [(seq, seq.prompt_ids[self.consumed[id(seq)]:self.consumed[id(seq)] + n])
+                  for seq, n in zip(waiting, plan) if n > 0]
+        for (seq, ids), logits in zip(chunks, self._prefill_chunks(chunks)):
+            self.consumed[id(seq)] += len(ids)
+            if self.consumed[id(seq)] == len(seq.prompt_ids):
                 del self.consumed[id(seq)]
                 self._take(seq, logits)
 
@@ -79,6 +94,12 @@ class Scheduled:
 
     def _decode(self, rows: list[Sequence]) -> None:
         raise NotImplementedError
+
+    def _prefill_chunks(self, chunks: list[tuple[Sequence, list[int]]]) -> list[torch.Tensor]:
+        """Feed each sequence its chunk; the float32 logits [1, V] after each chunk's last token.
+        One forward per chunk here; a batch whose rows are independent may feed several in one."""
+        return [self._prefill(seq, torch.tensor([ids], dtype=torch.long, device=self.model.device))
+                for seq, ids in chunks]
 
     def _prefill(self, seq: Sequence, ids: torch.Tensor) -> torch.Tensor:
         """Feed one chunk of `seq`'s prompt; the float32 logits [1, V] after its last token."""
