@@ -140,7 +140,8 @@ def per_device_parts(spec: ModelSpec, parts: dict[str, int], acts: dict[str, int
     retained = heap_retention(kind, unit_w, layer_g, spec.num_layers)
     if retained:
         notes.append(f"{kind}: glibc keeps FSDP's per-unit buffers (<= 32 MiB) in its heap: "
-                     f"+{retained / MiB:.0f} MiB (memwise.estimate.parallel)")
+                     f"+{retained / MiB:.0f} MiB with the default allocator (memwise.estimate.parallel); "
+                     "MALLOC_MMAP_THRESHOLD_=1048576 avoids it (not modeled)")
     if kind == "zero2":
         return int(W + W / n + (G + S + X) / n + unit_g + A + O + retained), notes
     root_w = W * shares["root"] / shares["total"]
