@@ -32,8 +32,8 @@ three unit-sized regions per layer unit (a count, not a fit):
                              previous step's gather region and the gradient's come on top
 Measured on gpt2 after 8 steps the retention is larger (about 1.2 GiB for FULL_SHARD against
 R3 = 0.95 GiB) while the rest of the zero3 formula over-counts by about 0.25 GiB (a run with
-MALLOC_MMAP_THRESHOLD_=1048576 peaks at 2.1 GiB against 2.4 without R3), so the sum is right within
-3% but the parts are not each right: docs/estimate-finetune.md.
+MALLOC_MMAP_THRESHOLD_=1048576 peaks at 2.1 GiB against 2.4 without R3), so the sum is within 5% on
+gpt2 (8 steps) but the parts are not each right: docs/estimate-finetune.md.
 Units over 32 MiB (gpt2-medium, opt-350m: 48 MiB) are mmapped and unmapped on free: R = 0. With
 MALLOC_MMAP_THRESHOLD_ set, the threshold is fixed and R = 0 too (not modeled: the estimate predicts
 the default allocator). DDP's 25 MiB gradient buckets live for the whole run: no such term.
