@@ -145,7 +145,7 @@ def per_device_parts(spec: ModelSpec, parts: dict[str, int], acts: dict[str, int
     if kind == "zero2":
         return int(W + W / n + (G + S + X) / n + unit_g + A + O + retained), notes
     root_w = W * shares["root"] / shares["total"]
-    live_units = 0 if retained else 2 * unit_w
+    live_units = 0 if unit_w <= MMAP_THRESHOLD_MAX else 2 * unit_w  # small units: inside R3
     return int((W + G + S + X) / n + root_w + live_units + unit_g + A + O + retained), notes
 
 
