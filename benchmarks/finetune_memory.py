@@ -1,7 +1,7 @@
 """Measured peak memory of real training steps against `estimate_finetune`.
 
 Each configuration runs in a fresh process (so peak RSS belongs to it alone): a transformers model
-built from a config with random weights (no hub), 3 steps of forward, backward, optimizer step and
+built from a config with random weights (no hub), 3 steps (--steps) of forward, backward, optimizer step and
 zero_grad, with plain torch + transformers (+ peft for LoRA, + bitsandbytes for 8-bit AdamW), dropout
 off (the estimate assumes it). The child reports ru_maxrss; the parent compares it with the estimate
 on the memwise ModelSpec of the same config. Multi-device: DDP / FSDP on 2 CPU ranks over gloo, each
@@ -111,8 +111,27 @@ def child(job: dict) -> dict:
         model = peft.get_peft_model(model, peft.LoraConfig(r=kw.get("lora_rank", 8), lora_alpha=16, lora_dropout=0.0))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, kw.get("optimizer", "adamw"))
-    train_steps(model, opt, job["batch"], job["seq"], job["vocab"])
+    train_steps(model, opt, job["batch"], job["seq"], job["vocab"], job.get("steps", 3))
     return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def heap_mib() -> dict:
+    """glibc's malloc totals now (mallinfo2): heap extent, its bytes in use and free, and mmapped chunks."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")]
+
+    try:
+        call = ctypes.CDLL(None).mallinfo2
+    except AttributeError:
+        return {}
+    call.restype = MallInfo2
+    info = call()
+    return {"heap": round(info.arena / 2**20, 1), "heap_in_use": round(info.uordblks / 2**20, 1),
+            "heap_free": round(info.fordblks / 2**20, 1), "mmapped": round(info.hblkhd / 2**20, 1)}
 
 
 def _rank(rank: int, job: dict, port: int, results) -> None:
@@ -140,9 +159,9 @@ def _rank(rank: int, job: dict, port: int, results) -> None:
         model = FSDP(model, sharding_strategy=mode, auto_wrap_policy=policy, use_orig_params=True,
                      device_id=torch.device("cpu"))
     opt = make_optimizer(model.parameters(), "adamw")
-    train_steps(model, opt, job["batch"], job["seq"], job["vocab"])
+    train_steps(model, opt, job["batch"], job["seq"], job["vocab"], job.get("steps", 3))
     dist.barrier()
-    results[rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    results[rank] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, heap_mib())
     dist.destroy_process_group()
 
 
@@ -151,7 +170,7 @@ def dist_child(job: dict) -> dict:
 
     results = mp.Manager().dict()
     mp.spawn(_rank, args=(job, 29500 + os.getpid() % 1000, results), nprocs=2, join=True)
-    return {"peak_rss_per_rank": [results[0], results[1]]}
+    return {"peak_rss_per_rank": [results[0][0], results[1][0]], "heap_mib_per_rank": [results[0][1], results[1][1]]}
 
 
 def run_child(job: dict) -> dict:
@@ -159,7 +178,7 @@ def run_child(job: dict) -> dict:
         json.dump(job, handle)
     try:
         out = subprocess.run([sys.executable, __file__, "--child", handle.name], capture_output=True, text=True,
-                             timeout=600)
+                             timeout=1800)
     finally:
         os.unlink(handle.name)
     if out.returncode != 0:
@@ -201,7 +220,8 @@ def _row(label: str, predicted: int, measured: int) -> dict:
 
 
 def run_all(models: list[str], batch: int, seq: int, dist: bool, lora_ok: bool, bnb_ok: bool,
-            single: bool = True, strategies: tuple[str, ...] | list[str] = ("dp", "zero2", "zero3")) -> dict:
+            single: bool = True, strategies: tuple[str, ...] | list[str] = ("dp", "zero2", "zero3"),
+            steps: int = 3) -> dict:
     baseline = run_child({"baseline": True})["peak_rss"]
     rows, skipped = [], []
     for name in models:
@@ -214,7 +234,8 @@ def run_all(models: list[str], batch: int, seq: int, dist: bool, lora_ok: bool, 
             if why:
                 skipped.append(f"{name} {label}: {why}")
                 continue
-            got = run_child({"config": config, "kwargs": kwargs, "batch": batch, "seq": seq, "vocab": vocab})
+            got = run_child({"config": config, "kwargs": kwargs, "batch": batch, "seq": seq, "vocab": vocab,
+                             "steps": steps})
             if "error" in got:
                 skipped.append(f"{name} {label}: {got['error']}")
                 continue
@@ -223,16 +244,17 @@ def run_all(models: list[str], batch: int, seq: int, dist: bool, lora_ok: bool, 
             print(rows[-1], flush=True)
         for label, kwargs in [(lab, kw) for lab, kw in DIST_RUNS if kw["strategy"] in strategies] if dist else ():
             got = run_child({"config": config, "kwargs": kwargs, "batch": batch, "seq": seq, "vocab": vocab,
-                             "dist": True})
+                             "dist": True, "steps": steps})
             if "error" in got:
                 skipped.append(f"{name} {label}: {got['error']}")
                 continue
             est = predict(config, {"devices": 2, **kwargs}, batch, seq)
             for rank, measured in enumerate(got["peak_rss_per_rank"]):
                 rows.append(_row(f"{name} {label} x2 rank{rank} b{batch} s{seq}", est.predicted_peak_bytes,
-                                 measured) | {"distributed": True})
+                                 measured) | {"distributed": True, "heap_mib_at_end": got["heap_mib_per_rank"][rank]})
                 print(rows[-1], flush=True)
-    return {"baseline_bytes": baseline, "rows": rows, "skipped": skipped}
+    return {"baseline_bytes": baseline, "rows": rows, "skipped": skipped, "steps": steps,
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
 
 
 def markdown(result: dict) -> str:
@@ -269,6 +291,7 @@ def main() -> None:
     parser.add_argument("--configs", default="tiny,gpt2")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="training steps per run (FSDP's heap needs ~5)")
     parser.add_argument("--no-dist", action="store_true")
     parser.add_argument("--only-dist", action="store_true", help="skip the one-process rows")
     parser.add_argument("--strategies", default="dp,zero2,zero3", help="the 2-rank runs to do (dp, zero2, zero3)")
@@ -285,7 +308,7 @@ def main() -> None:
         return
     result = run_all(args.configs.split(","), args.batch, args.seq, not args.no_dist, _available("peft"),
                      _available("bitsandbytes"), single=not args.only_dist,
-                     strategies=args.strategies.split(","))
+                     strategies=args.strategies.split(","), steps=args.steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "finetune_memory.json").write_text(json.dumps(result, indent=2) + "\n")

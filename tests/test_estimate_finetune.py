@@ -136,15 +136,43 @@ def test_zero_stages_shrink_per_device_memory():
     assert peaks == sorted(peaks, reverse=True)
     weights = runs["zero2"].parts["weights"]
     saved = runs["zero2"].predicted_peak_bytes - runs["zero3"].predicted_peak_bytes
-    # zero3 also shards parameters: it saves (1 - 1/N) of the weights, less what it gathers at a time:
-    # the root unit (embeddings, final norm) and two layers
+    # zero3 also shards parameters: FSDP's SHARD_GRAD_OP holds the gathered weights and their shards,
+    # FULL_SHARD only the shards, so it saves the whole weights, less what it gathers at a time: the root
+    # unit (embeddings, final norm) and two layers (gpt2-medium's 48 MiB units: no heap retention term)
     from memwise.models import family_for
 
     count = family_for(s.model_type, "test").parameter_count
     layer = count(dataclasses.replace(s, num_layers=1)) - count(dataclasses.replace(s, num_layers=0))
     gathered = weights * (count(s) - s.num_layers * layer + 2 * layer) / count(s)
-    assert saved == pytest.approx((1 - 1 / n) * weights - gathered, abs=4)
+    assert saved == pytest.approx(weights - gathered, abs=4)
     assert runs["dp"].per_device is not None and estimate_finetune(s).per_device is None
+
+
+def test_fsdp_heap_retention_counts_unit_buffers_up_to_glibcs_32_mib_mmap_ceiling():
+    from memwise.estimate.parallel import heap_retention
+
+    MiB = 1 << 20
+    # gpt2 (h 768): a layer has 12 h^2 + 13 h = 7,087,872 parameters, 28,351,488 bytes in float32
+    u = 4 * (12 * 768 * 768 + 13 * 768)
+    assert u == 28_351_488
+    assert heap_retention("zero3", u, u, 12) == 12 * 3 * 28_351_488  # two gathers and one gradient per unit
+    assert heap_retention("zero2", u, u, 12) == 12 * 2 * 28_351_488  # last step's gather and the gradient
+    assert heap_retention("zero3", 48 * MiB, 48 * MiB, 24) == 0        # mmapped, unmapped on free
+    assert heap_retention("zero3", 48 * MiB, 20 * MiB, 24) == 24 * 20 * MiB
+    assert heap_retention("zero3", 32 * MiB, 0, 2) == 2 * 2 * 32 * MiB   # the ceiling itself still counts
+    assert heap_retention("dp", u, u, 12) == heap_retention("zero1", u, u, 12) == 0
+
+
+def test_gpt2_sized_fsdp_adds_the_retained_units_and_gpt2_medium_does_not():
+    from memwise.source import family_and_spec
+
+    gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257,
+            "n_positions": 1024}
+    _, small = family_and_spec(gpt2, "test")
+    zero3 = estimate_finetune(small, devices=2, strategy="zero3", batch_size=2, seq_len=128)
+    assert any("+973 MiB" in note for note in zero3.notes)   # 12 * 3 * 28,351,488 bytes
+    medium = estimate_finetune(spec(), devices=2, strategy="zero3", batch_size=2, seq_len=128)
+    assert not any("heap" in note for note in medium.notes)
 
 
 def test_tensor_and_pipeline_parallel_split_the_model():

@@ -7,11 +7,36 @@ Trillion Parameter Models") partitions the model states of data parallelism:
 
     dp     W + G + S + X + A + O + D + G      DDP keeps its gradient buckets, a flat copy of G
     zero1  W + G + (S + X)/N + A + O + D      optimizer states sharded
-    zero2  W + (G + S + X)/N + A + O + D + U_g    + gradients sharded; U_g = one unit's full gradient
-                                                  before its reduce-scatter
-    zero3  (W + G + S + X)/N + A + O + D + U_w + U_g   + parameters sharded; U_w = the gathered units:
+    zero2  W + W/N + (G + S + X)/N + A + O + D + U_g + R2   + gradients sharded; U_g = one unit's full
+                                                  gradient before its reduce-scatter; W/N: FSDP's
+                                                  SHARD_GRAD_OP keeps the sharded flat parameters beside
+                                                  the gathered ones (DeepSpeed's stage 2 would not)
+    zero3  (W + G + S + X)/N + A + O + D + U_w + U_g + R3   + parameters sharded; U_w = the gathered units:
                                                   the root (embeddings, final norm, lm_head) + two layers
                                                   (current and prefetched), as FSDP wraps per block
+
+R2, R3 = glibc heap retention of FSDP's per-unit buffers (CPU, default allocator). glibc's malloc serves
+a request from mmap when it is at least M_MMAP_THRESHOLD, 128 KiB at start; the threshold is dynamic:
+freeing an mmapped block larger than it and at most DEFAULT_MMAP_THRESHOLD_MAX (32 MiB on 64-bit)
+raises it to that block's size (mallopt(3)). FSDP frees each unit's whole flat parameter after
+sharding it at wrap time, so with a layer unit of u_w = W * layer/P bytes <= 32 MiB every later buffer
+of that size (the gathered parameters, the unsharded gradient u_g = G * layer/T) comes from the heap,
+which returns memory only from its top. Measured on gpt2 (u = 27 MiB, 2 gloo ranks, per-phase heap
+from benchmarks/finetune_probe_dist.py): the heap grows for the first 4 steps and then stays, about
+1.2 GiB of free heap at the peak; a freed unit buffer's region is refilled by activations and sharded
+gradients before a buffer of that size comes again, so the next one takes a new region. Modeled as
+three unit-sized regions per layer unit (a count, not a fit):
+    R3 = L * (2 u_w + u_g)   FULL_SHARD: the forward gather, the backward gather, the gradient; the
+                             live U_w layers lie inside these regions (not added again)
+    R2 = L * (u_w + u_g)     SHARD_GRAD_OP: this step's gathers are live at the peak (in W); the
+                             previous step's gather region and the gradient's come on top
+Measured on gpt2 after 8 steps the retention is larger (about 1.2 GiB for FULL_SHARD against
+R3 = 0.95 GiB) while the rest of the zero3 formula over-counts by about 0.25 GiB (a run with
+MALLOC_MMAP_THRESHOLD_=1048576 peaks at 2.1 GiB against 2.4 without R3), so the sum is within 5% on
+gpt2 (8 steps) but the parts are not each right: docs/estimate-finetune.md.
+Units over 32 MiB (gpt2-medium, opt-350m: 48 MiB) are mmapped and unmapped on free: R = 0. With
+MALLOC_MMAP_THRESHOLD_ set, the threshold is fixed and R = 0 too (not modeled: the estimate predicts
+the default allocator). DDP's 25 MiB gradient buckets live for the whole run: no such term.
 
 Megatron-LM (Shoeybi et al. 2019; Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models"):
@@ -37,6 +62,7 @@ from memwise.spec import ModelSpec
 
 MiB = 1 << 20
 DIST_BYTES = 4 * MiB    # measured: tiny DDP rank peak minus the one-process peak of the same step
+MMAP_THRESHOLD_MAX = 32 * MiB  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: 4 MiB * sizeof(long)
 STRATEGIES = ("dp", "zero1", "zero2", "zero3", "tp", "pp", "tpAxdpB")
 
 
@@ -110,10 +136,29 @@ def per_device_parts(spec: ModelSpec, parts: dict[str, int], acts: dict[str, int
         return W + 2 * G + S + X + A + O, notes
     if kind == "zero1":
         return W + G + (S + X) // n + A + O, notes
+    layer_g = G * shares["layer"] / shares["total"] if method == "full" else G / spec.num_layers
+    retained = heap_retention(kind, unit_w, layer_g, spec.num_layers)
+    if retained:
+        notes.append(f"{kind}: glibc keeps FSDP's per-unit buffers (<= 32 MiB) in its heap: "
+                     f"+{retained / MiB:.0f} MiB with the default allocator (memwise.estimate.parallel); "
+                     "MALLOC_MMAP_THRESHOLD_=1048576 avoids it (not modeled)")
     if kind == "zero2":
-        return int(W + (G + S + X) / n + unit_g + A + O), notes
+        return int(W + W / n + (G + S + X) / n + unit_g + A + O + retained), notes
     root_w = W * shares["root"] / shares["total"]
-    return int((W + G + S + X) / n + root_w + 2 * unit_w + unit_g + A + O), notes
+    live_units = 0 if unit_w <= MMAP_THRESHOLD_MAX else 2 * unit_w  # small units: inside R3
+    return int((W + G + S + X) / n + root_w + live_units + unit_g + A + O + retained), notes
+
+
+def heap_retention(kind: str, unit_w: float, unit_g: float, layers: int) -> int:
+    """Bytes glibc's heap holds for FSDP's per-unit buffers (R2, R3 in the module docstring): only the
+    buffers at most glibc's 32 MiB dynamic mmap ceiling count; larger ones are mmapped and unmapped."""
+    if kind not in ("zero2", "zero3"):
+        return 0
+    small_w = unit_w if unit_w <= MMAP_THRESHOLD_MAX else 0
+    small_g = unit_g if unit_g <= MMAP_THRESHOLD_MAX else 0
+    if kind == "zero2":
+        return int(layers * (small_w + small_g))
+    return int(layers * (2 * small_w + small_g))
 
 
 def _tensor_parallel(spec: ModelSpec, parts: dict[str, int], acts: dict[str, int], t: int, shares: dict[str, int],
