@@ -82,15 +82,36 @@ class _PresetHeader:
 
 
 def _write_preset(resolved: Any, out: Path) -> None:
-    from memwise.models.hgrn_bit import checkpoint_layout
     from memwise.models.ternary import RandomWeights, write_packed
 
-    # memwise.models.hgrn_bit.build.synthetic's source with memwise.load's seed 0; the writer draws
-    # the tensors in the order of the layout, which is the order the model builder draws them.
-    embeddings = ("model.embeddings.weight",)
-    source = RandomWeights(0, embeddings=embeddings, zeros=("model.lower_bounds",))
+    # The family's synthetic() source with memwise.load's seed 0; the writer draws the tensors in the
+    # order of the layout, which is the order the model builder draws them.
+    if resolved.spec.model_type == "hgrn_bit":
+        from memwise.models.hgrn_bit import checkpoint_layout
+
+        embeddings: tuple[str, ...] = ("model.embeddings.weight",)
+        source = RandomWeights(0, embeddings=embeddings, zeros=("model.lower_bounds",))
+    else:
+        from memwise.models.bitnet import checkpoint_layout
+        from memwise.models.bitnet.build import EMBEDDINGS as embeddings
+
+        source = RandomWeights(0, embeddings=embeddings)
     write_packed(checkpoint_layout(resolved.spec), source, _PresetHeader(resolved.where, embeddings),
                  resolved.config, out, progress=False)
+
+
+def _lite_family(config: dict[str, Any] | None) -> str | None:
+    """The family memwise.lite would run for this config.json, or None (1bitLLM's BitNet says "llama")."""
+    from memwise.errors import UnsupportedError
+    from memwise.lite.model import FAMILIES
+    from memwise.models import family_for_config
+
+    if config is None:
+        return None
+    try:
+        return FAMILIES.get(family_for_config(config, "config.json").__name__)
+    except UnsupportedError:
+        return None
 
 
 class LiteEngine:
@@ -103,8 +124,8 @@ class LiteEngine:
         self.threads: int | None = None
 
     def can_run(self, source: Source, device: str) -> str | None:
-        if source.model_type != "hgrn_bit":
-            return "memwise-lite runs MatMul-free (hgrn_bit) models only"
+        if _lite_family(source.config) is None:
+            return "memwise-lite runs ternary (hgrn_bit, bitnet) models only"
         if device != "cpu":
             return "memwise-lite runs on the CPU only"
         return None
@@ -112,7 +133,7 @@ class LiteEngine:
     def cell_reason(self, spec: Any) -> str | None:
         """Why memwise-lite cannot run this cell's settings, or None."""
         if spec.dtype != "float32" or spec.quantize or spec.kv_cache or spec.max_memory:
-            return "memwise-lite runs hgrn_bit in float32 with its packed weights only"
+            return "memwise-lite runs ternary models in float32 with their packed weights only"
         if (spec.repetition_penalty or 1.0) != 1.0 or spec.no_repeat_ngram_size:
             return "memwise-lite runs plain greedy decoding (no repetition penalty or n-gram block)"
         return None

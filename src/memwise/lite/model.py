@@ -1,4 +1,4 @@
-"""LiteModel: a packed ternary checkpoint loaded and run with numpy and memwise's C extensions, no torch."""
+"""LiteModel: a packed ternary checkpoint (HGRN-Bit here; BitNet in bitnet_model.py) loaded and run with numpy and memwise's C extensions, no torch."""
 from __future__ import annotations
 
 import ctypes
@@ -23,7 +23,8 @@ from memwise.source import read_source
 from memwise.spec import ModelSpec
 from memwise.tokenizer import Tokenizer, load_tokenizer
 
-FAMILIES = ("hgrn_bit",)
+# The families memwise.lite runs, by the memwise.models package that reads their config.json.
+FAMILIES = {"memwise.models.hgrn_bit": "hgrn_bit", "memwise.models.bitnet": "bitnet"}
 
 
 def load(source: str | os.PathLike, threads: int | None = None) -> "LiteModel":
@@ -35,21 +36,62 @@ def load(source: str | os.PathLike, threads: int | None = None) -> "LiteModel":
         raise SourceError(f"{text}: memwise.lite runs packed checkpoints; a preset has no file (write one with "
                           "`memwise convert`, or run presets with memwise.load)")
     config, where, directory = read_source(text)
-    if config.get("model_type") not in FAMILIES:
-        raise UnsupportedError(f"{where}: memwise.lite runs {', '.join(FAMILIES)} models, not model_type "
-                               f"{shown(config.get('model_type'))} (memwise.load runs every family)")
-    if not (kernels.HAVE_C and step_structs._step is not None):
+    family = _family(config, where)
+    if not (kernels.HAVE_C and _step_extension(family) is not None):
         raise UnsupportedError("memwise.lite needs memwise's C extensions, which are not built here "
                                "(python setup.py build_ext --inplace, or reinstall memwise with a C compiler)")
-    step_structs.checked_layout()
-    spec = spec_from_config(config, where)
     assert directory is not None
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise SourceError(f"{directory}: no {WEIGHTS_FILE} (memwise.lite reads the single packed file that "
                           "`memwise convert` writes)")
-    weights = HGRNWeights(spec, PackedFile(path))
-    return LiteModel(spec, weights, load_tokenizer(Path(directory), spec.bos_token_id), threads)
+    if family == "hgrn_bit":
+        step_structs.checked_layout()
+        spec = spec_from_config(config, where)
+        weights = HGRNWeights(spec, PackedFile(path))
+        return LiteModel(spec, weights, load_tokenizer(Path(directory), spec.bos_token_id), threads)
+    return _load_bitnet(config, where, Path(directory), path, threads)
+
+
+def _family(config: dict, where: str) -> str:
+    """"hgrn_bit" or "bitnet" (model_type bitnet, or 1bitLLM's llama + BitnetForCausalLM), else an error."""
+    from memwise.models import family_for_config
+
+    try:
+        family = FAMILIES.get(family_for_config(config, where).__name__)
+    except UnsupportedError:
+        family = None
+    if family is None:
+        raise UnsupportedError(f"{where}: memwise.lite runs {', '.join(FAMILIES.values())} models, not model_type "
+                               f"{shown(config.get('model_type'))} (memwise.load runs every family)")
+    return family
+
+
+def _step_extension(family: str) -> Any:
+    if family == "hgrn_bit":
+        return step_structs._step
+    from memwise.lite import bitnet_model
+    from memwise.models.bitnet import step_structs as bitnet_structs
+
+    return bitnet_structs._step if bitnet_model._bf16 is not None else None
+
+
+def _load_bitnet(config: dict, where: str, directory: Path, path: Path, threads: int | None) -> "LiteModel":
+    import dataclasses
+
+    from memwise.lite.bitnet_model import BitNetLiteModel
+    from memwise.lite.bitnet_weights import LM_HEAD, BitNetWeights
+    from memwise.models.bitnet import spec_from_config as bitnet_spec
+    from memwise.models.bitnet import step_structs as bitnet_structs
+
+    bitnet_structs.checked_layout()
+    spec = dataclasses.replace(bitnet_spec(config, where), source=str(directory))
+    file = PackedFile(path)
+    if spec.model_type == "llama" and not spec.tie_word_embeddings and LM_HEAD not in file.entries:
+        # 1bitLLM's checkpoints hold no lm_head: their output is the embedding (as memwise.models.bitnet.build).
+        spec = dataclasses.replace(spec, tie_word_embeddings=True)
+    weights = BitNetWeights(spec, file)
+    return BitNetLiteModel(spec, weights, load_tokenizer(directory, spec.bos_token_id), threads)
 
 
 def as_ids(input_ids: Any) -> np.ndarray:
@@ -90,8 +132,9 @@ class LiteModel:
                                "pass token ids")
         return self._tokenizer
 
-    def new_state(self, batch: int) -> np.ndarray:
-        """The recurrent state of `batch` sequences: float32 [layers, batch, width], zero."""
+    def new_state(self, batch: int, max_length: int = 0) -> Any:
+        """The recurrent state of `batch` sequences: float32 [layers, batch, width], zero (a recurrence
+        needs no room per token, so max_length is not used)."""
         return np.zeros((self.spec.num_layers, batch, recurrence_width(self.spec)), dtype=np.float32)
 
     def logits(self, input_ids: Any) -> np.ndarray:
@@ -140,7 +183,7 @@ class LiteModel:
         eos = np.array(self.spec.eos_token_ids or (), dtype=np.int64)
         pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else int(eos[0]) if eos.size else 0
         done = np.zeros(ids.shape[0], dtype=bool)
-        state = self.new_state(ids.shape[0])
+        state = self.new_state(ids.shape[0], ids.shape[1] + max_new_tokens)
         logits = self._prefill(ids, state, last_only=True)[:, -1]
         for n in range(max_new_tokens):
             tokens = np.where(done, pad, choose(logits))
