@@ -103,7 +103,7 @@ def _write_preset(resolved: Any, out: Path) -> None:
 def _lite_family(config: dict[str, Any] | None) -> str | None:
     """The family memwise.lite would run for this config.json, or None (1bitLLM's BitNet says "llama")."""
     from memwise.errors import UnsupportedError
-    from memwise.lite.model import FAMILIES
+    from memwise.lite.loader import FAMILIES
     from memwise.models import family_for_config
 
     if config is None:

@@ -20,9 +20,8 @@ import numpy as np
 
 from memwise import kernels
 from memwise.errors import MemwiseError
-from memwise.kernels.threads import CpuBudget
 from memwise.lite.bitnet_weights import BitNetWeights
-from memwise.lite.model import LiteModel
+from memwise.lite.model import LiteModel, as_ids
 from memwise.models.bitnet import step_structs
 from memwise.spec import ModelSpec
 from memwise.tokenizer import Tokenizer
@@ -73,8 +72,6 @@ class BitNetLiteModel(LiteModel):
         return self._prefill(ids, self.new_state(1, ids.shape[1]), last_only=False)
 
     def _ids(self, input_ids: Any) -> np.ndarray:
-        from memwise.lite.model import as_ids
-
         ids = as_ids(input_ids)
         if ids.shape[0] != 1:
             raise MemwiseError(f"memwise.lite runs bitnet one sequence at a time, got a batch of {ids.shape[0]}")
