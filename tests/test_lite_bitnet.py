@@ -147,3 +147,46 @@ def test_load_and_generate_import_no_torch(packed):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "False", done.stdout
+
+
+def test_command_line_streams_the_greedy_completion(models, packed, tmp_path):
+    from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+
+    small = models[0]
+    directory = tmp_path / "words"
+    directory.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (directory / name).symlink_to(packed / name)
+    words = Tokenizer(tokenizer_models.WordLevel({f"w{i}": i for i in range(small.spec.vocab_size)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.save(str(directory / "tokenizer.json"))
+    prompt = IDS[0][:5]
+    want = small.generate([prompt], 6, ignore_eos=True)[0, len(prompt):]
+    done = subprocess.run([sys.executable, "-m", "memwise.lite", str(directory), "--prompt",
+                           " ".join(f"w{i}" for i in prompt), "--max-new-tokens", "6", "--ignore-eos"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [f"w{i}" for i in want]
+    assert "6 tokens" in done.stderr and "no torch" in done.stderr
+
+
+def test_bench_runs_a_bitnet_lite_cell_without_torch(tmp_path, monkeypatch):
+    from memwise.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    code = main(["bench", "--model", "preset:tiny-bitnet", "--engine", "memwise-lite", "--runs", "1", "--warmup", "0",
+                 "--prompt-tokens", "8", "--new-tokens", "4", "--out", str(tmp_path / "out")])
+    assert code == 0
+    (record,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert record["status"] == "ok" and record["engine"] == "memwise-lite", record["reason"]
+    assert record["engine_details"]["torch_in_process"] is False
+    assert record["decode_tok_s"] > 0 and record["peak_rss_bytes"] > 0
+
+
+def test_a_presets_packed_file_holds_the_presets_weights(tmp_path):
+    from memwise.bench.lite_engine import packed_checkpoint
+
+    path = packed_checkpoint("preset:tiny-bitnet", directory=tmp_path)
+    small, full = lite.load(path), memwise.load("preset:tiny-bitnet")
+    ids = [[3, 100, 7, 250, 9]]
+    assert_close(torch.from_numpy(small.logits(ids)), full.logits(torch.tensor(ids)), REL)
