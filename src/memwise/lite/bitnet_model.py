@@ -49,8 +49,10 @@ class BitNetLiteModel(LiteModel):
 
     def __init__(self, spec: ModelSpec, weights: BitNetWeights, tokenizer: Tokenizer | None, threads: int | None):
         super().__init__(spec, weights, tokenizer, threads)
-        self._pointed_at: int | None = None     # id of the cache the layer views point into
-        self._cache_ref: KVCache | None = None  # that cache, kept alive while the views point into it
+        # The id of the cache the layer views point into. No reference is kept: holding the last
+        # generation's cache would keep a second cache resident while the next one fills; a view
+        # into a freed cache is never used, since every step re-points the views at its own cache.
+        self._pointed_at: int | None = None
         self._caches = 0
 
     def new_state(self, batch: int, max_length: int = 0) -> KVCache:
@@ -98,7 +100,6 @@ class BitNetLiteModel(LiteModel):
                     view.layers[n].values = cache.values[n].ctypes.data
                 view.max_length = cache.max_length
                 self._pointed_at = cache.id
-                self._cache_ref = cache
             ws = self._workspace(threads, cache.max_length)
             step_structs._step.step(ws, ctypes.addressof(self.weights.view), x.ctypes.data, cache.length)
         cache.length += 1
