@@ -47,7 +47,7 @@ def bitnet_checkpoint(path: Path) -> Path:
 
 def one_bit_llm_checkpoint(path: Path, latent: Path) -> Path:
     """1bitLLM's layout: model_type llama + BitnetForCausalLM, silu, sub-norms named inner_attn_ln and
-    ffn_layernorm, no lm_head (the output is the embedding)."""
+    ffn_layernorm, no lm_head (the output is the embedding) whatever tie_word_embeddings says."""
     path.mkdir()
     renames = {"self_attn.attn_sub_norm": "self_attn.inner_attn_ln", "mlp.ffn_sub_norm": "mlp.ffn_layernorm"}
     tensors = {}
@@ -59,7 +59,7 @@ def one_bit_llm_checkpoint(path: Path, latent: Path) -> Path:
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     config = {"model_type": "llama", "architectures": ["BitnetForCausalLM"], "hidden_act": "silu",
               "weight_bits": 1, "input_bits": 8, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2,
-              "tie_word_embeddings": True, **SIZES}
+              "tie_word_embeddings": False, **SIZES}
     (path / "config.json").write_text(json.dumps(config))
     return path
 
@@ -81,8 +81,10 @@ def models(packed):
     return small, memwise.load(str(packed))
 
 
-def test_the_flavour_is_read_from_the_config(models):
+def test_the_flavour_is_read_from_the_config(models, packed):
     small, full = models
+    # convert writes a checkpoint without an lm_head as tied
+    assert json.loads((packed / "config.json").read_text())["tie_word_embeddings"] == (small.spec.model_type == "llama")
     assert small.spec == full.spec
     assert small.spec.tie_word_embeddings == (small.spec.model_type == "llama")
     assert small.weights_bytes() == full.module.weights_bytes()
