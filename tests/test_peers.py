@@ -251,6 +251,7 @@ def test_peers_suite_cells():
         ("gpt2-medium", "memwise", "int4", 1, 128, 128),
         ("gpt2-medium", "llama.cpp", "q4_0", 1, 128, 128),
         ("bitnet-b1.58-large", "memwise", "float32", 1, 128, 128),
+        ("bitnet-b1.58-large", "memwise-lite", "float32", 1, 128, 128),
         ("bitnet-b1.58-large", "llama.cpp", "tq2_0", 1, 128, 128),
         ("bitnet-b1.58-large", "transformers", "float32", 1, 128, 128),
     ]

@@ -1,9 +1,10 @@
-"""The `memwise-lite` engine: memwise's MatMul-free models on the torch-free runtime (memwise.lite).
+"""The `memwise-lite` engine: memwise's ternary models (HGRN-Bit, BitNet) on the torch-free runtime (memwise.lite).
 
 It runs the same weights as the `memwise` engine, with the same C code (the fused decode step; the
 kernel library's BitLinear for prefill), in a process that never imports torch: what a user who
 installs memwise to run ternary models on a CPU pays in memory. The record's engine says which
-runtime ran, and its weights_format names the file.
+runtime ran, and its weights_format names the file. (BitNet's prompt runs through the fused step
+token by token: memwise/lite/bitnet_model.py.)
 
 Like the llama.cpp cells, the cell reads a file that the parent wrote before it (untimed, cached
 under $XDG_CACHE_HOME/memwise/packed): `memwise convert`'s packed checkpoint of the source, or of a
@@ -82,15 +83,36 @@ class _PresetHeader:
 
 
 def _write_preset(resolved: Any, out: Path) -> None:
-    from memwise.models.hgrn_bit import checkpoint_layout
     from memwise.models.ternary import RandomWeights, write_packed
 
-    # memwise.models.hgrn_bit.build.synthetic's source with memwise.load's seed 0; the writer draws
-    # the tensors in the order of the layout, which is the order the model builder draws them.
-    embeddings = ("model.embeddings.weight",)
-    source = RandomWeights(0, embeddings=embeddings, zeros=("model.lower_bounds",))
+    # The family's synthetic() source with memwise.load's seed 0; the writer draws the tensors in the
+    # order of the layout, which is the order the model builder draws them.
+    if resolved.spec.model_type == "hgrn_bit":
+        from memwise.models.hgrn_bit import checkpoint_layout
+
+        embeddings: tuple[str, ...] = ("model.embeddings.weight",)
+        source = RandomWeights(0, embeddings=embeddings, zeros=("model.lower_bounds",))
+    else:
+        from memwise.models.bitnet import checkpoint_layout
+        from memwise.models.bitnet.build import EMBEDDINGS as embeddings
+
+        source = RandomWeights(0, embeddings=embeddings)
     write_packed(checkpoint_layout(resolved.spec), source, _PresetHeader(resolved.where, embeddings),
                  resolved.config, out, progress=False)
+
+
+def _lite_family(config: dict[str, Any] | None) -> str | None:
+    """The family memwise.lite would run for this config.json, or None (1bitLLM's BitNet says "llama")."""
+    from memwise.errors import UnsupportedError
+    from memwise.lite.loader import FAMILIES
+    from memwise.models import family_for_config
+
+    if config is None:
+        return None
+    try:
+        return FAMILIES.get(family_for_config(config, "config.json").__name__)
+    except UnsupportedError:
+        return None
 
 
 class LiteEngine:
@@ -103,8 +125,8 @@ class LiteEngine:
         self.threads: int | None = None
 
     def can_run(self, source: Source, device: str) -> str | None:
-        if source.model_type != "hgrn_bit":
-            return "memwise-lite runs MatMul-free (hgrn_bit) models only"
+        if _lite_family(source.config) is None:
+            return "memwise-lite runs ternary (hgrn_bit, bitnet) models only"
         if device != "cpu":
             return "memwise-lite runs on the CPU only"
         return None
@@ -112,7 +134,7 @@ class LiteEngine:
     def cell_reason(self, spec: Any) -> str | None:
         """Why memwise-lite cannot run this cell's settings, or None."""
         if spec.dtype != "float32" or spec.quantize or spec.kv_cache or spec.max_memory:
-            return "memwise-lite runs hgrn_bit in float32 with its packed weights only"
+            return "memwise-lite runs ternary models in float32 with their packed weights only"
         if (spec.repetition_penalty or 1.0) != 1.0 or spec.no_repeat_ngram_size:
             return "memwise-lite runs plain greedy decoding (no repetition penalty or n-gram block)"
         return None
@@ -154,9 +176,10 @@ class LiteEngine:
         return int(self.model.spec.vocab_size)
 
     def describe(self) -> dict[str, Any]:
+        hgrn = self.model.spec.model_type == "hgrn_bit"
+        prefill = "multi-row BitLinear + numpy" if hgrn else "fused C step, token by token"
         return {"weights_format": "2-bit packed", "threads": self.threads,
                 "engine_details": {"runtime": "memwise.lite (numpy + C extensions, no torch)",
                                    "torch_in_process": "torch" in sys.modules,
                                    "packed_checkpoint": str(self.path), "isa": self.model.isa,
-                                   "decoding": "greedy, EOS ignored; decode: fused C step; prefill: "
-                                               "multi-row BitLinear + numpy"}}
+                                   "decoding": "greedy, EOS ignored; decode: fused C step; prefill: " + prefill}}

@@ -64,7 +64,7 @@ TERNARY_CELLS = (
 # MatMul-free model on memwise's packed kernels against its shape twin on llama.cpp (a Llama model whose
 # every matrix has the HGRN-Bit matrix's shape, ternary weights in TQ2_0: the same bytes per token), and
 # gpt2-medium on both engines at float32, memwise's int8 / int4 weights against llama.cpp's Q8_0 / Q4_0.
-# The MatMul-free models also run on memwise-lite, the same C code without torch in the process.
+# The ternary models (MatMul-free and BitNet) also run on memwise-lite, the same C code without torch in the process.
 # (model, engine, batch, dtype); a memwise cell's dtype slot may name a weight scheme (float32 activations).
 PEERS_CELLS = (
     ("mmfree-370m", "memwise", 1, "float32"), ("mmfree-370m", "memwise-lite", 1, "float32"),
@@ -76,7 +76,8 @@ PEERS_CELLS = (
     ("gpt2-medium", "memwise", 1, "int4"), ("gpt2-medium", "llama.cpp", 1, "q4_0"),
     # BitNet b1.58 of 1bitLLM's shape (llama.cpp's "bitnet" graph), the same ternary codes on both engines;
     # transformers runs its config as a float32 Llama (what AutoModelForCausalLM gives without remote code).
-    ("bitnet-b1.58-large", "memwise", 1, "float32"), ("bitnet-b1.58-large", "llama.cpp", 1, "tq2_0"),
+    ("bitnet-b1.58-large", "memwise", 1, "float32"), ("bitnet-b1.58-large", "memwise-lite", 1, "float32"),
+    ("bitnet-b1.58-large", "llama.cpp", 1, "tq2_0"),
     ("bitnet-b1.58-large", "transformers", 1, "float32"),
 )
 

@@ -75,12 +75,12 @@ PEERS_TARGETS = (
                   (theirs, "llama.cpp", 1, "tq2_0"), at_most=1.05) for ours, theirs, _ in _PEER_PAIRS),
     # the same weights and C code without torch in the process (memwise.lite)
     *(_ratio(f"decode: {ours} on memwise-lite / {theirs} on llama.cpp (TQ2_0)", (ours, "memwise-lite", 1),
-             (theirs, "llama.cpp", 1, "tq2_0"), at_least=goal) for ours, theirs, goal in _PEER_PAIRS[:2]),
+             (theirs, "llama.cpp", 1, "tq2_0"), at_least=goal) for ours, theirs, goal in _PEER_PAIRS),
     *(_ratio(f"prefill: {ours} on memwise-lite / {theirs} on llama.cpp (TQ2_0)", (ours, "memwise-lite", 1),
-             (theirs, "llama.cpp", 1, "tq2_0"), "prefill_tok_s", at_least=1.5) for ours, theirs, _ in _PEER_PAIRS[:2]),
+             (theirs, "llama.cpp", 1, "tq2_0"), "prefill_tok_s", at_least=1.5) for ours, theirs, _ in _PEER_PAIRS),
     *(_peak_ratio(f"peak resident set: {ours} on memwise-lite / {theirs} on llama.cpp (TQ2_0)",
                   (ours, "memwise-lite", 1), (theirs, "llama.cpp", 1, "tq2_0"), at_most=1.05)
-      for ours, theirs, _ in _PEER_PAIRS[:2]),
+      for ours, theirs, _ in _PEER_PAIRS),
     _ratio("decode: gpt2-medium float32, memwise / llama.cpp F32", ("gpt2-medium", "memwise", 1, "float32"),
            ("gpt2-medium", "llama.cpp", 1, "float32")),
     # issue 19: memwise's int8 / int4 against llama.cpp's Q8_0 / Q4_0 on the same model, >= 1.0x

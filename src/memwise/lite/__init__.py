@@ -1,4 +1,4 @@
-"""memwise.lite: MatMul-free (HGRN-Bit) models on a plain CPU with numpy and memwise's C extensions, no PyTorch.
+"""memwise.lite: ternary models (HGRN-Bit, BitNet b1.58) on a plain CPU with numpy and memwise's C extensions, no PyTorch.
 
     import memwise.lite
     model = memwise.lite.load("out/mmfree-370m-packed")     # a `memwise convert` output directory
@@ -6,19 +6,24 @@
 
 It reads the packed checkpoint that `memwise convert` writes, into the same buffers the torch path
 builds, and runs the same C code: every decode step is the fused step (one C call per token,
-memwise/models/hgrn_bit/csrc), and a prompt goes through the kernel library's multi-row BitLinear
-layer by layer with numpy for the float work between the products (hgrn_forward.py). Importing
+memwise/models/<family>/csrc). An HGRN-Bit prompt goes through the kernel library's multi-row
+BitLinear layer by layer with numpy for the float work between the products (hgrn_forward.py); a
+BitNet prompt goes through the fused step token by token (bitnet_model.py). Importing
 torch alone takes about 200 MiB of memory that no runtime can give back; this runtime never
 imports it (tests/test_lite.py checks that in a fresh process).
 
     packed_file.py    the packed safetensors file, parsed and read with numpy
     hgrn_weights.py   the model's buffers (codes in huge pages, float32 gains) and the C step's view
     hgrn_forward.py   prefill: many tokens at once
+    bitnet_weights.py BitNet's buffers (stacked codes in huge pages, gains, the bf16 lm_head) and the C step's view
+    bitnet_model.py   BitNet: every token through the fused step, a numpy KV cache
     sampling.py       greedy or sampled next tokens
-    model.py          load() and LiteModel: logits, stream, generate, generate_text
+    model.py          LiteModel: logits, stream, generate, generate_text
+    loader.py         load(): the family from config.json, then its weights and model
     __main__.py       python -m memwise.lite DIR --prompt TEXT: a completion from the shell
 """
-from memwise.lite.model import LiteModel, load
+from memwise.lite.loader import load
+from memwise.lite.model import LiteModel
 from memwise.lite.sampling import Sampling
 
 __all__ = ["LiteModel", "Sampling", "load"]

@@ -1,56 +1,23 @@
-"""LiteModel: a packed ternary checkpoint loaded and run with numpy and memwise's C extensions, no torch."""
+"""LiteModel: a packed ternary checkpoint (HGRN-Bit here; BitNet in bitnet_model.py) loaded and run with numpy and memwise's C extensions, no torch."""
 from __future__ import annotations
 
 import ctypes
 import os
 import threading
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from memwise import kernels
-from memwise.errors import MemwiseError, SourceError, UnsupportedError, shown
+from memwise.errors import MemwiseError
 from memwise.kernels.threads import CpuBudget
 from memwise.lite.hgrn_forward import Forward
 from memwise.lite.hgrn_weights import HGRNWeights
-from memwise.lite.packed_file import WEIGHTS_FILE, PackedFile
 from memwise.lite.sampling import Sampling, TokenChooser
 from memwise.models.hgrn_bit import step_structs
-from memwise.models.hgrn_bit.config import recurrence_width, spec_from_config
-from memwise.presets import is_preset
-from memwise.source import read_source
+from memwise.models.hgrn_bit.config import recurrence_width
 from memwise.spec import ModelSpec
-from memwise.tokenizer import Tokenizer, load_tokenizer
-
-FAMILIES = ("hgrn_bit",)
-
-
-def load(source: str | os.PathLike, threads: int | None = None) -> "LiteModel":
-    """A packed checkpoint (`memwise convert` output: a directory or a hub id) of a MatMul-free model,
-    ready to generate without torch. `threads`: the C code's threads (default: every CPU this process
-    may use, fewer while other processes keep cores busy)."""
-    text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else source
-    if isinstance(text, str) and is_preset(text):
-        raise SourceError(f"{text}: memwise.lite runs packed checkpoints; a preset has no file (write one with "
-                          "`memwise convert`, or run presets with memwise.load)")
-    config, where, directory = read_source(text)
-    if config.get("model_type") not in FAMILIES:
-        raise UnsupportedError(f"{where}: memwise.lite runs {', '.join(FAMILIES)} models, not model_type "
-                               f"{shown(config.get('model_type'))} (memwise.load runs every family)")
-    if not (kernels.HAVE_C and step_structs._step is not None):
-        raise UnsupportedError("memwise.lite needs memwise's C extensions, which are not built here "
-                               "(python setup.py build_ext --inplace, or reinstall memwise with a C compiler)")
-    step_structs.checked_layout()
-    spec = spec_from_config(config, where)
-    assert directory is not None
-    path = Path(directory) / WEIGHTS_FILE
-    if not path.is_file():
-        raise SourceError(f"{directory}: no {WEIGHTS_FILE} (memwise.lite reads the single packed file that "
-                          "`memwise convert` writes)")
-    weights = HGRNWeights(spec, PackedFile(path))
-    return LiteModel(spec, weights, load_tokenizer(Path(directory), spec.bos_token_id), threads)
-
+from memwise.tokenizer import Tokenizer
 
 def as_ids(input_ids: Any) -> np.ndarray:
     """Token ids as int64 [B, T]: from a list of ints, a list of equal-length lists, or an array."""
@@ -90,8 +57,9 @@ class LiteModel:
                                "pass token ids")
         return self._tokenizer
 
-    def new_state(self, batch: int) -> np.ndarray:
-        """The recurrent state of `batch` sequences: float32 [layers, batch, width], zero."""
+    def new_state(self, batch: int, max_length: int = 0) -> Any:
+        """The recurrent state of `batch` sequences: float32 [layers, batch, width], zero (a recurrence
+        needs no room per token, so max_length is not used)."""
         return np.zeros((self.spec.num_layers, batch, recurrence_width(self.spec)), dtype=np.float32)
 
     def logits(self, input_ids: Any) -> np.ndarray:
@@ -140,7 +108,7 @@ class LiteModel:
         eos = np.array(self.spec.eos_token_ids or (), dtype=np.int64)
         pad = self.spec.pad_token_id if self.spec.pad_token_id is not None else int(eos[0]) if eos.size else 0
         done = np.zeros(ids.shape[0], dtype=bool)
-        state = self.new_state(ids.shape[0])
+        state = self.new_state(ids.shape[0], ids.shape[1] + max_new_tokens)
         logits = self._prefill(ids, state, last_only=True)[:, -1]
         for n in range(max_new_tokens):
             tokens = np.where(done, pad, choose(logits))

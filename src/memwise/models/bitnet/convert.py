@@ -7,6 +7,7 @@ Converting a packed checkpoint again copies its tensors unchanged: the output is
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,11 @@ from memwise.spec import ModelSpec
 def write_packed(spec: ModelSpec, reader: CheckpointReader, config: dict[str, Any], out: Path,
                  progress: bool = True) -> None:
     """The packed checkpoint of the model in `reader` into directory `out`."""
+    if spec.model_type == "llama" and not spec.tie_word_embeddings and "lm_head.weight" not in reader:
+        # 1bitLLM's checkpoints hold no lm_head whatever their config says (as build.load reads them):
+        # the packed config says tied, so that every reader of the packed file agrees.
+        spec = dataclasses.replace(spec, tie_word_embeddings=True)
+        config = {**config, "tie_word_embeddings": True}
     source = weight_source(reader)
     check_layout(spec, reader, source)
     config = {key: value for key, value in config.items() if key not in ("quantization_config", "memwise")}

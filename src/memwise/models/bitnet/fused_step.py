@@ -13,8 +13,8 @@ its keys and values go straight into the DecoderCache's float32 tensors, whose `
 `mask` the model keeps up to date as for any step.
 
 What crosses into C is typed: ``ModelView`` (with ``LayerView`` and ``ProjectionView``) mirrors
-the C structs of csrc/bitnet_model.h field for field, and ``layout_mismatches()`` compares them
-with the sizes and offsets the extension reports before a decoder is built.
+the C structs of csrc/bitnet_model.h field for field (step_structs.py, shared with the torch-free
+runtime memwise.lite), checked against the sizes and offsets the extension reports before a decoder is built.
 
 Exactness. The products are exact integer arithmetic, the kernel library's. The float work between
 them (norms, quantization, rotary, softmax, GLU) is the model's math in the C code's own order, so
@@ -24,7 +24,6 @@ tolerance relative to their spread, and greedy tokens equal.
 from __future__ import annotations
 
 import ctypes
-import functools
 import threading
 import weakref
 from typing import Any
@@ -34,56 +33,15 @@ import torch
 from memwise import kernels
 from memwise.kernels import MAX_COLS, KernelInputError
 from memwise.kernels.packed import padded_cols
-from memwise.kernels.structs import struct_mismatches
 from memwise.kernels.threads import CpuBudget
 
-try:
-    from memwise.models.bitnet import _step
-except ImportError:  # built without a C compiler: decode steps run the PyTorch modules
-    _step = None
+from memwise.models.bitnet import step_structs
+from memwise.models.bitnet.step_structs import (MIRRORS, LayerView, ModelView, ProjectionView, checked_layout,
+                                                layout_mismatches, projection_view)
 
-__all__ = ["available", "layout_mismatches", "FusedDecoder", "ProjectionView", "LayerView", "ModelView"]
+_step = step_structs._step
 
-
-# --------------------------------------------------------------------------------------------
-# Mirrors of csrc/bitnet_model.h
-
-
-class ProjectionView(ctypes.Structure):
-    """bitnet_projection_t: stacked ternary matrices, their input-norm gain, rows and scales."""
-    _fields_ = [("codes", ctypes.c_void_p), ("gain", ctypes.c_void_p), ("rows", ctypes.c_int64 * 3),
-                ("scales", ctypes.c_float * 3), ("count", ctypes.c_int32)]
-
-
-class LayerView(ctypes.Structure):
-    """bitnet_layer_t: one layer's projections and its cache tensors."""
-    _fields_ = [("qkv", ProjectionView), ("o", ProjectionView), ("gate_up", ProjectionView),
-                ("down", ProjectionView), ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
-
-
-class ModelView(ctypes.Structure):
-    """bitnet_model_t: sizes, rotary frequencies and the layers."""
-    _fields_ = [("num_layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("intermediate", ctypes.c_int64),
-                ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
-                ("max_length", ctypes.c_int64), ("eps", ctypes.c_float), ("relu2", ctypes.c_int32),
-                ("weights_from_dram", ctypes.c_int32), ("inv_freq", ctypes.c_void_p),
-                ("layers", ctypes.POINTER(LayerView))]
-
-
-MIRRORS = {"bitnet_projection_t": ProjectionView, "bitnet_layer_t": LayerView, "bitnet_model_t": ModelView}
-
-
-def layout_mismatches() -> list[str]:
-    """How the ctypes mirrors differ from the C structs of the built extension (empty: they agree)."""
-    return struct_mismatches(_step.struct_layout(), MIRRORS)
-
-
-@functools.cache
-def _checked_layout() -> None:
-    mismatches = layout_mismatches()
-    if mismatches:
-        raise RuntimeError("memwise.models.bitnet._step was built from other structs than fused_step.py "
-                           f"mirrors (rebuild with python setup.py build_ext): {'; '.join(mismatches)}")
+__all__ = ["available", "layout_mismatches", "FusedDecoder", "ProjectionView", "LayerView", "ModelView", "MIRRORS"]
 
 
 def available() -> bool:
@@ -111,11 +69,8 @@ def _projection(module: Any, rows: tuple[int, ...], cols: int, what: str) -> Pro
                                f"rows {list(rows)} and {cols} columns, got {packed.dtype} {list(packed.shape)}")
     if cols >= MAX_COLS:
         raise KernelInputError(f"fused step: K={cols} of {what} is too large for the C kernels")
-    view = ProjectionView(codes=packed.data_ptr(), gain=_floats(module.norm_weight, (cols,), f"{what} norm"),
-                          count=len(rows))
-    for k, (n, m) in enumerate(zip(rows, module.scales)):
-        view.rows[k], view.scales[k] = n, m
-    return view
+    return projection_view(packed.data_ptr(), _floats(module.norm_weight, (cols,), f"{what} norm"), rows,
+                           tuple(module.scales))
 
 
 def _layer_view(layer: Any, n: int, spec: Any) -> LayerView:
@@ -143,7 +98,7 @@ class FusedDecoder:
     def __init__(self, model: Any, budget: CpuBudget | None = None):
         if not available():
             raise KernelInputError("the C extensions with the fused step are not built")
-        _checked_layout()
+        checked_layout()
         spec = model.spec
         if spec.rotary_dim != spec.head_dim or spec.head_dim % 2 or spec.num_heads % spec.num_kv_heads:
             raise KernelInputError(f"fused step: rotary over {spec.rotary_dim} of {spec.head_dim} dimensions, "

@@ -11,12 +11,26 @@ The family's code, one idea per module, in the order a model goes through it:
     fused_step.py  the decode step of int8 / int4 models as one C call for all layers (csrc/)
     quantized_checkpoint.py  memwise's quantized checkpoint (memwise convert --quantize)
 """
-from memwise.models.decoder.build import load, synthetic
+import importlib
+
 from memwise.models.decoder.config import MODEL_TYPES, spec_from_config
-from memwise.models.decoder.layout import TensorSource, checkpoint_plan, parameter_count, weight_sizes
-from memwise.models.decoder.modules import Decoder, DecoderCache, rotary_inv_freq
-from memwise.models.decoder.quantized import Int8Linear, quantized_weights_bytes
-from memwise.models.decoder.quantized_checkpoint import load_quantized, stored_scheme, write_quantized
+
+# The torch modules are imported on first use: the config (rope fields) also serves the torch-free
+# runtime (memwise.lite, through the bitnet family's config) without torch.
+_LAZY = {**dict.fromkeys(("load", "synthetic"), "memwise.models.decoder.build"),
+         **dict.fromkeys(("TensorSource", "checkpoint_plan", "parameter_count", "weight_sizes"),
+                         "memwise.models.decoder.layout"),
+         **dict.fromkeys(("Decoder", "DecoderCache", "rotary_inv_freq"), "memwise.models.decoder.modules"),
+         **dict.fromkeys(("Int8Linear", "quantized_weights_bytes"), "memwise.models.decoder.quantized"),
+         **dict.fromkeys(("load_quantized", "stored_scheme", "write_quantized"),
+                         "memwise.models.decoder.quantized_checkpoint")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["MODEL_TYPES", "Decoder", "DecoderCache", "Int8Linear", "TensorSource", "checkpoint_plan", "load",
            "parameter_count", "quantized_weights_bytes", "rotary_inv_freq", "spec_from_config", "synthetic", "weight_sizes",
