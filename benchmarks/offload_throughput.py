@@ -109,6 +109,7 @@ def plot(points: list[dict], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=BATCH, help="batch of the comparison with accelerate")
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=4)
     parser.add_argument("--offload-dir", default=str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -138,14 +139,14 @@ def main() -> int:
     results: dict = {"command": sys.argv, "costs_file": os.environ.get("MEMWISE_OFFLOAD_COSTS", "this machine's cache"),
                      "headline": {"memwise": []}, "sweep": []}
     for quantize in HEADLINE:
-        ours = run_memwise(directory, BUDGET, BATCH, args, quantize)
+        ours = run_memwise(directory, BUDGET, args.batch, args, quantize)
         ours["source"] = f"{SHAPE} (synthetic checkpoint)"
         results["headline"]["memwise"].append(ours)
     if not args.skip_accelerate:
         theirs = child([sys.executable, str(HERE / "accelerate_offload.py"), "--shape", SHAPE, "--max-memory", BUDGET,
-                        "--cell", str(BATCH), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)])
+                        "--cell", str(args.batch), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)])
         results["headline"]["accelerate"] = theirs
-        print(f"accelerate {SHAPE} float32 {BUDGET} b{BATCH}: {theirs.get('tokens_per_s', float('nan')):.2f} tok/s, "
+        print(f"accelerate {SHAPE} float32 {BUDGET} b{args.batch}: {theirs.get('tokens_per_s', float('nan')):.2f} tok/s, "
               f"peak RSS {theirs.get('peak_rss_bytes', 0) / 2**30:.2f} GiB", flush=True)
         for ours in results["headline"]["memwise"]:
             if "tokens_per_s" in theirs and "tokens_per_s" in ours:
