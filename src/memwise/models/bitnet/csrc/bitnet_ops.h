@@ -1,65 +1,12 @@
-/* The float work of a fused BitNet step between its products: RMS, rotary embedding, attention of
- * one query over the cache, the GLU.  Each operation is compiled once per vector level (generic,
+/* The float work of a fused BitNet step between its products: RMS and the GLU here, rotary
+ * embedding and attention of one query over the cache from the kernel library's attend.h.  Each operation is compiled once per vector level (generic,
  * AVX2, AVX-512) and picked with the product path, so forcing a path with MEMWISE_ISA also runs
  * the float code a machine with only that path would run.  Float arithmetic in its own order: it
  * agrees with the PyTorch path (modules.py, torch's SDPA) to rounding, not bit for bit. */
 #ifndef MEMWISE_BITNET_OPS_H
 #define MEMWISE_BITNET_OPS_H
 
-#include "exp.h"
-#include "quantize.h"
-
-/* sum a[k] * b[k] in 16 interleaved lanes (vector extensions, as sum_of_squares_body), then the
- * lanes and the tail. */
-MW_INLINE float dot_body(const float *a, const float *b, int64_t n) {
-    int64_t k = 0;
-    float total = 0.0f;
-#if defined(__GNUC__) || defined(__clang__)
-    mw_vf16 acc = {0}, va, vb;
-    for (; k + 16 <= n; k += 16) {
-        memcpy(&va, a + k, sizeof va);
-        memcpy(&vb, b + k, sizeof vb);
-        acc += va * vb;
-    }
-    for (int l = 0; l < 16; ++l) total += acc[l];
-#endif
-    for (; k < n; ++k) total += a[k] * b[k];
-    return total;
-}
-
-/* HF Llama's rotate_half rotary embedding of one head in place: the first half of x against the
- * second, cos and sin [d / 2] of the position. */
-MW_INLINE void rope_body(float *x, const float *cs, const float *sn, int64_t half) {
-    for (int64_t i = 0; i < half; ++i) {
-        const float a = x[i], b = x[i + half];
-        x[i] = a * cs[i] - b * sn[i];
-        x[i + half] = b * cs[i] + a * sn[i];
-    }
-}
-
-/* out [d] = softmax(q . k_j / sqrt(d)) over j < n, times v_j: one query head against its key/value
- * head ([max_length, d] each, the first n rows written).  scores and e hold n floats. */
-MW_INLINE void attend_body(const float *q, const float *keys, const float *values, int64_t n, int64_t d,
-                           float *scores, float *e, float *out, void (*neg_exp)(const float *, float *, int64_t)) {
-    const float scale = 1.0f / sqrtf((float)d);
-    float top = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-        scores[j] = dot_body(q, keys + j * d, d) * scale;
-        if (scores[j] > top) top = scores[j];
-    }
-    for (int64_t j = 0; j < n; ++j) scores[j] = top - scores[j];
-    neg_exp(scores, e, n); /* exp(score - max) */
-    float total = 0.0f;
-    for (int64_t j = 0; j < n; ++j) total += e[j];
-    for (int64_t k = 0; k < d; ++k) out[k] = 0.0f;
-    for (int64_t j = 0; j < n; ++j) {
-        const float p = e[j];
-        const float *v = values + j * d;
-        for (int64_t k = 0; k < d; ++k) out[k] += p * v[k];
-    }
-    const float inv = 1.0f / total;
-    for (int64_t k = 0; k < d; ++k) out[k] *= inv;
-}
+#include "attend.h"
 
 /* u = act(gate) * up over n, act relu(x)^2 or silu(x) = x / (1 + exp(-x)) (e = exp(-gate) given). */
 MW_INLINE void glu_relu2_body(const float *gate, const float *up, float *u, int64_t n) {

@@ -1,42 +1,14 @@
-/* The float work of a fused decoder step between its products: LayerNorm and RMSNorm, rotary
- * embedding, attention of one query over the cache, the activations.  Each operation is compiled once per vector level (generic,
- * AVX2, AVX-512) and picked with the product path, so forcing a path with MEMWISE_ISA also runs
+/* The float work of a fused decoder step between its products: LayerNorm and RMSNorm, the
+ * activations, and (from the kernel library's attend.h) rotary embedding and attention of one query
+ * over the cache.  Each operation is compiled once per vector level (generic, AVX2, AVX-512) and picked with the product path, so forcing a path with MEMWISE_ISA also runs
  * the float code a machine with only that path would run.  Float arithmetic in its own order: it
  * agrees with the PyTorch path (torch's LayerNorm, SDPA, GELU) to rounding, not bit for bit. */
 #ifndef MEMWISE_DECODER_OPS_H
 #define MEMWISE_DECODER_OPS_H
 
-#include "exp.h"
-#include "quantize.h"
+#include "attend.h"
 
 #define DECODER_GELU_C 0.7978845608028654f /* sqrt(2 / pi) */
-
-#if defined(__GNUC__) || defined(__clang__)
-/* sum of a[k] * b[k] (b = NULL: of a[k]) in 16 interleaved lanes, then the lanes and the tail. */
-MW_INLINE float lanes_dot(const float *a, const float *b, int64_t n) {
-    mw_vf16 acc = {0}, va, vb;
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) {
-        memcpy(&va, a + k, sizeof va);
-        if (b) {
-            memcpy(&vb, b + k, sizeof vb);
-            acc += va * vb;
-        } else {
-            acc += va;
-        }
-    }
-    float total = 0.0f;
-    for (int l = 0; l < 16; ++l) total += acc[l];
-    for (; k < n; ++k) total += b ? a[k] * b[k] : a[k];
-    return total;
-}
-#else
-MW_INLINE float lanes_dot(const float *a, const float *b, int64_t n) {
-    float total = 0.0f;
-    for (int64_t k = 0; k < n; ++k) total += b ? a[k] * b[k] : a[k];
-    return total;
-}
-#endif
 
 /* y = (x - mean) / sqrt(var + eps) * w + b over n (biased variance, as torch's LayerNorm); y may
  * not alias x. */
@@ -51,41 +23,6 @@ MW_INLINE void layer_norm_body(const float *x, const float *w, const float *b, i
 MW_INLINE void rms_norm_body(const float *x, const float *w, int64_t n, float eps, float *y) {
     const float r = rms_inverse_body(x, n, eps);
     for (int64_t k = 0; k < n; ++k) y[k] = (x[k] * r) * w[k];
-}
-
-/* modules.rotate: the first `half` values against the next `half` (rotate_half), cos and sin
- * [half] of the position; dimensions past 2 half pass unrotated. */
-MW_INLINE void rope_body(float *x, const float *cs, const float *sn, int64_t half) {
-    for (int64_t i = 0; i < half; ++i) {
-        const float a = x[i], b = x[i + half];
-        x[i] = a * cs[i] - b * sn[i];
-        x[i + half] = b * cs[i] + a * sn[i];
-    }
-}
-
-/* out [d] = softmax(q . k_j / sqrt(d)) over j < n, times v_j: one query head against its key/value
- * head ([max_length, d] each, the first n rows written).  scores and e hold n floats. */
-MW_INLINE void decoder_attend_body(const float *q, const float *keys, const float *values, int64_t n, int64_t d,
-                                   float *scores, float *e, float *out,
-                                   void (*neg_exp)(const float *, float *, int64_t)) {
-    const float scale = 1.0f / sqrtf((float)d);
-    float top = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-        scores[j] = lanes_dot(q, keys + j * d, d) * scale;
-        if (scores[j] > top) top = scores[j];
-    }
-    for (int64_t j = 0; j < n; ++j) scores[j] = top - scores[j];
-    neg_exp(scores, e, n); /* exp(score - max) */
-    float total = 0.0f;
-    for (int64_t j = 0; j < n; ++j) total += e[j];
-    for (int64_t k = 0; k < d; ++k) out[k] = 0.0f;
-    for (int64_t j = 0; j < n; ++j) {
-        const float p = e[j];
-        const float *v = values + j * d;
-        for (int64_t k = 0; k < d; ++k) out[k] += p * v[k];
-    }
-    const float inv = 1.0f / total;
-    for (int64_t k = 0; k < d; ++k) out[k] *= inv;
 }
 
 /* gelu_new(x) = x / 2 * (1 + tanh(z)), z = sqrt(2 / pi) (x + 0.044715 x^3), computed as the equal
@@ -133,7 +70,7 @@ typedef struct {
     }                                                                                           \
     static ATTR void NAME##_attend(const float *q, const float *k, const float *v, int64_t n,   \
                                    int64_t d, float *scores, float *e, float *out) {            \
-        decoder_attend_body(q, k, v, n, d, scores, e, out, NEG_EXP);                            \
+        attend_body(q, k, v, n, d, scores, e, out, NEG_EXP);                                    \
     }                                                                                           \
     static ATTR void NAME##_gelu_tanh(float *x, float *t, int64_t n) { gelu_tanh_body(x, t, n, NEG_EXP); } \
     static ATTR void NAME##_relu(float *x, int64_t n) { relu_body(x, n); }                      \
