@@ -1,8 +1,9 @@
 /* The float work of a fused BitNet step between its products: RMS and the GLU here, rotary
- * embedding and attention of one query over the cache from the kernel library's attend.h.  Each operation is compiled once per vector level (generic,
- * AVX2, AVX-512) and picked with the product path, so forcing a path with MEMWISE_ISA also runs
- * the float code a machine with only that path would run.  Float arithmetic in its own order: it
- * agrees with the PyTorch path (modules.py, torch's SDPA) to rounding, not bit for bit. */
+ * embedding and attention of one query over the cache from the kernel library's attend.h. Each
+ * operation is compiled once per vector level (generic, AVX2, AVX-512) and picked with the product
+ * path, so forcing a path with MEMWISE_ISA also runs the float code a machine with only that path
+ * would run.  Float arithmetic in its own order: it agrees with the PyTorch path (modules.py,
+ * torch's SDPA) to rounding, not bit for bit. */
 #ifndef MEMWISE_BITNET_OPS_H
 #define MEMWISE_BITNET_OPS_H
 
