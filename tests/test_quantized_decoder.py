@@ -232,3 +232,22 @@ def test_int4_weight_beyond_float16_is_one_error_naming_the_tensor(saved, tmp_pa
     with pytest.raises(MemwiseError, match=rf"tensor '{name}': int4: weight row 3, columns 0..31: weights from -100000 "):
         memwise.load(directory, quantize="int4")
     assert memwise.load(directory, quantize="int8").logits(prompts()).isfinite().all()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("preset", ["preset:tiny-gpt2", "preset:tiny-llama"])
+def test_quantized_mlp_in_token_chunks_gives_the_same_logits(monkeypatch, scheme, preset):
+    import memwise
+    from memwise.models.decoder import modules
+
+    model = memwise.load(preset, quantize=scheme).module
+    ids = torch.randint(0, model.spec.vocab_size, (2, 45), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(modules, "MLP_TOKEN_CHUNK", 10**6)
+    whole = model(ids)
+    calls = []
+    up = next(m for m in model.modules() if isinstance(m, modules.MLP)).up
+    up.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[-2]))
+    monkeypatch.setattr(modules, "MLP_TOKEN_CHUNK", 16)
+    chunked = model(ids)
+    assert calls == [16, 16, 13]
+    assert torch.equal(whole, chunked)

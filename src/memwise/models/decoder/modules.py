@@ -81,6 +81,11 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
 
 
+# Prompt tokens a quantized MLP runs at once: its intermediate activations ([tokens, intermediate]
+# float32, the int8 copy, the activation's output) are the largest temporaries of a prefill.
+MLP_TOKEN_CHUNK = 32
+
+
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -91,6 +96,16 @@ class MLP(nn.Module):
         self.down = nn.Linear(inner, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[-2] if x.dim() >= 2 else 1
+        if tokens > MLP_TOKEN_CHUNK and getattr(self.up, "per_token_exact", False) \
+                and getattr(self.down, "per_token_exact", False):
+            # a prompt through int8/int4 layers in token chunks: the same rows (the products work token by
+            # token), with the intermediate activations of a chunk, not of the prompt, resident at once
+            return torch.cat([self._tokens(x[..., at:at + MLP_TOKEN_CHUNK, :])
+                              for at in range(0, tokens, MLP_TOKEN_CHUNK)], dim=-2)
+        return self._tokens(x)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)

@@ -60,6 +60,9 @@ class _KernelLinear(nn.Module):
     dropped when the module's tensors move (whose storage changes under the same Parameter)."""
 
     budget: CpuBudget | None = None     # shared by the model's quantized linears (quantize_layers)
+    # Each token's row is quantized and summed on its own, in a fixed order (int8.py, int4.py): a
+    # product over some of the tokens gives those tokens' rows exactly (MLP's token chunks rely on it).
+    per_token_exact = True
 
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_kernel", None)
