@@ -7,6 +7,7 @@
 #include <Python.h>
 #include <stddef.h>
 
+#include "struct_layout.h"
 #include "bitnet_step.h"
 
 #define WS_CAPSULE "memwise.models.bitnet._step.workspace"
@@ -53,39 +54,6 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* struct_layout() -> {struct name: (sizeof, {field: offset})}, for the ctypes mirrors. */
-static int add_struct(PyObject *out, const char *name, size_t size, const char *const *fields,
-                      const size_t *offsets, int n) {
-    PyObject *offs = PyDict_New();
-    if (!offs) return -1;
-    for (int k = 0; k < n; ++k) {
-        PyObject *v = PyLong_FromSize_t(offsets[k]);
-        if (!v || PyDict_SetItemString(offs, fields[k], v) < 0) {
-            Py_XDECREF(v);
-            Py_DECREF(offs);
-            return -1;
-        }
-        Py_DECREF(v);
-    }
-    PyObject *entry = Py_BuildValue("(nN)", (Py_ssize_t)size, offs);
-    if (!entry) return -1;
-    const int rc = PyDict_SetItemString(out, name, entry);
-    Py_DECREF(entry);
-    return rc;
-}
-
-#define FIELD_NAME(type, f) #f,
-#define FIELD_OFFSET(type, f) offsetof(type, f),
-#define ADD_STRUCT(out, type, FIELDS)                                                           \
-    do {                                                                                        \
-        static const char *const names[] = {FIELDS(FIELD_NAME)};                                \
-        static const size_t offsets[] = {FIELDS(FIELD_OFFSET)};                                 \
-        if (add_struct(out, #type, sizeof(type), names, offsets,                                \
-                       (int)(sizeof offsets / sizeof offsets[0])) < 0) {                        \
-            Py_DECREF(out);                                                                     \
-            return NULL;                                                                        \
-        }                                                                                       \
-    } while (0)
 #define PROJECTION_FIELDS(X)                                                                     \
     X(bitnet_projection_t, codes) X(bitnet_projection_t, gain) X(bitnet_projection_t, rows)      \
     X(bitnet_projection_t, scales) X(bitnet_projection_t, count)
