@@ -106,17 +106,10 @@ class BitNetLiteModel(LiteModel):
         return x
 
     def _workspace(self, threads: int, max_length: int) -> Any:
-        key = (threads, max_length)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            if len(self._workspaces) >= 4:    # cache lengths come and go; keep the recent few
-                self._workspaces.pop(next(iter(self._workspaces)))
-            s = self.spec
-            ws = step_structs._step.workspace(kernels.isa_id(self.isa), s.hidden_size, s.num_heads * s.head_dim,
-                                              s.num_kv_heads * s.head_dim, s.intermediate_size, s.head_dim,
-                                              max_length, threads)
-            self._workspaces[key] = ws
-        return ws
+        s = self.spec
+        return self._workspaces.get((threads, max_length), lambda: step_structs._step.workspace(
+            kernels.isa_id(self.isa), s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
+            s.intermediate_size, s.head_dim, max_length, threads))
 
     def step(self, tokens: np.ndarray, state: KVCache) -> np.ndarray:
         """float32 logits [1, V] of one token (tokens [1]); its key and value go into the cache."""

@@ -11,6 +11,7 @@ import numpy as np
 from memwise import kernels
 from memwise.errors import MemwiseError
 from memwise.kernels.threads import CpuBudget
+from memwise.kernels.workspaces import RecentWorkspaces
 from memwise.lite.hgrn_forward import Forward
 from memwise.lite.hgrn_weights import HGRNWeights
 from memwise.lite.sampling import Sampling, TokenChooser
@@ -47,7 +48,7 @@ class LiteModel:
         self.isa = kernels.resolve_isa(None)
         self._forward = Forward(weights, kernels.isa_id(self.isa))
         self._budget = CpuBudget()
-        self._workspaces: dict[tuple[int, int], Any] = {}
+        self._workspaces = RecentWorkspaces()
         self._lock = threading.Lock()
 
     @property
@@ -84,14 +85,9 @@ class LiteModel:
             raise MemwiseError(f"state must be float32 C-contiguous {list(want)}, got {state.dtype} {list(state.shape)}")
         threads = self._budget.threads(self.threads)
         with self._lock:
-            key = (batch, threads)
-            ws = self._workspaces.get(key)
-            if ws is None:
-                if len(self._workspaces) >= 4:    # batch sizes come and go; keep the recent few
-                    self._workspaces.pop(next(iter(self._workspaces)))
-                h, d, i, _ = self.weights.sizes
-                ws = step_structs._step.workspace(kernels.isa_id(self.isa), batch, h, d, i, threads)
-                self._workspaces[key] = ws
+            h, d, i, _ = self.weights.sizes
+            ws = self._workspaces.get((batch, threads), lambda: step_structs._step.workspace(
+                kernels.isa_id(self.isa), batch, h, d, i, threads))
             step_structs._step.step(ws, ctypes.addressof(self.weights.view), x.ctypes.data, state.ctypes.data, 0,
                                     logits.ctypes.data)
         return logits

@@ -23,9 +23,6 @@ tolerance relative to their spread, and greedy tokens equal.
 """
 from __future__ import annotations
 
-import ctypes
-import threading
-import weakref
 from typing import Any
 
 import torch
@@ -34,6 +31,7 @@ from memwise import kernels
 from memwise.kernels import MAX_COLS, KernelInputError
 from memwise.kernels.packed import padded_cols
 from memwise.kernels.threads import CpuBudget
+from memwise.models.decoder.cached_step import CachedFusedStep, float_pointer
 
 from memwise.models.bitnet import step_structs
 from memwise.models.bitnet.step_structs import (MIRRORS, LayerView, ModelView, ProjectionView, checked_layout,
@@ -53,13 +51,6 @@ def available() -> bool:
 # Pointers into the model and the cache, checked
 
 
-def _floats(t: torch.Tensor, shape: tuple[int, ...], what: str) -> int:
-    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
-        raise KernelInputError(f"fused step: {what} must be a contiguous float32 CPU tensor {list(shape)}, "
-                               f"got {t.dtype} {list(t.shape)} on {t.device}")
-    return t.data_ptr()
-
-
 def _projection(module: Any, rows: tuple[int, ...], cols: int, what: str) -> ProjectionView:
     packed = module.packed
     want = (sum(rows), padded_cols(cols) // 4)
@@ -69,7 +60,7 @@ def _projection(module: Any, rows: tuple[int, ...], cols: int, what: str) -> Pro
                                f"rows {list(rows)} and {cols} columns, got {packed.dtype} {list(packed.shape)}")
     if cols >= MAX_COLS:
         raise KernelInputError(f"fused step: K={cols} of {what} is too large for the C kernels")
-    return projection_view(packed.data_ptr(), _floats(module.norm_weight, (cols,), f"{what} norm"), rows,
+    return projection_view(packed.data_ptr(), float_pointer(module.norm_weight, (cols,), f"{what} norm"), rows,
                            tuple(module.scales))
 
 
@@ -87,7 +78,7 @@ def _layer_view(layer: Any, n: int, spec: Any) -> LayerView:
 # The decoder
 
 
-class FusedDecoder:
+class FusedDecoder(CachedFusedStep):
     """The fused decode step of one BitNetForCausalLM (modules.py), on CPU, for batch 1.
 
     Its views hold raw pointers to the model's buffers: build a new decoder when those are
@@ -107,7 +98,7 @@ class FusedDecoder:
         layers = list(model.layers)
         self._layers = (LayerView * len(layers))(*[_layer_view(layer, n, spec) for n, layer in enumerate(layers)])
         self._inv_freq = model.inv_freq.to(torch.float32).contiguous()
-        _floats(self._inv_freq, (spec.head_dim // 2,), "inv_freq")
+        float_pointer(self._inv_freq, (spec.head_dim // 2,), "inv_freq")
         # Far prefetches speed up weights streaming from DRAM and slow down ones the last-level
         # cache keeps between steps (PF_FAR_BYTES in the kernel library).
         self.streams_from_dram = model.decode_bytes_per_token() > kernels.last_level_cache_bytes()
@@ -118,48 +109,11 @@ class FusedDecoder:
                               layers=self._layers)
         # The tensors the views point into stay alive as long as the decoder.
         self._model_buffers = list(model.buffers())
-        self._cache: Any = None     # a weak reference to the cache the layer views point into
-        self._workspaces: dict[tuple[str, int, int], Any] = {}
-        self._lock = threading.Lock()
-        self._budget = budget or CpuBudget()
-
-    def _point_at(self, cache: Any) -> None:
-        """The layer views' key/value pointers at `cache`'s tensors (checked)."""
-        spec = self.spec
-        shape = (1, spec.num_kv_heads, cache.max_length, spec.head_dim)
-        for n in range(len(self._layers)):
-            self._layers[n].keys = _floats(cache.keys[n], shape, f"cache keys of layer {n}")
-            self._layers[n].values = _floats(cache.values[n], shape, f"cache values of layer {n}")
-        self.view.max_length = cache.max_length
-        self._cache = weakref.ref(cache)
+        self._extension = _step
+        self._init_step(budget)
 
     def _workspace(self, isa: str, threads: int, max_length: int) -> Any:
-        key = (isa, threads, max_length)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            if len(self._workspaces) >= 4:  # cache lengths come and go; keep the recent few
-                self._workspaces.pop(next(iter(self._workspaces)))
-            s = self.spec
-            ws = _step.workspace(kernels.isa_id(isa), s.hidden_size, s.num_heads * s.head_dim,
-                                 s.num_kv_heads * s.head_dim, s.intermediate_size, s.head_dim, max_length, threads)
-            self._workspaces[key] = ws
-        return ws
-
-    def step(self, x: torch.Tensor, cache: Any, isa: str | None = None) -> torch.Tensor:
-        """The hidden state [1, 1, H] after the last layer for the embedded token x [1, 1, H] (float32),
-        whose key and value go into `cache` at slot cache.length (the caller records the token in
-        the cache and advances its length)."""
-        h = self.spec.hidden_size
-        if cache.batch_size != 1 or cache.padded or cache.length >= cache.max_length:
-            raise KernelInputError(f"fused step: needs a cache of one unpadded sequence with a free slot, got "
-                                   f"{cache.batch_size} sequences, {cache.length} of {cache.max_length} slots")
-        x = x.to(torch.float32).contiguous().clone()
-        _floats(x, (1, 1, h), "x")
-        name = kernels.resolve_isa(isa)
-        threads = self._budget.threads(kernels.num_threads())
-        with self._lock:
-            if self._cache is None or self._cache() is not cache:
-                self._point_at(cache)
-            ws = self._workspace(name, threads, cache.max_length)
-            _step.step(ws, ctypes.addressof(self.view), x.data_ptr(), cache.length)
-        return x
+        s = self.spec
+        return self._workspaces.get((isa, threads, max_length), lambda: _step.workspace(
+            kernels.isa_id(isa), s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
+            s.intermediate_size, s.head_dim, max_length, threads))

@@ -32,17 +32,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
-import weakref
 from typing import Any
 
 import torch
-from torch import nn
 
 from memwise import kernels
 from memwise.kernels import KernelInputError
 from memwise.kernels.structs import struct_mismatches
 from memwise.kernels.threads import CpuBudget
+from memwise.models.decoder.cached_step import CachedFusedStep
 from memwise.models.decoder.quantized import Int4Linear, Int8Linear
 
 try:
@@ -184,7 +182,7 @@ def _layer_view(layer: Any, n: int, spec: Any) -> LayerView:
 # The decoder
 
 
-class FusedDecoder:
+class FusedDecoder(CachedFusedStep):
     """The fused decode step of one quantized Decoder (modules.py) on CPU, for batch 1.
 
     Its views hold raw pointers to the model's tensors: build a new decoder when those are replaced
@@ -217,48 +215,11 @@ class FusedDecoder:
                               gated=int(spec.gated_mlp), rotary_dim=rotary_dim, inv_freq=inv_freq, layers=self._layers)
         # The tensors the views point into stay alive as long as the decoder.
         self._model_tensors = [*model.layers.parameters(), *model.layers.buffers()]
-        self._cache: Any = None     # a weak reference to the cache the layer views point into
-        self._workspaces: dict[tuple[str, int, int], Any] = {}
-        self._lock = threading.Lock()
-        self._budget = budget or CpuBudget()
-
-    def _point_at(self, cache: Any) -> None:
-        """The layer views' key/value pointers at `cache`'s tensors (checked)."""
-        spec = self.spec
-        shape = (1, spec.num_kv_heads, cache.max_length, spec.head_dim)
-        for n in range(len(self._layers)):
-            self._layers[n].keys = _floats(cache.keys[n], shape, f"cache keys of layer {n}")
-            self._layers[n].values = _floats(cache.values[n], shape, f"cache values of layer {n}")
-        self.view.max_length = cache.max_length
-        self._cache = weakref.ref(cache)
+        self._extension = _step
+        self._init_step(budget)
 
     def _workspace(self, isa: str, threads: int, max_length: int) -> Any:
-        key = (isa, threads, max_length)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            if len(self._workspaces) >= 4:  # cache lengths come and go; keep the recent few
-                self._workspaces.pop(next(iter(self._workspaces)))
-            s = self.spec
-            ws = _step.workspace(kernels.isa_id(isa), self.scheme, s.hidden_size, s.num_heads * s.head_dim,
-                                 s.num_kv_heads * s.head_dim, s.intermediate_size, s.head_dim, max_length, threads)
-            self._workspaces[key] = ws
-        return ws
-
-    def step(self, x: torch.Tensor, cache: Any, isa: str | None = None) -> torch.Tensor:
-        """The hidden state [1, 1, H] after the last layer for the embedded token x [1, 1, H] (float32),
-        whose key and value go into `cache` at slot cache.length (the caller records the token in
-        the cache and advances its length)."""
-        h = self.spec.hidden_size
-        if cache.batch_size != 1 or cache.padded or cache.length >= cache.max_length:
-            raise KernelInputError(f"fused step: needs a cache of one unpadded sequence with a free slot, got "
-                                   f"{cache.batch_size} sequences, {cache.length} of {cache.max_length} slots")
-        x = x.to(torch.float32).contiguous().clone()
-        _floats(x, (1, 1, h), "x")
-        name = kernels.resolve_isa(isa)
-        threads = self._budget.threads(kernels.num_threads())
-        with self._lock:
-            if self._cache is None or self._cache() is not cache:
-                self._point_at(cache)
-            ws = self._workspace(name, threads, cache.max_length)
-            _step.step(ws, ctypes.addressof(self.view), x.data_ptr(), cache.length)
-        return x
+        s = self.spec
+        return self._workspaces.get((isa, threads, max_length), lambda: _step.workspace(
+            kernels.isa_id(isa), self.scheme, s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim,
+            s.intermediate_size, s.head_dim, max_length, threads))

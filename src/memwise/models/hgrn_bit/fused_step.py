@@ -29,6 +29,7 @@ from memwise import kernels
 from memwise.kernels import MAX_COLS, KernelInputError
 from memwise.kernels.packed_layout import padded_cols
 from memwise.kernels.threads import CpuBudget
+from memwise.kernels.workspaces import RecentWorkspaces
 from memwise.models.hgrn_bit.step_structs import (MIRRORS, BitLinearView, LayerView, ModelView, _step,
                                                   checked_layout, layout_mismatches)
 
@@ -119,20 +120,14 @@ class FusedDecoder:
         # The tensors the view points into stay alive as long as the decoder.
         self._model_buffers = list(model.buffers())
         self.embeddings = model.embeddings
-        self._workspaces: dict[tuple[int, str, int], Any] = {}
+        self._workspaces = RecentWorkspaces()
         self._lock = threading.Lock()
         self._budget = budget or CpuBudget()
 
     def _workspace(self, batch: int, isa: str, threads: int) -> Any:
-        key = (batch, isa, threads)
-        ws = self._workspaces.get(key)
-        if ws is None:
-            if len(self._workspaces) >= 4:  # batch sizes come and go; keep the recent few
-                self._workspaces.pop(next(iter(self._workspaces)))
-            h, d, i, _ = self.sizes
-            ws = _step.workspace(kernels.isa_id(isa), batch, h, d, i, threads)
-            self._workspaces[key] = ws
-        return ws
+        h, d, i, _ = self.sizes
+        return self._workspaces.get((batch, isa, threads),
+                                    lambda: _step.workspace(kernels.isa_id(isa), batch, h, d, i, threads))
 
     def _check_state(self, state: torch.Tensor, batch: int) -> None:
         d = self.sizes[1]
