@@ -7,6 +7,8 @@ both variants alike, which fresh processes one after another do not.
 
 Prints tokens/s (batch x new / seconds, prefill included, as the cell) per round and variant, the
 seconds inside the int8 products, and the medians; the generated tokens are checked equal.
+--source, --prompt-tokens, --new-tokens and --max-memory none measure another int8 model the same
+way (e.g. a prefill: --source preset:gpt2-medium --batch 1 --prompt-tokens 128 --new-tokens 1).
 
     cp src/memwise/kernels/_int8*.so /tmp/int8_main.so      # before rebuilding
     PYTHONPATH=src python benchmarks/int8_offload_ab.py /tmp/int8_main.so src/memwise/kernels/_int8*.so
@@ -47,13 +49,19 @@ def main() -> None:
     parser.add_argument("extensions", nargs="+")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-memory", default="2GiB")
+    parser.add_argument("--max-memory", default="2GiB", help="'none': no budget, all weights resident")
+    parser.add_argument("--source", default=None, help="default: the synthetic opt-1.3b checkpoint")
+    parser.add_argument("--prompt-tokens", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=4)
     parser.add_argument("--offload-dir", default="/tmp/memwise-int8-offload-ab")
     args = parser.parse_args()
     modules = [load(path, i) for i, path in enumerate(args.extensions)]
-    model = memwise.load(str(accelerate_offload.checkpoint("opt-1.3b")), max_memory=args.max_memory,
-                         offload_dir=args.offload_dir, quantize="int8")
-    ids = torch.randint(4, 50000, (args.batch, 8), generator=torch.Generator().manual_seed(0))
+    source = args.source or str(accelerate_offload.checkpoint("opt-1.3b"))
+    budget = None if args.max_memory == "none" else args.max_memory
+    model = memwise.load(source, max_memory=budget, offload_dir=args.offload_dir if budget else None,
+                         quantize="int8")
+    ids = torch.randint(4, min(50000, model.spec.vocab_size), (args.batch, args.prompt_tokens),
+                        generator=torch.Generator().manual_seed(0))
     clock = ProductClock()
     int8._c = clock
     rates: list[list[float]] = [[] for _ in modules]
@@ -65,10 +73,10 @@ def main() -> None:
                 model.generate(ids, 1, ignore_eos=True)        # warm-up, as the cell
                 continue
             start = time.perf_counter()
-            out = model.generate(ids, 4, ignore_eos=True)
+            out = model.generate(ids, args.new_tokens, ignore_eos=True)
             seconds = time.perf_counter() - start
             firsts[i] = out if firsts[i] is None else firsts[i]
-            rates[i].append(args.batch * 4 / seconds)
+            rates[i].append(args.batch * args.new_tokens / seconds)
             print(f"round {r} {modules[i].label}: {rates[i][-1]:.2f} tok/s, {seconds:.2f} s, "
                   f"int8 products {clock.seconds:.2f} s", flush=True)
     assert all(torch.equal(f, firsts[0]) for f in firsts), "the variants generated different tokens"
