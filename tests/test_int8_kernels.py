@@ -30,6 +30,35 @@ def test_matmul_exact_on_every_isa(isa: str, m: int, n: int, k: int) -> None:
     assert torch.equal(int8.int8_matmul(q, weight, isa=isa), int8.int8_matmul_reference(q, weight))
 
 
+# Many activation rows (a prefill): the AVX-512 VNNI path's register tiles of 4 weight rows x 6
+# activation rows, with M not a multiple of 6, N not of 4 (the last weight rows go one tile at a
+# time), and K from one to many 64-byte steps, past the rows one L2 pass keeps (8000 columns:
+# 48 rows a pass, so 200 rows are four whole passes and a part).
+TILE_SHAPES = [(m, n, k) for m in (5, 8, 31, 32, 33, 64, 200) for n, k in ((27, 70), (8, 1000))] + \
+    [(6, 4, 1), (13, 11, 64), (200, 9, 8000), (49, 6, 8000)]
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("m,n,k", TILE_SHAPES)
+def test_matmul_exact_on_register_tiles(isa: str, m: int, n: int, k: int) -> None:
+    weight = _matrix(n, k, seed=m * 7 + n)
+    q = torch.randint(-128, 128, (m, k), generator=torch.Generator().manual_seed(m + k), dtype=torch.int8)
+    assert torch.equal(int8.int8_matmul(q, weight, isa=isa), int8.int8_matmul_reference(q, weight))
+
+
+def test_linear_is_the_same_float_on_every_isa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int32 sums are exact on every path and the rescale is one piece of code, so a batch of rows
+    (register tiles on AVX-512 VNNI) gives the same floats as the scalar path, bit for bit."""
+    g = torch.Generator().manual_seed(8)
+    weight, bias = Int8Matrix.from_float(torch.randn(23, 200, generator=g)), torch.randn(23, generator=g)
+    x = torch.randn(37, 200, generator=g) * 3
+    outs = []
+    for isa in PATHS:
+        monkeypatch.setenv("MEMWISE_ISA", isa)
+        outs.append(int8.int8_linear(x, weight, bias))
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
 @pytest.mark.parametrize("isa", PATHS)
 def test_matmul_extreme_accumulators(isa: str) -> None:
     """Largest magnitudes: q = -128 (whose negation does not fit in int8) against w = +-127 over a long row."""
@@ -106,16 +135,17 @@ def test_zero_rows_and_reference_without_extension(monkeypatch: pytest.MonkeyPat
 
 def test_result_does_not_depend_on_thread_count() -> None:
     weight = _matrix(50, 500, seed=5)
-    q = torch.randint(-128, 128, (3, 500), dtype=torch.int8)
     threads = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs.append(int8.int8_matmul(q, weight))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(o, outs[0]) for o in outs)
+    for m in (3, 33):           # one weight row at a time; register tiles
+        q = torch.randint(-128, 128, (m, 500), dtype=torch.int8)
+        try:
+            outs = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                outs.append(int8.int8_matmul(q, weight))
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(o, outs[0]) for o in outs)
 
 
 def test_linear_kernel_equals_int8_linear() -> None:
