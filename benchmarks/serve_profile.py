@@ -17,7 +17,10 @@ spans); with --offline-reference the same fresh-process `memwise bench` cell tha
 server's share of the gap; engine-only over offline is the scheduler's.
 
 The engine's step is timed by phase (decode forwards, prefill forwards, everything else in a step,
-waiting for work), with the decode batch sizes it ran.
+waiting for work), with the decode batch sizes it ran and the prompt chunks by length; the engine
+thread's CPU time in the decode and prefill forwards is reported beside the wall time (with
+--threads 1 and MEMWISE_FIXED_THREADS=1 that is all of their work, and what a shared machine's
+other jobs move least).
 """
 from __future__ import annotations
 
