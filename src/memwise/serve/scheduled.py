@@ -17,10 +17,10 @@ def chunk_plan(remaining: list[int], budget: int | None, min_chunk: int = 0) -> 
     unchunked prefill's. That may overrun the budget by a token or two.
 
     `min_chunk`: a prompt token costs more the fewer go through a forward together (mmfree-370m, one
-    thread: 3.2 ms in a 15-token forward, 2.2 ms in a 64-token one), so a chunk that would leave
-    fewer than `min_chunk` tokens behind takes them too (overrunning the budget by less than that),
-    and a chunk shorter than `min_chunk` that does not end its prompt waits for the next step, unless
-    it is the step's first (prefill still advances)."""
+    thread: 3.1 ms of CPU in a 16-token forward, 2.45 ms in a 64-token one, benchmarks/
+    prefill_costs.py), so a chunk that would leave fewer than `min_chunk` tokens behind takes them too
+    (overrunning the budget by less than that), and a chunk shorter than `min_chunk` that does not
+    end its prompt waits for the next step, unless it is the step's first (prefill still advances)."""
     if budget is None:
         return list(remaining)
     left = max(budget, 2)
