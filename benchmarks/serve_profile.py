@@ -17,7 +17,10 @@ spans); with --offline-reference the same fresh-process `memwise bench` cell tha
 server's share of the gap; engine-only over offline is the scheduler's.
 
 The engine's step is timed by phase (decode forwards, prefill forwards, everything else in a step,
-waiting for work), with the decode batch sizes it ran.
+waiting for work), with the decode batch sizes it ran and the prompt chunks by length; the engine
+thread's CPU time in the decode and prefill forwards is reported beside the wall time (with
+--threads 1 and MEMWISE_FIXED_THREADS=1 that is all of their work, and what a shared machine's
+other jobs move least).
 """
 from __future__ import annotations
 
@@ -45,8 +48,12 @@ class PhaseClock:
 
     def __init__(self, batch: Any):
         self.seconds: Counter[str] = Counter()
+        # CPU time of the engine thread: with --threads 1 all of the work, and little moved by other
+        # jobs on a shared machine (wall time is mostly their time there).
+        self.cpu_seconds: Counter[str] = Counter()
         self.decode_sizes: Counter[int] = Counter()
         self.prefill_calls = 0
+        self.chunk_sizes: Counter[str] = Counter()    # prompt chunks by length bucket
         # A tree from before the batched prefill has only the one-chunk `_prefill`: timed the same.
         self.prefill = "_prefill_chunks" if hasattr(batch, "_prefill_chunks") else "_prefill"
         for name in ("_decode", self.prefill, "step"):
@@ -59,14 +66,21 @@ class PhaseClock:
                 self.decode_sizes[len(args[0])] += 1
             elif name == "_prefill_chunks":
                 self.prefill_calls += len(args[0])
+                for _, ids in args[0]:
+                    self.chunk_sizes[_bucket(len(ids))] += 1
             elif name == "_prefill":
                 self.prefill_calls += 1
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return original(*args)
             finally:
                 self.seconds[name] += time.perf_counter() - start
+                self.cpu_seconds[name] += time.thread_time() - cpu
         return run
+
+
+def _bucket(n: int) -> str:
+    return "<16" if n < 16 else "<32" if n < 32 else "<64" if n < 64 else ">=64"
 
 
 class Clients:
@@ -137,8 +151,9 @@ def engine_run(model: Any, args: argparse.Namespace, prefill_alone: bool = False
     # Warm-up: one request alone (workspaces, first-call costs), not counted.
     Clients(engine, prompts, argparse.Namespace(**{**vars(args), "num_requests": 1, "max_concurrency": 1}),
             tokenizer, ()).run()
-    clock.seconds.clear(), clock.decode_sizes.clear()
+    clock.seconds.clear(), clock.cpu_seconds.clear(), clock.decode_sizes.clear()
     clock.prefill_calls = 0
+    clock.chunk_sizes.clear()
     clients = Clients(engine, prompts, args, tokenizer, ())
     cpu = time.process_time()
     duration = clients.run()
@@ -151,7 +166,10 @@ def engine_run(model: Any, args: argparse.Namespace, prefill_alone: bool = False
             "phase_s": {"decode": clock.seconds["_decode"], "prefill": clock.seconds[clock.prefill],
                         "step_other": clock.seconds["step"] - clock.seconds["_decode"] - clock.seconds[clock.prefill],
                         "outside_steps": duration - clock.seconds["step"]},
+            "engine_thread_cpu_s": {"decode": clock.cpu_seconds["_decode"],
+                                    "prefill": clock.cpu_seconds[clock.prefill]},
             "decode_steps": steps, "prefill_calls": clock.prefill_calls,
+            "prefill_chunks_by_length": dict(sorted(clock.chunk_sizes.items())),
             "mean_decode_batch": decoded / max(steps, 1),
             "decode_tok_s_in_decode_forwards": decoded / max(clock.seconds["_decode"], 1e-9)}
 

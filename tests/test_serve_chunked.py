@@ -33,6 +33,20 @@ def test_chunk_plan_shares_the_budget_in_arrival_order():
     assert chunk_plan([1, 4], 8) == [1, 4]
 
 
+def test_chunk_plan_leaves_no_small_chunks():
+    # 15 decodes of a 128-token budget leave 113: the second prompt would leave 15 behind, so it
+    # takes them now (the budget overruns by 15 < 32) and goes through whole
+    assert chunk_plan([64, 64], 113, 32) == [64, 64]
+    # 26 tokens left: a part-prompt chunk shorter than 32 waits for the next step
+    assert chunk_plan([64, 64], 90, 32) == [64, 0]
+    assert chunk_plan([64, 64, 64], 114, 32) == [64, 64, 0]
+    # the step's first chunk always advances, and takes its prompt's small rest along
+    assert chunk_plan([40, 5], -3, 32) == [2, 0]
+    assert chunk_plan([20], 10, 32) == [20]
+    assert chunk_plan([300], 113, 32) == [113]
+    assert chunk_plan([10, 50, 3], None, 32) == [10, 50, 3]
+
+
 def test_staircase_feeds_chunks_together_without_one_token_forwards():
     # lengths 9, 4, 9, 12: forwards over positions [0, 4) of all four, [4, 9) of three, [9, 12) of one
     assert staircase([9, 4, 9, 12]) == ([3, 0, 2, 1], [4, 9, 12])
@@ -155,3 +169,29 @@ def test_cancelled_mid_prefill_frees_its_slot(preset):
     assert [len(s.generated) for s in sequences[1:]] == [8, 6, 5]
     assert engine.free_slots == 2 and not engine.batch.consumed and not engine.batch.running
     assert metrics.cancelled._value.get() == 1
+
+
+@pytest.mark.parametrize("preset", ["preset:tiny-mmfree", "preset:tiny-gpt2"])
+def test_no_small_chunks_and_the_tokens_of_each_alone(preset):
+    """Budget 40 (chunks of at least 10): a 45-token prompt beside one decode goes through whole
+    instead of as 39 + 6; of two 30-token newcomers the second waits a step rather than feed 9."""
+    model = memwise.load(preset)
+    prompts = [[5, 6], [9] * 45, list(range(100, 130)), list(range(200, 230))]
+    lengths = [12, 4, 3, 5]
+    alone = [model.generate([ids], n, ignore_eos=True)[0, len(ids):].tolist() for ids, n in zip(prompts, lengths)]
+    batch = running_batch(model, 4, 40)
+    short, long_, first, second = _sequences(model, prompts, lengths)
+    batch.add(short)
+    batch.step()
+    batch.add(long_)
+    batch.step()                          # one decode, 45 prompt tokens (39 in the budget)
+    assert long_.generated and id(long_) not in batch.consumed
+    batch.add(first)
+    batch.add(second)
+    batch.step()                          # two decodes: 38 left, 30 for `first`, then 8 < 10
+    assert first.generated and batch.consumed[id(second)] == 0
+    batch.step()
+    assert second.generated
+    _run(batch, [])
+    assert [s.generated for s in (short, long_, first, second)] == alone
+    assert batch.free_slots == 4 and not batch.running and not batch.consumed

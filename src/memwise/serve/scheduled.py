@@ -7,22 +7,30 @@ from memwise.language_model import LanguageModel
 from memwise.serve.sequence import Sequence
 
 
-def chunk_plan(remaining: list[int], budget: int | None) -> list[int]:
+def chunk_plan(remaining: list[int], budget: int | None, min_chunk: int = 0) -> list[int]:
     """Prompt tokens to feed this step for each waiting prompt (`remaining` of each, in arrival order)
     out of `budget` tokens (None: all of them).
 
     Prefill always advances (at least 2 tokens when the decodes took the whole budget), and no chunk
     is a lone token unless the prompt is one token: a one-token forward takes the fused decode path,
     whose float order differs from the many-token path, so greedy tokens could differ from an
-    unchunked prefill's. That may overrun the budget by a token or two."""
+    unchunked prefill's. That may overrun the budget by a token or two.
+
+    `min_chunk`: a prompt token costs more the fewer go through a forward together (mmfree-370m, one
+    thread: 3.1 ms of CPU in a 16-token forward, 2.45 ms in a 64-token one, benchmarks/
+    prefill_costs.py), so a chunk that would leave fewer than `min_chunk` tokens behind takes them too
+    (overrunning the budget by less than that), and a chunk shorter than `min_chunk` that does not
+    end its prompt waits for the next step, unless it is the step's first (prefill still advances)."""
     if budget is None:
         return list(remaining)
     left = max(budget, 2)
-    plan = []
+    plan: list[int] = []
     for r in remaining:
         n = min(r, max(left, 2)) if left > 0 else 0
-        if n and r - n == 1:
+        if n and r - n < max(min_chunk, 2):
             n = r
+        if n < min(r, min_chunk) and any(plan):
+            n = 0
         plan.append(n)
         left -= n
     return plan
@@ -71,7 +79,8 @@ class Scheduled:
         if not waiting:
             return
         budget = None if self.step_tokens is None else self.step_tokens - len(decoding)
-        plan = chunk_plan([len(s.prompt_ids) - self.consumed[id(s)] for s in waiting], budget)
+        plan = chunk_plan([len(s.prompt_ids) - self.consumed[id(s)] for s in waiting], budget,
+                          0 if self.step_tokens is None else self.step_tokens // 4)
         chunks = [(seq, seq.prompt_ids[self.consumed[id(seq)]:self.consumed[id(seq)] + n])
                   for seq, n in zip(waiting, plan) if n > 0]
         for (seq, ids), logits in zip(chunks, self._prefill_chunks(chunks)):
