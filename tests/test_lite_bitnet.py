@@ -128,6 +128,58 @@ def test_decode_steps_are_the_torch_paths_fused_steps(models):
         small.weights.inv_freq[...] = saved
 
 
+def token_by_token(small, ids, state):
+    """Logits [T, V] of ids through the fused decode step one token at a time (the prefill before bitnet_forward)."""
+    return np.stack([small.step(np.array([token]), state)[0] for token in ids])
+
+
+def test_prefill_matches_the_fused_step_token_by_token(models):
+    small, _ = models
+    stepped_state = small.new_state(1, 16)
+    stepped = token_by_token(small, IDS[0], stepped_state)
+    state = small.new_state(1, 16)
+    got = small._prefill(np.array(IDS), state, last_only=False)[0]
+    assert_close(torch.from_numpy(got), torch.from_numpy(stepped), REL)
+    np.testing.assert_array_equal(got.argmax(-1), stepped.argmax(-1))
+    assert state.length == stepped_state.length == len(IDS[0])
+    for n in range(small.spec.num_layers):      # the cache the fused step reads next, in its layout
+        for got_slots, want_slots in ((state.keys[n], stepped_state.keys[n]), (state.values[n], stepped_state.values[n])):
+            spread = float(np.abs(want_slots).max())
+            np.testing.assert_allclose(got_slots, want_slots, rtol=0, atol=REL * spread)
+    last = small._prefill(np.array(IDS), small.new_state(1, 16), last_only=True)
+    assert last.shape == (1, 1, small.spec.vocab_size)
+    assert_close(torch.from_numpy(last[0]), torch.from_numpy(got[-1:]), 1e-5)
+
+
+def test_decode_after_the_prefill_continues_the_torch_paths_logits(models):
+    small, full = models
+    state = small.new_state(1, 16)
+    head = small._prefill(np.array([IDS[0][:6]]), state, last_only=True)[0]
+    rest = token_by_token(small, IDS[0][6:], state)
+    want = full.logits(torch.tensor(IDS))[0, 5:]
+    assert_close(torch.from_numpy(np.concatenate([head, rest])), want, REL)
+
+
+def test_prompt_slices_and_query_chunks_give_the_same_logits(models, monkeypatch):
+    from memwise.lite import bitnet_forward
+
+    small, _ = models
+    whole = small.logits(IDS)
+    # 3 prompt tokens per slice (the later slices attend over the cache the earlier wrote), 2 query rows per chunk
+    monkeypatch.setattr(bitnet_forward, "SLICE_BYTES", 3 * 8 * small.spec.intermediate_size)
+    monkeypatch.setattr(bitnet_forward, "SCORE_BYTES", 2 * 4 * len(IDS[0]))
+    assert small._forward.slice_rows() == 3
+    sliced = small.logits(IDS)
+    assert_close(torch.from_numpy(sliced), torch.from_numpy(whole), 1e-5)
+    np.testing.assert_array_equal(sliced.argmax(-1), whole.argmax(-1))
+
+
+def test_a_prompt_longer_than_the_cache_is_one_error(models):
+    small, _ = models
+    with pytest.raises(MemwiseError, match="KV cache is full"):
+        small._prefill(np.array(IDS), small.new_state(1, 4), last_only=True)
+
+
 def test_rotary_frequencies_are_the_torch_paths_to_rounding(models):
     small, full = models
     np.testing.assert_allclose(small.weights.inv_freq, full.module.inv_freq.numpy(), rtol=1e-6)

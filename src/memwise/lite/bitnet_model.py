@@ -20,6 +20,7 @@ import numpy as np
 
 from memwise import kernels
 from memwise.errors import MemwiseError
+from memwise.lite.bitnet_forward import BitNetForward
 from memwise.lite.bitnet_weights import BitNetWeights
 from memwise.lite.model import LiteModel, as_ids
 from memwise.models.bitnet import step_structs
@@ -54,6 +55,7 @@ class BitNetLiteModel(LiteModel):
         # into a freed cache is never used, since every step re-points the views at its own cache.
         self._pointed_at: int | None = None
         self._caches = 0
+        self._forward = BitNetForward(weights, kernels.isa_id(self.isa))
 
     def new_state(self, batch: int, max_length: int = 0) -> KVCache:
         """An empty KV cache for one sequence of up to `max_length` tokens."""
@@ -80,11 +82,24 @@ class BitNetLiteModel(LiteModel):
         return ids
 
     def _prefill(self, ids: np.ndarray, state: KVCache, last_only: bool) -> np.ndarray:
-        if last_only:
-            for token in ids[0, :-1]:
-                self._hidden(int(token), state)
-            return self.step(ids[:, -1], state)[:, None, :]
-        return np.stack([self.step(ids[:, t], state) for t in range(ids.shape[1])], axis=1)
+        """Logits [1, T or 1, V] of a prompt [1, T]: one token through the fused step, more through
+        bitnet_forward's multi-row layers, a slice of the prompt at a time."""
+        if ids.shape[1] == 1:
+            return self.step(ids[:, 0], state)[:, None, :]
+        tokens = ids[0]
+        if state.length + tokens.shape[0] > state.max_length:
+            raise MemwiseError(f"the KV cache is full: {state.length} + {tokens.shape[0]} prompt tokens do not fit "
+                               f"its {state.max_length}")
+        self._forward.threads = self._budget.threads(self.threads)
+        size = self._forward.slice_rows()
+        outputs = []
+        for start in range(0, tokens.shape[0], size):
+            x = self._forward.hidden(tokens[start:start + size], state)
+            if not last_only:
+                outputs.append(self.head(x))
+            elif start + size >= tokens.shape[0]:
+                outputs.append(self.head(x[-1:]))
+        return np.concatenate(outputs)[None] if len(outputs) > 1 else outputs[0][None]
 
     def _hidden(self, token: int, cache: KVCache) -> np.ndarray:
         """The last layer's output [1, H] for one token at position cache.length (advanced)."""
