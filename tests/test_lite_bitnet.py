@@ -160,18 +160,54 @@ def test_decode_after_the_prefill_continues_the_torch_paths_logits(models):
     assert_close(torch.from_numpy(np.concatenate([head, rest])), want, REL)
 
 
-def test_prompt_slices_and_query_chunks_give_the_same_logits(models, monkeypatch):
+def test_prompt_slices_give_the_same_logits(models, monkeypatch):
     from memwise.lite import bitnet_forward
 
     small, _ = models
     whole = small.logits(IDS)
-    # 3 prompt tokens per slice (the later slices attend over the cache the earlier wrote), 2 query rows per chunk
+    # 3 prompt tokens per slice: the later slices attend over the cache the earlier ones wrote
     monkeypatch.setattr(bitnet_forward, "SLICE_BYTES", 3 * 8 * small.spec.intermediate_size)
-    monkeypatch.setattr(bitnet_forward, "SCORE_BYTES", 2 * 4 * len(IDS[0]))
     assert small._forward.slice_rows() == 3
     sliced = small.logits(IDS)
     assert_close(torch.from_numpy(sliced), torch.from_numpy(whole), 1e-5)
     np.testing.assert_array_equal(sliced.argmax(-1), whole.argmax(-1))
+
+
+def attention_reference(q, keys, values, start):
+    """Causal softmax attention in float64: q [T, heads, d] at positions start.., keys/values [kv_heads, S, d]."""
+    length, heads, d = q.shape
+    group = heads // keys.shape[0]
+    out = np.empty((length, heads, d))
+    for h in range(heads):
+        for r in range(length):
+            seen = start + r + 1
+            scores = keys[h // group, :seen].astype(np.float64) @ q[r, h] / np.sqrt(d)
+            weights = np.exp(scores - scores.max())
+            out[r, h] = weights @ values[h // group, :seen] / weights.sum()
+    return out.reshape(length, heads * d)
+
+
+@pytest.mark.parametrize("isa", ["avx512vnni", "avx2", "scalar"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_prefill_attention_is_causal_softmax_attention(models, isa, threads):
+    from memwise import kernels
+
+    if isa not in kernels._machine_isas():
+        pytest.skip(f"no {isa} here")
+    forward = models[0]._forward
+    rng = np.random.default_rng(1)
+    start, length, heads, kv_heads, d, slots = 4, 7, 6, 2, 21, 13     # odd sizes; slots past 11 unwritten
+    q = rng.standard_normal((length, heads, d), dtype=np.float32)
+    keys = rng.standard_normal((kv_heads, slots, d), dtype=np.float32)
+    values = rng.standard_normal((kv_heads, slots, d), dtype=np.float32)
+    keys[:, start + length:] = values[:, start + length:] = np.nan     # a read past the causal end shows
+    saved = forward.isa_id, forward.threads
+    forward.isa_id, forward.threads = kernels.isa_id(isa), threads
+    try:
+        got = forward.attention(q, keys, values, start)
+    finally:
+        forward.isa_id, forward.threads = saved
+    np.testing.assert_allclose(got, attention_reference(q, keys, values, start), rtol=0, atol=1e-5)
 
 
 def test_a_prompt_longer_than_the_cache_is_one_error(models):

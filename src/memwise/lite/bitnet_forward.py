@@ -10,9 +10,12 @@ its own scale: the int8 product and its rescale m / s are the decode step's, for
 The float work between the products is the model's math (memwise/models/bitnet/modules.py) in
 numpy: rotary embedding (the angle pos * inv_freq in float32, its cosine in double, as the C step
 takes it), the new keys and values written into the KV cache in the layout the fused step reads
-([kv_heads, max_length, head_dim] per layer, slot = position), causal attention of the slice's
-queries over every slot so far (per key/value head, its query heads together, queries in chunks so
-a score matrix stays small), the GLU. It agrees with the fused step and the torch path to rounding.
+([kv_heads, max_length, head_dim] per layer, slot = position), the GLU. Causal attention of the
+slice's queries over every slot so far is the C extension's (memwise.models.bitnet._step.attend:
+the decode step's attention per head and query, threads over those pairs), not numpy's matmul:
+that goes to OpenBLAS, whose thread pool contends with the C products' OpenMP threads; on the
+2-core VM, busy with other jobs, a [128, 96] x [96, 128] product took 13 ms that way, 0.04 ms on
+one BLAS thread. The result agrees with the fused step and the torch path to rounding.
 
 A long prompt goes in slices (SLICE_BYTES of GLU activations each): a slice attends over the cache
 the slices before it wrote, so the slice bounds the temporaries, not the prompt.
@@ -26,13 +29,11 @@ import numpy as np
 from memwise.kernels import _ternary
 from memwise.kernels.packed_layout import BLOCK_BYTES
 from memwise.lite.bitnet_weights import BitNetWeights, Projection
+from memwise.models.bitnet import step_structs
 
 # Rows per slice keep the widest activation (gate and up, 2 x intermediate floats per row) under
 # this many bytes, as hgrn_forward's slices do.
 SLICE_BYTES = 8 << 20
-# Query rows per attention chunk keep one key/value head's scores ([query heads, rows, slots] float32,
-# and their exponentials) under this many bytes.
-SCORE_BYTES = 4 << 20
 
 
 class BitNetForward:
@@ -89,7 +90,7 @@ class BitNetForward:
         end = start + length
         cache.keys[n][:, start:end] = k.transpose(1, 0, 2)
         cache.values[n][:, start:end] = v.reshape(length, s.num_kv_heads, s.head_dim).transpose(1, 0, 2)
-        attended = self.attention(q, cache.keys[n][:, :end], cache.values[n][:, :end], start)
+        attended = self.attention(q, cache.keys[n], cache.values[n], start)
         (out,) = self.bitlinear(attended, o)
         x += out
         gate, up = self.bitlinear(x, gate_up)
@@ -98,31 +99,15 @@ class BitNetForward:
         return x
 
     def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
-        """softmax(q k^T / sqrt(d)) v with a causal mask, for queries q [T, heads, d] at positions
-        start.. against keys, values [kv_heads, S, d] (S = start + T): [T, heads * d]."""
+        """softmax(q k^T / sqrt(d)) v with a causal mask, for queries q [T, heads, d] at positions start..
+        against a layer's cache keys, values [kv_heads, max_length, d] (slots 0..start + T - 1 written):
+        [T, heads * d]. The decode step's C attention per (head, query), the same float order."""
         length, heads, d = q.shape
-        kv_heads, slots = keys.shape[0], keys.shape[1]
-        group = heads // kv_heads
-        out = np.empty((length, heads, d), dtype=np.float32)
-        chunk = max(1, SCORE_BYTES // (4 * group * slots))
-        scale = np.float32(1.0 / np.sqrt(d))
-        for g in range(kv_heads):
-            heads_of_g = slice(g * group, (g + 1) * group)
-            for a in range(0, length, chunk):
-                b = min(length, a + chunk)
-                # the rows' query heads of this group, [group, rows, d]
-                queries = q[a:b, heads_of_g].transpose(1, 0, 2)
-                visible = start + b      # slots the chunk's last query sees
-                scores = queries @ keys[g, :visible].T
-                scores *= scale
-                # query row r (position start + a + r) sees slots 0..start + a + r
-                hidden_slots = np.arange(visible)[None, :] > (start + a + np.arange(b - a))[:, None]
-                scores[:, hidden_slots] = -np.inf
-                scores -= scores.max(axis=-1, keepdims=True)
-                np.exp(scores, out=scores)
-                scores /= scores.sum(axis=-1, keepdims=True)
-                out[a:b, heads_of_g] = (scores @ values[g, :visible]).transpose(1, 0, 2)
-        return out.reshape(length, heads * d)
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        out = np.empty((length, heads * d), dtype=np.float32)
+        step_structs._step.attend(self.isa_id, q.ctypes.data, length, heads, keys.shape[0], d, keys.ctypes.data,
+                                  values.ctypes.data, keys.shape[1], start, out.ctypes.data, self.threads)
+        return out
 
     def slice_rows(self) -> int:
         """Prompt tokens per slice (SLICE_BYTES)."""

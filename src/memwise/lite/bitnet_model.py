@@ -1,10 +1,11 @@
 """BitNet b1.58 on memwise.lite: the fused C decode step over numpy buffers and a numpy KV cache.
 
-Every token, the prompt's included, goes through the fused step (memwise/models/bitnet/csrc): one C
-call for all layers, then the final RMSNorm in numpy and the lm_head product (the kernel library's
-bf16 product for a bfloat16 head, as the torch path's decode steps). The prompt runs token by token
-because the fused step is what this runtime has for attention; a prompt of n tokens costs n passes
-over the weights (see docs/runtime.md for the measured prefill rate).
+A prompt of more than one token runs layer by layer over all its tokens (bitnet_forward.py: the
+kernel library's multi-row BitLinear, the C attention of many queries, numpy between them), writing
+the keys and values the decode step reads afterwards. Each new token goes through the fused step
+(memwise/models/bitnet/csrc): one C call for all layers, then the final RMSNorm in numpy and the
+lm_head product (the kernel library's bf16 product for a bfloat16 head, as the torch path's decode
+steps).
 
 The KV cache is float32 [kv_heads, prompt + new tokens, head_dim] per layer, as the torch path's
 DecoderCache for one sequence, allocated zeroed (pages the kernel maps on first write, so a cache
