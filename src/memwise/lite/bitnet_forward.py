@@ -80,23 +80,28 @@ class BitNetForward:
 
     def block(self, n: int, layer: list[Projection], x: np.ndarray, cache: Any, start: int,
               cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """One layer: x + o(attention), then + down(GLU(gate, up)), for x [T, H] (changed in place)."""
-        s = self.spec
+        """One layer: x + o(attention), then + down(GLU(gate, up)), for x [T, H] (changed in place).
+        Each half's temporaries are freed when it returns: a slice's peak is the wider half's."""
         qkv, o, gate_up, down = layer
-        q, k, v = self.bitlinear(x, qkv)
-        length = x.shape[0]
-        q = rope(q.reshape(length, s.num_heads, s.head_dim), cos, sin)
-        k = rope(k.reshape(length, s.num_kv_heads, s.head_dim), cos, sin)
-        end = start + length
-        cache.keys[n][:, start:end] = k.transpose(1, 0, 2)
-        cache.values[n][:, start:end] = v.reshape(length, s.num_kv_heads, s.head_dim).transpose(1, 0, 2)
-        attended = self.attention(q, cache.keys[n], cache.values[n], start)
-        (out,) = self.bitlinear(attended, o)
-        x += out
+        x += self.self_attention(n, qkv, o, x, cache, start, cos, sin)
         gate, up = self.bitlinear(x, gate_up)
-        (out,) = self.bitlinear(glu(gate, up, s.activation == "relu2"), down)
+        (out,) = self.bitlinear(glu(gate, up, self.spec.activation == "relu2"), down)
         x += out
         return x
+
+    def self_attention(self, n: int, qkv: Projection, o: Projection, x: np.ndarray, cache: Any, start: int,
+                       cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """o(attention(rope(q), rope(k), v)) [T, H] for x [T, H]; the keys and values go into layer n's cache."""
+        s = self.spec
+        length, end = x.shape[0], start + x.shape[0]
+        q, k, v = self.bitlinear(x, qkv)
+        k = rope(k.reshape(length, s.num_kv_heads, s.head_dim), cos, sin)
+        cache.keys[n][:, start:end] = k.transpose(1, 0, 2)
+        cache.values[n][:, start:end] = v.reshape(length, s.num_kv_heads, s.head_dim).transpose(1, 0, 2)
+        del k, v
+        q = rope(q.reshape(length, s.num_heads, s.head_dim), cos, sin)
+        (out,) = self.bitlinear(self.attention(q, cache.keys[n], cache.values[n], start), o)
+        return out
 
     def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
         """softmax(q k^T / sqrt(d)) v with a causal mask, for queries q [T, heads, d] at positions start..
@@ -125,14 +130,16 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def glu(gate: np.ndarray, up: np.ndarray, relu2: bool) -> np.ndarray:
-    """act(gate) * up, act relu(x)^2 or silu (x / (1 + exp(-x))); gate is overwritten."""
+    """act(gate) * up, act relu(x)^2 or silu (x / (1 + exp(-x))), in place (gate and up are overwritten,
+    the result is one of them): no temporary as wide as they are."""
     if relu2:
         np.maximum(gate, 0, out=gate)
         np.square(gate, out=gate)
-    else:
-        with np.errstate(over="ignore"):
-            e = np.exp(-gate)
-        e += 1
-        np.divide(gate, e, out=gate)
-    gate *= up
-    return gate
+        gate *= up
+        return gate
+    up *= gate
+    with np.errstate(over="ignore"):
+        np.negative(gate, out=gate)
+        np.exp(gate, out=gate)
+    gate += 1
+    return np.divide(up, gate, out=up)

@@ -21,6 +21,7 @@ import numpy as np
 
 from memwise import kernels
 from memwise.errors import MemwiseError
+from memwise.heap import release_free_heap
 from memwise.lite.bitnet_forward import BitNetForward
 from memwise.lite.bitnet_weights import BitNetWeights
 from memwise.lite.model import LiteModel, as_ids
@@ -100,6 +101,9 @@ class BitNetLiteModel(LiteModel):
                 outputs.append(self.head(x))
             elif start + size >= tokens.shape[0]:
                 outputs.append(self.head(x[-1:]))
+        # glibc keeps the freed activations (a few MB per layer) in the heap otherwise, resident through
+        # the decode steps that follow
+        release_free_heap()
         return np.concatenate(outputs)[None] if len(outputs) > 1 else outputs[0][None]
 
     def _hidden(self, token: int, cache: KVCache) -> np.ndarray:
