@@ -176,7 +176,7 @@ class LiteEngine:
 
     def describe(self) -> dict[str, Any]:
         hgrn = self.model.spec.model_type == "hgrn_bit"
-        prefill = "multi-row BitLinear + numpy" if hgrn else "fused C step, token by token"
+        prefill = "multi-row BitLinear + numpy" if hgrn else "multi-row BitLinear + C attention + numpy"
         return {"weights_format": "2-bit packed", "threads": self.threads,
                 "engine_details": {"runtime": "memwise.lite (numpy + C extensions, no torch)",
                                    "torch_in_process": "torch" in sys.modules,
