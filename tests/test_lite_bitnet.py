@@ -143,7 +143,8 @@ def test_prefill_matches_the_fused_step_token_by_token(models):
     np.testing.assert_array_equal(got.argmax(-1), stepped.argmax(-1))
     assert state.length == stepped_state.length == len(IDS[0])
     for n in range(small.spec.num_layers):      # the cache the fused step reads next, in its layout
-        for got_slots, want_slots in ((state.keys[n], stepped_state.keys[n]), (state.values[n], stepped_state.values[n])):
+        pairs = ((state.keys[n], stepped_state.keys[n]), (state.values[n], stepped_state.values[n]))
+        for got_slots, want_slots in pairs:
             spread = float(np.abs(want_slots).max())
             np.testing.assert_allclose(got_slots, want_slots, rtol=0, atol=REL * spread)
     last = small._prefill(np.array(IDS), small.new_state(1, 16), last_only=True)
