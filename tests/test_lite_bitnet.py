@@ -128,6 +128,95 @@ def test_decode_steps_are_the_torch_paths_fused_steps(models):
         small.weights.inv_freq[...] = saved
 
 
+def token_by_token(small, ids, state):
+    """Logits [T, V] of ids through the fused decode step one token at a time (the prefill before bitnet_forward)."""
+    return np.stack([small.step(np.array([token]), state)[0] for token in ids])
+
+
+def test_prefill_matches_the_fused_step_token_by_token(models):
+    small, _ = models
+    stepped_state = small.new_state(1, 16)
+    stepped = token_by_token(small, IDS[0], stepped_state)
+    state = small.new_state(1, 16)
+    got = small._prefill(np.array(IDS), state, last_only=False)[0]
+    assert_close(torch.from_numpy(got), torch.from_numpy(stepped), REL)
+    np.testing.assert_array_equal(got.argmax(-1), stepped.argmax(-1))
+    assert state.length == stepped_state.length == len(IDS[0])
+    for n in range(small.spec.num_layers):      # the cache the fused step reads next, in its layout
+        pairs = ((state.keys[n], stepped_state.keys[n]), (state.values[n], stepped_state.values[n]))
+        for got_slots, want_slots in pairs:
+            spread = float(np.abs(want_slots).max())
+            np.testing.assert_allclose(got_slots, want_slots, rtol=0, atol=REL * spread)
+    last = small._prefill(np.array(IDS), small.new_state(1, 16), last_only=True)
+    assert last.shape == (1, 1, small.spec.vocab_size)
+    assert_close(torch.from_numpy(last[0]), torch.from_numpy(got[-1:]), 1e-5)
+
+
+def test_decode_after_the_prefill_continues_the_torch_paths_logits(models):
+    small, full = models
+    state = small.new_state(1, 16)
+    head = small._prefill(np.array([IDS[0][:6]]), state, last_only=True)[0]
+    rest = token_by_token(small, IDS[0][6:], state)
+    want = full.logits(torch.tensor(IDS))[0, 5:]
+    assert_close(torch.from_numpy(np.concatenate([head, rest])), want, REL)
+
+
+def test_prompt_slices_give_the_same_logits(models, monkeypatch):
+    from memwise.lite import bitnet_forward
+
+    small, _ = models
+    whole = small.logits(IDS)
+    # 3 prompt tokens per slice: the later slices attend over the cache the earlier ones wrote
+    monkeypatch.setattr(bitnet_forward, "SLICE_BYTES", 3 * 8 * small.spec.intermediate_size)
+    assert small._forward.slice_rows() == 3
+    sliced = small.logits(IDS)
+    assert_close(torch.from_numpy(sliced), torch.from_numpy(whole), 1e-5)
+    np.testing.assert_array_equal(sliced.argmax(-1), whole.argmax(-1))
+
+
+def attention_reference(q, keys, values, start):
+    """Causal softmax attention in float64: q [T, heads, d] at positions start.., keys/values [kv_heads, S, d]."""
+    length, heads, d = q.shape
+    group = heads // keys.shape[0]
+    out = np.empty((length, heads, d))
+    for h in range(heads):
+        for r in range(length):
+            seen = start + r + 1
+            scores = keys[h // group, :seen].astype(np.float64) @ q[r, h] / np.sqrt(d)
+            weights = np.exp(scores - scores.max())
+            out[r, h] = weights @ values[h // group, :seen] / weights.sum()
+    return out.reshape(length, heads * d)
+
+
+@pytest.mark.parametrize("isa", ["avx512vnni", "avx2", "scalar"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_prefill_attention_is_causal_softmax_attention(models, isa, threads):
+    from memwise import kernels
+
+    if isa not in kernels._machine_isas():
+        pytest.skip(f"no {isa} here")
+    forward = models[0]._forward
+    rng = np.random.default_rng(1)
+    start, length, heads, kv_heads, d, slots = 4, 7, 6, 2, 21, 13     # odd sizes; slots past 11 unwritten
+    q = rng.standard_normal((length, heads, d), dtype=np.float32)
+    keys = rng.standard_normal((kv_heads, slots, d), dtype=np.float32)
+    values = rng.standard_normal((kv_heads, slots, d), dtype=np.float32)
+    keys[:, start + length:] = values[:, start + length:] = np.nan     # a read past the causal end shows
+    saved = forward.isa_id, forward.threads
+    forward.isa_id, forward.threads = kernels.isa_id(isa), threads
+    try:
+        got = forward.attention(q, keys, values, start)
+    finally:
+        forward.isa_id, forward.threads = saved
+    np.testing.assert_allclose(got, attention_reference(q, keys, values, start), rtol=0, atol=1e-5)
+
+
+def test_a_prompt_longer_than_the_cache_is_one_error(models):
+    small, _ = models
+    with pytest.raises(MemwiseError, match="KV cache is full"):
+        small._prefill(np.array(IDS), small.new_state(1, 4), last_only=True)
+
+
 def test_rotary_frequencies_are_the_torch_paths_to_rounding(models):
     small, full = models
     np.testing.assert_allclose(small.weights.inv_freq, full.module.inv_freq.numpy(), rtol=1e-6)

@@ -1,10 +1,9 @@
 """The `memwise-lite` engine: memwise's ternary models (HGRN-Bit, BitNet) on the torch-free runtime (memwise.lite).
 
 It runs the same weights as the `memwise` engine, with the same C code (the fused decode step; the
-kernel library's BitLinear for prefill), in a process that never imports torch: what a user who
-installs memwise to run ternary models on a CPU pays in memory. The record's engine says which
-runtime ran, and its weights_format names the file. (BitNet's prompt runs through the fused step
-token by token: memwise/lite/bitnet_model.py.)
+kernel library's multi-row BitLinear for prefill), in a process that never imports torch: what a user
+who installs memwise to run ternary models on a CPU pays in memory. The record's engine says which
+runtime ran, and its weights_format names the file.
 
 Like the llama.cpp cells, the cell reads a file that the parent wrote before it (untimed, cached
 under $XDG_CACHE_HOME/memwise/packed): `memwise convert`'s packed checkpoint of the source, or of a
@@ -177,7 +176,7 @@ class LiteEngine:
 
     def describe(self) -> dict[str, Any]:
         hgrn = self.model.spec.model_type == "hgrn_bit"
-        prefill = "multi-row BitLinear + numpy" if hgrn else "fused C step, token by token"
+        prefill = "multi-row BitLinear + numpy" if hgrn else "multi-row BitLinear + C attention + numpy"
         return {"weights_format": "2-bit packed", "threads": self.threads,
                 "engine_details": {"runtime": "memwise.lite (numpy + C extensions, no torch)",
                                    "torch_in_process": "torch" in sys.modules,

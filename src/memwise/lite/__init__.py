@@ -7,8 +7,8 @@
 It reads the packed checkpoint that `memwise convert` writes, into the same buffers the torch path
 builds, and runs the same C code: every decode step is the fused step (one C call per token,
 memwise/models/<family>/csrc). An HGRN-Bit prompt goes through the kernel library's multi-row
-BitLinear layer by layer with numpy for the float work between the products (hgrn_forward.py); a
-BitNet prompt goes through the fused step token by token (bitnet_model.py). Importing
+BitLinear layer by layer with numpy for the float work between the products (hgrn_forward.py), a
+BitNet prompt too, its attention over the KV cache in C (bitnet_forward.py). Importing
 torch alone takes about 200 MiB of memory that no runtime can give back; this runtime never
 imports it (tests/test_lite.py checks that in a fresh process).
 
@@ -16,7 +16,8 @@ imports it (tests/test_lite.py checks that in a fresh process).
     hgrn_weights.py   the model's buffers (codes in huge pages, float32 gains) and the C step's view
     hgrn_forward.py   prefill: many tokens at once
     bitnet_weights.py BitNet's buffers (stacked codes in huge pages, gains, the bf16 lm_head) and the C step's view
-    bitnet_model.py   BitNet: every token through the fused step, a numpy KV cache
+    bitnet_forward.py BitNet prefill: many tokens at once, keys and values into the cache the step reads
+    bitnet_model.py   BitNet: decode through the fused step, a numpy KV cache
     sampling.py       greedy or sampled next tokens
     model.py          LiteModel: logits, stream, generate, generate_text
     loader.py         load(): the family from config.json, then its weights and model

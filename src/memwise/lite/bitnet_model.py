@@ -1,10 +1,11 @@
 """BitNet b1.58 on memwise.lite: the fused C decode step over numpy buffers and a numpy KV cache.
 
-Every token, the prompt's included, goes through the fused step (memwise/models/bitnet/csrc): one C
-call for all layers, then the final RMSNorm in numpy and the lm_head product (the kernel library's
-bf16 product for a bfloat16 head, as the torch path's decode steps). The prompt runs token by token
-because the fused step is what this runtime has for attention; a prompt of n tokens costs n passes
-over the weights (see docs/runtime.md for the measured prefill rate).
+A prompt of more than one token runs layer by layer over all its tokens (bitnet_forward.py: the
+kernel library's multi-row BitLinear, the C attention of many queries, numpy between them), writing
+the keys and values the decode step reads afterwards. Each new token goes through the fused step
+(memwise/models/bitnet/csrc): one C call for all layers, then the final RMSNorm in numpy and the
+lm_head product (the kernel library's bf16 product for a bfloat16 head, as the torch path's decode
+steps).
 
 The KV cache is float32 [kv_heads, prompt + new tokens, head_dim] per layer, as the torch path's
 DecoderCache for one sequence, allocated zeroed (pages the kernel maps on first write, so a cache
@@ -20,6 +21,8 @@ import numpy as np
 
 from memwise import kernels
 from memwise.errors import MemwiseError
+from memwise.heap import release_free_heap
+from memwise.lite.bitnet_forward import BitNetForward
 from memwise.lite.bitnet_weights import BitNetWeights
 from memwise.lite.model import LiteModel, as_ids
 from memwise.models.bitnet import step_structs
@@ -54,6 +57,7 @@ class BitNetLiteModel(LiteModel):
         # into a freed cache is never used, since every step re-points the views at its own cache.
         self._pointed_at: int | None = None
         self._caches = 0
+        self._forward = BitNetForward(weights, kernels.isa_id(self.isa))
 
     def new_state(self, batch: int, max_length: int = 0) -> KVCache:
         """An empty KV cache for one sequence of up to `max_length` tokens."""
@@ -80,11 +84,27 @@ class BitNetLiteModel(LiteModel):
         return ids
 
     def _prefill(self, ids: np.ndarray, state: KVCache, last_only: bool) -> np.ndarray:
-        if last_only:
-            for token in ids[0, :-1]:
-                self._hidden(int(token), state)
-            return self.step(ids[:, -1], state)[:, None, :]
-        return np.stack([self.step(ids[:, t], state) for t in range(ids.shape[1])], axis=1)
+        """Logits [1, T or 1, V] of a prompt [1, T]: one token through the fused step, more through
+        bitnet_forward's multi-row layers, a slice of the prompt at a time."""
+        if ids.shape[1] == 1:
+            return self.step(ids[:, 0], state)[:, None, :]
+        tokens = ids[0]
+        if state.length + tokens.shape[0] > state.max_length:
+            raise MemwiseError(f"the KV cache is full: {state.length} + {tokens.shape[0]} prompt tokens do not fit "
+                               f"its {state.max_length}")
+        self._forward.threads = self._budget.threads(self.threads)
+        size = self._forward.slice_rows()
+        outputs = []
+        for start in range(0, tokens.shape[0], size):
+            x = self._forward.hidden(tokens[start:start + size], state)
+            if not last_only:
+                outputs.append(self.head(x))
+            elif start + size >= tokens.shape[0]:
+                outputs.append(self.head(x[-1:]))
+        # glibc keeps the freed activations (a few MB per layer) in the heap otherwise, resident through
+        # the decode steps that follow
+        release_free_heap()
+        return np.concatenate(outputs)[None] if len(outputs) > 1 else outputs[0][None]
 
     def _hidden(self, token: int, cache: KVCache) -> np.ndarray:
         """The last layer's output [1, H] for one token at position cache.length (advanced)."""

@@ -74,6 +74,9 @@ def _step_extension(family: str) -> Any:
 
 def _load_bitnet(config: dict, where: str, directory: Path, path: Path, threads: int | None) -> LiteModel:
     bitnet_structs.checked_layout()
+    if not hasattr(bitnet_structs._step, "attend"):
+        raise UnsupportedError("memwise.models.bitnet._step was built before its prefill attention (attend); "
+                               "rebuild it: python setup.py build_ext --inplace")
     spec = dataclasses.replace(bitnet_spec(config, where), source=str(directory))
     file = PackedFile(path)
     if spec.model_type == "llama" and not spec.tie_word_embeddings and LM_HEAD not in file.entries:

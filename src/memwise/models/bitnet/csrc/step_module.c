@@ -1,4 +1,5 @@
-/* memwise.models.bitnet._step: the fused BitNet decode step (bitnet_step.h) for Python.  It
+/* memwise.models.bitnet._step: the fused BitNet decode step (bitnet_step.h), and the attention of a
+ * prompt's queries over the cache (memwise.lite's multi-row prefill), for Python.  It
  * compiles the kernel library's headers (memwise/kernels/csrc) into this one translation unit, so
  * that the per-instruction-set copies of the step inline the library's code they call.
  *
@@ -54,6 +55,56 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* attend(isa, q_ptr, T, heads, kv_heads, head_dim, keys_ptr, values_ptr, max_length, start, out_ptr,
+ * nthreads): a prefill's attention, each of T queries (float32 [T, heads, head_dim], rotated) at
+ * position start + r over the cache slots 0..start + r of its key/value head (keys, values float32
+ * [kv_heads, max_length, head_dim], slots up to start + T - 1 written), into out [T, heads, head_dim].
+ * Every (head, query) is the decode step's attend on the same vector level, so a prompt's attention
+ * is what token-by-token steps compute.  Threads take (head, query) pairs a few at a time: later
+ * queries see more slots. */
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    int isa, nthreads;
+    unsigned long long qp, kp, vp, op;
+    long long T, heads, kvh, hd, max_length, start;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKLLLLKKLLKi", &isa, &qp, &T, &heads, &kvh, &hd, &kp, &vp, &max_length, &start,
+                          &op, &nthreads))
+        return NULL;
+    if (!isa_supported(isa)) return PyErr_Format(PyExc_ValueError, "isa %d not supported", isa);
+    if (T < 0 || heads < 1 || kvh < 1 || heads % kvh || hd < 1 || start < 0 || start + T > max_length)
+        return PyErr_Format(PyExc_ValueError, "attend: bad sizes (T %lld, heads %lld / %lld, head_dim %lld, "
+                            "slots %lld + T of %lld)", T, heads, kvh, hd, start, max_length);
+    if (nthreads < 1) nthreads = 1;
+    const int64_t slots = start + T, group = heads / kvh;
+    float *scratch = malloc(sizeof(float) * 2 * (size_t)(slots + 1) * (size_t)nthreads);
+    if (!scratch) return PyErr_NoMemory();
+    const bitnet_ops_t *ops = bitnet_ops(vec_level_of(isa));
+    const float *q = (const float *)(uintptr_t)qp, *keys = (const float *)(uintptr_t)kp;
+    const float *values = (const float *)(uintptr_t)vp;
+    float *out = (float *)(uintptr_t)op;
+    Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+#endif
+    {
+#ifdef _OPENMP
+        float *scores = scratch + 2 * (size_t)(slots + 1) * (size_t)omp_get_thread_num();
+#pragma omp for schedule(dynamic, 4)
+#else
+        float *scores = scratch;
+#endif
+        for (long long item = 0; item < heads * T; ++item) {
+            const int64_t h = item / T, r = item % T, g = h / group;
+            const size_t at = ((size_t)r * (size_t)heads + (size_t)h) * (size_t)hd;
+            const size_t head = (size_t)g * (size_t)max_length * (size_t)hd;
+            ops->attend(q + at, keys + head, values + head, start + r + 1, hd, scores, scores + slots + 1, out + at);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(scratch);
+    Py_RETURN_NONE;
+}
+
 #define PROJECTION_FIELDS(X)                                                                     \
     X(bitnet_projection_t, codes) X(bitnet_projection_t, gain) X(bitnet_projection_t, rows)      \
     X(bitnet_projection_t, scales) X(bitnet_projection_t, count)
@@ -80,6 +131,9 @@ static PyMethodDef methods[] = {
     {"workspace", py_workspace, METH_VARARGS,
      "workspace(isa, H, Q, KV, I, head_dim, max_length, nthreads): the buffers of steps"},
     {"step", py_step, METH_VARARGS, "step(ws, model_ptr, x_ptr, pos): one decode step"},
+    {"attend", py_attend, METH_VARARGS,
+     "attend(isa, q_ptr, T, heads, kv_heads, head_dim, keys_ptr, values_ptr, max_length, start, out_ptr, "
+     "nthreads): a prefill's causal attention over the cache"},
     {"struct_layout", py_struct_layout, METH_NOARGS, "sizes and field offsets of the model structs"},
     {NULL, NULL, 0, NULL},
 };
