@@ -62,17 +62,9 @@ def model(request) -> LanguageModel:
 
 
 @pytest.fixture
-def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def fused_calls(count_calls) -> list[int]:
     """Counts FusedDecoder.step calls (the real step runs)."""
-    calls: list[int] = []
-    real = fused.FusedDecoder.step
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(fused.FusedDecoder, "step", counted)
-    return calls
+    return count_calls(fused.FusedDecoder, "step")
 
 
 def prompt(vocab: int, length: int, seed: int, batch: int = 1) -> torch.Tensor:
