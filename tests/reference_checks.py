@@ -7,6 +7,8 @@ errors against the magnitude of the output rather than element by element.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -26,3 +28,17 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
 # One int8 step of one activation moves a BitLinear output by m / s times one ternary weight: at most
 # 1/127 of the row's largest input's share. Rounding differences move a few activations of a row.
 BITLINEAR_REL = 2 / 127
+
+
+def assert_same_on_thread_counts(run: Callable[[], torch.Tensor], counts: tuple[int, ...] = (1, 2, 3)) -> None:
+    """run() gives bit-identical results on each torch thread count (the C paths split their work by
+    it); torch's count is restored after."""
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in counts:
+            torch.set_num_threads(n)
+            outs.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs)
