@@ -42,3 +42,22 @@ def assert_same_on_thread_counts(run: Callable[[], torch.Tensor], counts: tuple[
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def decode_side_by_side(module, ids: torch.Tensor, steps: int, run: Callable[..., torch.Tensor], rel: float) -> None:
+    """Prefill two caches of `module` the same way on the reference path, then feed the same tokens
+    through the fused step and the reference path; logits and the cache rows written agree to `rel`
+    (of their spread) at every step. run(fused, *args, **kwargs) calls module on the path chosen."""
+    caches = {on: module.new_cache(1, ids.shape[1] + steps + 3) for on in (False, True)}
+    logits = {on: run(False, ids, caches[on], last_only=True) for on in (False, True)}
+    for _ in range(steps):
+        token = logits[False][:, -1].argmax(-1, keepdim=True)
+        logits = {on: run(on, token, caches[on], last_only=True) for on in (False, True)}
+        assert logits[True].shape == logits[False].shape == (1, 1, module.spec.vocab_size)
+        assert_close(logits[True], logits[False], rel)
+    ref, got = caches[False], caches[True]
+    assert got.length == ref.length == ids.shape[1] + steps
+    assert torch.equal(got.mask, ref.mask) and torch.equal(got.real_count, ref.real_count)
+    for n in range(module.spec.num_layers):
+        assert_close(got.keys[n][:, :, :got.length], ref.keys[n][:, :, :ref.length], rel)
+        assert_close(got.values[n][:, :, :got.length], ref.values[n][:, :, :ref.length], rel)
