@@ -142,26 +142,15 @@ static void multiply(bitnet_thread_t *t, int s, const bitnet_projection_t *p, fl
     bitnet_sync(t);
 }
 
-/* Key/value heads [g0, g1): rotate the new key, write key and value into the cache at pos, then
- * attend with every query head of those groups (rotated here too). */
+/* This thread's share of the key/value heads' attention (attend_cache_heads, every head rotated);
+ * then every thread waits. */
 static void attend_heads(bitnet_thread_t *t, const bitnet_layer_t *layer) {
     const bitnet_ws_t *w = t->w;
     const bitnet_model_t *m = t->m;
-    const int64_t hd = m->head_dim, kvh = m->kv_heads, group = m->heads / kvh, pos = t->io->pos;
-    const int64_t g0 = kvh * t->id / t->nt, g1 = kvh * (t->id + 1) / t->nt;
-    float *scores = w->scores + (size_t)t->id * 2 * (size_t)w->max_length;
-    for (int64_t g = g0; g < g1; ++g) {
-        float *k = w->qkv + w->Q + g * hd, *v = w->qkv + w->Q + w->KV + g * hd;
-        t->ops->rope(k, w->cs, w->sn, hd / 2);
-        float *keys = layer->keys + g * m->max_length * hd, *values = layer->values + g * m->max_length * hd;
-        memcpy(keys + pos * hd, k, sizeof(float) * (size_t)hd);
-        memcpy(values + pos * hd, v, sizeof(float) * (size_t)hd);
-        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-            float *q = w->qkv + h * hd;
-            t->ops->rope(q, w->cs, w->sn, hd / 2);
-            t->ops->attend(q, keys, values, pos + 1, hd, scores, scores + w->max_length, w->attn + h * hd);
-        }
-    }
+    const cache_attention_t c = {t->ops->rope, t->ops->attend, w->qkv, layer->keys, layer->values, w->attn, w->cs,
+                                 w->sn, w->scores + (size_t)t->id * 2 * (size_t)w->max_length, m->heads,
+                                 m->kv_heads, m->head_dim, m->max_length, m->head_dim / 2, t->io->pos};
+    attend_cache_heads(&c, m->kv_heads * t->id / t->nt, m->kv_heads * (t->id + 1) / t->nt);
     bitnet_sync(t);
 }
 

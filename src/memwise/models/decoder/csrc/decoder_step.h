@@ -151,27 +151,14 @@ static void project(decoder_thread_t *t, int s, const decoder_projection_t *p, f
     decoder_sync(t);
 }
 
-/* Key/value heads [g0, g1): rotate the new key (rotary models), write key and value into the cache
- * at pos, then attend with every query head of those groups (rotated here too); then every thread
- * waits. */
+/* This thread's share of the key/value heads' attention (attend_cache_heads); then every thread waits. */
 static void attend_heads(decoder_thread_t *t, const decoder_layer_t *layer) {
     const decoder_ws_t *w = t->w;
     const decoder_model_t *m = t->m;
-    const int64_t hd = m->head_dim, kvh = m->kv_heads, group = m->heads / kvh, pos = t->io->pos;
-    const int64_t g0 = kvh * t->id / t->nt, g1 = kvh * (t->id + 1) / t->nt;
-    float *scores = w->scores + (size_t)t->id * 2 * (size_t)w->max_length;
-    for (int64_t g = g0; g < g1; ++g) {
-        float *k = w->qkv + w->Q + g * hd, *v = w->qkv + w->Q + w->KV + g * hd;
-        if (m->rotary_dim) t->ops->rope(k, w->cs, w->sn, m->rotary_dim / 2);
-        float *keys = layer->keys + g * m->max_length * hd, *values = layer->values + g * m->max_length * hd;
-        memcpy(keys + pos * hd, k, sizeof(float) * (size_t)hd);
-        memcpy(values + pos * hd, v, sizeof(float) * (size_t)hd);
-        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-            if (m->rotary_dim) t->ops->rope(w->qkv + h * hd, w->cs, w->sn, m->rotary_dim / 2);
-            t->ops->attend(w->qkv + h * hd, keys, values, pos + 1, hd, scores, scores + w->max_length,
-                           w->attn + h * hd);
-        }
-    }
+    const cache_attention_t c = {t->ops->rope, t->ops->attend, w->qkv, layer->keys, layer->values, w->attn, w->cs,
+                                 w->sn, w->scores + (size_t)t->id * 2 * (size_t)w->max_length, m->heads,
+                                 m->kv_heads, m->head_dim, m->max_length, m->rotary_dim / 2, t->io->pos};
+    attend_cache_heads(&c, m->kv_heads * t->id / t->nt, m->kv_heads * (t->id + 1) / t->nt);
     decoder_sync(t);
 }
 
