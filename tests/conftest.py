@@ -17,3 +17,20 @@ def offload_costs(tmp_path_factory):
     patch.setenv("MEMWISE_OFFLOAD_COSTS", str(path))
     yield path
     patch.undo()
+
+
+@pytest.fixture
+def count_calls(monkeypatch: pytest.MonkeyPatch):
+    """count_calls(owner, name) -> a list that gains an entry at each call of owner.name, which still
+    runs (undone after the test)."""
+    def count(owner, name: str) -> list[int]:
+        calls: list[int] = []
+        real = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+        return calls
+    return count

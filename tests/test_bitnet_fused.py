@@ -18,7 +18,7 @@ from memwise.models import bitnet
 from memwise.models.bitnet import fused_step as fused
 from memwise.presets import preset_config
 
-from reference_checks import assert_close
+import reference_checks as checks
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="the C extension with the fused step is not built")
 
@@ -62,17 +62,9 @@ def model(request) -> LanguageModel:
 
 
 @pytest.fixture
-def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def fused_calls(count_calls) -> list[int]:
     """Counts FusedDecoder.step calls (the real step runs)."""
-    calls: list[int] = []
-    real = fused.FusedDecoder.step
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(fused.FusedDecoder, "step", counted)
-    return calls
+    return count_calls(fused.FusedDecoder, "step")
 
 
 def prompt(vocab: int, length: int, seed: int, batch: int = 1) -> torch.Tensor:
@@ -80,28 +72,16 @@ def prompt(vocab: int, length: int, seed: int, batch: int = 1) -> torch.Tensor:
 
 
 def decode_side_by_side(module, ids: torch.Tensor, steps: int, reference: str = "c-unfused") -> None:
-    """Prefill two caches the same way, then feed the same tokens through the fused step and the
-    PyTorch path; logits and the cache rows written agree at every step."""
-    caches, logits = {}, {}
-    with torch.inference_mode():
-        for backend in (reference, "auto"):
-            module.backend = reference
-            caches[backend] = module.new_cache(1, ids.shape[1] + steps + 3)
-            logits[backend] = module(ids, caches[backend], last_only=True)
-        for _ in range(steps):
-            token = logits[reference][:, -1].argmax(-1, keepdim=True)
-            for backend in (reference, "auto"):
-                module.backend = backend
-                logits[backend] = module(token, caches[backend], last_only=True)
-            assert logits["auto"].shape == logits[reference].shape == (1, 1, module.spec.vocab_size)
-            assert_close(logits["auto"], logits[reference], STEP_REL)
-    ref, got = caches[reference], caches["auto"]
-    assert got.length == ref.length == ids.shape[1] + steps
-    assert torch.equal(got.mask, ref.mask) and torch.equal(got.real_count, ref.real_count)
-    for n in range(module.spec.num_layers):
-        assert_close(got.keys[n][:, :, :got.length], ref.keys[n][:, :, :ref.length], STEP_REL)
-        assert_close(got.values[n][:, :, :got.length], ref.values[n][:, :, :ref.length], STEP_REL)
-    module.backend = "auto"
+    """The fused step (backend "auto") against the backend `reference`, token by token
+    (reference_checks.decode_side_by_side)."""
+    def run(fused_on: bool, *args, **kwargs) -> torch.Tensor:
+        module.backend = "auto" if fused_on else reference
+        with torch.inference_mode():
+            return module(*args, **kwargs)
+    try:
+        checks.decode_side_by_side(module, ids, steps, run, STEP_REL)
+    finally:
+        module.backend = "auto"
 
 
 def test_decode_matches_pytorch_path(model, fused_calls) -> None:

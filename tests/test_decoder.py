@@ -10,7 +10,7 @@ from memwise.errors import CheckpointError, ConfigError, UnsupportedError
 from memwise.models import decoder
 from memwise.spec import read_config
 
-from tiny_models import VOCAB, build, one_thread, tiny_configs  # noqa: F401 (one_thread: autouse fixture)
+from tiny_models import VOCAB, build, checkpoint_builder, one_thread, tiny_configs  # noqa: F401 (autouse)
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,14 +21,7 @@ TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """name -> (HF model, directory), built once per module and on first use."""
-    built = {}
-
-    def get(name):
-        if name not in built:
-            directory = tmp_path_factory.mktemp(name)
-            built[name] = (build(name, directory), directory)
-        return built[name]
-    return get
+    return checkpoint_builder(tmp_path_factory)
 
 
 def load_family(directory, dtype="float32"):

@@ -18,6 +18,7 @@ import memwise
 from memwise import kernels
 from memwise.models.decoder import fused_step as fused
 
+import reference_checks as checks
 from reference_checks import assert_close
 from tiny_models import VOCAB, one_thread, randomize, saved  # noqa: F401 (fixtures)
 
@@ -59,17 +60,9 @@ def model(request, checkpoints):
 
 
 @pytest.fixture
-def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def fused_calls(count_calls) -> list[int]:
     """Counts FusedDecoder.step calls (the real step runs)."""
-    calls: list[int] = []
-    real = fused.FusedDecoder.step
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(fused.FusedDecoder, "step", counted)
-    return calls
+    return count_calls(fused.FusedDecoder, "step")
 
 
 def prompt(length: int, seed: int, batch: int = 1) -> torch.Tensor:
@@ -90,21 +83,9 @@ def run(module, fused_on: bool, *args, **kwargs) -> torch.Tensor:
 
 
 def decode_side_by_side(module, ids: torch.Tensor, steps: int) -> None:
-    """Prefill two caches the same way, then feed the same tokens through the fused step and the
-    PyTorch path; logits and the cache rows written agree at every step."""
-    caches = {on: module.new_cache(1, ids.shape[1] + steps + 3) for on in (False, True)}
-    logits = {on: run(module, False, ids, caches[on], last_only=True) for on in (False, True)}
-    for _ in range(steps):
-        token = logits[False][:, -1].argmax(-1, keepdim=True)
-        logits = {on: run(module, on, token, caches[on], last_only=True) for on in (False, True)}
-        assert logits[True].shape == logits[False].shape == (1, 1, module.spec.vocab_size)
-        assert_close(logits[True], logits[False], STEP_REL)
-    ref, got = caches[False], caches[True]
-    assert got.length == ref.length == ids.shape[1] + steps
-    assert torch.equal(got.mask, ref.mask) and torch.equal(got.real_count, ref.real_count)
-    for n in range(module.spec.num_layers):
-        assert_close(got.keys[n][:, :, :got.length], ref.keys[n][:, :, :ref.length], STEP_REL)
-        assert_close(got.values[n][:, :, :got.length], ref.values[n][:, :, :ref.length], STEP_REL)
+    """The fused step against the PyTorch path, token by token (reference_checks.decode_side_by_side)."""
+    checks.decode_side_by_side(module, ids, steps, lambda on, *args, **kwargs: run(module, on, *args, **kwargs),
+                               STEP_REL)
 
 
 def test_decode_matches_pytorch_path(model, fused_calls) -> None:

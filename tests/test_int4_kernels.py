@@ -10,6 +10,8 @@ from memwise import kernels
 from memwise.kernels import KernelInputError, int4
 from memwise.kernels.int4 import Int4Matrix
 
+from reference_checks import assert_same_on_thread_counts
+
 PATHS = kernels.isa_paths() if not os.environ.get("MEMWISE_ISA") else kernels._machine_isas()
 # K below one group, K padded (65, 127, 300), several groups not a multiple of the 4 reduced together,
 # groups past the AVX-512 path's eight (read as pairs) with 2 (577) and 5 (830) left over, N not a
@@ -110,15 +112,7 @@ def test_zero_rows_and_reference_without_extension(monkeypatch: pytest.MonkeyPat
 def test_result_does_not_depend_on_thread_count() -> None:
     weight = _matrix(50, 500, seed=5)
     x = torch.randn(3, 500, generator=torch.Generator().manual_seed(6))
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs.append(int4.int4_linear(x, weight))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert_same_on_thread_counts(lambda: int4.int4_linear(x, weight))
 
 
 def test_linear_kernel_equals_int4_linear() -> None:

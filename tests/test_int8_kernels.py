@@ -10,6 +10,8 @@ from memwise import kernels
 from memwise.kernels import KernelInputError, int8
 from memwise.kernels.int8 import Int8Matrix
 
+from reference_checks import assert_same_on_thread_counts
+
 PATHS = kernels.isa_paths() if not os.environ.get("MEMWISE_ISA") else kernels._machine_isas()
 # odd K (padding), K past one 64-column block, N not a multiple of the 4-row tile, M of 1 (GEMV) up to
 # 4 (one weight row at a time) and more (4-row tiles)
@@ -135,17 +137,9 @@ def test_zero_rows_and_reference_without_extension(monkeypatch: pytest.MonkeyPat
 
 def test_result_does_not_depend_on_thread_count() -> None:
     weight = _matrix(50, 500, seed=5)
-    threads = torch.get_num_threads()
     for m in (3, 33):           # one weight row at a time; register tiles
         q = torch.randint(-128, 128, (m, 500), dtype=torch.int8)
-        try:
-            outs = []
-            for n in (1, 2, 3):
-                torch.set_num_threads(n)
-                outs.append(int8.int8_matmul(q, weight))
-        finally:
-            torch.set_num_threads(threads)
-        assert all(torch.equal(o, outs[0]) for o in outs)
+        assert_same_on_thread_counts(lambda: int8.int8_matmul(q, weight))
 
 
 def test_linear_kernel_equals_int8_linear() -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -69,15 +70,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """name -> the directory of its tiny checkpoint, written once per module and on first use."""
+def checkpoint_builder(tmp_path_factory) -> Callable[[str], tuple[torch.nn.Module, Path]]:
+    """name -> (the HF model, the directory of its tiny checkpoint), each built and saved on first use."""
     built = {}
 
     def get(name):
         if name not in built:
             directory = tmp_path_factory.mktemp(name)
-            build(name, directory)
-            built[name] = directory
+            built[name] = (build(name, directory), directory)
         return built[name]
     return get
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> the directory of its tiny checkpoint, written once per module and on first use."""
+    get = checkpoint_builder(tmp_path_factory)
+    return lambda name: get(name)[1]

@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 
 from memwise.kernels import KernelInputError, isa_id, isa_paths, num_threads, resolve_isa
+from memwise.kernels.linear_checks import check_activations, check_bias, check_input, checked_once, float32_rows
 from memwise.kernels.int8 import quantize_tokens_reference
 
 try:
@@ -190,11 +191,7 @@ def _use_c(device: torch.device) -> bool:
 
 def int4_group_dots(q: torch.Tensor, weight: Int4Matrix, isa: str | None = None) -> torch.Tensor:
     """The integer half of int4_linear on the path `isa`: int32 [M, N, G] per-group dots."""
-    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8 or q.dim() != 2:
-        raise KernelInputError(f"activations must be a 2-d int8 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
-    _check_matrix(weight, q.device)
-    if q.shape[1] != weight.cols:
-        raise KernelInputError(f"activations have K={q.shape[1]} columns, the int4 matrix expects {weight.cols}")
+    check_activations(q, weight, _check_matrix, "int4")
     name = resolve_isa(isa)
     if not _use_c(q.device):
         return int4_group_dots_reference(q, weight)
@@ -206,18 +203,10 @@ def int4_group_dots(q: torch.Tensor, weight: Int4Matrix, isa: str | None = None)
     return out
 
 
-def _check_bias(bias: torch.Tensor | None, weight: Int4Matrix) -> None:
-    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (weight.rows,)
-                             or not bias.is_contiguous()):
-        raise KernelInputError(f"int4 linear bias must be float32 [{weight.rows}], got {bias.dtype} {list(bias.shape)}")
-
-
 def _linear_c(x: torch.Tensor, weight: Int4Matrix, pointers: tuple[int, int, int], name: str,
               threads: int | None) -> torch.Tensor:
     """int4_linear's C path on the path `name`, after its checks; pointers: codes, params, bias (0: none)."""
-    rows = x.reshape(-1, weight.cols)
-    if rows.dtype != torch.float32 or not rows.is_contiguous():
-        rows = rows.float().contiguous()
+    rows = float32_rows(x, weight.cols)
     out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
     if rows.shape[0]:
         _c.int4_linear(isa_id(name), *pointers, weight.rows, padded_cols(weight.cols), rows.data_ptr(),
@@ -233,11 +222,9 @@ def int4_linear(x: torch.Tensor, weight: Int4Matrix, bias: torch.Tensor | None =
                 isa: str | None = None, threads: int | None = None) -> torch.Tensor:
     """y = x W^T + b with W in 4 bits and x quantized per token: x [..., K] float -> float32 [..., N], on
     `threads` threads (default: torch's count)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != weight.cols:
-        raise KernelInputError(f"int4 linear input must be a float tensor [..., {weight.cols}], got "
-                               f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+    check_input(x, weight.cols, "int4")
     _check_matrix(weight, x.device)
-    _check_bias(bias, weight)
+    check_bias(bias, weight.rows, "int4")
     if not _use_c(x.device):
         return int4_linear_reference(x, weight, bias)
     return _linear_c(x, weight, _pointers(weight, bias), resolve_isa(isa) if isa else isa_paths()[0], threads)
@@ -248,12 +235,8 @@ def linear_kernel(weight: Int4Matrix, bias: torch.Tensor | None = None) -> Calla
     equals int4_linear(x, weight, bias, threads=threads) (see int8.linear_kernel for why)."""
     device = weight.codes.device
     _check_matrix(weight, device)
-    _check_bias(bias, weight)
-    pointers, on_cpu = _pointers(weight, bias), device.type == "cpu"
-
-    def run(x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-        if (_c is None or not on_cpu or x.device != device or not x.is_floating_point() or x.dim() < 1
-                or x.shape[-1] != weight.cols):
-            return int4_linear(x, weight, bias, threads=threads)
-        return _linear_c(x, weight, pointers, isa_paths()[0], threads)
-    return run
+    check_bias(bias, weight.rows, "int4")
+    pointers = _pointers(weight, bias)
+    return checked_once(device, weight.cols, _use_c,
+                        lambda x, threads: _linear_c(x, weight, pointers, isa_paths()[0], threads),
+                        lambda x, threads: int4_linear(x, weight, bias, threads=threads))

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from memwise.kernels import KernelInputError, isa_id, isa_paths, num_threads, resolve_isa
+from memwise.kernels.linear_checks import check_activations, check_bias, check_input, checked_once, float32_rows
 from memwise.kernels.packed import SCALE_FLOOR
 
 try:
@@ -143,11 +144,7 @@ def _use_c(device: torch.device) -> bool:
 
 def int8_matmul(q: torch.Tensor, weight: Int8Matrix, isa: str | None = None) -> torch.Tensor:
     """Exact q [M, K] int8 x W [N, K] int8 -> int32 [M, N] on the path `isa` (default: the best)."""
-    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8 or q.dim() != 2:
-        raise KernelInputError(f"activations must be a 2-d int8 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
-    _check_matrix(weight, q.device)
-    if q.shape[1] != weight.cols:
-        raise KernelInputError(f"activations have K={q.shape[1]} columns, the int8 matrix expects {weight.cols}")
+    check_activations(q, weight, _check_matrix, "int8")
     name = resolve_isa(isa)
     if not _use_c(q.device):
         return int8_matmul_reference(q, weight)
@@ -173,18 +170,10 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def _check_bias(bias: torch.Tensor | None, weight: Int8Matrix) -> None:
-    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (weight.rows,)
-                             or not bias.is_contiguous()):
-        raise KernelInputError(f"int8 linear bias must be float32 [{weight.rows}], got {bias.dtype} {list(bias.shape)}")
-
-
 def _linear_c(x: torch.Tensor, weight: Int8Matrix, pointers: tuple[int, int, int, int],
               threads: int | None) -> torch.Tensor:
     """int8_linear's C path, after its checks; pointers: weight, row sums, scales, bias (0: none)."""
-    rows = x.reshape(-1, weight.cols)
-    if rows.dtype != torch.float32 or not rows.is_contiguous():
-        rows = rows.float().contiguous()
+    rows = float32_rows(x, weight.cols)
     out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
     if rows.shape[0]:
         _c.linear(isa_id(isa_paths()[0]), *pointers, weight.rows, weight.weight.shape[1], rows.data_ptr(),
@@ -201,11 +190,9 @@ def int8_linear(x: torch.Tensor, weight: Int8Matrix, bias: torch.Tensor | None =
                 threads: int | None = None) -> torch.Tensor:
     """y = x W^T + b with W in int8 and x quantized per token: x [..., K] float -> float32 [..., N], on
     `threads` threads (default: torch's count)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != weight.cols:
-        raise KernelInputError(f"int8 linear input must be a float tensor [..., {weight.cols}], got "
-                               f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+    check_input(x, weight.cols, "int8")
     _check_matrix(weight, x.device)
-    _check_bias(bias, weight)
+    check_bias(bias, weight.rows, "int8")
     if not _use_c(x.device):
         return int8_linear_reference(x, weight, bias)
     return _linear_c(x, weight, _pointers(weight, bias), threads)
@@ -217,12 +204,7 @@ def linear_kernel(weight: Int8Matrix, bias: torch.Tensor | None = None) -> Calla
     decode step's product of a small matrix takes less time than those checks."""
     device = weight.weight.device
     _check_matrix(weight, device)
-    _check_bias(bias, weight)
-    pointers, on_cpu = _pointers(weight, bias), device.type == "cpu"
-
-    def run(x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-        if (_c is None or not on_cpu or x.device != device or not x.is_floating_point() or x.dim() < 1
-                or x.shape[-1] != weight.cols):
-            return int8_linear(x, weight, bias, threads)
-        return _linear_c(x, weight, pointers, threads)
-    return run
+    check_bias(bias, weight.rows, "int8")
+    pointers = _pointers(weight, bias)
+    return checked_once(device, weight.cols, _use_c, lambda x, threads: _linear_c(x, weight, pointers, threads),
+                        lambda x, threads: int8_linear(x, weight, bias, threads))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from memwise.kernels import KernelInputError, isa_id, isa_paths, num_threads, resolve_isa
+from memwise.kernels.linear_checks import check_bias, check_input, float32_rows
 
 try:
     from memwise.kernels import _fourbit as _c
@@ -184,17 +185,13 @@ def _check_matrix(weight: Nf4Matrix, device: torch.device) -> None:
 def nf4_linear(x: torch.Tensor, weight: Nf4Matrix, bias: torch.Tensor | None = None,
                isa: str | None = None) -> torch.Tensor:
     """y = x W^T + b with W in NF4: x [..., K] float -> float32 [..., N]."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != weight.cols:
-        raise KernelInputError(f"nf4 linear input must be a float tensor [..., {weight.cols}], got "
-                               f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
+    check_input(x, weight.cols, "nf4")
     _check_matrix(weight, x.device)
-    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (weight.rows,)
-                             or not bias.is_contiguous()):
-        raise KernelInputError(f"nf4 linear bias must be float32 [{weight.rows}], got {bias.dtype} {list(bias.shape)}")
+    check_bias(bias, weight.rows, "nf4")
     if _c is None or x.device.type != "cpu":
         return nf4_linear_reference(x, weight, bias)
     name = resolve_isa(isa) if isa else isa_paths()[0]
-    rows = x.reshape(-1, weight.cols).float().contiguous()
+    rows = float32_rows(x, weight.cols)
     out = torch.empty((rows.shape[0], weight.rows), dtype=torch.float32)
     if rows.shape[0]:
         _c.nf4_linear(isa_id(name), weight.codes.data_ptr(), weight.qabs.data_ptr(), weight.absmax2.data_ptr(),

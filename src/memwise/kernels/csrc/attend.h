@@ -64,4 +64,36 @@ MW_INLINE void attend_body(const float *q, const float *keys, const float *value
     for (int64_t k = 0; k < d; ++k) out[k] *= inv;
 }
 
+/* One token's attention in a layer with a key/value cache, as a step's thread does its share of it:
+ * through a family's ops table (rope and attend, the bodies above compiled for its vector level). */
+typedef struct {
+    void (*rope)(float *, const float *, const float *, int64_t);
+    void (*attend)(const float *, const float *, const float *, int64_t, int64_t, float *, float *, float *);
+    float *qkv;             /* the token's q [heads * hd], then k and v [kv_heads * hd] */
+    float *keys, *values;   /* the layer's cache, [kv_heads][slots][hd] each */
+    float *out;             /* [heads * hd] */
+    const float *cs, *sn;   /* the position's rotary table, rotary_half entries */
+    float *scores;          /* this thread's 2 * slots floats: scores, then exps */
+    int64_t heads, kv_heads, hd, slots, rotary_half, pos;
+} cache_attention_t;
+
+/* Key/value heads [g0, g1): rotate the new key (rotary_half > 0), write key and value into the cache
+ * at pos, then attend with every query head of those groups (rotated too) over slots 0..pos.  Each
+ * thread writes only its own heads' cache rows, so no barrier between writing and attending. */
+static void attend_cache_heads(const cache_attention_t *c, int64_t g0, int64_t g1) {
+    const int64_t hd = c->hd, group = c->heads / c->kv_heads, Q = c->heads * hd, KV = c->kv_heads * hd;
+    for (int64_t g = g0; g < g1; ++g) {
+        float *k = c->qkv + Q + g * hd, *v = c->qkv + Q + KV + g * hd;
+        if (c->rotary_half) c->rope(k, c->cs, c->sn, c->rotary_half);
+        float *keys = c->keys + g * c->slots * hd, *values = c->values + g * c->slots * hd;
+        memcpy(keys + c->pos * hd, k, sizeof(float) * (size_t)hd);
+        memcpy(values + c->pos * hd, v, sizeof(float) * (size_t)hd);
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+            if (c->rotary_half) c->rope(c->qkv + h * hd, c->cs, c->sn, c->rotary_half);
+            c->attend(c->qkv + h * hd, keys, values, c->pos + 1, hd, c->scores, c->scores + c->slots,
+                      c->out + h * hd);
+        }
+    }
+}
+
 #endif /* MEMWISE_KERNELS_ATTEND_H */

@@ -40,4 +40,19 @@ static int add_struct(PyObject *out, const char *name, size_t size, const char *
         }                                                                                       \
     } while (0)
 
+/* py_struct_layout, the struct_layout() method of a fused step's module, over its three structs A, B
+ * and C (fields listed by FA, FB, FC); STRUCT_LAYOUT_METHOD is its entry in the module's methods. */
+#define DEFINE_STRUCT_LAYOUT(A, FA, B, FB, C, FC)                                               \
+    static PyObject *py_struct_layout(PyObject *self, PyObject *noargs) {                       \
+        (void)self, (void)noargs;                                                               \
+        PyObject *out = PyDict_New();                                                           \
+        if (!out) return NULL;                                                                  \
+        ADD_STRUCT(out, A, FA);                                                                 \
+        ADD_STRUCT(out, B, FB);                                                                 \
+        ADD_STRUCT(out, C, FC);                                                                 \
+        return out;                                                                             \
+    }
+#define STRUCT_LAYOUT_METHOD                                                                    \
+    {"struct_layout", py_struct_layout, METH_NOARGS, "sizes and field offsets of the model structs"}
+
 #endif /* MEMWISE_KERNELS_STRUCT_LAYOUT_H */

@@ -1,16 +1,12 @@
-"""The ctypes mirrors of the C structs of the fused BitNet step (csrc/bitnet_model.h), and the extension.
-
-What crosses into C is typed (the design's rule): each struct has one mirror here, field for field,
-and `checked_layout()` refuses to run when the built extension reports other sizes or offsets.
-No torch here: the torch path (fused_step.py) and the torch-free runtime (memwise.lite) fill the
-same structs with pointers into their own buffers.
-"""
+"""The ctypes mirrors of the C structs of the fused BitNet step (csrc/bitnet_model.h), and the extension:
+the same arrangement as memwise.models.hgrn_bit.step_structs (checked against the built extension
+once, no torch, filled by both the torch path and memwise.lite)."""
 from __future__ import annotations
 
 import ctypes
 import functools
 
-from memwise.kernels.structs import struct_mismatches
+from memwise.kernels.structs import require_agreement, struct_mismatches
 
 try:
     from memwise.models.bitnet import _step
@@ -60,7 +56,4 @@ def layout_mismatches() -> list[str]:
 @functools.cache
 def checked_layout() -> None:
     """Raise unless the mirrors agree with the built extension's structs (checked once per process)."""
-    mismatches = layout_mismatches()
-    if mismatches:
-        raise RuntimeError("memwise.models.bitnet._step was built from other structs than step_structs.py "
-                           f"mirrors (rebuild with python setup.py build_ext): {'; '.join(mismatches)}")
+    require_agreement("memwise.models.bitnet._step", layout_mismatches())

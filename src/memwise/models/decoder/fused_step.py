@@ -38,7 +38,7 @@ import torch
 
 from memwise import kernels
 from memwise.kernels import KernelInputError
-from memwise.kernels.structs import struct_mismatches
+from memwise.kernels.structs import require_agreement, struct_mismatches
 from memwise.kernels.threads import CpuBudget
 from memwise.models.decoder.cached_step import CachedFusedStep
 from memwise.models.decoder.quantized import Int4Linear, Int8Linear
@@ -94,10 +94,7 @@ def layout_mismatches() -> list[str]:
 
 @functools.cache
 def _checked_layout() -> None:
-    mismatches = layout_mismatches()
-    if mismatches:
-        raise RuntimeError("memwise.models.decoder._step was built from other structs than fused_step.py "
-                           f"mirrors (rebuild with python setup.py build_ext): {'; '.join(mismatches)}")
+    require_agreement("memwise.models.decoder._step", layout_mismatches())
 
 
 def available() -> bool:

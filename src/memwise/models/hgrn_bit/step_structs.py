@@ -1,16 +1,15 @@
 """The ctypes mirrors of the C structs of the fused HGRN-Bit step (csrc/hgrn_model.h), and the extension.
 
-What crosses into C is typed (the design's rule): each struct has one mirror here, field for field,
-and `checked_layout()` refuses to run when the built extension reports other sizes or offsets.
-No torch here: the torch path (fused_step.py) and the torch-free runtime (memwise.lite) fill the
-same structs with pointers into their own buffers.
+`checked_layout()` refuses to run when the built extension reports other sizes or offsets
+(memwise.kernels.structs). No torch here: the torch path (fused_step.py) and the torch-free runtime
+(memwise.lite) fill the same structs with pointers into their own buffers.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 
-from memwise.kernels.structs import struct_mismatches
+from memwise.kernels.structs import require_agreement, struct_mismatches
 
 try:
     from memwise.models.hgrn_bit import _step
@@ -52,7 +51,4 @@ def layout_mismatches() -> list[str]:
 @functools.cache
 def checked_layout() -> None:
     """Raise unless the mirrors agree with the built extension's structs (checked once per process)."""
-    mismatches = layout_mismatches()
-    if mismatches:
-        raise RuntimeError("memwise.models.hgrn_bit._step was built from other structs than step_structs.py "
-                           f"mirrors (rebuild with pip install -e .): {'; '.join(mismatches)}")
+    require_agreement("memwise.models.hgrn_bit._step", layout_mismatches())

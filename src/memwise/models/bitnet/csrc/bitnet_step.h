@@ -14,9 +14,8 @@
 #define MEMWISE_BITNET_STEP_H
 
 #include "bitnet_model.h"
-#include "barrier.h"
 #include "bitnet_ops.h"
-#include "jobs.h"
+#include "step_workspace.h"
 
 /* Activation slots: K = H (q/k/v, gate/up), K = heads * head_dim (o), K = I (down).  A slot always
  * holds a row of one K, so its padding stays zero from allocation on. */
@@ -52,44 +51,33 @@ static bitnet_ws_t *bitnet_ws_make(int isa, int64_t H, int64_t Q, int64_t KV, in
     w->nthreads = nthreads < 1 ? 1 : nthreads;
     w->H = H, w->Q = Q, w->KV = KV, w->I = I, w->hd = hd, w->max_length = max_length;
     const int64_t ks[N_SLOTS] = {H, Q, I};
-    size_t sizes[N_SLOTS + 12], total = 0;
-    int n = 0;
+    step_pieces_t pieces = {0};
     for (int s = 0; s < N_SLOTS; ++s) {
         w->nb[s] = (ks[s] + BLOCK - 1) / BLOCK;
         w->qs[s] = qrow_bytes(w->layout, w->nb[s]);
-        sizes[n++] = w->qs[s];
+        pieces_add(&pieces, w->qs[s]);
     }
     const int64_t floats[] = {N_SLOTS, 3 * N_SLOTS, Q + 2 * KV, Q, 2 * I, I, I, hd / 2, hd / 2,
                               2 * max_length * w->nthreads};
-    for (int k = 0; k < 10; ++k) sizes[n++] = sizeof(float) * (size_t)floats[k];
-    sizes[n++] = 128;
-    for (int k = 0; k < n; ++k) total += (sizes[k] + 63) & ~(size_t)63;
-    w->mem = alloc64(total);
+    for (int k = 0; k < 10; ++k) pieces_add(&pieces, sizeof(float) * (size_t)floats[k]);
+    pieces_add(&pieces, STEP_BARRIER_BYTES);
+    w->mem = pieces_alloc(&pieces);
     if (!w->mem) {
         free(w);
         return NULL;
     }
-    memset(w->mem, 0, total);
-    char *p = w->mem;
-    n = 0;
-#define TAKE(dst, type)                                                                         \
-    do {                                                                                        \
-        dst = (type)(void *)p;                                                                  \
-        p += (sizes[n++] + 63) & ~(size_t)63;                                                   \
-    } while (0)
-    for (int s = 0; s < N_SLOTS; ++s) TAKE(w->q[s], int8_t *);
-    TAKE(w->sumq, int32_t *);
-    TAKE(w->rs, float *);
-    TAKE(w->qkv, float *);
-    TAKE(w->attn, float *);
-    TAKE(w->y, float *);
-    TAKE(w->u, float *);
-    TAKE(w->e, float *);
-    TAKE(w->cs, float *);
-    TAKE(w->sn, float *);
-    TAKE(w->scores, float *);
-    TAKE(w->barrier, int *);
-#undef TAKE
+    for (int s = 0; s < N_SLOTS; ++s) w->q[s] = pieces_take(&pieces);
+    w->sumq = pieces_take(&pieces);
+    w->rs = pieces_take(&pieces);
+    w->qkv = pieces_take(&pieces);
+    w->attn = pieces_take(&pieces);
+    w->y = pieces_take(&pieces);
+    w->u = pieces_take(&pieces);
+    w->e = pieces_take(&pieces);
+    w->cs = pieces_take(&pieces);
+    w->sn = pieces_take(&pieces);
+    w->scores = pieces_take(&pieces);
+    w->barrier = pieces_take(&pieces);
     return w;
 }
 
@@ -111,14 +99,7 @@ typedef struct {
 } bitnet_thread_t;
 
 /* The end of a phase: every thread waits for every other. */
-static inline void bitnet_sync(bitnet_thread_t *t) {
-#if MW_SPIN_BARRIER
-    spin_barrier(t->w->barrier, t->w->barrier + 16, t->w->barrier + 17, t->nt, &t->my_gen);
-#elif defined(_OPENMP)
-#pragma omp barrier
-#endif
-    (void)t;
-}
+static inline void bitnet_sync(bitnet_thread_t *t) { step_barrier(t->w->barrier, t->nt, &t->my_gen); }
 
 /* Thread 0: x (K values) normalized with p's gain and quantized into slot s, each stacked
  * matrix's rescale m / s stored; then every thread waits for it. */
@@ -161,26 +142,15 @@ static void multiply(bitnet_thread_t *t, int s, const bitnet_projection_t *p, fl
     bitnet_sync(t);
 }
 
-/* Key/value heads [g0, g1): rotate the new key, write key and value into the cache at pos, then
- * attend with every query head of those groups (rotated here too). */
+/* This thread's share of the key/value heads' attention (attend_cache_heads, every head rotated);
+ * then every thread waits. */
 static void attend_heads(bitnet_thread_t *t, const bitnet_layer_t *layer) {
     const bitnet_ws_t *w = t->w;
     const bitnet_model_t *m = t->m;
-    const int64_t hd = m->head_dim, kvh = m->kv_heads, group = m->heads / kvh, pos = t->io->pos;
-    const int64_t g0 = kvh * t->id / t->nt, g1 = kvh * (t->id + 1) / t->nt;
-    float *scores = w->scores + (size_t)t->id * 2 * (size_t)w->max_length;
-    for (int64_t g = g0; g < g1; ++g) {
-        float *k = w->qkv + w->Q + g * hd, *v = w->qkv + w->Q + w->KV + g * hd;
-        t->ops->rope(k, w->cs, w->sn, hd / 2);
-        float *keys = layer->keys + g * m->max_length * hd, *values = layer->values + g * m->max_length * hd;
-        memcpy(keys + pos * hd, k, sizeof(float) * (size_t)hd);
-        memcpy(values + pos * hd, v, sizeof(float) * (size_t)hd);
-        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-            float *q = w->qkv + h * hd;
-            t->ops->rope(q, w->cs, w->sn, hd / 2);
-            t->ops->attend(q, keys, values, pos + 1, hd, scores, scores + w->max_length, w->attn + h * hd);
-        }
-    }
+    const cache_attention_t c = {t->ops->rope, t->ops->attend, w->qkv, layer->keys, layer->values, w->attn, w->cs,
+                                 w->sn, w->scores + (size_t)t->id * 2 * (size_t)w->max_length, m->heads,
+                                 m->kv_heads, m->head_dim, m->max_length, m->head_dim / 2, t->io->pos};
+    attend_cache_heads(&c, m->kv_heads * t->id / t->nt, m->kv_heads * (t->id + 1) / t->nt);
     bitnet_sync(t);
 }
 
@@ -220,25 +190,13 @@ static void bitnet_layer(bitnet_thread_t *t, const bitnet_layer_t *layer) {
 }
 
 static void bitnet_step_run(const bitnet_ws_t *w, const bitnet_model_t *m, const bitnet_io_t *io) {
-    /* cos and sin of the position, as rotary_angles: the float32 angle pos * inv_freq. */
-    for (int64_t i = 0; i < m->head_dim / 2; ++i) {
-        const float angle = (float)io->pos * m->inv_freq[i];
-        w->cs[i] = (float)cos((double)angle);
-        w->sn[i] = (float)sin((double)angle);
-    }
+    rotary_table(io->pos, m->inv_freq, m->head_dim / 2, w->cs, w->sn);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(w->nthreads)
 #endif
     {
         bitnet_thread_t t = {w, m, io, bitnet_ops(w->level), m->weights_from_dram ? PF_FAR_BYTES : 0, 0, 1, 0};
-#ifdef _OPENMP
-        t.id = omp_get_thread_num();
-        t.nt = omp_get_num_threads();
-#endif
-#if MW_SPIN_BARRIER
-        /* Every thread reads the generation before its first arrival, so all start equal. */
-        t.my_gen = __atomic_load_n(w->barrier + 16, __ATOMIC_ACQUIRE);
-#endif
+        step_join(w->barrier, &t.id, &t.nt, &t.my_gen);
         for (int64_t l = 0; l < m->num_layers; ++l) bitnet_layer(&t, m->layers + l);
     }
 }

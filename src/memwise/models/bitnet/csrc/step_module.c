@@ -12,8 +12,8 @@
 #include "bitnet_step.h"
 
 #define WS_CAPSULE "memwise.models.bitnet._step.workspace"
-
-static void py_ws_free(PyObject *capsule) { bitnet_ws_free(PyCapsule_GetPointer(capsule, WS_CAPSULE)); }
+#define WS_FREE bitnet_ws_free
+#include "step_capsule.h"
 
 /* workspace(isa, H, Q, KV, I, head_dim, max_length, nthreads) -> capsule: the buffers of steps. */
 static PyObject *py_workspace(PyObject *self, PyObject *args) {
@@ -24,11 +24,7 @@ static PyObject *py_workspace(PyObject *self, PyObject *args) {
     if (!isa_supported(isa)) return PyErr_Format(PyExc_ValueError, "isa %d not supported", isa);
     if (H < 1 || Q < 1 || KV < 1 || I < 1 || hd < 2 || hd % 2 || max_length < 1)
         return PyErr_Format(PyExc_ValueError, "workspace: sizes must be >= 1 (head_dim even)");
-    bitnet_ws_t *w = bitnet_ws_make(isa, H, Q, KV, I, hd, max_length, nthreads);
-    if (!w) return PyErr_NoMemory();
-    PyObject *capsule = PyCapsule_New(w, WS_CAPSULE, py_ws_free);
-    if (!capsule) bitnet_ws_free(w);
-    return capsule;
+    return ws_capsule(bitnet_ws_make(isa, H, Q, KV, I, hd, max_length, nthreads));
 }
 
 /* step(ws, model_ptr, x_ptr, pos): one decode step (bitnet_io_t has the meaning of each). */
@@ -38,16 +34,14 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     long long pos;
     (void)self;
     if (!PyArg_ParseTuple(args, "OKKL", &capsule, &mp, &xp, &pos)) return NULL;
-    bitnet_ws_t *w = PyCapsule_GetPointer(capsule, WS_CAPSULE);
+    bitnet_ws_t *w = ws_of(capsule);
     if (!w) return NULL;
     const bitnet_model_t *m = (const bitnet_model_t *)(uintptr_t)mp;
     if (m->hidden != w->H || m->intermediate != w->I || m->head_dim != w->hd || m->heads * m->head_dim != w->Q ||
         m->kv_heads * m->head_dim != w->KV || m->max_length != w->max_length || m->kv_heads < 1 ||
         m->heads % m->kv_heads)
         return PyErr_Format(PyExc_ValueError, "step: the model does not fit the workspace");
-    if (pos < 0 || pos >= m->max_length)
-        return PyErr_Format(PyExc_ValueError, "step: position %lld outside the cache's %lld slots", pos,
-                            (long long)m->max_length);
+    if (!position_fits(pos, m->max_length)) return NULL;
     const bitnet_io_t io = {(float *)(uintptr_t)xp, (int64_t)pos};
     Py_BEGIN_ALLOW_THREADS
     bitnet_step_run(w, m, &io);
@@ -117,15 +111,8 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     X(bitnet_model_t, max_length) X(bitnet_model_t, eps) X(bitnet_model_t, relu2)                \
     X(bitnet_model_t, weights_from_dram) X(bitnet_model_t, inv_freq) X(bitnet_model_t, layers)
 
-static PyObject *py_struct_layout(PyObject *self, PyObject *noargs) {
-    (void)self, (void)noargs;
-    PyObject *out = PyDict_New();
-    if (!out) return NULL;
-    ADD_STRUCT(out, bitnet_projection_t, PROJECTION_FIELDS);
-    ADD_STRUCT(out, bitnet_layer_t, LAYER_FIELDS);
-    ADD_STRUCT(out, bitnet_model_t, MODEL_FIELDS);
-    return out;
-}
+DEFINE_STRUCT_LAYOUT(bitnet_projection_t, PROJECTION_FIELDS, bitnet_layer_t, LAYER_FIELDS,
+                     bitnet_model_t, MODEL_FIELDS)
 
 static PyMethodDef methods[] = {
     {"workspace", py_workspace, METH_VARARGS,
@@ -134,7 +121,7 @@ static PyMethodDef methods[] = {
     {"attend", py_attend, METH_VARARGS,
      "attend(isa, q_ptr, T, heads, kv_heads, head_dim, keys_ptr, values_ptr, max_length, start, out_ptr, "
      "nthreads): a prefill's causal attention over the cache"},
-    {"struct_layout", py_struct_layout, METH_NOARGS, "sizes and field offsets of the model structs"},
+    STRUCT_LAYOUT_METHOD,
     {NULL, NULL, 0, NULL},
 };
 

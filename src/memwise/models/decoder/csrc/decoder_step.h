@@ -16,11 +16,10 @@
 #define MEMWISE_DECODER_STEP_H
 
 #include "decoder_model.h"
-#include "barrier.h"
 #include "decoder_ops.h"
 #include "int4_products.h"
 #include "int8_products.h"
-#include "jobs.h"
+#include "step_workspace.h"
 
 /* Activation slots: K = H (q/k/v, up), K = heads * head_dim (out), K = I (down).  A slot always
  * holds a row of one K, so its padding stays zero from allocation on. */
@@ -56,50 +55,39 @@ static decoder_ws_t *decoder_ws_make(int isa, int scheme, int64_t H, int64_t Q, 
     w->H = H, w->Q = Q, w->KV = KV, w->I = I, w->hd = hd, w->max_length = max_length;
     const int64_t ks[DN_SLOTS] = {H, Q, I};
     const int64_t widest = H > Q ? (H > I ? H : I) : (Q > I ? Q : I);
-    size_t sizes[3 * DN_SLOTS + 12], total = 0;
-    int n = 0;
+    step_pieces_t pieces = {0};
     for (int s = 0; s < DN_SLOTS; ++s) {
         w->kp[s] = decoder_padded(ks[s]);
-        sizes[n++] = (size_t)w->kp[s];
-        sizes[n++] = (size_t)w->kp[s];
-        sizes[n++] = sizeof(float) * (size_t)(w->kp[s] / 64);
+        pieces_add(&pieces, (size_t)w->kp[s]);
+        pieces_add(&pieces, (size_t)w->kp[s]);
+        pieces_add(&pieces, sizeof(float) * (size_t)(w->kp[s] / 64));
     }
     const int64_t floats[] = {DN_SLOTS, widest, H, Q + 2 * KV, Q, H, 2 * I, I, hd, hd,
                               2 * max_length * w->nthreads};
-    for (int k = 0; k < 11; ++k) sizes[n++] = sizeof(float) * (size_t)floats[k];
-    sizes[n++] = 128;
-    for (int k = 0; k < n; ++k) total += (sizes[k] + 63) & ~(size_t)63;
-    w->mem = alloc64(total);
+    for (int k = 0; k < 11; ++k) pieces_add(&pieces, sizeof(float) * (size_t)floats[k]);
+    pieces_add(&pieces, STEP_BARRIER_BYTES);
+    w->mem = pieces_alloc(&pieces);
     if (!w->mem) {
         free(w);
         return NULL;
     }
-    memset(w->mem, 0, total);
-    char *p = w->mem;
-    n = 0;
-#define TAKE(dst, type)                                                                         \
-    do {                                                                                        \
-        dst = (type)(void *)p;                                                                  \
-        p += (sizes[n++] + 63) & ~(size_t)63;                                                   \
-    } while (0)
     for (int s = 0; s < DN_SLOTS; ++s) {
-        TAKE(w->q[s], int8_t *);
-        TAKE(w->a[s], uint8_t *);
-        TAKE(w->qsum[s], float *);
+        w->q[s] = pieces_take(&pieces);
+        w->a[s] = pieces_take(&pieces);
+        w->qsum[s] = pieces_take(&pieces);
     }
-    TAKE(w->xinv, float *);
-    TAKE(w->ones, float *);
-    TAKE(w->h, float *);
-    TAKE(w->qkv, float *);
-    TAKE(w->attn, float *);
-    TAKE(w->res, float *);
-    TAKE(w->u, float *);
-    TAKE(w->t, float *);
-    TAKE(w->cs, float *);
-    TAKE(w->sn, float *);
-    TAKE(w->scores, float *);
-    TAKE(w->barrier, int *);
-#undef TAKE
+    w->xinv = pieces_take(&pieces);
+    w->ones = pieces_take(&pieces);
+    w->h = pieces_take(&pieces);
+    w->qkv = pieces_take(&pieces);
+    w->attn = pieces_take(&pieces);
+    w->res = pieces_take(&pieces);
+    w->u = pieces_take(&pieces);
+    w->t = pieces_take(&pieces);
+    w->cs = pieces_take(&pieces);
+    w->sn = pieces_take(&pieces);
+    w->scores = pieces_take(&pieces);
+    w->barrier = pieces_take(&pieces);
     for (int64_t k = 0; k < widest; ++k) w->ones[k] = 1.0f;
     return w;
 }
@@ -121,14 +109,7 @@ typedef struct {
 } decoder_thread_t;
 
 /* The end of a phase: every thread waits for every other. */
-static inline void decoder_sync(decoder_thread_t *t) {
-#if MW_SPIN_BARRIER
-    spin_barrier(t->w->barrier, t->w->barrier + 16, t->w->barrier + 17, t->nt, &t->my_gen);
-#elif defined(_OPENMP)
-#pragma omp barrier
-#endif
-    (void)t;
-}
+static inline void decoder_sync(decoder_thread_t *t) { step_barrier(t->w->barrier, t->nt, &t->my_gen); }
 
 /* Thread 0 only: row x (K values) quantized per token into slot s as Int8Linear / Int4Linear do
  * (int8.quantize_tokens: s = 127 / max|x|, round half to even), and its path form written. */
@@ -170,27 +151,14 @@ static void project(decoder_thread_t *t, int s, const decoder_projection_t *p, f
     decoder_sync(t);
 }
 
-/* Key/value heads [g0, g1): rotate the new key (rotary models), write key and value into the cache
- * at pos, then attend with every query head of those groups (rotated here too); then every thread
- * waits. */
+/* This thread's share of the key/value heads' attention (attend_cache_heads); then every thread waits. */
 static void attend_heads(decoder_thread_t *t, const decoder_layer_t *layer) {
     const decoder_ws_t *w = t->w;
     const decoder_model_t *m = t->m;
-    const int64_t hd = m->head_dim, kvh = m->kv_heads, group = m->heads / kvh, pos = t->io->pos;
-    const int64_t g0 = kvh * t->id / t->nt, g1 = kvh * (t->id + 1) / t->nt;
-    float *scores = w->scores + (size_t)t->id * 2 * (size_t)w->max_length;
-    for (int64_t g = g0; g < g1; ++g) {
-        float *k = w->qkv + w->Q + g * hd, *v = w->qkv + w->Q + w->KV + g * hd;
-        if (m->rotary_dim) t->ops->rope(k, w->cs, w->sn, m->rotary_dim / 2);
-        float *keys = layer->keys + g * m->max_length * hd, *values = layer->values + g * m->max_length * hd;
-        memcpy(keys + pos * hd, k, sizeof(float) * (size_t)hd);
-        memcpy(values + pos * hd, v, sizeof(float) * (size_t)hd);
-        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-            if (m->rotary_dim) t->ops->rope(w->qkv + h * hd, w->cs, w->sn, m->rotary_dim / 2);
-            t->ops->attend(w->qkv + h * hd, keys, values, pos + 1, hd, scores, scores + w->max_length,
-                           w->attn + h * hd);
-        }
-    }
+    const cache_attention_t c = {t->ops->rope, t->ops->attend, w->qkv, layer->keys, layer->values, w->attn, w->cs,
+                                 w->sn, w->scores + (size_t)t->id * 2 * (size_t)w->max_length, m->heads,
+                                 m->kv_heads, m->head_dim, m->max_length, m->rotary_dim / 2, t->io->pos};
+    attend_cache_heads(&c, m->kv_heads * t->id / t->nt, m->kv_heads * (t->id + 1) / t->nt);
     decoder_sync(t);
 }
 
@@ -240,25 +208,13 @@ static void decoder_layer(decoder_thread_t *t, const decoder_layer_t *layer, int
 }
 
 static void decoder_step_run(const decoder_ws_t *w, const decoder_model_t *m, const decoder_io_t *io) {
-    /* cos and sin of the position, as rotary_angles: the float32 angle pos * inv_freq. */
-    for (int64_t i = 0; i < m->rotary_dim / 2; ++i) {
-        const float angle = (float)io->pos * m->inv_freq[i];
-        w->cs[i] = (float)cos((double)angle);
-        w->sn[i] = (float)sin((double)angle);
-    }
+    rotary_table(io->pos, m->inv_freq, m->rotary_dim / 2, w->cs, w->sn);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(w->nthreads)
 #endif
     {
         decoder_thread_t t = {w, m, io, decoder_ops(w->level), 0, 1, 0};
-#ifdef _OPENMP
-        t.id = omp_get_thread_num();
-        t.nt = omp_get_num_threads();
-#endif
-#if MW_SPIN_BARRIER
-        /* Every thread reads the generation before its first arrival, so all start equal. */
-        t.my_gen = __atomic_load_n(w->barrier + 16, __ATOMIC_ACQUIRE);
-#endif
+        step_join(w->barrier, &t.id, &t.nt, &t.my_gen);
         for (int64_t l = 0; l < m->num_layers; ++l) decoder_layer(&t, m->layers + l, l == 0);
     }
     /* The last layer's down projection, added after every thread is done with it. */

@@ -11,8 +11,8 @@
 #include "decoder_step.h"
 
 #define WS_CAPSULE "memwise.models.decoder._step.workspace"
-
-static void py_ws_free(PyObject *capsule) { decoder_ws_free(PyCapsule_GetPointer(capsule, WS_CAPSULE)); }
+#define WS_FREE decoder_ws_free
+#include "step_capsule.h"
 
 /* workspace(isa, scheme, H, Q, KV, I, head_dim, max_length, nthreads) -> capsule: the buffers of steps. */
 static PyObject *py_workspace(PyObject *self, PyObject *args) {
@@ -27,11 +27,7 @@ static PyObject *py_workspace(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "workspace: sizes must be >= 1");
     if (decoder_padded(H > I ? (H > Q ? H : Q) : (I > Q ? I : Q)) / I4_GROUP > I4_MAX_GROUPS)
         return PyErr_Format(PyExc_ValueError, "workspace: a row of more than %d columns", I4_MAX_GROUPS * I4_GROUP);
-    decoder_ws_t *w = decoder_ws_make(isa, scheme, H, Q, KV, I, hd, max_length, nthreads);
-    if (!w) return PyErr_NoMemory();
-    PyObject *capsule = PyCapsule_New(w, WS_CAPSULE, py_ws_free);
-    if (!capsule) decoder_ws_free(w);
-    return capsule;
+    return ws_capsule(decoder_ws_make(isa, scheme, H, Q, KV, I, hd, max_length, nthreads));
 }
 
 static int projection_fits(const decoder_projection_t *p, int64_t rows, int64_t cols, int64_t kp) {
@@ -64,13 +60,11 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     long long pos;
     (void)self;
     if (!PyArg_ParseTuple(args, "OKKL", &capsule, &mp, &xp, &pos)) return NULL;
-    decoder_ws_t *w = PyCapsule_GetPointer(capsule, WS_CAPSULE);
+    decoder_ws_t *w = ws_of(capsule);
     if (!w) return NULL;
     const decoder_model_t *m = (const decoder_model_t *)(uintptr_t)mp;
     if (!model_fits(w, m)) return PyErr_Format(PyExc_ValueError, "step: the model does not fit the workspace");
-    if (pos < 0 || pos >= m->max_length)
-        return PyErr_Format(PyExc_ValueError, "step: position %lld outside the cache's %lld slots", pos,
-                            (long long)m->max_length);
+    if (!position_fits(pos, m->max_length)) return NULL;
     const decoder_io_t io = {(float *)(uintptr_t)xp, (int64_t)pos};
     Py_BEGIN_ALLOW_THREADS
     decoder_step_run(w, m, &io);
@@ -94,21 +88,14 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     X(decoder_model_t, activation) X(decoder_model_t, norm) X(decoder_model_t, gated)            \
     X(decoder_model_t, rotary_dim) X(decoder_model_t, inv_freq) X(decoder_model_t, layers)
 
-static PyObject *py_struct_layout(PyObject *self, PyObject *noargs) {
-    (void)self, (void)noargs;
-    PyObject *out = PyDict_New();
-    if (!out) return NULL;
-    ADD_STRUCT(out, decoder_projection_t, PROJECTION_FIELDS);
-    ADD_STRUCT(out, decoder_layer_t, LAYER_FIELDS);
-    ADD_STRUCT(out, decoder_model_t, MODEL_FIELDS);
-    return out;
-}
+DEFINE_STRUCT_LAYOUT(decoder_projection_t, PROJECTION_FIELDS, decoder_layer_t, LAYER_FIELDS,
+                     decoder_model_t, MODEL_FIELDS)
 
 static PyMethodDef methods[] = {
     {"workspace", py_workspace, METH_VARARGS,
      "workspace(isa, scheme, H, Q, KV, I, head_dim, max_length, nthreads): the buffers of steps"},
     {"step", py_step, METH_VARARGS, "step(ws, model_ptr, x_ptr, pos): one decode step"},
-    {"struct_layout", py_struct_layout, METH_NOARGS, "sizes and field offsets of the model structs"},
+    STRUCT_LAYOUT_METHOD,
     {NULL, NULL, 0, NULL},
 };
 

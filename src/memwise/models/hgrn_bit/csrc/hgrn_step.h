@@ -89,11 +89,7 @@ static inline void timing_leave(const step_thread_t *t, int phase) {
 /* The end of a phase: every thread waits for every other. */
 static inline void step_sync(step_thread_t *t, int phase) {
     timing_arrive(t, phase);
-#if MW_SPIN_BARRIER
-    spin_barrier(t->w->barrier, t->w->barrier + 16, t->w->barrier + 17, t->nt, &t->my_gen);
-#elif defined(_OPENMP)
-#pragma omp barrier
-#endif
+    step_barrier(t->w->barrier, t->nt, &t->my_gen);
     timing_leave(t, phase);
     (void)phase;
 }
@@ -280,14 +276,7 @@ static void hgrn_step_run(const hgrn_ws_t *w, const hgrn_model_t *model, const h
     {
         step_thread_t t = {w, model, io, row_ops(w->level), model->weights_from_dram ? PF_FAR_BYTES : 0,
                            0, 1, 0, uses_panels(w->isa, w->B), 0, 0, 0};
-#ifdef _OPENMP
-        t.id = omp_get_thread_num();
-        t.nt = omp_get_num_threads();
-#endif
-#if MW_SPIN_BARRIER
-        /* Every thread reads the generation before its first arrival, so all start equal. */
-        t.my_gen = __atomic_load_n(w->barrier + 16, __ATOMIC_ACQUIRE);
-#endif
+        step_join(w->barrier, &t.id, &t.nt, &t.my_gen);
         t.split = w->B < t.nt;
         claims_reset(w, t.id);
         my_rows(w->B, t.id, t.nt, &t.b0, &t.b1);

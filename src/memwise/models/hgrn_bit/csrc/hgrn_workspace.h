@@ -1,10 +1,9 @@
-/* The buffers of fused HGRN-Bit steps of B rows (hgrn_ws_t), how a step hands its rows to the
- * products of the kernel library (activation slots, jobs), and its barrier. */
+/* The buffers of fused HGRN-Bit steps of B rows (hgrn_ws_t), and how a step hands its rows to the
+ * products of the kernel library (activation slots, jobs, work stealing). */
 #ifndef MEMWISE_HGRN_WORKSPACE_H
 #define MEMWISE_HGRN_WORKSPACE_H
 
-#include "barrier.h"
-#include "jobs.h"
+#include "step_workspace.h"
 
 /* Activation slots of a step: three with K = H (i, f, g; gate_proj and lm_head reuse the first),
  * one with K = D (o_proj), one with K = I (down_proj).  A slot always holds rows of one K, so the
@@ -57,60 +56,48 @@ static hgrn_ws_t *hgrn_ws_make(int isa, int64_t B, int64_t H, int64_t D, int64_t
         if (w->nb[s] > nb_max) nb_max = w->nb[s];
     }
     w->ew = D > I ? D : I;
-    /* One allocation, every piece 64-byte aligned. */
-    size_t sizes[N_SLOTS * 4 + 16], total = 0;
-    int n = 0;
+    step_pieces_t pieces = {0};
     for (int s = 0; s < N_SLOTS; ++s) {
-        sizes[n++] = w->qs[s] * (size_t)B;
-        sizes[n++] = sizeof(int32_t) * (size_t)B;
-        sizes[n++] = sizeof(float) * (size_t)B;
-        sizes[n++] = uses_panels(w->isa, B) ? act_tiles_bytes(B, w->nb[s]) : 0;
+        pieces_add(&pieces, w->qs[s] * (size_t)B);
+        pieces_add(&pieces, sizeof(int32_t) * (size_t)B);
+        pieces_add(&pieces, sizeof(float) * (size_t)B);
+        pieces_add(&pieces, uses_panels(w->isa, B) ? act_tiles_bytes(B, w->nb[s]) : 0);
     }
-    sizes[n++] = uses_panels(w->isa, B) ? (size_t)w->nthreads * unpacked_bytes(nb_max) : 0;
+    pieces_add(&pieces, uses_panels(w->isa, B) ? (size_t)w->nthreads * unpacked_bytes(nb_max) : 0);
     const int64_t widths[] = {H, D, D, D, D, 2 * I, I, w->ew, w->ew};
-    for (int k = 0; k < 9; ++k) sizes[n++] = sizeof(float) * (size_t)(B * widths[k]);
-    sizes[n++] = sizeof(float) * (size_t)(w->nthreads * H);
+    for (int k = 0; k < 9; ++k) pieces_add(&pieces, sizeof(float) * (size_t)(B * widths[k]));
+    pieces_add(&pieces, sizeof(float) * (size_t)(w->nthreads * H));
     w->sum_stride = (N_SLOTS * B + 15) / 16 * 16; /* a thread's sums on lines of their own */
-    sizes[n++] = sizeof(int32_t) * (size_t)(w->nthreads * w->sum_stride);
-    sizes[n++] = sizeof(int32_t) * (size_t)(w->nthreads * w->sum_stride);
-    sizes[n++] = 128;
-    sizes[n++] = (size_t)(2 * w->nthreads) * 64;
-    for (int k = 0; k < n; ++k) total += (sizes[k] + 63) & ~(size_t)63;
-    w->mem = alloc64(total);
+    pieces_add(&pieces, sizeof(int32_t) * (size_t)(w->nthreads * w->sum_stride));
+    pieces_add(&pieces, sizeof(int32_t) * (size_t)(w->nthreads * w->sum_stride));
+    pieces_add(&pieces, STEP_BARRIER_BYTES);
+    pieces_add(&pieces, (size_t)(2 * w->nthreads) * 64);
+    w->mem = pieces_alloc(&pieces);
     if (!w->mem) {
         free(w);
         return NULL;
     }
-    memset(w->mem, 0, total);
-    char *p = w->mem;
-    n = 0;
-#define TAKE(dst, type)                                                                         \
-    do {                                                                                        \
-        dst = (type)(void *)p;                                                                  \
-        p += (sizes[n++] + 63) & ~(size_t)63;                                                   \
-    } while (0)
     for (int s = 0; s < N_SLOTS; ++s) {
-        TAKE(w->q[s], int8_t *);
-        TAKE(w->sumq[s], int32_t *);
-        TAKE(w->rs[s], float *);
-        TAKE(w->act_tiles[s], int8_t *);
+        w->q[s] = pieces_take(&pieces);
+        w->sumq[s] = pieces_take(&pieces);
+        w->rs[s] = pieces_take(&pieces);
+        w->act_tiles[s] = pieces_take(&pieces);
     }
-    TAKE(w->unpacked, uint8_t *);
-    TAKE(w->h, float *);
-    TAKE(w->fi, float *);
-    TAKE(w->ff, float *);
-    TAKE(w->fg, float *);
-    TAKE(w->o, float *);
-    TAKE(w->y, float *);
-    TAKE(w->u, float *);
-    TAKE(w->e1, float *);
-    TAKE(w->e2, float *);
-    TAKE(w->hs, float *);
-    TAKE(w->sum_part, int32_t *);
-    TAKE(w->sum_mine, int32_t *);
-    TAKE(w->barrier, int *);
-    TAKE(w->claims, int64_t *);
-#undef TAKE
+    w->unpacked = pieces_take(&pieces);
+    w->h = pieces_take(&pieces);
+    w->fi = pieces_take(&pieces);
+    w->ff = pieces_take(&pieces);
+    w->fg = pieces_take(&pieces);
+    w->o = pieces_take(&pieces);
+    w->y = pieces_take(&pieces);
+    w->u = pieces_take(&pieces);
+    w->e1 = pieces_take(&pieces);
+    w->e2 = pieces_take(&pieces);
+    w->hs = pieces_take(&pieces);
+    w->sum_part = pieces_take(&pieces);
+    w->sum_mine = pieces_take(&pieces);
+    w->barrier = pieces_take(&pieces);
+    w->claims = pieces_take(&pieces);
     return w;
 }
 

@@ -11,8 +11,8 @@
 #include "hgrn_step.h"
 
 #define WS_CAPSULE "memwise.models.hgrn_bit._step.workspace"
-
-static void py_ws_free(PyObject *capsule) { hgrn_ws_free(PyCapsule_GetPointer(capsule, WS_CAPSULE)); }
+#define WS_FREE hgrn_ws_free
+#include "step_capsule.h"
 
 /* workspace(isa, B, H, D, I, nthreads) -> capsule: the buffers of fused steps of B rows. */
 static PyObject *py_workspace(PyObject *self, PyObject *args) {
@@ -22,11 +22,7 @@ static PyObject *py_workspace(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iLLLLi", &isa, &B, &H, &D, &I, &nthreads)) return NULL;
     if (!isa_supported(isa)) return PyErr_Format(PyExc_ValueError, "isa %d not supported", isa);
     if (B < 1 || H < 1 || D < 1 || I < 1) return PyErr_Format(PyExc_ValueError, "workspace: sizes must be >= 1");
-    hgrn_ws_t *w = hgrn_ws_make(isa, B, H, D, I, nthreads);
-    if (!w) return PyErr_NoMemory();
-    PyObject *capsule = PyCapsule_New(w, WS_CAPSULE, py_ws_free);
-    if (!capsule) hgrn_ws_free(w);
-    return capsule;
+    return ws_capsule(hgrn_ws_make(isa, B, H, D, I, nthreads));
 }
 
 /* step(ws, model_ptr, x_ptr, state_ptr, mask_ptr, logits_ptr): one decode step (hgrn_io_t has
@@ -36,7 +32,7 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     unsigned long long mp, xp, sp, kp, lp;
     (void)self;
     if (!PyArg_ParseTuple(args, "OKKKKK", &capsule, &mp, &xp, &sp, &kp, &lp)) return NULL;
-    hgrn_ws_t *w = PyCapsule_GetPointer(capsule, WS_CAPSULE);
+    hgrn_ws_t *w = ws_of(capsule);
     if (!w) return NULL;
     const hgrn_model_t *model = (const hgrn_model_t *)(uintptr_t)mp;
     if (model->hidden != w->H || model->width != w->D || model->intermediate != w->I || model->heads < 1 ||
@@ -61,15 +57,8 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     X(hgrn_model_t, eps) X(hgrn_model_t, weights_from_dram) X(hgrn_model_t, final_norm)         \
     X(hgrn_model_t, lm_head) X(hgrn_model_t, layers)
 
-static PyObject *py_struct_layout(PyObject *self, PyObject *noargs) {
-    (void)self, (void)noargs;
-    PyObject *out = PyDict_New();
-    if (!out) return NULL;
-    ADD_STRUCT(out, hgrn_bitlinear_t, BITLINEAR_FIELDS);
-    ADD_STRUCT(out, hgrn_layer_t, LAYER_FIELDS);
-    ADD_STRUCT(out, hgrn_model_t, MODEL_FIELDS);
-    return out;
-}
+DEFINE_STRUCT_LAYOUT(hgrn_bitlinear_t, BITLINEAR_FIELDS, hgrn_layer_t, LAYER_FIELDS,
+                     hgrn_model_t, MODEL_FIELDS)
 
 #ifdef MW_STEP_TIMING
 /* step_timings() -> (steps, [(phase, wall s, [each thread's working s])]) summed since the last
@@ -106,7 +95,7 @@ static PyObject *py_step_timings(PyObject *self, PyObject *noargs) {
 static PyMethodDef methods[] = {
     {"workspace", py_workspace, METH_VARARGS, "workspace(isa, B, H, D, I, nthreads): buffers of steps of B rows"},
     {"step", py_step, METH_VARARGS, "step(ws, model_ptr, x_ptr, state_ptr, mask_ptr, logits_ptr): one decode step"},
-    {"struct_layout", py_struct_layout, METH_NOARGS, "sizes and field offsets of the model structs"},
+    STRUCT_LAYOUT_METHOD,
 #ifdef MW_STEP_TIMING
     {"step_timings", py_step_timings, METH_NOARGS, "time per phase since the last call"},
 #endif
