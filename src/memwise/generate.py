@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from memwise.errors import MemwiseError, shown
+from memwise.heap import release_free_heap
 from memwise.kernels import greedy_tokens
 from memwise.memory_gate import check_fits
 from memwise.tokenizer import decode_stream
@@ -181,6 +182,11 @@ def _steps(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, option
     ones = torch.ones((batch, 1), dtype=torch.bool, device=device)
     with torch.inference_mode():
         logits = module(input_ids, cache, attention_mask, last_only=True)[:, -1].float()
+        if device.type == "cpu":
+            # The prompt's activations, freed, stay resident in glibc's heap; the decode that follows needs
+            # a few hundred KB of them while the cache fills the rest of its slots, so a run's peak was the
+            # full cache plus the prefill's working set (opt-2.7b int4: ~20 MiB, docs/quantization.md).
+            release_free_heap()
         for step in range(options.max_new_tokens):
             logits = _process(logits, state, options, eos, step)
             next_tokens = sample_next(logits, options, generator)
