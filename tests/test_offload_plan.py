@@ -158,6 +158,21 @@ def test_disk_read_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_disk_probe_reads_into_the_streams_kind_of_buffer(tmp_path, monkeypatch):
+    # O_DIRECT speed depends on the destination memory (private huge pages ran 2x shared small pages
+    # on the EPYC VM), so the probe must read the way the layer stream does.
+    from memwise.offload import stream
+    made = []
+    allocate = stream.AlignedBuffer.allocate
+
+    def recording(size):
+        made.append(size)
+        return allocate(size)
+    monkeypatch.setattr(stream.AlignedBuffer, "allocate", staticmethod(recording))
+    rate, _direct = disk_read_bandwidth(tmp_path, size=32 << 20, passes=1)
+    assert rate > 0 and made == [16 << 20]
+
+
 def test_another_offload_dir_gets_its_own_disk_figure(tmp_path):
     cache, disk = tmp_path / "cache", tmp_path / "disk"
     save_costs(costs(disk=1.5e9), cache_path(cache))
