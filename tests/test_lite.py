@@ -183,17 +183,19 @@ def test_a_packed_checkpoint_is_used_where_it_is_and_a_latent_one_converted_once
     assert packed_checkpoint(str(latent), directory=tmp_path / "cache") == out
 
 
-def test_bench_runs_a_lite_cell_without_torch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("preset", ["preset:tiny-mmfree", "preset:tiny-bitnet"])
+def test_bench_runs_a_lite_cell_without_torch(tmp_path, monkeypatch, preset):
     from memwise.cli import main
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    code = main(["bench", "--model", "preset:tiny-mmfree", "--engine", "memwise-lite", "--runs", "1", "--warmup", "0",
+    code = main(["bench", "--model", preset, "--engine", "memwise-lite", "--runs", "1", "--warmup", "0",
                  "--prompt-tokens", "8", "--new-tokens", "4", "--out", str(tmp_path / "out")])
     assert code == 0
     (record,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert record["status"] == "ok" and record["engine"] == "memwise-lite", record["reason"]
     assert record["weights_format"] == "2-bit packed"
     assert record["engine_details"]["torch_in_process"] is False
+    assert record["decode_tok_s"] > 0 and record["peak_rss_bytes"] > 0
     assert record["decode_tok_s"] > 0 and record["peak_rss_bytes"] > 0
 
 

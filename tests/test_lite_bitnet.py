@@ -261,17 +261,6 @@ def test_command_line_streams_the_greedy_completion(models, packed, tmp_path):
     assert "6 tokens" in done.stderr and "no torch" in done.stderr
 
 
-def test_bench_runs_a_bitnet_lite_cell_without_torch(tmp_path, monkeypatch):
-    from memwise.cli import main
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    code = main(["bench", "--model", "preset:tiny-bitnet", "--engine", "memwise-lite", "--runs", "1", "--warmup", "0",
-                 "--prompt-tokens", "8", "--new-tokens", "4", "--out", str(tmp_path / "out")])
-    assert code == 0
-    (record,) = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
-    assert record["status"] == "ok" and record["engine"] == "memwise-lite", record["reason"]
-    assert record["engine_details"]["torch_in_process"] is False
-    assert record["decode_tok_s"] > 0 and record["peak_rss_bytes"] > 0
 
 
 def test_a_presets_packed_file_holds_the_presets_weights(tmp_path):
