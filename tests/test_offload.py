@@ -203,3 +203,25 @@ def test_the_header_never_runs_into_layer_zero():
                                  rest=dataclasses.replace(header.rest, crc32=2**32 - 1))
     assert _PREAMBLE.size + len(widest.to_json()) <= header.layers[0].offset
     assert isinstance(header.rest, Region) and header.rest.offset == header.layers[0].offset + 300 * 4096 * 10**5
+
+
+@pytest.mark.parametrize("layers", [1, 2, 5, 17, 24, 32, 61, 128])
+def test_streamed_layers_spread_through_the_pass(layers):
+    """Every count of resident layers keeps a set that contains the previous count's (a plan one
+    layer apart reads one layer), and the streamed layers are spread: no stretch of consecutive
+    streamed layers is longer than 3x what an even spacing needs (2x while half stay resident)."""
+    from memwise.offload.stream import spread_resident, streaming_order
+    assert sorted(streaming_order(layers)) == list(range(layers))
+    sets = [spread_resident(layers, r) for r in range(layers + 1)]
+    assert sets[0] == [] and sets[-1] == list(range(layers))
+    assert all(len(s) == r and set(s) <= set(bigger) for r, (s, bigger) in enumerate(zip(sets, sets[1:])))
+    for resident in range(1, layers):
+        streamed = [i for i in range(layers) if i not in sets[resident]]
+        longest = run = 0
+        for i in range(layers):
+            run = run + 1 if i in streamed else 0
+            longest = max(longest, run)
+        even = -(-len(streamed) // (resident + 1))
+        assert longest <= (2 if resident >= len(streamed) else 3) * even, (resident, streamed)
+    with pytest.raises(ValueError, match="resident layers should be in 0..5"):
+        spread_resident(5, 6)

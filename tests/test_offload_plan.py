@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 
 from memwise.cli import main
 from memwise.offload.costs import (KERNEL_SCHEMES, Costs, CostsError, cache_path, disk_read_bandwidth, load_costs,
                                    machine_costs, save_costs)
-from memwise.offload.plan import STREAM_BUFFERS, PlanError, _case, model_figures, plan
+from memwise.offload.plan import STREAM_BUFFERS, PlanError, _case, _product_s, model_figures, plan
 
 GiB = 2**30
 MODEL = "preset:opt-2.7b"       # 32 layers of 300 MiB in float32; only its config is read
@@ -44,24 +45,31 @@ def test_layers_stream_when_the_budget_is_short_and_the_budget_holds():
     assert policy.disk_bytes_per_token >= policy.streamed_layers * fig.layer_bytes / policy.batch_size
 
 
-def test_the_milp_finds_the_best_of_every_placement():
-    """Brute force over every (resident layers, KV layers on disk) against the solver's choice."""
-    c, budget, prompt, new = costs(disk=1e9, kernels=4e10, gemm=1e10), int(2.5 * GiB), 32, 8
+@pytest.mark.parametrize("busy_disk, beside", [(0.0, 1.0), (7e8, 0.8)])
+def test_the_milp_finds_the_best_of_every_placement(busy_disk, beside):
+    """Brute force over every (resident layers, KV layers on disk) against the solver's choice, with
+    free overlap and with reads and products slowing each other (each step then ends with its reads,
+    D / R', or with its products, C + (1 - f) D / R'). The prefill yields the first token: N - 1 steps."""
+    c = replace(costs(disk=1e9, kernels=4e10, gemm=1e10), disk_read_busy_bytes_per_s=busy_disk,
+                products_beside_reads=beside)
+    budget, prompt, new = int(2.5 * GiB), 32, 8
     fig = model_figures(MODEL, "int8")
     policy = plan(MODEL, budget, c, scheme="int8", batch_sizes=(4,), prompt_tokens=prompt, new_tokens=new).policy
     case = _case(fig, c, 4, policy.micro_batches, prompt, new)
-    L, W, R = fig.layers, fig.layer_bytes, c.disk_read_bytes_per_s
+    L, W, R = fig.layers, fig.layer_bytes, busy_disk or c.disk_read_bytes_per_s
     best = None
     for r, q in itertools.product(range(L + 1), repeat=2):
         memory = (sum(case.fixed.values()) + r * W * (1 + fig.workspace_per_weight) + 2 * W * (r < L)
                   + (L - q) * case.kv_full + 2 * case.kv_buffer * (q > 0))
         if memory > budget:
             continue
-        time = (max(case.compute_prefill, ((L - r) * W + q * case.kv_prefill) / R)
-                + new * max(case.compute_decode, ((L - r) * W + q * case.kv_decode) / R))
+        prefill_reads, step_reads = (((L - r) * W + q * kv) / R for kv in (case.kv_prefill, case.kv_decode))
+        time = (max(prefill_reads, case.compute_prefill + (1 - beside) * prefill_reads)
+                + (new - 1) * max(step_reads, case.compute_decode + (1 - beside) * step_reads))
         best = time if best is None else min(best, time)
     assert best is not None
-    assert policy.predicted_prefill_s + new * policy.predicted_step_s == pytest.approx(best, rel=1e-6)
+    assert policy.predicted_prefill_s + (new - 1) * policy.predicted_step_s == pytest.approx(best, rel=1e-6)
+    assert policy.predicted_tokens_per_s == pytest.approx(4 * new / best, rel=1e-6)
 
 
 @pytest.mark.parametrize("disk, kernels, gemm, scheme", [(5e8, 1e11, 1e11, "int4"), (2e8, 1e11, 1e11, None),
@@ -120,8 +128,43 @@ def test_ternary_models_are_refused():
         plan("preset:tiny-mmfree", 4 * GiB, costs())
 
 
+def test_product_cost_runs_through_the_measured_points():
+    """c_S(t) is piecewise linear through (1, 8, 32, 256) tokens, proportional beyond; without the
+    8-row figure (a hand-made Costs) it runs straight from 1 to 32."""
+    rates = {1: 4e10, 8: 2e10, 32: 1e10, 256: 2e9}
+    c = Costs(machine="test", disk_read_bytes_per_s=1e9, memory_read_bytes_per_s=2e10,
+              gemv_bytes_per_s={s: rates[1] for s in KERNEL_SCHEMES}, few_rows_bytes_per_s={s: rates[8] for s in KERNEL_SCHEMES},
+              gemm_bytes_per_s={s: rates[32] for s in KERNEL_SCHEMES},
+              prefill_gemm_bytes_per_s={s: rates[256] for s in KERNEL_SCHEMES})
+    W = 1e9
+    for tokens, rate in rates.items():
+        assert _product_s(c, "int8", W, tokens) == pytest.approx(W / rate)
+    assert _product_s(c, "int8", W, 20) == pytest.approx(W / 2e10 + 12 / 24 * (W / 1e10 - W / 2e10))
+    assert _product_s(c, "int8", W, 512) == pytest.approx(2 * W / 2e9)
+    plain = replace(c, few_rows_bytes_per_s={})
+    assert _product_s(plain, "int8", W, 8) == pytest.approx(W / 4e10 + 7 / 31 * (W / 1e10 - W / 4e10))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"products_beside_reads": 0.0}, "overlap figures"), ({"products_beside_reads": 1.2}, "overlap figures"),
+    ({"disk_read_busy_bytes_per_s": -1.0}, "overlap figures"),
+    ({"few_rows_bytes_per_s": {"int8": 1e10}}, "missing for float32, int4, nf4"),
+])
+def test_bad_overlap_and_row_figures_are_refused(changes, message):
+    with pytest.raises(CostsError, match=message):
+        replace(costs(), **changes).check()
+
+
+def test_overlap_probe_reads_beside_the_products(tmp_path):
+    from memwise.offload.costs import overlap_figures
+    disk, beside = overlap_figures(tmp_path, seconds=0.05)
+    assert disk > 0 and 0 < beside <= 1
+    assert list(tmp_path.iterdir()) == []       # the test file is gone
+
+
 def test_cost_file_round_trip(tmp_path):
-    figures = costs(disk=1.5e9)
+    figures = replace(costs(disk=1.5e9), few_rows_bytes_per_s={s: 3e10 for s in KERNEL_SCHEMES},
+                      disk_read_busy_bytes_per_s=1.2e9, products_beside_reads=0.9)
     path = tmp_path / "costs.json"
     save_costs(figures, path)
     assert load_costs(path) == figures
@@ -134,7 +177,7 @@ def test_cost_file_round_trip(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("{", "malformed JSON"), ('{"format_version": 99}', "not a memwise cost file"),
-    ('{"format_version": 2, "machine": "x"}', "malformed cost file"),
+    ('{"format_version": 3, "machine": "x"}', "malformed cost file"),
 ])
 def test_bad_cost_files(tmp_path, text, message):
     path = tmp_path / "costs.json"

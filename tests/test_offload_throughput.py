@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import memwise
 from memwise.offload.costs import load_costs
 from memwise.offload.plan import plan
+from memwise.offload.stream import RegionReader, spread_resident
 from tiny_models import one_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,10 +85,38 @@ def test_generation_takes_the_plans_numbers(tmp_path):
     assert run.policy == expected and run.policy.kv_placement == "memory"
     assert run.resident_layers == expected.resident_layers
     # the load streamed every layer; the plan's resident layers are now read once and kept
-    assert model.module.layer_stream.resident == list(range(expected.resident_layers))
+    assert model.module.layer_stream.resident == spread_resident(model.spec.num_layers, expected.resident_layers)
     assert run.micro_batches == expected.micro_batches
     assert model.module.micro_batch_size == (None if expected.micro_batches == 1 else len(ROWS) // expected.micro_batches)
     assert torch.equal(tokens, reference.generate(ids, 5, mask, ignore_eos=True))
+
+
+def test_a_plan_that_changes_the_resident_layers_reads_only_the_difference(tmp_path, monkeypatch):
+    """Plans of nearby shapes keep nearby numbers of layers resident (the sets are nested): going
+    from r to r + 1 reads one layer on the computing thread, going back reads none, and the tokens
+    stay those of the in-memory model."""
+    from memwise.offload.runtime import RunPlan
+    reference = memwise.load(PRESET)
+    model = streamed_model(tmp_path)
+    runtime, regions = model.module.offload_runtime, model.module.offload.header.layers
+    chosen = [0]
+    monkeypatch.setattr(runtime, "solve", lambda b, p, n, kv: RunPlan(b, p, n, chosen[0], None, None))
+    read: list[int] = []
+    real_read = RegionReader.read_into
+
+    def recording(reader, region, buffer):
+        if threading.current_thread() is threading.main_thread():
+            read.append(regions.index(region))
+        return real_read(reader, region, buffer)
+    monkeypatch.setattr(RegionReader, "read_into", recording)
+    ids, mask = padded(ROWS)
+    expected = reference.generate(ids, 4, mask, ignore_eos=True)
+    for resident, layers_read in ((1, spread_resident(2, 1)), (2, [i for i in range(2) if i not in spread_resident(2, 1)]),
+                                  (1, []), (0, [])):
+        chosen[0] = resident
+        read.clear()
+        assert torch.equal(model.generate(ids, 4, mask, ignore_eos=True), expected)
+        assert read == layers_read and model.module.layer_stream.resident == spread_resident(2, resident)
 
 
 def test_planning_can_be_turned_off(tmp_path, monkeypatch):

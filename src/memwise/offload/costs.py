@@ -4,16 +4,26 @@
                                that a figure is the disk's), in 16 MiB requests into an aligned buffer
     memory_read_bytes_per_s    memwise.kernels.bandwidth's all-thread read bandwidth
     gemv_bytes_per_s[S]        weight bytes per second of one token through a layer's linear in
-                               scheme S (float32, int8, int4, nf4): the decode product at batch 1
+                               scheme S (float32, int8, int4, nf4), as the decoder runs it (float32:
+                               memwise's DenseLinear): the decode product at batch 1
+    few_rows_bytes_per_s[S]    the same at `few_rows_batch` (8) tokens: the most rows the decode
+                               kernels take (memwise.kernels.dense.MAX_ROWS); beyond, float32 goes to
+                               torch's GEMM, which ran at half the weight bytes/s at 8 rows here
     gemm_bytes_per_s[S]        weight bytes per second of `gemm_batch` (32) tokens through the same
                                matrices: a matrix of W bytes takes W / gemm_bytes_per_s seconds for
                                gemm_batch tokens, so one token costs W / (gemm_batch x gemm_bytes_per_s)
     prefill_gemm_bytes_per_s[S]  the same at `prefill_batch` (256) tokens: a prefill's products are
                                that large, and per token they run 2-3x faster than at 32 here
+    disk_read_busy_bytes_per_s  the disk figure while products run on every core (the I/O thread
+                               shares the cores with them)
+    products_beside_reads      the products' speed while the I/O thread reads, as a fraction of
+                               their speed alone (<= 1): the two overlap, but not for free
 
-The batch-1 and batch-32 products run over matrices whose total size is at least twice the
-last-level cache, so that the figures are those of weights streamed from memory, as a model's are
-(the prefill-sized product is compute-bound: two copies suffice). The figures are written to
+The products up to batch 32 run over matrices whose total size is at least twice the last-level
+cache, so that the figures are those of weights streamed from memory, as a model's are (the
+prefill-sized product is compute-bound: two copies suffice). The overlap figures come from one
+probe: float32 products of 32 tokens alone, then beside a thread reading a test file as the layer
+stream does (on the 2-core EPYC VM: products at 94% of their speed, reads at 92% of theirs). The figures are written to
 $XDG_CACHE_HOME/memwise/costs-<machine>.json (~/.cache when unset; <machine>: the CPU model and core
 count) and read back by later runs; `memwise plan --remeasure` measures again. The planner itself
 (memwise.offload.plan) takes a Costs: tests build one by hand.
@@ -33,13 +43,15 @@ from typing import Any, Callable
 from memwise.errors import MemwiseError
 
 KERNEL_SCHEMES = ("float32", "int8", "int4", "nf4")
+FEW_ROWS_BATCH = 8
 GEMM_BATCH = 32
 PREFILL_BATCH = 256
 DISK_FILE_BYTES = 256 << 20
 DISK_CHUNK = 16 << 20
 ALIGN = 4096
 MATRIX_SHAPE = (4096, 4096)     # a 7B model's attention projection: rows x columns
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+BESIDE_READS_SECONDS = 1.5     # the products' time in the overlap probe
 
 
 class CostsError(MemwiseError):
@@ -54,6 +66,10 @@ class Costs:
     gemv_bytes_per_s: dict[str, float]
     gemm_bytes_per_s: dict[str, float]
     prefill_gemm_bytes_per_s: dict[str, float]
+    few_rows_bytes_per_s: dict[str, float] = field(default_factory=dict)    # empty: not measured
+    disk_read_busy_bytes_per_s: float = 0.0     # 0: not measured (the idle figure stands)
+    products_beside_reads: float = 1.0
+    few_rows_batch: int = FEW_ROWS_BATCH
     gemm_batch: int = GEMM_BATCH
     prefill_batch: int = PREFILL_BATCH
     disk_direct: bool = True            # False: the filesystem refused O_DIRECT (the figure may include cache)
@@ -70,10 +86,13 @@ class Costs:
         if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
             raise CostsError(f"{where}: not a memwise cost file of format {FORMAT_VERSION}")
         try:
-            rates = {name: {str(k): float(v) for k, v in data[name].items()}
-                     for name in ("gemv_bytes_per_s", "gemm_bytes_per_s", "prefill_gemm_bytes_per_s")}
+            rates = {name: {str(k): float(v) for k, v in data[name].items()} for name in
+                     ("gemv_bytes_per_s", "few_rows_bytes_per_s", "gemm_bytes_per_s", "prefill_gemm_bytes_per_s")}
             costs = cls(machine=str(data["machine"]), disk_read_bytes_per_s=float(data["disk_read_bytes_per_s"]),
                         memory_read_bytes_per_s=float(data["memory_read_bytes_per_s"]), **rates,
+                        disk_read_busy_bytes_per_s=float(data["disk_read_busy_bytes_per_s"]),
+                        products_beside_reads=float(data["products_beside_reads"]),
+                        few_rows_batch=int(data["few_rows_batch"]),
                         gemm_batch=int(data["gemm_batch"]), prefill_batch=int(data["prefill_batch"]),
                         disk_direct=bool(data["disk_direct"]),
                         disk_directory=str(data.get("disk_directory", "")),
@@ -87,15 +106,26 @@ class Costs:
         figures = {"disk_read_bytes_per_s": self.disk_read_bytes_per_s,
                    "memory_read_bytes_per_s": self.memory_read_bytes_per_s,
                    **{f"gemv_bytes_per_s[{k}]": v for k, v in self.gemv_bytes_per_s.items()},
+                   **{f"few_rows_bytes_per_s[{k}]": v for k, v in self.few_rows_bytes_per_s.items()},
                    **{f"gemm_bytes_per_s[{k}]": v for k, v in self.gemm_bytes_per_s.items()},
                    **{f"prefill_gemm_bytes_per_s[{k}]": v for k, v in self.prefill_gemm_bytes_per_s.items()}}
         for name, value in figures.items():
             if not (math.isfinite(value) and value > 0):
                 raise CostsError(f"{where}: {name} should be a positive number of bytes/s, found {value!r}")
         missing = [s for s in KERNEL_SCHEMES if not all(s in rates for rates in (
-            self.gemv_bytes_per_s, self.gemm_bytes_per_s, self.prefill_gemm_bytes_per_s))]
-        if missing or not 1 <= self.gemm_batch < self.prefill_batch:
-            raise CostsError(f"{where}: kernel figures missing for {', '.join(missing) or 'gemm_batch'}")
+            self.gemv_bytes_per_s, self.gemm_bytes_per_s, self.prefill_gemm_bytes_per_s))
+            or self.few_rows_bytes_per_s and s not in self.few_rows_bytes_per_s]
+        if missing or not 1 < self.few_rows_batch < self.gemm_batch < self.prefill_batch:
+            raise CostsError(f"{where}: kernel figures missing for {', '.join(missing) or 'the batch sizes'}")
+        if not (math.isfinite(self.disk_read_busy_bytes_per_s) and self.disk_read_busy_bytes_per_s >= 0
+                and 0 < self.products_beside_reads <= 1):
+            raise CostsError(f"{where}: the overlap figures should be a rate >= 0 and a fraction in (0, 1], found "
+                             f"{self.disk_read_busy_bytes_per_s!r} and {self.products_beside_reads!r}")
+
+    @property
+    def overlapped_disk_bytes_per_s(self) -> float:
+        """The disk figure of reads that run beside the products (the measured one when there is one)."""
+        return self.disk_read_busy_bytes_per_s or self.disk_read_bytes_per_s
 
 
 def machine_id() -> str:
@@ -168,7 +198,8 @@ def measure_costs(disk_directory: Path) -> Costs:
     from memwise.kernels.bandwidth import read_bandwidth_bytes_per_s
 
     disk, direct = disk_read_bandwidth(disk_directory)
-    gemv, gemm, prefill = kernel_rates()
+    gemv, few, gemm, prefill = kernel_rates()
+    busy_disk, beside = overlap_figures(disk_directory)
     notes = [] if direct else [f"{disk_directory}: O_DIRECT refused; the file's pages were dropped from the "
                                "cache before reading instead"]
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
@@ -176,7 +207,8 @@ def measure_costs(disk_directory: Path) -> Costs:
         notes.append(f"measured while busy: load average {load:.1f} on {cores} cores")
     return Costs(machine=machine_id(), disk_read_bytes_per_s=disk,
                  memory_read_bytes_per_s=read_bandwidth_bytes_per_s(refresh=True), gemv_bytes_per_s=gemv,
-                 gemm_bytes_per_s=gemm, prefill_gemm_bytes_per_s=prefill, disk_direct=direct,
+                 gemm_bytes_per_s=gemm, prefill_gemm_bytes_per_s=prefill, few_rows_bytes_per_s=few,
+                 disk_read_busy_bytes_per_s=busy_disk, products_beside_reads=beside, disk_direct=direct,
                  disk_directory=str(disk_directory), measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  notes=notes)
 
@@ -224,7 +256,9 @@ def _write_test_file(path: Path, size: int, buffer: memoryview) -> None:
         os.close(fd)
 
 
-def _timed_read(path: Path, buffer: memoryview) -> tuple[float, bool]:
+def _timed_read(path: Path, buffer: memoryview, stop: Any = None, count: list[int] | None = None) -> tuple[float, bool]:
+    """(seconds, O_DIRECT used) of reading `path` once into `buffer`, chunk by chunk (until `stop` is
+    set, when given); `count[0]` gains the bytes as they arrive."""
     direct = hasattr(os, "O_DIRECT")
     try:
         fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
@@ -236,8 +270,10 @@ def _timed_read(path: Path, buffer: memoryview) -> tuple[float, bool]:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         start = time.perf_counter()
         offset = 0
-        while (n := os.preadv(fd, [buffer], offset)) > 0:
+        while (stop is None or not stop.is_set()) and (n := os.preadv(fd, [buffer], offset)) > 0:
             offset += n
+            if count is not None:
+                count[0] += n
         return time.perf_counter() - start, direct
     finally:
         os.close(fd)
@@ -246,12 +282,12 @@ def _timed_read(path: Path, buffer: memoryview) -> tuple[float, bool]:
 def _linear(scheme: str) -> Any:
     """One [rows, cols] linear of `scheme` with random weights, as the decoder family holds it."""
     import torch
-    from torch import nn
 
     rows, cols = MATRIX_SHAPE
     w = torch.randn(rows, cols) * 0.02
     if scheme == "float32":
-        linear = nn.Linear(cols, rows, bias=False)
+        from memwise.models.decoder.dense import DenseLinear
+        linear = DenseLinear(cols, rows, bias=False)
         with torch.no_grad():
             linear.weight.copy_(w)
         return linear.requires_grad_(False)
@@ -265,23 +301,31 @@ def _module_bytes(module: Any) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def kernel_rates(schemes: tuple[str, ...] = KERNEL_SCHEMES, repeats: int = 3) -> tuple[dict[str, float], ...]:
-    """Weight bytes/s of each scheme at batch 1, GEMM_BATCH and PREFILL_BATCH: best of `repeats`
-    passes over copies of one matrix that together exceed twice the last-level cache (two copies
-    for the compute-bound prefill size)."""
-    import torch
+def _copies(scheme: str, count: int | None = None) -> tuple[list[Any], int]:
+    """Copies of one `scheme` linear that together exceed twice the last-level cache (or `count`),
+    and the bytes of one."""
     from memwise.kernels.bandwidth import dram_buffer_bytes
 
-    rates: tuple[dict[str, float], ...] = ({}, {}, {})
+    first = _linear(scheme)
+    size = _module_bytes(first)
+    count = count or max(2, -(-dram_buffer_bytes() // size))
+    return [first] + [copy.deepcopy(first) for _ in range(count - 1)], size
+
+
+def kernel_rates(schemes: tuple[str, ...] = KERNEL_SCHEMES, repeats: int = 3) -> tuple[dict[str, float], ...]:
+    """Weight bytes/s of each scheme at batch 1, FEW_ROWS_BATCH, GEMM_BATCH and PREFILL_BATCH: best of
+    `repeats` passes over copies of one matrix that together exceed twice the last-level cache (two
+    copies for the compute-bound prefill size)."""
+    import torch
+
+    rates: tuple[dict[str, float], ...] = ({}, {}, {}, {})
     with torch.inference_mode():
         for scheme in schemes:
-            first = _linear(scheme)
-            size = _module_bytes(first)
-            copies = [first] + [copy.deepcopy(first) for _ in range(max(2, -(-dram_buffer_bytes() // size)) - 1)]
-            for found, batch in zip(rates, (1, GEMM_BATCH, PREFILL_BATCH)):
+            copies, size = _copies(scheme)
+            for found, batch in zip(rates, (1, FEW_ROWS_BATCH, GEMM_BATCH, PREFILL_BATCH)):
                 used = copies if batch < PREFILL_BATCH else copies[:2]
                 found[scheme] = size * len(used) / _best_pass(used, torch.randn(batch, MATRIX_SHAPE[1]), repeats)
-            del copies, first
+            del copies
     return rates
 
 
@@ -295,3 +339,44 @@ def _best_pass(linears: list[Any], x: Any, repeats: int) -> float:
             linear(x)
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def overlap_figures(directory: Path, seconds: float = BESIDE_READS_SECONDS) -> tuple[float, float]:
+    """(disk bytes/s, products' speed as a fraction of their speed alone) while a thread reads a test
+    file in `directory` as the layer stream does and float32 products of GEMM_BATCH tokens run on every
+    core: a streamed layer's read and the resident layers' products share the machine."""
+    import threading
+    import torch
+    from memwise.offload.stream import AlignedBuffer
+
+    path = Path(directory) / f".memwise-overlap-test-{os.getpid()}"
+    buffer = AlignedBuffer.allocate(DISK_CHUNK).view
+    stop, read = threading.Event(), [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            _timed_read(path, buffer, stop, read)
+
+    try:
+        _write_test_file(path, DISK_FILE_BYTES, buffer)
+        with torch.inference_mode():
+            copies, size = _copies("float32")
+            x = torch.randn(GEMM_BATCH, MATRIX_SHAPE[1])
+            alone = _best_pass(copies, x, 2)
+            passes = max(2, math.ceil(seconds / alone))
+            thread = threading.Thread(target=reader, name="memwise-overlap-probe", daemon=True)
+            thread.start()
+            while read[0] == 0 and thread.is_alive():       # the reads are running before the products start
+                time.sleep(0.001)
+            start, before = time.perf_counter(), read[0]
+            beside = _best_pass(copies, x, passes)
+            elapsed, got = time.perf_counter() - start, read[0] - before
+            stop.set()
+            thread.join()
+        return got / elapsed, min(1.0, alone / beside)
+    except OSError as e:
+        raise CostsError(f"{directory}: cannot write and read a {DISK_FILE_BYTES >> 20} MiB test file "
+                         f"({e.strerror or e})") from None
+    finally:
+        stop.set()
+        path.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from memwise.offload.budget import WORKSPACE_TOKENS, BudgetPlan, plan_budget
 from memwise.offload.files import check_directory, check_free_space, store_path
 from memwise.offload.store import (FORMAT_VERSION, StaleStoreError, StoreHeader, StoreWriter, layout,
                                    read_header, remove_abandoned, tensor_table, verify_regions, views)
-from memwise.offload.stream import AlignedBuffer, LayerStream, RegionReader, bind
+from memwise.offload.stream import AlignedBuffer, LayerStream, RegionReader, bind, spread_resident
 from memwise.spec import ModelSpec
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -209,7 +209,7 @@ def _open(model: Decoder, path: Path, header: StoreHeader, plan: BudgetPlan, dir
     bind(model, views(rest.tensor, header.rest_tensors))
     model.tie_weights()
     model.init_rotary()
-    resident = range(plan.resident)
+    resident = spread_resident(len(header.layers), plan.resident)
     model.layer_stream = LayerStream(reader, header.layers, header.layer_tensors, resident, plan.buffers)
     # the I/O threads and the file end with the model (the streams hold no reference back to it); the
     # runtime replaces the stream when a plan changes the resident layers

@@ -6,7 +6,10 @@ The schedule is FlexGen's block schedule. A block of B sequences is split into m
 s = B / m sequences; each layer, once its weights are in memory, serves all m micro-batches before
 the next layer is read, so one read of a streamed layer is shared by B sequences. An I/O thread
 reads streamed layers (and disk-resident KV) ahead into two buffers while the current layer
-computes, so reading and computing overlap: a step takes the longer of the two, not their sum.
+computes, so reading and computing overlap: a step takes about the longer of the two, not their sum
+(streamed layers are spread through the pass, memwise.offload.stream.spread_resident, so that each
+read has resident layers' compute to hide behind). The overlap is not free on a CPU: the I/O thread
+shares the cores and memory with the products, which the two overlap figures below account for.
 
 Figures of the model (scheme S: float32 or a quantization scheme):
     L layers; W bytes of one layer's weights in S; E bytes of everything else (embeddings, lm_head,
@@ -16,22 +19,25 @@ Figures of the model (scheme S: float32 or a quantization scheme):
     Kb = s (P + N) k        one micro-batch's share of it (the unit the I/O thread moves)
     Kd = B (P + N/2) k + B k    bytes of one layer's KV a decode step reads (mean length) and writes
     Kp = B P k              bytes of one layer's KV the prefill writes
-Rates of this machine: R_disk (O_DIRECT read), R_mem (memory read), g_S (weight bytes/s of a batch-1
-product), G_S (weight bytes/s of a batch-b0 product, b0 = costs.gemm_batch = 32), G'_S (the same at
-b1 = costs.prefill_batch = 256). One layer's product over t tokens takes c_S(t), the piecewise linear
-function of t through the measured times (1, W / g_S), (b0, W / G_S), (b1, W / G'_S), and
-c_S(b1) t / b1 beyond: memory-bound at small t, compute-bound at large t.
+Rates of this machine: R_disk (O_DIRECT read while the products run; the plain read figure where
+that was not measured), f (the products' speed beside reads, a fraction of their speed alone),
+R_mem (memory read), g_S (weight bytes/s of a batch-1 product), g8_S (the same at 8 rows, the decode
+kernels' limit), G_S (at b0 = costs.gemm_batch = 32), G'_S (at b1 = costs.prefill_batch = 256). One
+layer's product over t tokens takes c_S(t), the piecewise linear function of t through the measured
+times (1, W / g_S), (8, W / g8_S), (b0, W / G_S), (b1, W / G'_S), and c_S(b1) t / b1 beyond:
+memory-bound at small t, compute-bound at large t.
 
 Decision variables (integers r, q in [0, L], binaries y, z; times Tp, Td >= 0):
     r resident layers (L - r stream), q layers whose KV cache lives on disk (L - q in memory),
     y = 1 when any layer streams, z = 1 when any KV is on disk (their double buffers then exist).
 
-Times (seconds):
-    Td >= Cd = L m c_S(s) + m c_H(s) + L Kd / R_mem                     decode step: compute
-    Td >= ((L - r) W + q Kd) / R_disk                                  decode step: disk (overlapped)
-    Tp >= Cp = L m c_S(s P) + m c_H(s) + 4 B P^2 hidden L / F32        prefill: compute (F32: float
+Times (seconds), with Dd = ((L - r) W + q Kd) / R_disk and Dp = ((L - r) W + q Kp) / R_disk the
+decode step's and the prefill's reads:
+    Cd = L m c_S(s) + m c_H(s) + L Kd / R_mem                          decode step: compute
+    Cp = L m c_S(s P) + m c_H(s) + 4 B P^2 hidden L / F32              prefill: compute (F32: float
                                                                        FLOP/s from G'_float32)
-    Tp >= ((L - r) W + q Kp) / R_disk                                  prefill: disk
+    Td >= Dd,  Td >= Cd + (1 - f) Dd                                   a step ends with its reads, or
+    Tp >= Dp,  Tp >= Cp + (1 - f) Dp                                   with its products slowed by them
 Memory (bytes; the budget counts what memwise allocates, not the interpreter's own base):
     E + r W (1 + w) + 2 W y + (L - q) K + 2 Kb z + A(s) + X(B) + O <= budget
     with w the measured allocator workspace per weight byte, A(s) one micro-batch's prefill
@@ -39,8 +45,8 @@ Memory (bytes; the budget counts what memwise allocates, not the interpreter's o
     layers (B P hidden x 4, twice), O logits, tokens and the fixed workspace.
 Links: r + L y >= L (a streamed layer needs the buffers), q <= L z.
 
-Objective: minimise Tp + N Td, i.e. maximise throughput = B N / (Tp + N Td) generated tokens/s at this
-(B, m); among equal times, a second solve minimises the bytes read from disk (so everything stays
+Objective: minimise Tp + (N - 1) Td (the prefill yields the first token), i.e. maximise throughput =
+B N / (Tp + (N - 1) Td) generated tokens/s at this (B, m); among equal times, a second solve minimises the bytes read from disk (so everything stays
 resident when the budget allows). B ranges over the candidate batch sizes and m over their
 power-of-two divisors, as FlexGen enumerates its batch sizes around the LP; the best throughput wins.
 """
@@ -153,18 +159,28 @@ def model_figures(model: Any, scheme: str | None = None, kv_cache: str | None = 
 
 def _product_s(costs: Costs, scheme: str, nbytes: float, tokens: int) -> float:
     """c_S(t): seconds of `tokens` tokens through `nbytes` of weights in `scheme`, piecewise linear
-    through the three measured points (1, b0, b1 tokens), proportional beyond the last."""
-    small, large = costs.gemm_batch, costs.prefill_batch
-    one = nbytes / costs.gemv_bytes_per_s[scheme]
-    at_small = max(nbytes / costs.gemm_bytes_per_s[scheme], one)     # noisy figures must not make more tokens cheaper
-    at_large = max(nbytes / costs.prefill_gemm_bytes_per_s[scheme], at_small)
+    through the measured points (1, b8, b0, b1 tokens; b8 where measured), proportional beyond the last."""
+    rates = [(1, costs.gemv_bytes_per_s), (costs.few_rows_batch, costs.few_rows_bytes_per_s),
+             (costs.gemm_batch, costs.gemm_bytes_per_s), (costs.prefill_batch, costs.prefill_gemm_bytes_per_s)]
+    points: list[tuple[int, float]] = []
+    for batch, rate in rates:
+        if scheme in rate:      # noisy figures must not make more tokens cheaper
+            points.append((batch, max(nbytes / rate[scheme], points[-1][1] if points else 0.0)))
     if tokens <= 1:
-        return one
-    if tokens <= small:
-        return one + (tokens - 1) / (small - 1) * (at_small - one)
-    if tokens <= large:
-        return at_small + (tokens - small) / (large - small) * (at_large - at_small)
-    return at_large * tokens / large
+        return points[0][1]
+    for (lo, at_lo), (hi, at_hi) in zip(points, points[1:]):
+        if tokens <= hi:
+            return at_lo + (tokens - lo) / (hi - lo) * (at_hi - at_lo)
+    last, at_last = points[-1]
+    return at_last * tokens / last
+
+
+def _overlapped_s(costs: Costs, compute_s: float, disk_bytes: float) -> float:
+    """Seconds of `compute_s` of products beside reads of `disk_bytes`: the reads run at the disk's
+    busy figure R', the products at a fraction f of their speed while reads go on, so the step ends
+    with the reads (D / R') or with the products (C + (1 - f) D / R'), whichever is later."""
+    reads = disk_bytes / costs.overlapped_disk_bytes_per_s
+    return max(reads, compute_s + (1 - costs.products_beside_reads) * reads)
 
 
 @dataclass(frozen=True)
@@ -213,10 +229,12 @@ def _solve(fig: ModelFigures, costs: Costs, case: _Case, budget: int, new: int,
     """[r, q, y, z, Tp, Td] of the best policy of `case`, or None when nothing fits `budget`."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    L, W, R = fig.layers, fig.layer_bytes, costs.disk_read_bytes_per_s
+    L, W, R, slow = fig.layers, fig.layer_bytes, costs.overlapped_disk_bytes_per_s, 1 - costs.products_beside_reads
     rows = [  # coefficients of [r, q, y, z, Tp, Td], lower and upper bounds
         ([W / R, -case.kv_decode / R, 0, 0, 0, 1], L * W / R, np.inf),
         ([W / R, -case.kv_prefill / R, 0, 0, 1, 0], L * W / R, np.inf),
+        ([slow * W / R, -slow * case.kv_decode / R, 0, 0, 0, 1], case.compute_decode + slow * L * W / R, np.inf),
+        ([slow * W / R, -slow * case.kv_prefill / R, 0, 0, 1, 0], case.compute_prefill + slow * L * W / R, np.inf),
         ([W * (1 + fig.workspace_per_weight), -case.kv_full, STREAM_BUFFERS * W, KV_BUFFERS * case.kv_buffer, 0, 0],
          -np.inf, budget - sum(case.fixed.values()) - L * case.kv_full),
         ([1, 0, L, 0, 0, 0], L, np.inf),
@@ -227,13 +245,13 @@ def _solve(fig: ModelFigures, costs: Costs, case: _Case, budget: int, new: int,
     kv_disk = L if kv_on_disk else 0
     bounds = Bounds([0, 0, 0, 0, case.compute_prefill, case.compute_decode], [L, kv_disk, 1, 1, np.inf, np.inf])
     integrality = np.array([1, 1, 1, 1, 0, 0])
-    time = np.array([0, 0, 0, 0, 1, new], dtype=float)
+    time = np.array([0, 0, 0, 0, 1, new - 1], dtype=float)     # the prefill yields the first token
     first = milp(time, constraints=LinearConstraint(matrix, low, high), bounds=bounds, integrality=integrality)
     if first.status != 0 or first.x is None:
         return None
     # Second solve: no slower than the best, and the fewest bytes from disk (then the fewest buffers).
     best = float(time @ first.x)
-    disk = np.array([-W * (1 + new), (case.kv_prefill + new * case.kv_decode), 1e-3 * W, 1e-3 * W, 0, 0]) / R
+    disk = np.array([-W * new, (case.kv_prefill + (new - 1) * case.kv_decode), 1e-3 * W, 1e-3 * W, 0, 0]) / R
     limit = LinearConstraint(time.reshape(1, -1), -np.inf, best * (1 + TIE) + 1e-12)
     second = milp(disk, constraints=[LinearConstraint(matrix, low, high), limit], bounds=bounds,
                   integrality=integrality)
@@ -294,10 +312,10 @@ def _better(a: Policy, b: Policy) -> bool:
 
 def _policy(fig: ModelFigures, costs: Costs, case: _Case, x: Any, budget: int, prompt: int, new: int) -> Policy:
     r, q, y, z = (int(round(v)) for v in x[:4])
-    L, W, R = fig.layers, fig.layer_bytes, costs.disk_read_bytes_per_s
-    prefill = max(case.compute_prefill, ((L - r) * W + q * case.kv_prefill) / R)
+    L, W, R = fig.layers, fig.layer_bytes, costs.overlapped_disk_bytes_per_s
+    prefill = _overlapped_s(costs, case.compute_prefill, (L - r) * W + q * case.kv_prefill)
     disk_step = (L - r) * W + q * case.kv_decode
-    step = max(case.compute_decode, disk_step / R)
+    step = _overlapped_s(costs, case.compute_decode, disk_step)
     memory = dict(case.fixed)
     memory["resident_weights"] = r * W
     memory["stream_buffers"] = STREAM_BUFFERS * W * y
@@ -308,9 +326,10 @@ def _policy(fig: ModelFigures, costs: Costs, case: _Case, x: Any, budget: int, p
     return Policy(model=fig.name, scheme=fig.scheme, budget_bytes=budget, layers=L, resident_layers=r,
                   streamed_layers=L - r, kv_placement="memory" if q == 0 else "disk" if q == L else "split",
                   kv_disk_layers=q, batch_size=case.batch, micro_batches=case.micro, prompt_tokens=prompt,
-                  new_tokens=new, predicted_tokens_per_s=case.batch * new / (prefill + new * step),
+                  new_tokens=new, predicted_tokens_per_s=case.batch * new / (prefill + (new - 1) * step),
                   predicted_decode_tokens_per_s=case.batch / step, predicted_prefill_s=prefill,
-                  predicted_step_s=step, decode_bound="disk" if disk_step / R > case.compute_decode else "compute",
+                  predicted_step_s=step, decode_bound="disk" if disk_step / R * costs.products_beside_reads > case.compute_decode
+                  else "compute",
                   predicted_peak_bytes=fig.runtime_base + budgeted, budgeted_bytes=budgeted,
                   runtime_base_bytes=fig.runtime_base, disk_bytes_per_token=disk_step / case.batch, memory=memory)
 

@@ -77,7 +77,8 @@ def _print_plan(result: Plan, costs: Costs, costs_file: Path) -> None:
     table = Table(title=f"{p.model} ({p.scheme}) in {_size(p.budget_bytes)}",
                   caption=f"{p.prompt_tokens} prompt + {p.new_tokens} new tokens per sequence; figures of "
                           f"{costs.machine}: disk {costs.disk_read_bytes_per_s / 1e9:.2f} GB/s"
-                          f"{'' if costs.disk_direct else ' (no O_DIRECT)'}, memory "
+                          f"{'' if costs.disk_direct else ' (no O_DIRECT)'} ({costs.overlapped_disk_bytes_per_s / 1e9:.2f}"
+                          f" beside the products, which run at {costs.products_beside_reads:.0%} beside reads), memory "
                           f"{costs.memory_read_bytes_per_s / 1e9:.1f} GB/s ({costs_file})")
     table.add_column("policy")
     table.add_column("value", justify="right")

@@ -20,7 +20,7 @@ from pathlib import Path
 from memwise.offload.budget import BudgetPlan
 from memwise.offload.plan import Plan, PlanError, Policy, plan
 from memwise.offload.store import OffloadError, StoreHeader
-from memwise.offload.stream import LayerStream, RegionReader
+from memwise.offload.stream import LayerStream, RegionReader, spread_resident
 
 
 @dataclass(frozen=True)
@@ -84,18 +84,22 @@ class PlannedRuntime:
         return RunPlan(batch, prompt, new, policy.resident_layers, size if policy.micro_batches > 1 else None, policy)
 
     def _restream(self, model, resident: int) -> None:
+        # Resident layers the new plan streams are unbound from their modules, so that they are freed
+        # before the new stream reads the ones it adds (the budget holds one set, not two); the sets
+        # are nested (spread_resident), so a plan one layer apart reads or drops one layer.
         old = model.layer_stream
+        layers = spread_resident(len(self.header.layers), resident)
+        kept = set(old.resident) & set(layers)
+        old.bind_resident(model.layers, kept)
         old.release()
         model.offload_streams.remove(old)
-        # the old stream's resident layers are bound to the modules: unbound here, so that they are freed
-        # before the new stream reads its own (the budget holds one set, not two)
-        for index in old.resident:
+        for index in set(old.resident) - kept:
             model.layers[index].to_empty(device="meta")
         del old
         reader = RegionReader(self.path, self.direct)
         streamed = len(self.header.layers) - resident
-        model.layer_stream = LayerStream(reader, self.header.layers, self.header.layer_tensors, range(resident),
-                                         2 if streamed else 0)
+        model.layer_stream = LayerStream(reader, self.header.layers, self.header.layer_tensors, layers,
+                                         2 if streamed else 0, kept=kept)
         model.offload_streams.append(model.layer_stream)     # closed with the model (decoder._open)
         self.resident = resident
 

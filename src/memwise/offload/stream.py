@@ -15,7 +15,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -118,18 +118,47 @@ def bind(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             owner._buffers[attr] = tensor
 
 
+def streaming_order(num_layers: int) -> list[int]:
+    """Every layer once, in the order layers start to stream as the budget shrinks, so that the first
+    s (streamed) and the last r (resident) are each spread through the pass: midpoints of the pass,
+    then of its halves, then of their halves, ..., each level's midpoints in bit-reversed order. Over
+    1 to 128 layers, no stretch of streamed layers is longer than 3x an even spacing's (2x while at
+    least half the layers stay resident)."""
+    order: list[int] = []
+    spans = [(0, num_layers)]
+    while spans:
+        spans = [(lo, hi) for lo, hi in spans if lo < hi]
+        middles = [(lo + hi) // 2 for lo, hi in spans]
+        bits = max(1, (len(middles) - 1).bit_length())
+        order += [middles[i] for i in sorted(range(len(middles)), key=lambda i: int(f"{i:0{bits}b}"[::-1], 2))]
+        spans = [half for (lo, hi), mid in zip(spans, middles) for half in ((lo, mid), (mid + 1, hi))]
+    return order
+
+
+def spread_resident(num_layers: int, resident: int) -> list[int]:
+    """Which `resident` of `num_layers` layers to keep in memory: the others spread through the pass,
+    so that each read overlaps the compute of the resident layers before its layer, as the planner's
+    max(compute, read) assumes (streamed layers bunched together share only their own compute with
+    their reads). The sets are nested: a plan that keeps one layer more reads one layer more."""
+    if not 0 <= resident <= num_layers:
+        raise ValueError(f"resident layers should be in 0..{num_layers}, found {resident}")
+    streamed = set(streaming_order(num_layers)[:num_layers - resident])
+    return [i for i in range(num_layers) if i not in streamed]
+
+
 class LayerStream:
     """Runs `num_layers` layers of which `resident` are kept in memory and the rest are read from the
-    file through `buffers` ring buffers (>= 1; 2 or more overlap reading and computing)."""
+    file through `buffers` ring buffers (>= 1; 2 or more overlap reading and computing). `kept`: resident
+    layers whose modules still hold their weights from a stream this one replaces (not read again)."""
 
     def __init__(self, reader: RegionReader, regions: Sequence[Region], slots: list[TensorSlot],
-                 resident: Sequence[int], buffers: int):
+                 resident: Sequence[int], buffers: int, kept: Collection[int] = ()):
         self.reader, self.regions, self.slots = reader, list(regions), slots
         self.resident = sorted(set(resident))
         self.streamed = [i for i in range(len(self.regions)) if i not in set(self.resident)]
         self.bytes_read = 0
         self._resident_views: dict[int, dict[str, torch.Tensor]] = {}
-        for index in self.resident:
+        for index in set(self.resident) - set(kept):
             buffer = AlignedBuffer.allocate(self.regions[index].size)
             reader.read_into(self.regions[index], buffer)
             self._resident_views[index] = views(buffer.tensor, slots)
@@ -178,6 +207,13 @@ class LayerStream:
                 yield module
             finally:
                 self._free.put(slot)
+
+    def bind_resident(self, modules: Sequence[nn.Module], indexes: Collection[int]) -> None:
+        """Bind these resident layers' weights to their modules now (a pass binds them at first use):
+        a stream that replaces this one keeps them."""
+        for index in indexes:
+            if index in self._resident_views:
+                bind(modules[index], self._resident_views.pop(index))
 
     def _take(self, index: int) -> int:
         # Reads arrive in cyclic order; a pass that stopped midway (an exception in a layer) leaves
