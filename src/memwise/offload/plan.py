@@ -316,6 +316,7 @@ def _policy(fig: ModelFigures, costs: Costs, case: _Case, x: Any, budget: int, p
     prefill = _overlapped_s(costs, case.compute_prefill, (L - r) * W + q * case.kv_prefill)
     disk_step = (L - r) * W + q * case.kv_decode
     step = _overlapped_s(costs, case.compute_decode, disk_step)
+    disk_bound = disk_step / R * costs.products_beside_reads > case.compute_decode    # reads end the step
     memory = dict(case.fixed)
     memory["resident_weights"] = r * W
     memory["stream_buffers"] = STREAM_BUFFERS * W * y
@@ -328,8 +329,7 @@ def _policy(fig: ModelFigures, costs: Costs, case: _Case, x: Any, budget: int, p
                   kv_disk_layers=q, batch_size=case.batch, micro_batches=case.micro, prompt_tokens=prompt,
                   new_tokens=new, predicted_tokens_per_s=case.batch * new / (prefill + (new - 1) * step),
                   predicted_decode_tokens_per_s=case.batch / step, predicted_prefill_s=prefill,
-                  predicted_step_s=step, decode_bound="disk" if disk_step / R * costs.products_beside_reads > case.compute_decode
-                  else "compute",
+                  predicted_step_s=step, decode_bound="disk" if disk_bound else "compute",
                   predicted_peak_bytes=fig.runtime_base + budgeted, budgeted_bytes=budgeted,
                   runtime_base_bytes=fig.runtime_base, disk_bytes_per_token=disk_step / case.batch, memory=memory)
 
