@@ -23,10 +23,10 @@ The products up to batch 32 run over matrices whose total size is at least twice
 cache, so that the figures are those of weights streamed from memory, as a model's are (the
 prefill-sized product is compute-bound: two copies suffice). The overlap figures come from one
 probe: float32 products of 32 tokens alone, then beside a thread reading a test file as the layer
-stream does (on the 2-core EPYC VM: products at 94% of their speed, reads at 92% of theirs). The figures are written to
-$XDG_CACHE_HOME/memwise/costs-<machine>.json (~/.cache when unset; <machine>: the CPU model and core
-count) and read back by later runs; `memwise plan --remeasure` measures again. The planner itself
-(memwise.offload.plan) takes a Costs: tests build one by hand.
+stream does. The figures are written to $XDG_CACHE_HOME/memwise/costs-<machine>.json (~/.cache
+when unset; <machine>: the CPU model and core count) and read back by later runs; `memwise plan
+--remeasure` measures again. The planner itself (memwise.offload.plan) takes a Costs: tests build
+one by hand.
 """
 from __future__ import annotations
 

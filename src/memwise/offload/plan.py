@@ -46,8 +46,8 @@ Memory (bytes; the budget counts what memwise allocates, not the interpreter's o
 Links: r + L y >= L (a streamed layer needs the buffers), q <= L z.
 
 Objective: minimise Tp + (N - 1) Td (the prefill yields the first token), i.e. maximise throughput =
-B N / (Tp + (N - 1) Td) generated tokens/s at this (B, m); among equal times, a second solve minimises the bytes read from disk (so everything stays
-resident when the budget allows). B ranges over the candidate batch sizes and m over their
+B N / (Tp + (N - 1) Td) generated tokens/s at this (B, m); among equal times, a second solve
+minimises the bytes read from disk (so everything stays resident when the budget allows). B ranges over the candidate batch sizes and m over their
 power-of-two divisors, as FlexGen enumerates its batch sizes around the LP; the best throughput wins.
 """
 from __future__ import annotations
