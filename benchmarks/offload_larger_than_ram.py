@@ -20,9 +20,9 @@ runs in its own fresh process:
    argmax at each position must equal the token the streamed run generated;
 5. plan: `memwise plan MODEL --max-memory --batch 1 --json` (this machine's cached cost figures).
 
-Batch 1 only: the throughput mode (many prompts, each streamed layer serving every micro-batch) is
-another branch's. Figures print as a table and go to --out (results.json, results.md); the offload
-file is deleted at the end unless --keep.
+Batch 1 only (benchmarks/offload_throughput.py measures the block schedule at larger batches).
+Figures print as a table and go to --out (results.json, results.md); the offload file is deleted at
+the end unless --keep.
 """
 from __future__ import annotations
 
@@ -94,23 +94,26 @@ def child_run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     model = memwise.load(args.model, max_memory=args.max_memory, offload_dir=args.offload_dir)
     load_s = time.perf_counter() - start
-    stream = model.module.layer_stream
     prompt = torch.arange(10, 10 + args.prompt_tokens)[None]
     times, reads, tokens = [], [], []
     start = time.perf_counter()
     for step in model.stream(prompt, args.new_tokens, ignore_eos=True):
         times.append(time.perf_counter() - start)
-        reads.append(stream.bytes_read)
+        # the stream of the generation's plan (the runtime replaces the load's when the plan keeps
+        # another number of layers resident)
+        reads.append(model.module.layer_stream.bytes_read)
         tokens.append(int(step[0]))
     decode_s = times[-1] - times[0]
     plan = model.module.offload.plan
+    resident = model.module.offload_runtime.last.resident_layers
     return {"base_rss": base, "peak_rss": vm("VmHWM"), "load_s": load_s, "ttft_s": times[0],
             "prefill_tok_s": args.prompt_tokens / times[0], "decode_s": decode_s,
             "decode_tok_s": (len(times) - 1) / decode_s,
             # reads run ahead by the buffers' depth; whole passes between first and last token even it out
             "bytes_read_per_token": (reads[-1] - reads[0]) / (len(reads) - 1),
-            "prompt": prompt[0].tolist(), "tokens": tokens, "plan": plan.describe(),
-            "resident_layers": plan.resident, "streamed_layers": plan.streamed,
+            "prompt": prompt[0].tolist(), "tokens": tokens,
+            "plan": f"{plan.describe()}; the generation's plan: {resident} resident",
+            "resident_layers": resident, "streamed_layers": plan.num_layers - resident,
             "fallback_reason": model.module.offload.fallback_reason}
 
 
@@ -259,7 +262,7 @@ def report(row: dict, command: str) -> str:
              f"| peak RSS | {mib(row['peak_rss'])} | {mib(policy.get('predicted_peak_bytes', 0))} | |",
              f"| peak RSS - base ({mib(row['base_rss'])}) | {mib(row['peak_minus_base'])} of "
              f"{mib(row['budget_bytes'])} budget | | |",
-             "", "Batch 1 only: the throughput mode (layer-major schedule over micro-batches) is on another branch."]
+             "", "Batch 1 only: benchmarks/offload_throughput.py measures the block schedule at larger batches."]
     return "\n".join(lines) + "\n"
 
 
