@@ -51,13 +51,15 @@ def child_run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     model = memwise.load(args.model, quantize=args.scheme, max_memory=args.max_memory, offload_dir=args.offload_dir)
     load_s = time.perf_counter() - start
-    stream = model.module.layer_stream
     prompt = torch.arange(10, 10 + args.prompt_tokens)[None]
     times, reads = [], []
     start = time.perf_counter()
     for _ in model.stream(prompt, args.new_tokens, ignore_eos=True):
         times.append(time.perf_counter() - start)
-        reads.append(stream.bytes_read)
+        # the generation's own stream: the runtime replaces the load's when its plan keeps another
+        # number of layers resident
+        reads.append(model.module.layer_stream.bytes_read)
+    resident = model.module.offload_runtime.last.resident_layers
     logits = model.logits(prompt)
     torch.save(logits, Path(args.offload_dir) / f"logits-{args.scheme}.pt")
     decode_s = times[-1] - times[0]
@@ -66,7 +68,8 @@ def child_run(args: argparse.Namespace) -> dict:
     plan = model.module.offload.plan
     return {"base_rss": base, "peak_rss": vm("VmHWM"), "load_s": load_s, "ttft_s": times[0],
             "decode_tok_s": (len(times) - 1) / decode_s, "bytes_read_per_token": per_token,
-            "plan": plan.describe(), "resident_layers": plan.resident, "streamed_layers": plan.streamed,
+            "plan": f"{plan.describe()}; the generation's plan: {resident} resident",
+            "resident_layers": resident, "streamed_layers": plan.num_layers - resident,
             "fallback_reason": model.module.offload.fallback_reason}
 
 
