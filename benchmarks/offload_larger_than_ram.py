@@ -12,8 +12,8 @@ runs in its own fresh process:
    larger reading kept: other load on a shared disk only lowers a reading);
 3. run: load under the budget (the CRC pass over the file included) and generate --new-tokens greedy
    tokens after a --prompt-tokens prompt at batch 1: TTFT, prefill and decode tok/s, bytes read per
-   token, peak RSS (VmHWM) against the budget plus the base (RSS after importing torch and memwise
-   and building the empty, meta-device model);
+   token, peak RSS (VmHWM) against the budget plus the base (RSS after importing torch, memwise and
+   the planner's solver, scipy.optimize, and building the empty, meta-device model);
 4. reference: the same sequence, teacher-forced, through a plain PyTorch OPT written here from the
    architecture's definition (not memwise's modules, cache or streaming), its weights regenerated
    tensor by tensor from the preset's seed and applied one layer at a time to the whole sequence;
@@ -90,6 +90,7 @@ def child_run(args: argparse.Namespace) -> dict:
     from memwise.models.decoder.build import meta_model
     from memwise.source import resolve_model
     meta_model(resolve_model(args.model).spec, torch.float32)
+    import scipy.optimize  # noqa: F401 (the planner's solver: part of the runtime's base)
     base = vm("VmRSS")
     start = time.perf_counter()
     model = memwise.load(args.model, max_memory=args.max_memory, offload_dir=args.offload_dir)
