@@ -127,7 +127,8 @@ def main() -> int:
         print(json.dumps(memwise_cell(*json.loads(args.cell))))
         return 0
     if args.remeasure_costs and args.out:
-        from memwise.offload.costs import measure_costs, save_costs
+        from memwise.offload.costs import save_costs
+        from memwise.offload.probes import measure_costs
         Path(args.offload_dir).mkdir(parents=True, exist_ok=True)
         costs_file = Path(args.out) / "costs.json"
         save_costs(measure_costs(Path(args.offload_dir)), costs_file)

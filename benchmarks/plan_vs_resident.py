@@ -43,7 +43,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
     import memwise
-    from memwise.offload.costs import machine_costs
+    from memwise.offload.probes import machine_costs
     from memwise.offload.plan import plan
 
     costs = machine_costs(log=lambda line: print(line, file=sys.stderr))

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from memwise.cli import main
-from memwise.offload.costs import (KERNEL_SCHEMES, Costs, CostsError, cache_path, disk_read_bandwidth, load_costs,
-                                   machine_costs, save_costs)
+from memwise.offload.costs import KERNEL_SCHEMES, Costs, CostsError, cache_path, load_costs, save_costs
+from memwise.offload.probes import disk_read_bandwidth, machine_costs
 from memwise.offload.plan import STREAM_BUFFERS, PlanError, _case, _product_s, model_figures, plan
 
 GiB = 2**30
@@ -147,7 +147,7 @@ def test_product_cost_runs_through_the_measured_points():
 
 @pytest.mark.parametrize("changes, message", [
     ({"products_beside_reads": 0.0}, "overlap figures"), ({"products_beside_reads": 1.2}, "overlap figures"),
-    ({"disk_read_busy_bytes_per_s": -1.0}, "overlap figures"),
+    ({"disk_read_busy_bytes_per_s": -1.0}, "overlap figures"), ({"attention_bytes_per_s": -1.0}, "attention_bytes_per_s"),
     ({"few_rows_bytes_per_s": {"int8": 1e10}}, "missing for float32, int4, nf4"),
 ])
 def test_bad_overlap_and_row_figures_are_refused(changes, message):
@@ -156,15 +156,30 @@ def test_bad_overlap_and_row_figures_are_refused(changes, message):
 
 
 def test_overlap_probe_reads_beside_the_products(tmp_path):
-    from memwise.offload.costs import overlap_figures
+    from memwise.offload.probes import overlap_figures
     disk, beside = overlap_figures(tmp_path, seconds=0.05)
     assert disk > 0 and 0 < beside <= 1
     assert list(tmp_path.iterdir()) == []       # the test file is gone
 
 
+def test_decode_kv_reads_use_the_attention_figure():
+    """The decode step's KV term is bytes over the attention's measured rate (the memory figure
+    where none was measured): a slower attention makes the compute-bound step longer by exactly
+    the KV bytes over the difference of the rates."""
+    from memwise.offload.probes import attention_rate
+    assert attention_rate(batch=2, heads=2, head_dim=8) > 0
+    fig = model_figures(MODEL, "int8")
+    plain = costs()
+    slow = replace(plain, attention_bytes_per_s=plain.memory_read_bytes_per_s / 4)
+    base, slower = (_case(fig, c, 32, 1, 64, 32) for c in (plain, slow))
+    extra = fig.layers * base.kv_decode * (4 - 1) / plain.memory_read_bytes_per_s
+    assert slower.compute_decode - base.compute_decode == pytest.approx(extra)
+    assert slower.compute_prefill == base.compute_prefill
+
+
 def test_cost_file_round_trip(tmp_path):
     figures = replace(costs(disk=1.5e9), few_rows_bytes_per_s={s: 3e10 for s in KERNEL_SCHEMES},
-                      disk_read_busy_bytes_per_s=1.2e9, products_beside_reads=0.9)
+                      disk_read_busy_bytes_per_s=1.2e9, products_beside_reads=0.9, attention_bytes_per_s=1.5e10)
     path = tmp_path / "costs.json"
     save_costs(figures, path)
     assert load_costs(path) == figures

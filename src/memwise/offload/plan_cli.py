@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from memwise.cli_support import one_line_errors, positive_int
-from memwise.offload.costs import Costs, cache_path, load_costs, machine_costs
+from memwise.offload.costs import Costs, cache_path, load_costs
+from memwise.offload.probes import machine_costs
 from memwise.offload.plan import Plan, PlanError, plan
 from memwise import sizes
 

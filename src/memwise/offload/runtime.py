@@ -109,6 +109,7 @@ def _with_reason(run: RunPlan, reason: str) -> RunPlan:
 
 
 def _costs():
-    from memwise.offload.costs import load_costs, machine_costs
+    from memwise.offload.costs import load_costs
+    from memwise.offload.probes import machine_costs
     given = os.environ.get("MEMWISE_OFFLOAD_COSTS")
     return load_costs(Path(given)) if given else machine_costs()
