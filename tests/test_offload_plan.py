@@ -148,6 +148,7 @@ def test_product_cost_runs_through_the_measured_points():
 @pytest.mark.parametrize("changes, message", [
     ({"products_beside_reads": 0.0}, "overlap figures"), ({"products_beside_reads": 1.2}, "overlap figures"),
     ({"disk_read_busy_bytes_per_s": -1.0}, "overlap figures"), ({"attention_bytes_per_s": -1.0}, "attention_bytes_per_s"),
+    ({"attention_s_per_head": float("nan")}, "attention_s_per_head"),
     ({"few_rows_bytes_per_s": {"int8": 1e10}}, "missing for float32, int4, nf4"),
 ])
 def test_bad_overlap_and_row_figures_are_refused(changes, message):
@@ -162,24 +163,26 @@ def test_overlap_probe_reads_beside_the_products(tmp_path):
     assert list(tmp_path.iterdir()) == []       # the test file is gone
 
 
-def test_decode_kv_reads_use_the_attention_figure():
-    """The decode step's KV term is bytes over the attention's measured rate (the memory figure
-    where none was measured): a slower attention makes the compute-bound step longer by exactly
-    the KV bytes over the difference of the rates."""
-    from memwise.offload.probes import attention_rate
-    assert attention_rate(batch=2, heads=2, head_dim=8) > 0
+def test_decode_attention_uses_the_attention_figures():
+    """A decode step's attention costs (batch x heads) x seconds per head plus its KV bytes over
+    the attention's measured rate (the memory figure where none was measured), per layer; the
+    prefill is not affected."""
+    from memwise.offload.probes import attention_figures
+    per_head, rate = attention_figures(batch=2, heads=2, head_dim=8, repeats=1)
+    assert per_head >= 0 and rate > 0
     fig = model_figures(MODEL, "int8")
     plain = costs()
-    slow = replace(plain, attention_bytes_per_s=plain.memory_read_bytes_per_s / 4)
-    base, slower = (_case(fig, c, 32, 1, 64, 32) for c in (plain, slow))
-    extra = fig.layers * base.kv_decode * (4 - 1) / plain.memory_read_bytes_per_s
+    slow = replace(plain, attention_bytes_per_s=plain.memory_read_bytes_per_s / 4, attention_s_per_head=1e-6)
+    base, slower = (_case(fig, c, 32, 2, 64, 32) for c in (plain, slow))
+    extra = fig.layers * (32 * fig.heads * 1e-6 + base.kv_decode * (4 - 1) / plain.memory_read_bytes_per_s)
     assert slower.compute_decode - base.compute_decode == pytest.approx(extra)
     assert slower.compute_prefill == base.compute_prefill
 
 
 def test_cost_file_round_trip(tmp_path):
     figures = replace(costs(disk=1.5e9), few_rows_bytes_per_s={s: 3e10 for s in KERNEL_SCHEMES},
-                      disk_read_busy_bytes_per_s=1.2e9, products_beside_reads=0.9, attention_bytes_per_s=1.5e10)
+                      disk_read_busy_bytes_per_s=1.2e9, products_beside_reads=0.9, attention_bytes_per_s=1.5e10,
+                      attention_s_per_head=4e-7)
     path = tmp_path / "costs.json"
     save_costs(figures, path)
     assert load_costs(path) == figures

@@ -3,9 +3,9 @@
     disk_read_bytes_per_s      sequential read of a file with O_DIRECT (the page cache bypassed, so
                                that a figure is the disk's), in 16 MiB requests into an aligned buffer
     memory_read_bytes_per_s    memwise.kernels.bandwidth's all-thread read bandwidth
-    attention_bytes_per_s      KV cache bytes per second a decode step's attention reads (torch's
-                               scaled_dot_product_attention, one query per sequence, over a float32
-                               cache larger than the last-level cache): below the memory figure
+    attention_s_per_head       a decode step's attention (torch's scaled_dot_product_attention, one
+    attention_bytes_per_s      query per sequence, float32 cache, cold): seconds per sequence and head,
+                               plus the KV bytes it reads at this rate (below the memory figure)
     gemv_bytes_per_s[S]        weight bytes per second of one token through a layer's linear in
                                scheme S (float32, int8, int4, nf4), as the decoder runs it (float32:
                                memwise's DenseLinear): the decode product at batch 1
@@ -69,6 +69,7 @@ class Costs:
     prefill_gemm_bytes_per_s: dict[str, float]
     few_rows_bytes_per_s: dict[str, float] = field(default_factory=dict)    # empty: not measured
     attention_bytes_per_s: float = 0.0          # 0: not measured (the memory figure stands)
+    attention_s_per_head: float = 0.0
     disk_read_busy_bytes_per_s: float = 0.0     # 0: not measured (the idle figure stands)
     products_beside_reads: float = 1.0
     few_rows_batch: int = FEW_ROWS_BATCH
@@ -94,6 +95,7 @@ class Costs:
                         memory_read_bytes_per_s=float(data["memory_read_bytes_per_s"]), **rates,
                         disk_read_busy_bytes_per_s=float(data["disk_read_busy_bytes_per_s"]),
                         attention_bytes_per_s=float(data["attention_bytes_per_s"]),
+                        attention_s_per_head=float(data["attention_s_per_head"]),
                         products_beside_reads=float(data["products_beside_reads"]),
                         few_rows_batch=int(data["few_rows_batch"]),
                         gemm_batch=int(data["gemm_batch"]), prefill_batch=int(data["prefill_batch"]),
@@ -120,9 +122,9 @@ class Costs:
             or self.few_rows_bytes_per_s and s not in self.few_rows_bytes_per_s]
         if missing or not 1 < self.few_rows_batch < self.gemm_batch < self.prefill_batch:
             raise CostsError(f"{where}: kernel figures missing for {', '.join(missing) or 'the batch sizes'}")
-        if not (math.isfinite(self.attention_bytes_per_s) and self.attention_bytes_per_s >= 0):
-            raise CostsError(f"{where}: attention_bytes_per_s should be a rate >= 0, found "
-                             f"{self.attention_bytes_per_s!r}")
+        for name in ("attention_bytes_per_s", "attention_s_per_head"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise CostsError(f"{where}: {name} should be a number >= 0, found {getattr(self, name)!r}")
         if not (math.isfinite(self.disk_read_busy_bytes_per_s) and self.disk_read_busy_bytes_per_s >= 0
                 and 0 < self.products_beside_reads <= 1):
             raise CostsError(f"{where}: the overlap figures should be a rate >= 0 and a fraction in (0, 1], found "

@@ -21,8 +21,8 @@ Figures of the model (scheme S: float32 or a quantization scheme):
     Kp = B P k              bytes of one layer's KV the prefill writes
 Rates of this machine: R_disk (O_DIRECT read while the products run; the plain read figure where
 that was not measured), f (the products' speed beside reads, a fraction of their speed alone),
-R_kv (KV cache bytes/s a decode step's attention reads; the memory read figure where not
-measured), g_S (weight bytes/s of a batch-1 product), g8_S (the same at 8 rows, the decode
+a and R_kv (a decode step's attention: seconds per sequence and head, and the KV cache bytes/s
+it reads; 0 and the memory read figure where not measured), g_S (weight bytes/s of a batch-1 product), g8_S (the same at 8 rows, the decode
 kernels' limit), G_S (at b0 = costs.gemm_batch = 32), G'_S (at b1 = costs.prefill_batch = 256). One
 layer's product over t tokens takes c_S(t), the piecewise linear function of t through the measured
 times (1, W / g_S), (8, W / g8_S), (b0, W / G_S), (b1, W / G'_S), and c_S(b1) t / b1 beyond:
@@ -34,7 +34,7 @@ Decision variables (integers r, q in [0, L], binaries y, z; times Tp, Td >= 0):
 
 Times (seconds), with Dd = ((L - r) W + q Kd) / R_disk and Dp = ((L - r) W + q Kp) / R_disk the
 decode step's and the prefill's reads:
-    Cd = L m c_S(s) + m c_H(s) + L Kd / R_kv                           decode step: compute
+    Cd = L m c_S(s) + m c_H(s) + L (B heads a + Kd / R_kv)             decode step: compute
     Cp = L m c_S(s P) + m c_H(s) + 4 B P^2 hidden L / F32              prefill: compute (F32: float
                                                                        FLOP/s from G'_float32)
     Td >= Dd,  Td >= Cd + (1 - f) Dd                                   a step ends with its reads, or
@@ -80,6 +80,7 @@ class ModelFigures:
     other_bytes: int            # E
     head_bytes: int             # H
     hidden_size: int
+    heads: int                  # attention heads (queries) per layer
     kv_bytes_per_token: int     # k: one sequence, one token, one layer
     workspace: int
     workspace_per_weight: float
@@ -154,6 +155,7 @@ def model_figures(model: Any, scheme: str | None = None, kv_cache: str | None = 
     return ModelFigures(name=str(spec.source or resolved.where), scheme=scheme or "float32", layers=spec.num_layers,
                         layer_bytes=sizes[1] - sizes[0], other_bytes=sizes[0],
                         head_bytes=spec.vocab_size * embed * (1 if scheme else 4), hidden_size=spec.hidden_size,
+                        heads=spec.num_heads,
                         kv_bytes_per_token=2 * spec.num_kv_heads * kv_vector, workspace=constants.workspace,
                         workspace_per_weight=constants.workspace_per_weight, runtime_base=constants.baseline, spec=spec)
 
@@ -213,7 +215,7 @@ def _case(fig: ModelFigures, costs: Costs, batch: int, micro: int, prompt: int, 
     kv_decode = batch * (prompt + new // 2) * k + batch * k
     compute_decode = (L * micro * _product_s(costs, fig.scheme, fig.layer_bytes, s)
                       + micro * _product_s(costs, head_scheme, fig.head_bytes, s)
-                      + L * kv_decode / costs.kv_read_bytes_per_s)
+                      + L * (batch * fig.heads * costs.attention_s_per_head + kv_decode / costs.kv_read_bytes_per_s))
     compute_prefill = (L * micro * _product_s(costs, fig.scheme, fig.layer_bytes, s * prompt)
                        + micro * _product_s(costs, head_scheme, fig.head_bytes, s) + attention_flops / float_flops)
     fixed = {"other_weights": fig.other_bytes,

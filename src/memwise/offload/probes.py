@@ -54,6 +54,7 @@ def measure_costs(disk_directory: Path) -> Costs:
     disk, direct = disk_read_bandwidth(disk_directory)
     gemv, few, gemm, prefill = kernel_rates()
     busy_disk, beside = overlap_figures(disk_directory)
+    per_head, attention = attention_figures()
     notes = [] if direct else [f"{disk_directory}: O_DIRECT refused; the file's pages were dropped from the "
                                "cache before reading instead"]
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
@@ -63,7 +64,7 @@ def measure_costs(disk_directory: Path) -> Costs:
                  memory_read_bytes_per_s=read_bandwidth_bytes_per_s(refresh=True), gemv_bytes_per_s=gemv,
                  gemm_bytes_per_s=gemm, prefill_gemm_bytes_per_s=prefill, few_rows_bytes_per_s=few,
                  disk_read_busy_bytes_per_s=busy_disk, products_beside_reads=beside,
-                 attention_bytes_per_s=attention_rate(), disk_direct=direct,
+                 attention_bytes_per_s=attention, attention_s_per_head=per_head, disk_direct=direct,
                  disk_directory=str(disk_directory), measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  notes=notes)
 
@@ -237,24 +238,37 @@ def overlap_figures(directory: Path, seconds: float = BESIDE_READS_SECONDS) -> t
         path.unlink(missing_ok=True)
 
 
-def attention_rate(batch: int = GEMM_BATCH, heads: int = 32, head_dim: int = 64, repeats: int = 3) -> float:
-    """KV bytes/s of a decode step's attention: torch's scaled_dot_product_attention with one query
-    per sequence against float32 keys and values sliced from a longer cache, as memwise's
-    DecoderCache hands them over, long enough to exceed twice the last-level cache."""
+def attention_figures(batch: int = GEMM_BATCH, heads: int = 32, head_dim: int = 64,
+                      repeats: int = 3) -> tuple[float, float]:
+    """(seconds per sequence and head, KV bytes/s) of a decode step's attention: torch's
+    scaled_dot_product_attention, one query per sequence, over float32 keys and values sliced from a
+    longer cache as DecoderCache hands them over. Timed at a short cache (8 slots) and a long one,
+    each call on another cache, so that together they exceed twice the last-level cache (a model's
+    caches are cold: its weights went through the cache since): the line through the two times."""
+    per_slot = 2 * batch * heads * head_dim * 4
+    lengths = (8, 256)
+    short, long = (_cold_attention_s(batch, heads, head_dim, length, repeats) for length in lengths)
+    per_byte = max((long - short) / (per_slot * (lengths[1] - lengths[0])), 1e-15)
+    per_head = max(short - per_byte * per_slot * lengths[0], 0.0) / (batch * heads)
+    return per_head, 1 / per_byte
+
+
+def _cold_attention_s(batch: int, heads: int, head_dim: int, length: int, repeats: int) -> float:
     import torch
     import torch.nn.functional as F
     from memwise.kernels.bandwidth import dram_buffer_bytes
 
-    per_slot = 2 * batch * heads * head_dim * 4
-    length = max(64, -(-dram_buffer_bytes() // per_slot))
-    keys, values = (torch.randn(batch, heads, length + 8, head_dim) for _ in range(2))
+    count = max(2, -(-dram_buffer_bytes() // (2 * batch * heads * head_dim * 4 * length)))
+    caches = [tuple(torch.randn(batch, heads, length + 8, head_dim)[:, :, :length] for _ in range(2))
+              for _ in range(count)]
     query = torch.randn(batch, 1, heads, head_dim).transpose(1, 2)
-    k, v = keys[:, :, :length], values[:, :, :length]
+    best = math.inf
     with torch.inference_mode():
-        F.scaled_dot_product_attention(query, k, v)
-        best = math.inf
+        for k, v in caches[:2]:
+            F.scaled_dot_product_attention(query, k, v)
         for _ in range(repeats):
             start = time.perf_counter()
-            F.scaled_dot_product_attention(query, k, v)
-            best = min(best, time.perf_counter() - start)
-    return per_slot * length / best
+            for k, v in caches:
+                F.scaled_dot_product_attention(query, k, v)
+            best = min(best, (time.perf_counter() - start) / count)
+    return best
