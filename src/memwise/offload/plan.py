@@ -22,11 +22,11 @@ Figures of the model (scheme S: float32 or a quantization scheme):
 Rates of this machine: R_disk (O_DIRECT read while the products run; the plain read figure where
 that was not measured), f (the products' speed beside reads, a fraction of their speed alone),
 a and R_kv (a decode step's attention: seconds per sequence and head, and the KV cache bytes/s
-it reads; 0 and the memory read figure where not measured), g_S (weight bytes/s of a batch-1 product), g8_S (the same at 8 rows, the decode
-kernels' limit), G_S (at b0 = costs.gemm_batch = 32), G'_S (at b1 = costs.prefill_batch = 256). One
-layer's product over t tokens takes c_S(t), the piecewise linear function of t through the measured
-times (1, W / g_S), (8, W / g8_S), (b0, W / G_S), (b1, W / G'_S), and c_S(b1) t / b1 beyond:
-memory-bound at small t, compute-bound at large t.
+it reads; 0 and the memory read figure where not measured), g_S (weight bytes/s of a batch-1
+product), g8_S (the same at 8 rows, the decode kernels' limit), G_S (at b0 = costs.gemm_batch = 32),
+G'_S (at b1 = costs.prefill_batch = 256). One layer's product over t tokens takes c_S(t), the
+piecewise linear function of t through the measured times (1, W / g_S), (8, W / g8_S), (b0, W / G_S),
+(b1, W / G'_S), and c_S(b1) t / b1 beyond: memory-bound at small t, compute-bound at large t.
 
 Decision variables (integers r, q in [0, L], binaries y, z; times Tp, Td >= 0):
     r resident layers (L - r stream), q layers whose KV cache lives on disk (L - q in memory),
@@ -48,8 +48,9 @@ Links: r + L y >= L (a streamed layer needs the buffers), q <= L z.
 
 Objective: minimise Tp + (N - 1) Td (the prefill yields the first token), i.e. maximise throughput =
 B N / (Tp + (N - 1) Td) generated tokens/s at this (B, m); among equal times, a second solve
-minimises the bytes read from disk (so everything stays resident when the budget allows). B ranges over the candidate batch sizes and m over their
-power-of-two divisors, as FlexGen enumerates its batch sizes around the LP; the best throughput wins.
+minimises the bytes read from disk (so everything stays resident when the budget allows). B ranges
+over the candidate batch sizes and m over their power-of-two divisors, as FlexGen enumerates its
+batch sizes around the LP; the best throughput wins.
 """
 from __future__ import annotations
 
@@ -160,8 +161,8 @@ def model_figures(model: Any, scheme: str | None = None, kv_cache: str | None = 
                         head_bytes=spec.vocab_size * embed * (1 if scheme else 4), hidden_size=spec.hidden_size,
                         heads=spec.num_heads,
                         kv_bytes_per_token=2 * spec.num_kv_heads * kv_vector, workspace=constants.workspace,
-                        workspace_per_weight=constants.workspace_per_weight, runtime_base=constants.baseline + SOLVER_IMPORT_BYTES,
-                        spec=spec)
+                        workspace_per_weight=constants.workspace_per_weight,
+                        runtime_base=constants.baseline + SOLVER_IMPORT_BYTES, spec=spec)
 
 
 def _product_s(costs: Costs, scheme: str, nbytes: float, tokens: int) -> float:
