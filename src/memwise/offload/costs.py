@@ -11,7 +11,7 @@
                                memwise's DenseLinear): the decode product at batch 1
     few_rows_bytes_per_s[S]    the same at `few_rows_batch` (8) tokens: the most rows the decode
                                kernels take (memwise.kernels.dense.MAX_ROWS); beyond, float32 goes to
-                               torch's GEMM, which ran at half the weight bytes/s at 8 rows here
+                               torch's GEMM, so the curve bends there
     gemm_bytes_per_s[S]        weight bytes per second of `gemm_batch` (32) tokens through the same
                                matrices: a matrix of W bytes takes W / gemm_bytes_per_s seconds for
                                gemm_batch tokens, so one token costs W / (gemm_batch x gemm_bytes_per_s)
