@@ -10,9 +10,12 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
 from memwise.bench.cli import main as bench_main  # noqa: E402
-from memwise.bench.serve_load import arrival_offsets, builtin_prompts, read_prompts  # noqa: E402
+from memwise.bench.serve_bench import _total_rate  # noqa: E402
+from memwise.bench.serve_load import arrival_offsets, builtin_prompts, prompts_of_tokens, read_prompts  # noqa: E402
 from memwise.bench.serve_report import percentiles, summarize  # noqa: E402
 from memwise.errors import MemwiseError  # noqa: E402
+from memwise.language_model import load_tokenizer_of  # noqa: E402
+from memwise.tokenizer import ByteTokenizer  # noqa: E402
 
 
 @pytest.mark.parametrize("model", ["preset:tiny-mmfree", "preset:tiny-gpt2"])
@@ -80,3 +83,46 @@ def test_bad_flags_exit_non_zero(tmp_path, capsys):
     assert bench_main(["serve", "x", "--url", "http://127.0.0.1:9", "--offline-reference"]) == 1
     assert "--offline-reference" in capsys.readouterr().err
     assert bench_main(["serve", "x", "--url", "http://127.0.0.1:9"]) == 1
+
+
+def _word_tokens(text: str) -> list[int]:
+    """A stand-in subword vocabulary: a start token, then one id per word and one per 5 letters beyond."""
+    return [1] + [len(w) for w in text.split() for _ in range(1 + len(w) // 6)]
+
+
+def test_prompt_tokens_sizes_prompts_by_the_tokenizer():
+    encode = ByteTokenizer(256).encode
+    for tokens in (1, 16, 64):
+        prompts = prompts_of_tokens(20, tokens, encode, seed=2)
+        assert [len(encode(p)) for p in prompts] == [tokens] * 20
+        assert prompts == prompts_of_tokens(20, tokens, encode, seed=2) != prompts_of_tokens(20, tokens, encode, 3)
+    # a coarser tokenizer: the longest prefix within the limit, never over it
+    prompts = prompts_of_tokens(30, 9, _word_tokens)
+    assert all(len(_word_tokens(p)) <= 9 for p in prompts) and max(len(_word_tokens(p)) for p in prompts) == 9
+    assert sum(len(p) for p in prompts) > 30 * 9 * 3      # words, about five letters a token
+    with pytest.raises(MemwiseError, match="--prompt-tokens 1: too few"):
+        prompts_of_tokens(1, 1, _word_tokens)       # the start token alone fills it
+
+
+def test_prompt_tokens_counts_with_the_served_models_tokenizer(tmp_path, capsys):
+    assert isinstance(load_tokenizer_of("preset:tiny-mmfree"), ByteTokenizer)
+    code = bench_main(["serve", "preset:tiny-mmfree", "--prompt-tokens", "12", "--num-requests", "4",
+                       "--max-concurrency", "2", "--max-tokens", "3", "--max-batch", "2", "--out", str(tmp_path)])
+    requests = json.loads((tmp_path / "results.json").read_text())["requests"]
+    assert code == 0 and [r["prompt_tokens"] for r in requests] == [12] * 4
+    assert bench_main(["serve", "preset:tiny-mmfree", "--prompt-tokens", "8", "--prompts-file", "p.jsonl"]) == 1
+    assert "not both" in capsys.readouterr().err
+    assert bench_main(["serve", "x", "--url", "http://127.0.0.1:9", "--prompt-tokens", "8"]) == 1
+    assert "--prompt-tokens counts with MODEL's tokenizer" in capsys.readouterr().err
+
+
+def test_offline_reference_decodes_as_many_tokens_as_the_load(tmp_path):
+    # 8 completed requests at batch 2: 4 offline runs; its rates are the work over the summed times
+    code = bench_main(["serve", "preset:tiny-mmfree", "--num-requests", "8", "--max-concurrency", "2",
+                       "--max-tokens", "4", "--max-batch", "2", "--offline-reference", "--out", str(tmp_path)])
+    ref = json.loads((tmp_path / "results.json").read_text())["metadata"]["offline_reference"]
+    assert code == 0 and ref["status"] == "ok" and ref["runs"] == 4
+    assert ref["decode_tok_s_min"] <= ref["decode_tok_s"] <= ref["decode_tok_s_max"]
+    assert ref["output_tok_s"] == pytest.approx(2 * 4 / ref["e2e_s"])
+    assert "4 runs: decode" in (tmp_path / "results.md").read_text()
+    assert _total_rate([1.0, 2.0, None]) == pytest.approx(4 / 3) and _total_rate([]) is None

@@ -84,6 +84,14 @@ def load(source: str | Path, dtype: str | torch.dtype = "float32", device: str |
     return LanguageModel(spec, module, load_tokenizer(directory, spec.bos_token_id), torch_dtype, torch_device)
 
 
+def load_tokenizer_of(source: str | Path, revision: str | None = None) -> Tokenizer:
+    """The tokenizer `load(source)` would give its model, without reading any weights."""
+    resolved = resolve_model(source, revision)
+    if resolved.directory is None:
+        return ByteTokenizer(resolved.spec.vocab_size)
+    return load_tokenizer(resolved.directory, resolved.spec.bos_token_id)
+
+
 def _stored_scheme(source: str | Path, resolved, reader: CheckpointReader, quantize: str | None,
                    device: torch.device) -> str | None:
     """The scheme a `memwise convert --quantize` checkpoint was written in (None for a float one)."""

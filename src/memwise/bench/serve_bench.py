@@ -69,6 +69,9 @@ def add_serve_parser(nested: Any, positive: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=positive, default=64, metavar="N", help="tokens per request (default 64)")
     p.add_argument("--prompts-file", type=Path, metavar="JSONL", help="prompts, one JSON string or "
                    "{\"prompt\": ...} a line (default: built-in deterministic prompts)")
+    p.add_argument("--prompt-tokens", type=positive, metavar="N",
+                   help="prompts of the built-in words cut to N tokens of MODEL's tokenizer (like vllm bench "
+                        "serve's --random-input-len); instead of the built-in 4 to 20 words")
     p.add_argument("--disconnect-fraction", type=_fraction, default=0.0, metavar="F",
                    help="this fraction of clients close their stream midway")
     p.add_argument("--slo-ttft-ms", type=_positive_ms, metavar="MS", help="goodput counts requests with TTFT <= MS")
@@ -119,16 +122,33 @@ def _check(args: argparse.Namespace) -> None:
         raise MemwiseError("bench serve: --engine starts servers here; it cannot be combined with --url")
     if args.url is not None and args.offline_reference:
         raise MemwiseError("bench serve: --offline-reference measures memwise's own model; it needs MODEL, not --url")
+    if args.prompt_tokens is not None and args.prompts_file is not None:
+        raise MemwiseError("bench serve: give --prompts-file or --prompt-tokens, not both")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise MemwiseError(f"bench serve: --out {args.out}: is a file; give a directory (created if missing)")
 
 
+def _prompts(args: argparse.Namespace) -> list[str]:
+    from memwise.bench.serve_load import builtin_prompts, prompts_of_tokens, read_prompts
+
+    if args.prompts_file is not None:
+        return read_prompts(args.prompts_file)
+    if args.prompt_tokens is None:
+        return builtin_prompts(64, args.seed)
+    from memwise.language_model import load_tokenizer_of
+    try:
+        tokenizer = load_tokenizer_of(args.model)
+    except MemwiseError as e:
+        raise MemwiseError(f"bench serve: --prompt-tokens counts with MODEL's tokenizer: {e}") from None
+    return prompts_of_tokens(64, args.prompt_tokens, tokenizer.encode, args.seed)
+
+
 def serve_command(args: argparse.Namespace) -> int:
-    from memwise.bench.serve_load import LoadConfig, builtin_prompts, read_prompts
+    from memwise.bench.serve_load import LoadConfig
 
     _check(args)
     engines = list(dict.fromkeys(args.engine or ["memwise"]))
-    prompts = read_prompts(args.prompts_file) if args.prompts_file else builtin_prompts(64, args.seed)
+    prompts = _prompts(args)
     config = LoadConfig(url=(args.url or "").rstrip("/"), model=args.model, num_requests=args.num_requests,
                         request_rate=args.request_rate, max_concurrency=args.max_concurrency,
                         max_tokens=args.max_tokens, disconnect_fraction=args.disconnect_fraction,
@@ -210,6 +230,19 @@ def _against_url(config: Any, prompts: list[str],
     return results_as_dicts(results), duration, health
 
 
+# The offline cell runs at least this many times, and as often as the load's completed requests fill
+# its batch, so that it decodes about as many tokens as the load did; its rates are totals over the
+# runs (tokens / seconds), as the served ones are. A 2-core VM's speed can move by half from one
+# second to the next (docs/serving.md): one short run lands in one phase, a load spans several.
+OFFLINE_RUNS = 3
+
+
+def _total_rate(samples: list[float | None] | None) -> float | None:
+    """Runs of equal work at these rates: the work over the summed times (a harmonic mean)."""
+    values = [v for v in samples or [] if v]
+    return len(values) / sum(1 / v for v in values) if values else None
+
+
 def offline_reference(model: str, batch: int, requests: list[dict[str, Any]], new_tokens: int,
                       threads: int | None, device: str, quantize: str | None) -> dict[str, Any]:
     """memwise bench's decode throughput of `model` at `batch`, prompt length the served mean."""
@@ -218,16 +251,22 @@ def offline_reference(model: str, batch: int, requests: list[dict[str, Any]], ne
 
     lengths = [r["prompt_tokens"] for r in requests if r.get("prompt_tokens")]
     prompt = max(1, round(sum(lengths) / len(lengths))) if lengths else 64
+    completed = sum(1 for r in requests if r.get("state") == "completed")
+    runs = max(OFFLINE_RUNS, math.ceil(completed / batch))
     source = resolve_sources([model])[model]
     spec = CellSpec(model=source.name, source=asdict(source), engine="memwise", quantize=quantize, device=device,
-                    batch_size=batch, prompt_tokens=prompt, new_tokens=new_tokens, runs=1, warmup=1, threads=threads)
+                    batch_size=batch, prompt_tokens=prompt, new_tokens=new_tokens, runs=runs, warmup=1,
+                    threads=threads)
     record = run_cell_process(spec)
-    e2e = record.get("e2e_s")
-    return {"model": model, "batch_size": batch, "prompt_tokens": prompt, "new_tokens": new_tokens,
-            "decode_tok_s": record.get("decode_tok_s"), "prefill_tok_s": record.get("prefill_tok_s"),
-            "ttft_s": record.get("ttft_s"), "e2e_s": e2e,
+    decode = record.get("decode_tok_s_samples") or []
+    e2e = [v for v in record.get("e2e_s_samples") or [] if v]
+    return {"model": model, "batch_size": batch, "prompt_tokens": prompt, "new_tokens": new_tokens, "runs": runs,
+            "decode_tok_s": _total_rate(decode), "prefill_tok_s": _total_rate(record.get("prefill_tok_s_samples")),
+            "decode_tok_s_min": min((v for v in decode if v), default=None),
+            "decode_tok_s_max": max((v for v in decode if v), default=None),
+            "ttft_s": record.get("ttft_s"), "e2e_s": sum(e2e) / len(e2e) if e2e else None,
             # prefill included: what a server that batched perfectly could give, beside output throughput
-            "output_tok_s": batch * new_tokens / e2e if e2e else None,
+            "output_tok_s": batch * new_tokens * len(e2e) / sum(e2e) if e2e else None,
             "status": record.get("status"), "reason": record.get("reason")}
 
 

@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from memwise.errors import MemwiseError
 
@@ -73,6 +73,34 @@ def builtin_prompts(count: int, seed: int = 0) -> list[str]:
     enough (at most 199 bytes) that the tiny presets' 256-token context keeps room to generate."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 20))) for _ in range(count)]
+
+
+def prompts_of_tokens(count: int, tokens: int, encode: Callable[[str], list[int]], seed: int = 0) -> list[str]:
+    """`count` prompts of the built-in words, each the longest that `encode` makes at most `tokens`
+    ids of (as `vllm bench serve --random-input-len` sizes its prompts by the model's tokenizer).
+
+    The same words give a byte tokenizer (the synthetic presets') about five ids a word and a
+    subword vocabulary about one, so a prompt set fixed in words is a different load on each."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        words = []
+        while len(encode(" ".join(words))) <= tokens:
+            words.append(rng.choice(_WORDS))
+        text = " ".join(words)
+        low, high = 0, len(text)          # the longest prefix within `tokens` ids: encode grows with it
+        while low < high:
+            mid = (low + high + 1) // 2
+            if len(encode(text[:mid])) <= tokens:
+                low = mid
+            else:
+                high = mid - 1
+        prompt = text[:low]
+        if not prompt:
+            raise MemwiseError(f"--prompt-tokens {tokens}: too few for one word of the built-in prompts "
+                               f"({len(encode(words[0]))} tokens)")
+        prompts.append(prompt)
+    return prompts
 
 
 def read_prompts(path: Path) -> list[str]:

@@ -117,8 +117,9 @@ def markdown(metadata: dict[str, Any], summary: dict[str, Any]) -> str:
         offline = ref.get("decode_tok_s")
         ratio = s["decode_throughput"] / offline if offline and s["decode_throughput"] else None
         lines.append(f"- offline reference: memwise bench {ref.get('model')} batch {ref.get('batch_size')}, "
-                     f"{ref.get('prompt_tokens')}+{ref.get('new_tokens')} tokens: decode "
-                     f"{_num(offline, 1)} tok/s; served decode / offline decode = {_num(ratio)}"
+                     f"{ref.get('prompt_tokens')}+{ref.get('new_tokens')} tokens, {ref.get('runs')} runs: decode "
+                     f"{_num(offline, 1)} tok/s (runs {_num(ref.get('decode_tok_s_min'), 1)} to "
+                     f"{_num(ref.get('decode_tok_s_max'), 1)}); served decode / offline decode = {_num(ratio)}"
                      + (f" ({ref['reason']})" if ref.get("reason") else ""))
         whole = ref.get("output_tok_s")
         if whole and s["output_throughput"]:
