@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/serve_profile.py [--model preset:mmfree-370m] [--num-requests 64]
         [--max-concurrency 16] [--max-tokens 128] [--max-step-tokens 128] [--offline-reference]
-        [--served] [--compare-prefill] [--rounds N]
+        [--prompt-tokens N] [--served] [--compare-prefill] [--rounds N]
     PYTHONPATH=src python benchmarks/serve_profile.py --chunks-ab
 
 Against another tree (e.g. main, before a change): PYTHONPATH=/path/to/that/tree/src, same script.
@@ -34,7 +34,8 @@ from typing import Any
 
 import memwise
 from memwise.bench.serve_bench import offline_reference
-from memwise.bench.serve_load import builtin_prompts
+from memwise.bench.serve_load import builtin_prompts, prompts_of_tokens
+from memwise.language_model import load_tokenizer_of
 from memwise.bench.serve_report import decode_throughput, percentiles
 from memwise.serve.engine import Engine
 from memwise.serve.metrics import ServeMetrics
@@ -136,11 +137,18 @@ class Clients:
         self.engine.submit(Sequence(ids, sampling, emit, decode_stream(self.tokenizer), ()))
 
 
+def prompt_texts(args: argparse.Namespace) -> list[str]:
+    """bench serve's prompts for the same --seed and --prompt-tokens."""
+    if args.prompt_tokens is None:
+        return builtin_prompts(64, args.seed)
+    return prompts_of_tokens(64, args.prompt_tokens, load_tokenizer_of(args.model).encode, args.seed)
+
+
 def engine_run(model: Any, args: argparse.Namespace, prefill_alone: bool = False) -> dict[str, Any]:
     """The load on an Engine in this process (no HTTP): throughput, latencies, time by phase.
     `prefill_alone`: one forward per prompt chunk, as before newcomers' chunks were fed together."""
     tokenizer = model.tokenizer
-    prompts = [tokenizer.encode(p) for p in builtin_prompts(64, args.seed)]
+    prompts = [tokenizer.encode(p) for p in prompt_texts(args)]
     engine = Engine(model, args.max_batch, 4 * args.num_requests, ServeMetrics(model.device),
                     args.max_step_tokens or None)
     if prefill_alone:
@@ -197,7 +205,7 @@ def served_run(args: argparse.Namespace) -> dict[str, Any]:
     from memwise.bench.serve_launch import LaunchedServer
     from memwise.bench.serve_load import LoadConfig, results_as_dicts, run_load
 
-    prompts = builtin_prompts(64, args.seed)
+    prompts = prompt_texts(args)
     flags = ["--max-batch", str(args.max_batch), "--max-step-tokens", str(args.max_step_tokens)]
     if args.threads:
         flags += ["--threads", str(args.threads)]
@@ -255,6 +263,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-step-tokens", type=int, default=128, help="0: whole prompts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-tokens", type=int, help="as bench serve's: prompts cut to N tokens")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--served", action="store_true",
                         help="also run the load through memwise serve over HTTP, after the engine-only run")
