@@ -12,7 +12,8 @@ against the output length. The served output throughput against the offline run 
 (the same work on both sides) is the scheduler's own cost. Each N runs --repeats times, the lengths
 in turn (8, 16, ..., 8, 16, ...), so that a slow spell of the machine does not fall on one length.
 
-Writes DIR/N-rR/ (each run's files), DIR/sweep.json, DIR/sweep.md and DIR/sweep.png (matplotlib).
+Writes DIR/N-rR/ (each run's files), DIR/sweep.json, DIR/sweep.md and DIR/sweep.png (matplotlib;
+--replot redraws it from sweep.json).
 """
 from __future__ import annotations
 
@@ -109,7 +110,12 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--replot", action="store_true", help="redraw DIR/sweep.png from DIR/sweep.json")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads((args.out / "sweep.json").read_text())
+        plot(saved["runs"], saved["rows"], saved["title"], args.out / "sweep.png")
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
     for repeat in range(1, args.repeats + 1):
@@ -120,9 +126,9 @@ def main() -> None:
                   f"output ratio {run['output_ratio']:.2f}", flush=True)
     text, rows = table(runs, args.max_tokens)
     title = (f"{args.model}: {args.num_requests} requests, {args.max_concurrency} streams, "
-             f"{args.max_tokens} new tokens; memwise bench serve --prompt-tokens N --offline-reference")
+             f"{args.max_tokens} new tokens\nmemwise bench serve --prompt-tokens N --offline-reference")
     (args.out / "sweep.json").write_text(json.dumps({"title": title, "runs": runs, "rows": rows}, indent=1) + "\n")
-    (args.out / "sweep.md").write_text(f"# {title}\n\n{text}")
+    (args.out / "sweep.md").write_text(f"# {title.replace(chr(10), '; ')}\n\n{text}")
     plot(runs, rows, title, args.out / "sweep.png")
     print(text)
 
