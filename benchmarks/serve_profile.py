@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/serve_profile.py [--model preset:mmfree-370m] [--num-requests 64]
         [--max-concurrency 16] [--max-tokens 128] [--max-step-tokens 128] [--offline-reference]
-        [--prompt-tokens N] [--served] [--compare-prefill] [--rounds N]
+        [--prompt-tokens N] [--same-process-offline] [--served] [--compare-prefill] [--rounds N]
     PYTHONPATH=src python benchmarks/serve_profile.py --chunks-ab
 
 Against another tree (e.g. main, before a change): PYTHONPATH=/path/to/that/tree/src, same script.
@@ -14,7 +14,9 @@ plain callbacks in this process: a client sends its next request the moment its 
 throughput is serve_report's own (tokens after the first over the union of first-to-last-token
 spans); with --offline-reference the same fresh-process `memwise bench` cell that `bench serve
 --offline-reference` runs gives the offline batch decode rate. Served (HTTP) over engine-only is the
-server's share of the gap; engine-only over offline is the scheduler's.
+server's share of the gap; engine-only over offline is the scheduler's. --same-process-offline runs
+the offline batch in this process right after each engine round (the same weights in the same pages,
+seconds apart), which a machine whose speed moves from process to process needs (docs/serving.md).
 
 The engine's step is timed by phase (decode forwards, prefill forwards, everything else in a step,
 waiting for work), with the decode batch sizes it ran and the prompt chunks by length; the engine
@@ -228,6 +230,29 @@ def served_run(args: argparse.Namespace) -> dict[str, Any]:
             "server_other_threads_cpu_s": rest1 - rest0}
 
 
+def same_process_offline(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The offline batch in this process: ceil(num_requests / max_batch) generations of max_batch
+    prompts (bench serve's, left-padded) and max_tokens new tokens each, as `bench serve
+    --offline-reference` runs them in a fresh process; rates are totals over the generations."""
+    texts = prompt_texts(args)
+    runs = -(-args.num_requests // args.max_batch)
+    decode_s = prefill_s = 0.0
+    tokens = 0
+    for run in range(runs + 1):                 # the first is a warm-up
+        batch = [texts[(run * args.max_batch + i) % len(texts)] for i in range(args.max_batch)]
+        ids, mask = model.encode_batch(batch)
+        start = time.perf_counter()
+        first = None
+        for step, _ in enumerate(model.stream(ids, args.max_tokens, mask, ignore_eos=True)):
+            if step == 0:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        if run:
+            prefill_s, decode_s = prefill_s + first - start, decode_s + end - first
+            tokens += ids.shape[0] * (args.max_tokens - 1)
+    return {"runs": runs, "decode_tok_s": tokens / decode_s, "prefill_s": prefill_s, "decode_s": decode_s}
+
+
 def chunks_ab(model: Any, shapes: list[tuple[int, int]], rounds: int = 5) -> dict[str, float]:
     """B prompt chunks of T tokens through the model one by one over together in one forward: the
     median, over alternating rounds, of the time ratio (> 1: together is faster)."""
@@ -273,6 +298,8 @@ def main() -> None:
                         help="only time B chunks of T tokens one by one vs together (4x28, 8x14, 2x56, 4x63)")
     parser.add_argument("--rounds", type=int, default=1, help="engine-only [and served] runs, alternating")
     parser.add_argument("--offline-reference", action="store_true")
+    parser.add_argument("--same-process-offline", action="store_true",
+                        help="each round also runs the offline batch in this process, right after the engine")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -285,6 +312,10 @@ def main() -> None:
     print(json.dumps({"memwise": memwise.__file__}), flush=True)
     for _ in range(args.rounds):
         one = {"engine": engine_run(model, args)}
+        if args.same_process_offline:
+            one["offline_same_process"] = same_process_offline(model, args)
+            one["engine_over_offline_same_process"] = (one["engine"]["decode_tok_s"]
+                                                       / one["offline_same_process"]["decode_tok_s"])
         if args.compare_prefill:
             one["engine_prefill_alone"] = engine_run(model, args, prefill_alone=True)
             one["together_over_alone"] = one["engine"]["decode_tok_s"] / one["engine_prefill_alone"]["decode_tok_s"]
