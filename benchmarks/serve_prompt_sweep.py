@@ -35,6 +35,8 @@ def run_once(args: argparse.Namespace, tokens: int, out: Path) -> dict[str, Any]
                "--offline-reference", "--out", str(out)]
     started = time.strftime("%H:%M:%S", time.gmtime())
     code = subprocess.run(command, stdout=subprocess.DEVNULL).returncode
+    if not (out / "results.json").exists():
+        raise SystemExit(f"serve_prompt_sweep: {shlex.join(command)} exited {code} and wrote no results.json")
     results = json.loads((out / "results.json").read_text())
     summary, offline = results["summary"], results["metadata"]["offline_reference"]
     return {"prompt_tokens": tokens, "started_utc": started, "exit_code": code,

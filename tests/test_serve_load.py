@@ -102,6 +102,8 @@ def test_prompt_tokens_sizes_prompts_by_the_tokenizer():
     assert sum(len(p) for p in prompts) > 30 * 9 * 3      # words, about five letters a token
     with pytest.raises(MemwiseError, match="--prompt-tokens 1: too few"):
         prompts_of_tokens(1, 1, _word_tokens)       # the start token alone fills it
+    with pytest.raises(MemwiseError, match="an empty prompt is already 2 tokens"):
+        prompts_of_tokens(1, 1, lambda text: [1, 2] + _word_tokens(text)[1:])   # start and end tokens
 
 
 def test_prompt_tokens_counts_with_the_served_models_tokenizer(tmp_path, capsys):

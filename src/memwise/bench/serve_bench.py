@@ -258,12 +258,11 @@ def offline_reference(model: str, batch: int, requests: list[dict[str, Any]], ne
                     batch_size=batch, prompt_tokens=prompt, new_tokens=new_tokens, runs=runs, warmup=1,
                     threads=threads)
     record = run_cell_process(spec)
-    decode = record.get("decode_tok_s_samples") or []
+    decode = [v for v in record.get("decode_tok_s_samples") or [] if v]
     e2e = [v for v in record.get("e2e_s_samples") or [] if v]
     return {"model": model, "batch_size": batch, "prompt_tokens": prompt, "new_tokens": new_tokens, "runs": runs,
             "decode_tok_s": _total_rate(decode), "prefill_tok_s": _total_rate(record.get("prefill_tok_s_samples")),
-            "decode_tok_s_min": min((v for v in decode if v), default=None),
-            "decode_tok_s_max": max((v for v in decode if v), default=None),
+            "decode_tok_s_min": min(decode, default=None), "decode_tok_s_max": max(decode, default=None),
             "ttft_s": record.get("ttft_s"), "e2e_s": sum(e2e) / len(e2e) if e2e else None,
             # prefill included: what a server that batched perfectly could give, beside output throughput
             "output_tok_s": batch * new_tokens * len(e2e) / sum(e2e) if e2e else None,

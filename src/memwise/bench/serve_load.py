@@ -97,8 +97,8 @@ def prompts_of_tokens(count: int, tokens: int, encode: Callable[[str], list[int]
                 high = mid - 1
         prompt = text[:low]
         if not prompt:
-            raise MemwiseError(f"--prompt-tokens {tokens}: too few for one word of the built-in prompts "
-                               f"({len(encode(words[0]))} tokens)")
+            raise MemwiseError(f"--prompt-tokens {tokens}: too few for the tokenizer to hold any text "
+                               f"(an empty prompt is already {len(encode(''))} tokens)")
         prompts.append(prompt)
     return prompts
 
